@@ -1,0 +1,497 @@
+"""Video reading: probe a file, sample frames by interval or target fps, decode in a background thread.
+
+Sampled frame ids are the multiples of ``frame_interval`` (0, n, 2n, ...), independent of how the video is
+split into ranges, so ranges ``[a, b)`` that tile ``[0, frame_count)`` process every sampled frame exactly once.
+Frames in between are skipped with sequential ``grab()`` (no per-frame seeking); one seek to the range start
+is allowed.
+
+Example:
+    >>> from crowd.video import FrameReader
+    >>> reader = FrameReader("clip.mp4", frame_interval=10)       # doctest: +SKIP
+    >>> for frame in reader:                                         # doctest: +SKIP
+    ...     print(frame.frame_id, frame.ts_ms, frame.image.shape)
+    >>> reader.error                                                 # doctest: +SKIP
+    None
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import os
+import queue
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+MAX_FPS = 1000.0
+MAX_DIMENSION = 8192
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
+
+class VideoErrorReason(str, enum.Enum):
+    """Machine-readable cause of a :class:`VideoError` (stored in the database / messages as its value)."""
+
+    MISSING = "missing"
+    DIRECTORY = "directory"
+    UNREADABLE = "unreadable"
+    EMPTY = "empty"
+    NOT_VIDEO = "not_video"
+    BAD_FPS = "bad_fps"
+    BAD_SIZE = "bad_size"
+    CORRUPT = "corrupt"
+    BAD_ARGUMENT = "bad_argument"
+
+
+class VideoError(Exception):
+    """A video source cannot be (fully) read. ``reason`` says why, ``path`` which file.
+
+    The message reads like ``cannot open 'x.mp4': not a video container (read 0 frames)``.
+    """
+
+    reason: VideoErrorReason = VideoErrorReason.NOT_VIDEO
+    verb = "cannot open"
+
+    def __init__(self, path: str | os.PathLike[str] | int, detail: str, *, frame_id: int | None = None) -> None:
+        self.path = str(path)
+        self.detail = detail
+        self.frame_id = frame_id
+        super().__init__(f"{self.verb} {self.path!r}: {detail}")
+
+
+class VideoNotFoundError(VideoError):
+    reason = VideoErrorReason.MISSING
+
+
+class VideoIsDirectoryError(VideoError):
+    reason = VideoErrorReason.DIRECTORY
+
+
+class VideoPermissionError(VideoError):
+    reason = VideoErrorReason.UNREADABLE
+
+
+class EmptyVideoError(VideoError):
+    reason = VideoErrorReason.EMPTY
+
+
+class NotAVideoError(VideoError):
+    reason = VideoErrorReason.NOT_VIDEO
+
+
+class BadFpsError(VideoError):
+    reason = VideoErrorReason.BAD_FPS
+
+
+class BadDimensionsError(VideoError):
+    reason = VideoErrorReason.BAD_SIZE
+
+
+class CorruptVideoError(VideoError):
+    """Decoding stopped before the end; ``frame_id`` is the first frame that could not be read."""
+
+    reason = VideoErrorReason.CORRUPT
+    verb = "cannot read"
+
+
+class VideoArgumentError(VideoError, ValueError):
+    reason = VideoErrorReason.BAD_ARGUMENT
+    verb = "bad request for"
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about a source. ``frame_count`` is ``None`` for live sources."""
+
+    source: str
+    fps: float
+    frame_count: int | None
+    width: int
+    height: int
+    is_live: bool = False
+
+    @property
+    def duration_s(self) -> float | None:
+        """Duration in seconds, or ``None`` when the frame count is unknown."""
+        return None if self.frame_count is None else self.frame_count / self.fps
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One sampled frame: ``frame_id`` is its index in the video, ``ts_ms`` = ``frame_id * 1000 / fps``."""
+
+    frame_id: int
+    ts_ms: float
+    image: np.ndarray
+
+
+def is_live_source(source: str | os.PathLike[str] | int) -> bool:
+    """True for camera indexes (``0`` or ``"0"``) and stream URLs (``rtsp://...``, ``http://...``)."""
+    if isinstance(source, int):
+        return True
+    text = str(source)
+    return text.isdigit() or "://" in text
+
+
+def content_hash(path: str | os.PathLike[str], *, length: int = 32, chunk_size: int = 1 << 20) -> str:
+    """Stable id of a file: the first ``length`` hex characters of the SHA-256 of its content.
+
+    The file is streamed in 1 MiB chunks, so large videos do not need memory. Renaming or moving the file
+    keeps its id; any change of content changes it.
+
+    Example:
+        >>> content_hash("clip.mp4")  # doctest: +SKIP
+        '9f2c0e...'
+    """
+    check_file(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()[:length]
+
+
+def check_file(path: str | os.PathLike[str]) -> Path:
+    """Return ``path`` as a :class:`Path` if it is a readable, non-empty regular file, else raise a VideoError."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise VideoNotFoundError(path, "no such file") from None
+    except PermissionError:
+        raise VideoPermissionError(path, "permission denied (cannot stat the file)") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise VideoIsDirectoryError(path, "is a directory, not a video file")
+    if not stat.S_ISREG(st.st_mode):
+        raise NotAVideoError(path, "not a regular file")
+    if st.st_size == 0:
+        raise EmptyVideoError(path, "file is empty (0 bytes)")
+    try:
+        with open(p, "rb") as handle:
+            handle.read(1)
+    except PermissionError:
+        raise VideoPermissionError(path, "permission denied (cannot read the file; check its mode and owner)") from None
+    except OSError as exc:
+        raise VideoPermissionError(path, f"cannot read the file: {exc.strerror or exc}") from None
+    return p
+
+
+def _open_capture(source: str | os.PathLike[str] | int) -> cv2.VideoCapture:
+    if isinstance(source, int) or (isinstance(source, str) and source.isdigit()):
+        return cv2.VideoCapture(int(source))
+    return cv2.VideoCapture(str(source), cv2.CAP_FFMPEG)
+
+
+def _info_from_capture(source: str | os.PathLike[str] | int, cap: cv2.VideoCapture, live: bool) -> VideoInfo:
+    fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+    count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0)
+    height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+    if not (0 < fps <= MAX_FPS) or fps != fps:
+        if live:
+            fps = 25.0  # cameras often report 0; timestamps are then nominal
+        else:
+            raise BadFpsError(
+                source, f"frame rate metadata {fps:g} fps is not in (0, {MAX_FPS:g}]; re-encode the video"
+            )
+    if not (0 < width <= MAX_DIMENSION and 0 < height <= MAX_DIMENSION):
+        raise BadDimensionsError(
+            source, f"frame size {width}x{height} is outside 1..{MAX_DIMENSION} pixels per side; re-encode the video"
+        )
+    return VideoInfo(
+        source=str(source),
+        fps=fps,
+        frame_count=count if count > 0 and not live else None,
+        width=width,
+        height=height,
+        is_live=live,
+    )
+
+
+_IMAGE_MAGIC = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"BM": "a BMP image",
+}
+
+
+def _image_kind(path: str | os.PathLike[str] | int) -> str | None:
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    for magic, kind in _IMAGE_MAGIC.items():
+        if head.startswith(magic):
+            return f"it is {kind}, not a video"
+    return None
+
+
+def probe_video(source: str | os.PathLike[str] | int) -> VideoInfo:
+    """Open ``source``, check it and return its :class:`VideoInfo`; the file is closed again.
+
+    Checks, in order: exists, not a directory, readable, not empty, OpenCV can open it, fps in (0, 1000],
+    size in 1..8192 per side, and the first frame decodes.
+
+    Raises:
+        VideoError: a subclass naming the file and the cause (see :class:`VideoErrorReason`).
+    """
+    live = is_live_source(source)
+    if not live:
+        check_file(source)
+    cap = _open_capture(source)
+    try:
+        if not cap.isOpened():
+            raise NotAVideoError(source, "not a video container (OpenCV cannot open it, read 0 frames)")
+        info = _info_from_capture(source, cap, live)
+        if not live and info.frame_count is None:
+            raise NotAVideoError(
+                source, f"not a video container ({_image_kind(source) or 'container reports 0 frames'})"
+            )
+        if not live and not cap.grab():
+            raise NotAVideoError(source, "not a video container (read 0 frames)")
+        return info
+    finally:
+        cap.release()
+
+
+def frame_interval_for(fps: float, frame_interval: int | None = None, target_fps: float | None = None) -> int:
+    """Sampling step in frames.
+
+    ``frame_interval`` wins if given; else ``target_fps`` gives ``round(fps / target_fps)``; else the seed's
+    default ``int(fps / 3)`` (about 3 frames per second). Always at least 1.
+
+    Example:
+        >>> frame_interval_for(30.0)
+        10
+        >>> frame_interval_for(30.0, target_fps=5)
+        6
+    """
+    if frame_interval is not None:
+        if int(frame_interval) < 1:
+            raise ValueError(f"frame_interval={frame_interval} must be >= 1 (1 = every frame)")
+        return int(frame_interval)
+    if target_fps is not None:
+        if target_fps <= 0:
+            raise ValueError(f"target_fps={target_fps} must be > 0")
+        return max(1, round(fps / target_fps))
+    return max(1, int(fps / 3))
+
+
+def sampled_frame_ids(
+    frame_count: int, frame_interval: int, frame_range: tuple[int, int | None] | None = None
+) -> range:
+    """Frame ids processed for a video of ``frame_count`` frames: multiples of the interval in ``[start, stop)``.
+
+    Example:
+        >>> list(sampled_frame_ids(30, 10))
+        [0, 10, 20]
+        >>> list(sampled_frame_ids(30, 10, (5, 21)))
+        [10, 20]
+    """
+    start, stop = _normalise_range(frame_range, frame_count)
+    first = -(-start // frame_interval) * frame_interval
+    return range(first, stop, frame_interval)
+
+
+def split_ranges(frame_count: int, frames_per_task: int) -> list[tuple[int, int]]:
+    """Split ``[0, frame_count)`` into consecutive ranges of at most ``frames_per_task`` frames.
+
+    Example:
+        >>> split_ranges(2500, 1000)
+        [(0, 1000), (1000, 2000), (2000, 2500)]
+    """
+    if frames_per_task < 1:
+        raise ValueError(f"frames_per_task={frames_per_task} must be >= 1")
+    return [(a, min(a + frames_per_task, frame_count)) for a in range(0, frame_count, frames_per_task)]
+
+
+def _normalise_range(frame_range: tuple[int, int | None] | None, frame_count: int | None) -> tuple[int, int]:
+    big = frame_count if frame_count is not None else 2**62
+    if frame_range is None:
+        return 0, big
+    start, stop = frame_range
+    stop = big if stop is None else min(int(stop), big)
+    if start < 0 or stop < start:
+        raise ValueError(f"frame_range={frame_range} must satisfy 0 <= start <= stop")
+    return int(start), stop
+
+
+_END = object()
+
+
+class FrameReader:
+    """Iterate the sampled frames of a video, decoding in a background thread.
+
+    After iteration ends, ``error`` is ``None`` if every frame of the range was read, else a
+    :class:`CorruptVideoError` saying where decoding stopped (the good frames before it were yielded);
+    ``stopped_early`` is the same as ``error is not None``. Opening problems raise at construction.
+    With ``raise_on_error=True`` the error is raised after the last good frame instead.
+
+    Args:
+        source: a file path, a camera index or a stream URL.
+        frame_interval: process every n-th frame (default: seed rule ``int(fps/3)``).
+        target_fps: alternative to ``frame_interval``: about this many frames per second of video.
+        frame_range: ``(start, stop)`` frame ids, stop exclusive (``None`` = to the end).
+        queue_size: decoded frames buffered ahead of the consumer.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | int,
+        *,
+        frame_interval: int | None = None,
+        target_fps: float | None = None,
+        frame_range: tuple[int, int | None] | None = None,
+        queue_size: int = 4,
+        raise_on_error: bool = False,
+    ) -> None:
+        self.source = source
+        self.info = probe_video(source)
+        self.frame_interval = frame_interval_for(self.info.fps, frame_interval, target_fps)
+        try:
+            self.start, self.stop = _normalise_range(frame_range, self.info.frame_count)
+        except ValueError as exc:
+            raise VideoArgumentError(source, str(exc)) from None
+        self.raise_on_error = raise_on_error
+        self.error: VideoError | None = None
+        self.frames_yielded = 0
+        self.last_frame_id: int | None = None
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=max(1, queue_size))
+        self._stop_event = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def stopped_early(self) -> bool:
+        """True if decoding failed before the end of the requested range."""
+        return self.error is not None
+
+    @property
+    def expected_frames(self) -> int | None:
+        """How many frames this reader should yield, or ``None`` for live sources."""
+        if self.info.frame_count is None:
+            return None
+        return len(sampled_frame_ids(self.info.frame_count, self.frame_interval, (self.start, self.stop)))
+
+    def _put(self, item: object) -> bool:
+        while not self._stop_event.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        cap = _open_capture(self.source)
+        try:
+            if not cap.isOpened():
+                self._put(NotAVideoError(self.source, "not a video container (OpenCV cannot open it)"))
+                return
+            pos = 0
+            first = -(-self.start // self.frame_interval) * self.frame_interval
+            if first > 0 and not self.info.is_live:
+                cap.set(cv2.CAP_PROP_POS_FRAMES, float(first))
+                pos = int(cap.get(cv2.CAP_PROP_POS_FRAMES))
+                if pos != first:  # inexact seek: rewind and walk
+                    cap.set(cv2.CAP_PROP_POS_FRAMES, 0.0)
+                    pos = 0
+            fps = self.info.fps
+            target = first
+            while target < self.stop and not self._stop_event.is_set():
+                while pos < target:
+                    if not cap.grab():
+                        self._put(self._early_end(pos))
+                        return
+                    pos += 1
+                ok, image = cap.read()
+                if not ok or image is None:
+                    self._put(self._early_end(pos))
+                    return
+                pos += 1
+                if not self._put(Frame(frame_id=target, ts_ms=round(target * 1000.0 / fps, 3), image=image)):
+                    return
+                target += self.frame_interval
+        except Exception as exc:  # noqa: BLE001 - surface any decoder failure to the consumer
+            self._put(CorruptVideoError(self.source, f"decoder failed: {exc}"))
+        finally:
+            cap.release()
+            self._put(_END)
+
+    def _early_end(self, pos: int) -> VideoError | object:
+        if self.info.is_live:
+            return _END
+        count = self.info.frame_count
+        if count is not None and pos >= count - 1 and pos >= self.start:
+            # containers sometimes over-count by one frame; reading to within one frame of the end is complete
+            return _END
+        return CorruptVideoError(
+            self.source,
+            f"decoding stopped at frame {pos} of {count} (truncated or corrupt data); frames before it were read",
+            frame_id=pos,
+        )
+
+    def __iter__(self) -> Iterator[Frame]:
+        if self._thread is not None:
+            raise RuntimeError("a FrameReader can be iterated only once; create a new one")
+        self._thread = threading.Thread(
+            target=self._run, name=f"crowd-decode-{Path(str(self.source)).name}", daemon=True
+        )
+        self._thread.start()
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, VideoError):
+                    self.error = item
+                    logger.warning("%s", item)
+                    continue
+                assert isinstance(item, Frame)
+                self.frames_yielded += 1
+                self.last_frame_id = item.frame_id
+                yield item
+        finally:
+            self.close()
+        if self.error is not None and self.raise_on_error:
+            raise self.error
+
+    def close(self) -> None:
+        """Stop the decoding thread (safe to call more than once)."""
+        self._stop_event.set()
+        if self._thread is not None and self._thread.is_alive():
+            while True:  # drain so a blocked put() wakes up
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> FrameReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a still image as BGR, with the same typed errors as videos."""
+    check_file(path)
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise NotAVideoError(path, "not an image OpenCV can decode")
+    h, w = image.shape[:2]
+    if not (0 < w <= MAX_DIMENSION and 0 < h <= MAX_DIMENSION):
+        raise BadDimensionsError(path, f"image size {w}x{h} is outside 1..{MAX_DIMENSION} pixels per side")
+    return image
+
+
+def is_image_path(path: str | os.PathLike[str]) -> bool:
+    """True if the suffix is a still-image format (``.jpg``, ``.png``, ...)."""
+    return Path(str(path)).suffix.lower() in IMAGE_SUFFIXES
