@@ -1,0 +1,28 @@
+# Environment for running Airflow and the tests locally. Source it: `source dev/env.sh`.
+# Connections are defined once, here, as AIRFLOW_CONN_* (the deployment sets the same names its own way).
+CROWD_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export CROWD_STATE="${CROWD_STATE:-$CROWD_ROOT/.local}"
+export AIRFLOW_HOME="${AIRFLOW_HOME:-$CROWD_STATE/airflow}"
+export AIRFLOW__CORE__DAGS_FOLDER="$CROWD_ROOT/dags"
+export AIRFLOW__CORE__PLUGINS_FOLDER="$CROWD_ROOT/plugins"
+export AIRFLOW__CORE__LOAD_EXAMPLES=False
+export AIRFLOW__CORE__PARALLELISM="${AIRFLOW__CORE__PARALLELISM:-4}"
+export AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG="${AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG:-2}"
+export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="${AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION:-False}"
+export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS:-admin:admin,viewer:viewer}"
+export AIRFLOW__API__PORT="${AIRFLOW__API__PORT:-8080}"
+export AIRFLOW__SCHEDULER__DAG_DIR_LIST_INTERVAL="${AIRFLOW__SCHEDULER__DAG_DIR_LIST_INTERVAL:-10}"
+export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="${AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL:-10}"
+export PYTHONPATH="$CROWD_ROOT/plugins${PYTHONPATH:+:$PYTHONPATH}"
+
+# Local services started by dev/kafka.sh and dev/postgres.sh. The password is for the local cluster only.
+export CROWD_PG_PORT="${CROWD_PG_PORT:-5433}"
+_kafka_conn='{"conn_type": "kafka", "extra": {"bootstrap.servers": "127.0.0.1:9092", "group.id": "crowd-ingest", "enable.auto.commit": false, "auto.offset.reset": "earliest"}}'
+export AIRFLOW_CONN_KAFKA_DEFAULT="${AIRFLOW_CONN_KAFKA_DEFAULT:-$_kafka_conn}"
+export AIRFLOW_CONN_CROWD_POSTGRES="${AIRFLOW_CONN_CROWD_POSTGRES:-postgresql://crowd:${CROWD_PG_PASSWORD:-crowd}@127.0.0.1:${CROWD_PG_PORT}/crowd}"
+
+# Pipeline settings (see plugins/crowd/config.py for every CROWD_* variable).
+export CROWD_VIDEO_ROOTS="${CROWD_VIDEO_ROOTS:-$CROWD_STATE/videos}"
+export CROWD_RESULTS_DIR="${CROWD_RESULTS_DIR:-$CROWD_STATE/results}"
+export CROWD_MODEL_CACHE="${CROWD_MODEL_CACHE:-$CROWD_STATE/models}"
+mkdir -p "$AIRFLOW_HOME" "$CROWD_VIDEO_ROOTS" "$CROWD_RESULTS_DIR" "$CROWD_MODEL_CACHE"

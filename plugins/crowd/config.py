@@ -1,0 +1,102 @@
+"""One place for settings: Airflow connection ids, topics, folders and defaults, read from the environment.
+
+Every setting is a ``CROWD_*`` environment variable with a default that works with ``dev/env.sh``. Services
+are reached through Airflow connections (``kafka_default``, ``crowd_postgres``), whose ``extra`` is the
+single source of client configuration. Per-run choices (frame interval, thresholds) are DAG params.
+
+Example:
+    >>> from crowd.config import load_settings
+    >>> settings = load_settings()
+    >>> settings.faces_topic
+    'Faces'
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot work; the message names the variable and the value."""
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default).strip() or default
+
+
+def _env_int(name: str, default: int, minimum: int = 0) -> int:
+    raw = _env(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+def _env_paths(name: str, default: str) -> tuple[Path, ...]:
+    return tuple(Path(p).expanduser().resolve() for p in _env(name, default).split(os.pathsep) if p.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Deployment settings. Build it with :func:`load_settings`, not by hand, except in tests."""
+
+    kafka_conn_id: str = "kafka_default"
+    postgres_conn_id: str = "crowd_postgres"
+    faces_topic: str = "Faces"
+    alerts_topic: str = "crowd-alerts"
+    messages_topic: str = "messages"
+    video_roots: tuple[Path, ...] = field(default_factory=tuple)
+    results_dir: Path = PROJECT_ROOT / ".local" / "results"
+    model_dir: Path = PROJECT_ROOT / "include" / "yolov3"
+    model_cache: Path = Path.home() / ".cache" / "crowd" / "models"
+    detector_backend: str = "auto"
+    scan_schedule: str = "*/5 * * * *"
+    frames_per_task: int = 3000
+    publish_timeout_s: int = 30
+
+    def check_video_path(self, path: str | os.PathLike[str]) -> Path:
+        """Resolve ``path`` and return it if it is a file inside one of :attr:`video_roots`.
+
+        Symlinks and ``..`` are resolved first, so nothing can point outside the roots.
+
+        Raises:
+            ConfigError: outside the roots, missing, or not a regular file.
+        """
+        resolved = Path(path).expanduser().resolve()
+        if not any(resolved.is_relative_to(root) for root in self.video_roots):
+            roots = ", ".join(str(r) for r in self.video_roots) or "(none configured: set CROWD_VIDEO_ROOTS)"
+            raise ConfigError(f"video path {str(path)!r} resolves to {str(resolved)!r}, outside the video roots {roots}")
+        if not resolved.exists():
+            raise ConfigError(f"video path {str(path)!r} does not exist")
+        if not resolved.is_file():
+            raise ConfigError(f"video path {str(path)!r} is not a regular file")
+        return resolved
+
+
+def load_settings() -> Settings:
+    """Read every ``CROWD_*`` variable once and validate it."""
+    backend = _env("CROWD_DETECTOR", "auto")
+    if backend not in {"auto", "yolov3", "mtcnn"}:
+        raise ConfigError(f"CROWD_DETECTOR={backend!r}: use auto, yolov3 or mtcnn")
+    return Settings(
+        kafka_conn_id=_env("CROWD_KAFKA_CONN_ID", "kafka_default"),
+        postgres_conn_id=_env("CROWD_POSTGRES_CONN_ID", "crowd_postgres"),
+        faces_topic=_env("CROWD_FACES_TOPIC", "Faces"),
+        alerts_topic=_env("CROWD_ALERTS_TOPIC", "crowd-alerts"),
+        messages_topic=_env("CROWD_MESSAGES_TOPIC", "messages"),
+        video_roots=_env_paths("CROWD_VIDEO_ROOTS", str(PROJECT_ROOT / ".local" / "videos")),
+        results_dir=Path(_env("CROWD_RESULTS_DIR", str(PROJECT_ROOT / ".local" / "results"))).resolve(),
+        model_dir=Path(_env("CROWD_MODEL_DIR", str(PROJECT_ROOT / "include" / "yolov3"))).resolve(),
+        model_cache=Path(_env("CROWD_MODEL_CACHE", str(Path.home() / ".cache" / "crowd" / "models"))).resolve(),
+        detector_backend=backend,
+        scan_schedule=_env("CROWD_SCAN_SCHEDULE", "*/5 * * * *"),
+        frames_per_task=_env_int("CROWD_FRAMES_PER_TASK", 3000, minimum=1),
+        publish_timeout_s=_env_int("CROWD_PUBLISH_TIMEOUT_S", 30, minimum=1),
+    )
