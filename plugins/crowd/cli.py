@@ -1,0 +1,83 @@
+"""Command line: ``python -m crowd detect VIDEO|IMAGE|CAMERA_INDEX|URL [options]`` and ``python -m crowd schema``.
+
+Results go to ``--out`` as JSON lines (one message per processed frame) or to stdout; progress and the
+summary go to stderr. Exit code 0 = all fine, 1 = bad input or missing model, 3 = decoding stopped early
+(the frames before it were written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from contextlib import ExitStack
+from typing import IO
+
+from crowd.detection import BACKENDS, build_detector
+from crowd.messages import FaceMessage, write_schema
+from crowd.models import ModelError
+from crowd.pipeline import detect_image, process_video
+from crowd.video import VideoError, is_image_path
+
+EXIT_STOPPED_EARLY = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m crowd", description="crowd face detection")
+    sub = parser.add_subparsers(dest="command", required=True)
+    det = sub.add_parser("detect", help="detect faces in a video, image, camera index or stream URL")
+    det.add_argument("source", help="video or image path, camera index (0) or URL (rtsp://...)")
+    det.add_argument("--frame-interval", type=int, default=None, help="process every N-th frame (default fps/3)")
+    det.add_argument("--target-fps", type=float, default=None, help="alternative: about this many frames per second")
+    det.add_argument("--start", type=int, default=0, help="first frame id of the range")
+    det.add_argument("--stop", type=int, default=None, help="frame id after the range (exclusive)")
+    det.add_argument("--max-frames", type=int, default=None, help="stop after this many processed frames")
+    det.add_argument("--out", default=None, help="write JSON lines here (default: stdout)")
+    det.add_argument("--backend", choices=BACKENDS, default=None, help="detector (default: CROWD_DETECTOR or auto)")
+    det.add_argument("--input-size", type=int, default=416, help="YOLO network input size")
+    det.add_argument("--tiles", action="store_true", help="also detect on overlapping tiles (small faces)")
+    det.add_argument("--pictures", default=None, help="folder for annotated frame, heatmap and timeline")
+    det.add_argument("-q", "--quiet", action="store_true", help="only warnings on stderr")
+    sch = sub.add_parser("schema", help="write include/schema/faces-message.schema.json")
+    sch.add_argument("--path", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    args = _parser().parse_args(argv)
+    if args.command == "schema":
+        print(write_schema(args.path) if args.path else write_schema())
+        return 0
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        detector = build_detector(args.backend, input_size=args.input_size, tiles=args.tiles)
+        with ExitStack() as stack:
+            out: IO[str] = stack.enter_context(open(args.out, "w", encoding="utf-8")) if args.out else sys.stdout
+
+            def emit(message: FaceMessage) -> None:
+                out.write(message.to_json().decode() + "\n")
+
+            if is_image_path(args.source):
+                emit(detect_image(args.source, detector))
+                return 0
+            summary = process_video(
+                args.source,
+                detector,
+                frame_interval=args.frame_interval,
+                target_fps=args.target_fps,
+                frame_range=(args.start, args.stop) if args.start or args.stop is not None else None,
+                on_message=emit,
+                pictures_dir=args.pictures,
+                max_frames=args.max_frames,
+            )
+        print(json.dumps(summary.to_dict()), file=sys.stderr)
+        return EXIT_STOPPED_EARLY if summary.stopped_early else 0
+    except (VideoError, ModelError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,112 @@
+"""Pictures of a processed video: annotated busiest frame, density heatmap of face centres, faces over time.
+
+Feed a :class:`PictureAccumulator` once per processed frame, then call :meth:`PictureAccumulator.write`.
+
+Example:
+    >>> acc = PictureAccumulator(width=1280, height=720)
+    >>> acc.add(frame_id=0, ts_ms=0.0, image=frame, detections=dets)   # doctest: +SKIP
+    >>> acc.write("out/pictures")                                       # doctest: +SKIP
+    PicturePaths(annotated=..., heatmap=..., timeline=...)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PicturePaths:
+    """Files written by :meth:`PictureAccumulator.write` (``None`` when nothing was processed)."""
+
+    annotated: Path | None
+    heatmap: Path | None
+    timeline: Path | None
+
+
+def annotate(image: np.ndarray, detections: Sequence[Any], caption: str | None = None) -> np.ndarray:
+    """Copy of ``image`` with boxes (green) and a count caption drawn."""
+    out = image.copy()
+    thickness = max(1, round(max(out.shape[:2]) / 500))
+    for d in detections:
+        cv2.rectangle(out, (d.x, d.y), (d.x + d.width, d.y + d.height), (0, 255, 0), thickness)
+    text = caption if caption is not None else f"{len(detections)} faces"
+    scale = max(0.5, out.shape[1] / 1200)
+    cv2.putText(out, text, (10, int(30 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2)
+    cv2.putText(out, text, (10, int(30 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 255, 255), thickness)
+    return out
+
+
+@dataclass
+class PictureAccumulator:
+    """Collects what the pictures need, cheaply: counts per frame, face centres, and the busiest frame."""
+
+    width: int
+    height: int
+    bins: int = 64
+    frame_ids: list[int] = field(default_factory=list)
+    ts_ms: list[float] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    _centres_x: list[float] = field(default_factory=list)
+    _centres_y: list[float] = field(default_factory=list)
+    _best: tuple[int, int, float, np.ndarray, list[Any]] | None = None
+
+    def add(self, frame_id: int, ts_ms: float, image: np.ndarray, detections: Sequence[Any]) -> None:
+        """Record one processed frame (keeps a copy of the image only if it is the busiest so far)."""
+        n = len(detections)
+        self.frame_ids.append(frame_id)
+        self.ts_ms.append(ts_ms)
+        self.counts.append(n)
+        for d in detections:
+            self._centres_x.append(d.x + d.width / 2)
+            self._centres_y.append(d.y + d.height / 2)
+        if self._best is None or n > self._best[0]:
+            self._best = (n, frame_id, ts_ms, image.copy(), list(detections))
+
+    def heatmap(self) -> np.ndarray:
+        """BGR image (frame size) of face-centre density, ``COLORMAP_JET`` (blue = none)."""
+        ybins = max(1, round(self.bins * self.height / max(self.width, 1)))
+        hist, _, _ = np.histogram2d(
+            self._centres_y, self._centres_x, bins=(ybins, self.bins), range=((0, self.height), (0, self.width))
+        )
+        if hist.max() > 0:
+            hist = hist / hist.max()
+        small = (hist * 255).astype(np.uint8)
+        small = cv2.GaussianBlur(small, (3, 3), 0)
+        big = cv2.resize(small, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
+        return cv2.applyColorMap(big, cv2.COLORMAP_JET)
+
+    def write(self, folder: str | os.PathLike[str], prefix: str = "") -> PicturePaths:
+        """Write ``annotated.jpg``, ``heatmap.png`` and ``faces_over_time.png`` into ``folder``; return paths."""
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        if self._best is None:
+            return PicturePaths(None, None, None)
+        n, frame_id, ts, image, dets = self._best
+        annotated = out / f"{prefix}annotated.jpg"
+        cv2.imwrite(str(annotated), annotate(image, dets, f"frame {frame_id} ({ts / 1000:.1f} s): {n} faces"))
+        heat = out / f"{prefix}heatmap.png"
+        cv2.imwrite(str(heat), self.heatmap())
+        timeline = out / f"{prefix}faces_over_time.png"
+        self._plot(timeline)
+        return PicturePaths(annotated, heat, timeline)
+
+    def _plot(self, path: Path) -> None:
+        from matplotlib.figure import Figure  # Agg canvas via Figure, no pyplot global state
+
+        fig = Figure(figsize=(8, 3), dpi=100)
+        ax = fig.add_subplot()
+        seconds = np.asarray(self.ts_ms) / 1000.0
+        ax.plot(seconds, self.counts, drawstyle="steps-post", color="tab:blue")
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("faces")
+        ax.set_title("faces per processed frame")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(str(path))
