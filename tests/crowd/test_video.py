@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from crowd.video import (
+    BadFpsError,
+    CorruptVideoError,
+    EmptyVideoError,
+    FrameReader,
+    NotAVideoError,
+    VideoError,
+    VideoErrorReason,
+    VideoIsDirectoryError,
+    VideoNotFoundError,
+    VideoPermissionError,
+    _info_from_capture,
+    content_hash,
+    frame_interval_for,
+    probe_video,
+    sampled_frame_ids,
+    split_ranges,
+)
+from tests.crowd._helpers import CARPHONE, frame_index, write_video
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_video(tmp_path_factory.mktemp("v") / "clip.mp4", 60)
+
+
+@pytest.mark.parametrize(
+    ("fps", "interval", "target", "expected"),
+    [
+        pytest.param(30.0, None, None, 10, id="seed-default-30fps"),
+        pytest.param(29.97, None, None, 9, id="seed-default-29.97fps"),
+        pytest.param(2.0, None, None, 1, id="slow-video-at-least-1"),
+        pytest.param(30.0, 7, None, 7, id="explicit-interval"),
+        pytest.param(30.0, None, 5.0, 6, id="target-fps"),
+    ],
+)
+def test_frame_interval(fps: float, interval: int | None, target: float | None, expected: int) -> None:
+    assert frame_interval_for(fps, interval, target) == expected
+
+
+def test_bad_interval_rejected() -> None:
+    with pytest.raises(ValueError, match="frame_interval=0"):
+        frame_interval_for(30.0, 0)
+
+
+def test_ranges_cover_every_sampled_frame_once() -> None:
+    whole = list(sampled_frame_ids(1003, 7))
+    parts = [i for a, b in split_ranges(1003, 100) for i in sampled_frame_ids(1003, 7, (a, b))]
+    assert parts == whole
+    assert whole[:3] == [0, 7, 14] and whole[-1] == 1001
+
+
+def test_reader_yields_sampled_ids_and_timestamps(clip: Path) -> None:
+    reader = FrameReader(clip, frame_interval=7)
+    frames = list(reader)
+    assert [f.frame_id for f in frames] == list(range(0, 60, 7))
+    assert [f.ts_ms for f in frames] == [pytest.approx(i * 1000 / 30, abs=1e-3) for i in range(0, 60, 7)]
+    assert [frame_index(f.image) for f in frames] == [f.frame_id for f in frames]  # the right pixels, not just ids
+    assert reader.error is None and not reader.stopped_early
+    assert reader.expected_frames == len(frames)
+
+
+def test_split_ranges_read_the_same_frames(clip: Path) -> None:
+    parts = [FrameReader(clip, frame_interval=4, frame_range=r) for r in split_ranges(60, 25)]
+    got = [(f.frame_id, frame_index(f.image)) for p in parts for f in p]
+    assert [g[0] for g in got] == list(range(0, 60, 4))
+    assert all(fid == idx for fid, idx in got)
+
+
+def test_info_and_hash(clip: Path, tmp_path: Path) -> None:
+    info = probe_video(CARPHONE)
+    assert (info.width, info.height, info.frame_count) == (176, 144, 120)
+    assert info.fps == pytest.approx(29.97, abs=0.01) and info.duration_s == pytest.approx(4.004, abs=0.01)
+    copy = tmp_path / "renamed.mp4"
+    copy.write_bytes(clip.read_bytes())
+    assert content_hash(copy) == content_hash(clip) and len(content_hash(clip)) == 32
+    copy.write_bytes(clip.read_bytes() + b"x")
+    assert content_hash(copy) != content_hash(clip)
+
+
+def _bad(kind: str, tmp: Path, clip: Path) -> Path:
+    p = tmp / "x.mp4"
+    good = clip.read_bytes()
+    if kind == "missing":
+        return tmp / "nope.mp4"
+    if kind == "zero":
+        p.write_bytes(b"")
+    elif kind == "text":
+        p.write_text("hello, I am not a video\n" * 20)
+    elif kind == "png":
+        cv2.imwrite(str(tmp / "a.png"), np.zeros((40, 40, 3), np.uint8))
+        p.write_bytes((tmp / "a.png").read_bytes())
+    elif kind == "directory":
+        p.mkdir()
+    elif kind == "truncated-mp4":
+        p.write_bytes(good[: len(good) // 2])
+    elif kind == "unreadable":
+        p.write_bytes(good)
+        p.chmod(0)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "text"),
+    [
+        pytest.param("missing", VideoNotFoundError, "no such file", id="missing"),
+        pytest.param("zero", EmptyVideoError, "0 bytes", id="zero-bytes"),
+        pytest.param("text", NotAVideoError, "not a video container", id="text-file"),
+        pytest.param("png", NotAVideoError, "PNG image", id="png-renamed-mp4"),
+        pytest.param("directory", VideoIsDirectoryError, "is a directory", id="directory-named-mp4"),
+        pytest.param("truncated-mp4", NotAVideoError, "not a video container", id="truncated-mp4-moov-lost"),
+        pytest.param("unreadable", VideoPermissionError, "permission denied", id="unreadable-perms"),
+    ],
+)
+def test_bad_inputs(kind: str, error: type[VideoError], text: str, tmp_path: Path, clip: Path) -> None:
+    if kind == "unreadable" and os.geteuid() == 0:
+        pytest.skip("running as root: chmod 000 does not stop root from reading")
+    path = _bad(kind, tmp_path, clip)
+    with pytest.raises(error, match=text) as info:
+        FrameReader(path)
+    assert str(path) in str(info.value) and isinstance(info.value.reason, VideoErrorReason)
+
+
+@pytest.mark.parametrize(
+    ("fourcc", "ext", "damage"),
+    [
+        pytest.param("mp4v", "mp4", "garbage", id="mp4-garbage-in-middle"),
+        pytest.param("MJPG", "avi", "garbage", id="avi-garbage-in-middle"),
+        pytest.param("MJPG", "avi", "truncate", id="avi-truncated"),
+    ],
+)
+def test_corrupt_middle_yields_frames_before_it(fourcc: str, ext: str, damage: str, tmp_path: Path) -> None:
+    good = write_video(tmp_path / f"good.{ext}", 60, fourcc=fourcc).read_bytes()
+    bad = tmp_path / f"bad.{ext}"
+    if damage == "truncate":
+        bad.write_bytes(good[: len(good) // 2])
+    else:
+        mid = len(good) // 2
+        junk = np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes()
+        bad.write_bytes(good[:mid] + (bytes(3000) if fourcc == "MJPG" else junk) + good[mid + 3000 :])
+    reader = FrameReader(bad, frame_interval=1)
+    frames = list(reader)
+    assert 10 < len(frames) < 60
+    assert [f.frame_id for f in frames] == list(range(len(frames)))
+    assert isinstance(reader.error, CorruptVideoError) and reader.stopped_early
+    assert reader.error.frame_id == len(frames) and "bad." in str(reader.error)
+    with pytest.raises(CorruptVideoError, match="decoding stopped at frame"):
+        list(FrameReader(bad, frame_interval=1, raise_on_error=True))
+
+
+class _FakeCap:
+    def __init__(self, fps: float, w: int, h: int) -> None:
+        self.values = {cv2.CAP_PROP_FPS: fps, cv2.CAP_PROP_FRAME_COUNT: 10, cv2.CAP_PROP_FRAME_WIDTH: w,
+                       cv2.CAP_PROP_FRAME_HEIGHT: h}  # fmt: skip
+
+    def get(self, prop: int) -> float:
+        return self.values[prop]
+
+
+@pytest.mark.parametrize(
+    ("fps", "w", "h", "error"),
+    [
+        pytest.param(0.0, 640, 480, BadFpsError, id="fps-zero"),
+        pytest.param(-5.0, 640, 480, BadFpsError, id="fps-negative"),
+        pytest.param(5000.0, 640, 480, BadFpsError, id="fps-absurd"),
+        pytest.param(25.0, 0, 480, VideoError, id="width-zero"),
+        pytest.param(25.0, 9000, 480, VideoError, id="width-absurd"),
+    ],
+)
+def test_absurd_metadata(fps: float, w: int, h: int, error: type[VideoError]) -> None:
+    with pytest.raises(error, match="m.mp4"):
+        _info_from_capture("m.mp4", _FakeCap(fps, w, h), live=False)  # type: ignore[arg-type]
