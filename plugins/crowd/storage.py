@@ -1,0 +1,300 @@
+"""PostgreSQL schema, migrations and the video registry.
+
+The schema lives in whatever schema the connection's ``search_path`` points at (``public`` by default; tests
+point the ``crowd_postgres`` connection at a fresh schema). :func:`migrate` creates and upgrades it with
+versioned, idempotent migrations recorded in ``schema_migrations``, under a PostgreSQL advisory lock so
+concurrent tasks never race.
+
+Transactions: every function here runs its statements inside ``conn.transaction()``. On an autocommit
+connection (or a non-autocommit one with no transaction open) that block commits on exit; when the caller
+already has a transaction open, the work joins it as a savepoint and the caller's ``commit()`` makes it
+durable.
+
+Example:
+    >>> from crowd import storage
+    >>> with storage.connect("crowd_postgres") as conn:
+    ...     storage.migrate(conn)
+    ...     storage.mark_video_processing(conn, "ab12", "/videos/a.mp4", fps=25.0, frame_count=250,
+    ...                                   width=640, height=480, size_bytes=1234, model="yolov3-face@416")
+    ...     storage.get_video_status(conn, "ab12")
+    'processing'
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+VIDEO_STATUSES = ("pending", "processing", "done", "failed")
+
+
+class VideoNotFoundError(LookupError):
+    """A video id has no row in ``videos``; the message names the id."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema step. ``version`` only grows; a step never changes once released."""
+
+    version: int
+    name: str
+    sql: str
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "videos, frames, faces, offsets, rejected messages",
+        """
+        CREATE TABLE videos (
+            id          text PRIMARY KEY,
+            path        text NOT NULL,
+            fps         double precision,
+            frame_count bigint,
+            width       integer,
+            height      integer,
+            size_bytes  bigint,
+            status      text NOT NULL DEFAULT 'pending'
+                        CHECK (status IN ('pending', 'processing', 'done', 'failed')),
+            error       text,
+            model       text,
+            created_at  timestamptz NOT NULL DEFAULT now(),
+            updated_at  timestamptz NOT NULL DEFAULT now(),
+            finished_at timestamptz
+        );
+        CREATE INDEX videos_status_idx ON videos (status);
+
+        -- No FK to videos: frames may arrive before the detection task registers the video.
+        CREATE TABLE frames (
+            video_id        text NOT NULL,
+            frame_id        bigint NOT NULL CHECK (frame_id >= 0),
+            frame_ts_ms     double precision NOT NULL CHECK (frame_ts_ms >= 0),
+            total_faces     integer NOT NULL CHECK (total_faces >= 0),
+            model           text NOT NULL,
+            frame_width     integer NOT NULL,
+            frame_height    integer NOT NULL,
+            source          text NOT NULL,
+            kafka_partition integer,
+            kafka_offset    bigint,
+            ingested_at     timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (video_id, frame_id)
+        );
+
+        CREATE TABLE faces (
+            video_id   text NOT NULL,
+            frame_id   bigint NOT NULL,
+            face_id    integer NOT NULL CHECK (face_id >= 0),
+            x          integer NOT NULL CHECK (x >= 0),
+            y          integer NOT NULL CHECK (y >= 0),
+            width      integer NOT NULL CHECK (width >= 0),
+            height     integer NOT NULL CHECK (height >= 0),
+            confidence real NOT NULL CHECK (confidence >= 0 AND confidence <= 1),
+            PRIMARY KEY (video_id, frame_id, face_id),
+            FOREIGN KEY (video_id, frame_id) REFERENCES frames (video_id, frame_id) ON DELETE CASCADE
+        );
+
+        CREATE TABLE kafka_offsets (
+            consumer_group text NOT NULL,
+            topic          text NOT NULL,
+            partition      integer NOT NULL,
+            next_offset    bigint NOT NULL CHECK (next_offset >= 0),
+            updated_at     timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (consumer_group, topic, partition)
+        );
+
+        CREATE TABLE rejected_messages (
+            id          bigserial PRIMARY KEY,
+            topic       text NOT NULL,
+            partition   integer NOT NULL,
+            "offset"    bigint NOT NULL,
+            key         bytea,
+            raw         bytea,
+            reason      text NOT NULL,
+            rejected_at timestamptz NOT NULL DEFAULT now(),
+            UNIQUE (topic, partition, "offset")
+        );
+        """,
+    ),
+    Migration(
+        2,
+        "crowd alerts",
+        """
+        CREATE TABLE alerts (
+            id               bigserial PRIMARY KEY,
+            video_id         text NOT NULL,
+            started_frame_id bigint NOT NULL,
+            started_ts_ms    double precision NOT NULL,
+            ended_frame_id   bigint,
+            ended_ts_ms      double precision,
+            peak_count       integer NOT NULL,
+            peak_frame_id    bigint NOT NULL,
+            threshold        integer NOT NULL,
+            min_duration_ms  double precision NOT NULL DEFAULT 0,
+            created_at       timestamptz NOT NULL DEFAULT now(),
+            updated_at       timestamptz NOT NULL DEFAULT now(),
+            published_at     timestamptz,
+            UNIQUE (video_id, started_frame_id)
+        );
+        CREATE INDEX alerts_unpublished_idx ON alerts (id) WHERE published_at IS NULL;
+        """,
+    ),
+    Migration(
+        3,
+        "video_summary view",
+        """
+        CREATE VIEW video_summary AS
+        WITH per_video AS (
+            SELECT video_id,
+                   count(*)                       AS frames,
+                   sum(total_faces)::bigint       AS total_faces,
+                   max(total_faces)               AS max_faces,
+                   avg(total_faces)::double precision AS mean_faces,
+                   min(frame_ts_ms)               AS first_ts_ms,
+                   max(frame_ts_ms)               AS last_ts_ms,
+                   max(ingested_at)               AS last_ingested_at
+            FROM frames GROUP BY video_id
+        ),
+        peaks AS (
+            SELECT DISTINCT ON (video_id) video_id, frame_id AS peak_frame_id, frame_ts_ms AS peak_ts_ms
+            FROM frames ORDER BY video_id, total_faces DESC, frame_id
+        )
+        SELECT p.video_id, p.frames, p.total_faces, p.max_faces, p.mean_faces,
+               k.peak_frame_id, k.peak_ts_ms, p.first_ts_ms, p.last_ts_ms, p.last_ingested_at,
+               v.status, v.path, v.model
+        FROM per_video p
+        JOIN peaks k USING (video_id)
+        LEFT JOIN videos v ON v.id = p.video_id;
+        """,
+    ),
+)
+
+_BOOTSTRAP_SQL = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+def connect(postgres_conn_id: str) -> psycopg.Connection:
+    """Open a psycopg 3 connection (not autocommit) from an Airflow Postgres connection id.
+
+    The caller closes it (use it as a context manager).
+    """
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+    conn = PostgresHook(postgres_conn_id=postgres_conn_id).get_conn()
+    if not isinstance(conn, psycopg.Connection):
+        raise TypeError(
+            f"connection {postgres_conn_id!r} gave a {type(conn).__name__}, expected psycopg 3; "
+            "install apache-airflow-providers-postgres>=6 with psycopg 3"
+        )
+    return conn
+
+
+def migrate(conn: psycopg.Connection, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[int]:
+    """Apply every migration not yet recorded in ``schema_migrations``, in version order, in one transaction.
+
+    Safe to call from many tasks at once: a transaction-scoped advisory lock (keyed on the current schema)
+    serialises them, and the second caller finds nothing to do.
+
+    Returns:
+        the versions applied by this call (empty when the schema was already current).
+    """
+    applied_now: list[int] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('crowd.migrate:' || current_schema()))")
+        conn.execute(_BOOTSTRAP_SQL)
+        done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations").fetchall()}
+        for step in sorted(migrations, key=lambda m: m.version):
+            if step.version in done:
+                continue
+            log.info("applying schema migration %d: %s", step.version, step.name)
+            conn.execute(step.sql)
+            conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (step.version, step.name))
+            applied_now.append(step.version)
+    if applied_now:
+        log.info("schema migrated to version %d (applied %s)", applied_now[-1], applied_now)
+    return applied_now
+
+
+def schema_version(conn: psycopg.Connection) -> int:
+    """Highest applied migration version, 0 for an empty database."""
+    row = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return 0
+    return int(conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0])
+
+
+# --- video registry (called by the detection DAG) ---------------------------------------------------------
+
+
+def get_video_status(conn: psycopg.Connection, video_id: str) -> str | None:
+    """Status of ``video_id`` (``pending``, ``processing``, ``done``, ``failed``), or None if unknown."""
+    row = conn.execute("SELECT status FROM videos WHERE id = %s", (video_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def mark_video_processing(
+    conn: psycopg.Connection,
+    video_id: str,
+    path: str,
+    *,
+    fps: float | None,
+    frame_count: int | None,
+    width: int | None,
+    height: int | None,
+    size_bytes: int | None,
+    model: str | None,
+) -> None:
+    """Register ``video_id`` (or re-register it) as being processed; clears any previous error."""
+    with conn.transaction():
+        conn.execute(
+            """
+            INSERT INTO videos (id, path, fps, frame_count, width, height, size_bytes, status, model)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, 'processing', %s)
+            ON CONFLICT (id) DO UPDATE SET
+                path = EXCLUDED.path, fps = EXCLUDED.fps, frame_count = EXCLUDED.frame_count,
+                width = EXCLUDED.width, height = EXCLUDED.height, size_bytes = EXCLUDED.size_bytes,
+                model = EXCLUDED.model, status = 'processing', error = NULL, finished_at = NULL,
+                updated_at = now()
+            """,
+            (video_id, str(path), fps, frame_count, width, height, size_bytes, model),
+        )
+
+
+def mark_video_done(conn: psycopg.Connection, video_id: str) -> None:
+    """Mark ``video_id`` done.
+
+    Raises:
+        VideoNotFoundError: the video was never registered with :func:`mark_video_processing`.
+    """
+    with conn.transaction():
+        cur = conn.execute(
+            "UPDATE videos SET status = 'done', error = NULL, finished_at = now(), updated_at = now() WHERE id = %s",
+            (video_id,),
+        )
+        if cur.rowcount == 0:
+            raise VideoNotFoundError(
+                f"video {video_id!r} is not in the videos table; call mark_video_processing() for it first"
+            )
+
+
+def mark_video_failed(conn: psycopg.Connection, video_id: str, path: str, error: str) -> None:
+    """Mark ``video_id`` failed with ``error`` (registers it if it was unknown, e.g. unreadable files)."""
+    with conn.transaction():
+        conn.execute(
+            """
+            INSERT INTO videos (id, path, status, error, finished_at)
+            VALUES (%s, %s, 'failed', %s, now())
+            ON CONFLICT (id) DO UPDATE SET
+                path = EXCLUDED.path, status = 'failed', error = EXCLUDED.error,
+                finished_at = now(), updated_at = now()
+            """,
+            (video_id, str(path), str(error)[:10_000]),
+        )
