@@ -1,0 +1,605 @@
+"""Drain the ``Faces`` topic into PostgreSQL: no message lost, none stored twice.
+
+How:
+
+* The consumer never commits on its own. The truth about "how far did we get" is the ``kafka_offsets`` table:
+  on start the drain reads the stored next offset of every partition of the topic for its consumer group and
+  ``assign()``s the partitions there (partitions never seen: from the beginning).
+* Messages are consumed in batches. Every message is validated (:class:`crowd.messages.FaceMessage`); a bad one
+  becomes a ``rejected_messages`` row (reason and raw bytes), a good one a ``frames`` row and its ``faces``.
+* One transaction per batch: COPY into temp staging tables, ``INSERT ... SELECT ... ON CONFLICT DO UPDATE``
+  into ``frames``, faces replaced for the batch's frames, rejections, crowd alert episodes and the consumed
+  offsets (last offset + 1 per partition). Rows and offsets commit together or not at all, so a crash
+  anywhere replays at most the uncommitted batch, and replays overwrite the same keys.
+* After the commit the offsets are also committed to Kafka (for lag monitoring only) and pending crowd alerts
+  are published (outbox, see :mod:`crowd.alerts`).
+* A session advisory lock per (group, topic) keeps two drains of the same group from running at once.
+
+Example:
+    >>> from crowd.ingest import drain
+    >>> summary = drain("kafka_default", "crowd_postgres", "Faces", "crowd-ingest", max_seconds=60)
+    >>> summary.lag_left
+    0
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psycopg
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from pydantic import ValidationError
+
+from crowd import storage
+from crowd.alerts import AlertRule, publish_pending_alerts, update_alerts
+from crowd.messages import FaceMessage
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 1024 * 1024
+DEFAULT_GROUP_ID = "crowd-ingest"
+_INT4_MAX = 2**31 - 1
+_INT8_MAX = 2**63 - 1
+
+FRAME_COLUMNS = (
+    "video_id",
+    "frame_id",
+    "frame_ts_ms",
+    "total_faces",
+    "model",
+    "frame_width",
+    "frame_height",
+    "source",
+    "kafka_partition",
+    "kafka_offset",
+)
+FRAME_TYPES = ("text", "int8", "float8", "int4", "text", "int4", "int4", "text", "int4", "int8")
+FACE_COLUMNS = ("video_id", "frame_id", "face_id", "x", "y", "width", "height", "confidence")
+FACE_TYPES = ("text", "int8", "int4", "int4", "int4", "int4", "int4", "float4")
+
+_STAGING_SQL = f"""
+CREATE TEMP TABLE IF NOT EXISTS crowd_stage_frames (
+    {", ".join(f"{c} {t}" for c, t in zip(FRAME_COLUMNS, FRAME_TYPES, strict=True))}
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS crowd_stage_faces (
+    {", ".join(f"{c} {t}" for c, t in zip(FACE_COLUMNS, FACE_TYPES, strict=True))}
+) ON COMMIT DELETE ROWS;
+"""
+_UPSERT_FRAMES_SQL = """
+INSERT INTO frames (video_id, frame_id, frame_ts_ms, total_faces, model, frame_width, frame_height, source,
+                    kafka_partition, kafka_offset)
+SELECT video_id, frame_id, frame_ts_ms, total_faces, model, frame_width, frame_height, source,
+       kafka_partition, kafka_offset
+FROM crowd_stage_frames
+ON CONFLICT (video_id, frame_id) DO UPDATE SET
+    frame_ts_ms = EXCLUDED.frame_ts_ms, total_faces = EXCLUDED.total_faces, model = EXCLUDED.model,
+    frame_width = EXCLUDED.frame_width, frame_height = EXCLUDED.frame_height, source = EXCLUDED.source,
+    kafka_partition = EXCLUDED.kafka_partition, kafka_offset = EXCLUDED.kafka_offset, ingested_at = now()
+"""
+_DELETE_FACES_SQL = """
+DELETE FROM faces f USING crowd_stage_frames s WHERE f.video_id = s.video_id AND f.frame_id = s.frame_id
+"""
+_INSERT_FACES_SQL = """
+INSERT INTO faces (video_id, frame_id, face_id, x, y, width, height, confidence)
+SELECT video_id, frame_id, face_id, x, y, width, height, confidence FROM crowd_stage_faces
+"""
+_REJECT_SQL = """
+INSERT INTO rejected_messages (topic, partition, "offset", key, raw, reason) VALUES (%s, %s, %s, %s, %s, %s)
+ON CONFLICT (topic, partition, "offset") DO UPDATE SET reason = EXCLUDED.reason, rejected_at = now()
+"""
+_STORE_OFFSET_SQL = """
+INSERT INTO kafka_offsets (consumer_group, topic, partition, next_offset) VALUES (%s, %s, %s, %s)
+ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()
+"""
+
+
+class IngestError(RuntimeError):
+    """The drain cannot run (missing topic, unreachable broker); the message says what to fix."""
+
+
+class Rejected(ValueError):
+    """A message that cannot be stored; ``reason`` starts with a short code (``not_json: ...``)."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.reason = f"{code}: {detail}"[:2000]
+
+
+@dataclass
+class DrainSummary:
+    """What one :func:`drain` call did."""
+
+    topic: str
+    group_id: str
+    messages: int = 0
+    frames: int = 0
+    faces: int = 0
+    rejected: int = 0
+    duplicates_in_batch: int = 0
+    batches: int = 0
+    new_alerts: int = 0
+    alerts_published: int = 0
+    lag_left: int = 0
+    seconds: float = 0.0
+    stopped_because: str = ""
+    next_offsets: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def rows_per_s(self) -> float:
+        """Frames + faces + rejections stored per second of wall time."""
+        return (self.frames + self.faces + self.rejected) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def messages_per_s(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-able, string partition keys) for XCom and logs."""
+        data = asdict(self)
+        data["next_offsets"] = {str(k): v for k, v in self.next_offsets.items()}
+        data["rows_per_s"] = round(self.rows_per_s, 1)
+        data["messages_per_s"] = round(self.messages_per_s, 1)
+        return data
+
+
+# --- validation -----------------------------------------------------------------------------------------------
+
+
+def _check_text(name: str, value: str) -> None:
+    if "\x00" in value:
+        raise Rejected("schema", f"{name} contains a NUL character, which PostgreSQL text cannot store")
+
+
+def validate(value: bytes | None) -> FaceMessage:
+    """Parse one Kafka message value into a :class:`FaceMessage`, or raise :class:`Rejected` saying why.
+
+    Codes: ``tombstone`` (null value), ``oversize`` (> 1 MiB), ``not_utf8``, ``not_json``, ``schema`` (missing,
+    extra or mistyped fields, inconsistent counts, boxes outside the frame), ``out_of_range`` (numbers the
+    database columns cannot hold).
+    """
+    if value is None:
+        raise Rejected("tombstone", "null message value")
+    if len(value) > MAX_MESSAGE_BYTES:
+        raise Rejected("oversize", f"{len(value)} bytes > {MAX_MESSAGE_BYTES} bytes")
+    try:
+        msg = FaceMessage.model_validate_json(value)
+    except ValidationError as exc:
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError as uexc:
+            raise Rejected("not_utf8", str(uexc)) from None
+        errors = exc.errors()
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise Rejected("not_json", "; ".join(str(e["msg"]) for e in errors)) from None
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(message)'}: {e['msg']}" for e in errors)
+        raise Rejected("schema", problems) from None
+    if msg.frame_id > _INT8_MAX:
+        raise Rejected("out_of_range", f"frame_id {msg.frame_id} > {_INT8_MAX}")
+    for name in ("total_faces", "frame_width", "frame_height"):
+        if getattr(msg, name) > _INT4_MAX:
+            raise Rejected("out_of_range", f"{name} {getattr(msg, name)} > {_INT4_MAX}")
+    if not math.isfinite(msg.frame_ts_ms):
+        raise Rejected("out_of_range", f"frame_ts_ms {msg.frame_ts_ms} is not a finite number")
+    for face in msg.faces:
+        b = face.bounding_box
+        if max(face.face_id, b.x, b.y, b.width, b.height) > _INT4_MAX:
+            raise Rejected("out_of_range", f"face {face.face_id}: a value is > {_INT4_MAX}")
+        if not math.isfinite(face.confidence):
+            raise Rejected("out_of_range", f"face {face.face_id}: confidence {face.confidence} is not finite")
+    _check_text("video_id", msg.video_id)
+    _check_text("source", msg.source)
+    _check_text("model", msg.model)
+    return msg
+
+
+# --- one batch ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """Rows of one batch, deduplicated by frame key (last message wins), and the offsets it consumed."""
+
+    topic: str
+    frames: dict[tuple[str, int], tuple[tuple, list[tuple]]] = field(default_factory=dict)
+    rejected: list[tuple] = field(default_factory=list)
+    next_offsets: dict[int, int] = field(default_factory=dict)
+    messages: int = 0
+    duplicates: int = 0
+    hot_videos: set[str] = field(default_factory=set)
+
+    def add(self, message: Message, alert_threshold: int | None = None) -> None:
+        """Validate ``message`` and add it as a frame or a rejection; record its offset either way."""
+        partition, offset = message.partition(), message.offset()
+        self.messages += 1
+        previous = self.next_offsets.get(partition, 0)
+        self.next_offsets[partition] = max(previous, offset + 1)
+        value = message.value()
+        try:
+            msg = validate(value)
+        except Rejected as exc:
+            self.rejected.append((self.topic, partition, offset, message.key(), value, exc.reason))
+            return
+        frame = (
+            msg.video_id,
+            msg.frame_id,
+            float(msg.frame_ts_ms),
+            msg.total_faces,
+            msg.model,
+            msg.frame_width,
+            msg.frame_height,
+            msg.source,
+            partition,
+            offset,
+        )
+        faces = [
+            (
+                msg.video_id,
+                msg.frame_id,
+                f.face_id,
+                f.bounding_box.x,
+                f.bounding_box.y,
+                f.bounding_box.width,
+                f.bounding_box.height,
+                f.confidence,
+            )
+            for f in msg.faces
+        ]
+        key = (msg.video_id, msg.frame_id)
+        if key in self.frames:
+            self.duplicates += 1
+        self.frames[key] = (frame, faces)
+        if alert_threshold is not None and msg.total_faces >= alert_threshold:
+            self.hot_videos.add(msg.video_id)
+
+
+def _copy(cur: psycopg.Cursor, table: str, columns: tuple[str, ...], types: tuple[str, ...], rows: Iterable) -> None:
+    with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(list(types))
+        for row in rows:
+            copy.write_row(row)
+
+
+def write_batch(
+    conn: psycopg.Connection, batch: Batch, group_id: str, alert_rule: AlertRule | None = None
+) -> tuple[int, int, int]:
+    """Store ``batch`` and its offsets in one transaction.
+
+    Returns:
+        (frames stored, faces stored, new alert episodes).
+    """
+    n_faces = 0
+    new_alerts = 0
+    with conn.transaction(), conn.cursor() as cur:
+        if batch.frames:
+            _copy(cur, "crowd_stage_frames", FRAME_COLUMNS, FRAME_TYPES, (f for f, _ in batch.frames.values()))
+            face_rows = [row for _, faces in batch.frames.values() for row in faces]
+            n_faces = len(face_rows)
+            cur.execute(_UPSERT_FRAMES_SQL)
+            cur.execute(_DELETE_FACES_SQL)
+            if face_rows:
+                _copy(cur, "crowd_stage_faces", FACE_COLUMNS, FACE_TYPES, face_rows)
+                cur.execute(_INSERT_FACES_SQL)
+        if batch.rejected:
+            cur.executemany(_REJECT_SQL, batch.rejected)
+        cur.executemany(
+            _STORE_OFFSET_SQL, [(group_id, batch.topic, p, o) for p, o in sorted(batch.next_offsets.items())]
+        )
+        if alert_rule is not None and batch.hot_videos:
+            new_alerts = update_alerts(conn, batch.hot_videos, alert_rule)
+    return len(batch.frames), n_faces, new_alerts
+
+
+# --- the drain ------------------------------------------------------------------------------------------------
+
+
+def stored_offsets(conn: psycopg.Connection, group_id: str, topic: str) -> dict[int, int]:
+    """Next offset to read per partition, as stored by the last committed batch."""
+    with conn.transaction():
+        rows = conn.execute(
+            "SELECT partition, next_offset FROM kafka_offsets WHERE consumer_group = %s AND topic = %s",
+            (group_id, topic),
+        ).fetchall()
+    return {int(p): int(o) for p, o in rows}
+
+
+def _partitions(consumer: Consumer, topic: str, timeout_s: float = 15) -> list[int]:
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout_s)
+    except Exception as exc:  # KafkaException: broker unreachable
+        raise IngestError(f"cannot list topic {topic!r}: {exc}; is the broker in the Kafka connection up?") from exc
+    info = metadata.topics.get(topic)
+    if info is None or info.error is not None or not info.partitions:
+        err = info.error if info is not None else "not in metadata"
+        raise IngestError(f"topic {topic!r} is not available ({err}); create it or fix CROWD_FACES_TOPIC")
+    return sorted(info.partitions)
+
+
+def _lag(consumer: Consumer, topic: str, next_offsets: dict[int, int], partitions: list[int]) -> int:
+    lag = 0
+    for p in partitions:
+        try:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5, cached=False)
+        except Exception:  # lag is informational only
+            log.warning("could not read watermarks of %s[%d]", topic, p, exc_info=True)
+            continue
+        lag += max(0, high - max(next_offsets.get(p, low), low))
+    return lag
+
+
+def drain(
+    kafka_conn_id: str,
+    postgres_conn_id: str,
+    topic: str,
+    group_id: str = DEFAULT_GROUP_ID,
+    *,
+    batch_size: int = 2000,
+    max_batches: int | None = None,
+    max_seconds: float | None = 600.0,
+    idle_timeout_s: float = 10.0,
+    batch_wait_s: float = 1.0,
+    alert_rule: AlertRule | None = None,
+    alerts_topic: str | None = None,
+    commit_to_kafka: bool = True,
+    log_every_s: float = 5.0,
+) -> DrainSummary:
+    """Move every message of ``topic`` past the stored offsets of ``group_id`` into PostgreSQL.
+
+    Stops when caught up (end of every partition), after ``idle_timeout_s`` without messages, after
+    ``max_batches`` batches or ``max_seconds`` (the next run continues where this one stopped).
+
+    Args:
+        kafka_conn_id: Airflow Kafka connection (its ``group.id`` is overridden by ``group_id``).
+        postgres_conn_id: Airflow Postgres connection; the schema is migrated first.
+        topic: the Faces topic.
+        group_id: consumer group: the key of the stored offsets (and of the lag-only Kafka commits).
+        batch_size: messages per transaction.
+        alert_rule: crowd alert rule, or None for no alerts.
+        alerts_topic: where alert messages go (None: stored only, not published).
+        commit_to_kafka: also commit offsets to Kafka after each DB commit, for lag monitoring.
+
+    Raises:
+        IngestError: the topic does not exist or the broker is unreachable.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be >= 1")
+    from crowd.kafka import manual_commit_consumer
+
+    started = time.monotonic()
+    summary = DrainSummary(topic=topic, group_id=group_id)
+    with storage.connect(postgres_conn_id) as conn:
+        storage.migrate(conn)
+        with conn.transaction():
+            locked = conn.execute(
+                "SELECT pg_try_advisory_lock(hashtext('crowd.drain:' || current_schema() || %s || %s))",
+                (group_id, topic),
+            ).fetchone()[0]
+        if not locked:
+            log.warning("another drain of %s for group %s is running; nothing to do", topic, group_id)
+            summary.stopped_because = "another drain is running"
+            return summary
+        conn.execute(_STAGING_SQL)
+        conn.commit()
+        if alert_rule is not None and alerts_topic:
+            summary.alerts_published += publish_pending_alerts(conn, kafka_conn_id, alerts_topic)
+
+        consumer = manual_commit_consumer(kafka_conn_id, group_id=group_id)
+        try:
+            partitions = _partitions(consumer, topic)
+            offsets = stored_offsets(conn, group_id, topic)
+            consumer.assign([TopicPartition(topic, p, offsets.get(p, OFFSET_BEGINNING)) for p in partitions])
+            log.info(
+                "draining %s (%d partitions) for group %s from stored offsets %s",
+                topic,
+                len(partitions),
+                group_id,
+                {p: offsets.get(p, "beginning") for p in partitions},
+            )
+            summary.next_offsets = dict(offsets)
+            _run(
+                consumer,
+                conn,
+                summary,
+                partitions,
+                batch_size=batch_size,
+                max_batches=max_batches,
+                deadline=None if max_seconds is None else started + max_seconds,
+                idle_timeout_s=idle_timeout_s,
+                batch_wait_s=batch_wait_s,
+                alert_rule=alert_rule,
+                alerts_topic=alerts_topic,
+                kafka_conn_id=kafka_conn_id,
+                commit_to_kafka=commit_to_kafka,
+                log_every_s=log_every_s,
+                started=started,
+            )
+            summary.lag_left = _lag(consumer, topic, summary.next_offsets, partitions)
+        finally:
+            consumer.close()
+    summary.seconds = time.monotonic() - started
+    log.info(
+        "drain of %s done (%s): %d messages, %d frames, %d faces, %d rejected, %d batches, %d new alerts, "
+        "lag left %d, %.0f rows/s, %.1f s",
+        topic,
+        summary.stopped_because,
+        summary.messages,
+        summary.frames,
+        summary.faces,
+        summary.rejected,
+        summary.batches,
+        summary.new_alerts,
+        summary.lag_left,
+        summary.rows_per_s,
+        summary.seconds,
+    )
+    return summary
+
+
+def _run(
+    consumer: Consumer,
+    conn: psycopg.Connection,
+    summary: DrainSummary,
+    partitions: list[int],
+    *,
+    batch_size: int,
+    max_batches: int | None,
+    deadline: float | None,
+    idle_timeout_s: float,
+    batch_wait_s: float,
+    alert_rule: AlertRule | None,
+    alerts_topic: str | None,
+    kafka_conn_id: str,
+    commit_to_kafka: bool,
+    log_every_s: float,
+    started: float,
+) -> None:
+    topic = summary.topic
+    at_end: set[int] = set()
+    threshold = alert_rule.threshold if alert_rule is not None else None
+    last_log = time.monotonic()
+    idle_since = time.monotonic()
+    while True:
+        if max_batches is not None and summary.batches >= max_batches:
+            summary.stopped_because = f"max_batches={max_batches}"
+            return
+        if deadline is not None and time.monotonic() >= deadline:
+            summary.stopped_because = "max_seconds"
+            return
+        batch = Batch(topic=topic)
+        fill_until = time.monotonic() + batch_wait_s
+        while batch.messages < batch_size:
+            wait = max(0.05, fill_until - time.monotonic()) if batch.messages else 0.5
+            for message in consumer.consume(num_messages=batch_size - batch.messages, timeout=wait):
+                err = message.error()
+                if err is None:
+                    at_end.discard(message.partition())
+                    batch.add(message, threshold)
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    at_end.add(message.partition())
+                elif err.fatal() or err.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION):
+                    raise IngestError(f"Kafka error while consuming {topic!r}: {err.str()}")
+                else:
+                    log.warning("Kafka reports %s while consuming %s; retrying", err.str(), topic)
+            if len(at_end) == len(partitions):
+                break
+            if batch.messages and time.monotonic() >= fill_until:
+                break
+            if not batch.messages and time.monotonic() - idle_since >= idle_timeout_s:
+                break
+        if batch.messages:
+            frames, faces, new_alerts = write_batch(conn, batch, summary.group_id, alert_rule)
+            summary.batches += 1
+            summary.messages += batch.messages
+            summary.frames += frames
+            summary.faces += faces
+            summary.rejected += len(batch.rejected)
+            summary.duplicates_in_batch += batch.duplicates
+            summary.new_alerts += new_alerts
+            summary.next_offsets.update(batch.next_offsets)
+            idle_since = time.monotonic()
+            if commit_to_kafka:
+                _commit_to_kafka(consumer, topic, batch.next_offsets)
+            if new_alerts and alerts_topic:
+                summary.alerts_published += publish_pending_alerts(conn, kafka_conn_id, alerts_topic)
+        now = time.monotonic()
+        if now - last_log >= log_every_s:
+            last_log = now
+            elapsed = now - started
+            log.info(
+                "progress %s: %d messages, %d frames, %d faces, %d rejected in %d batches; %.0f msg/s, %.0f rows/s",
+                topic,
+                summary.messages,
+                summary.frames,
+                summary.faces,
+                summary.rejected,
+                summary.batches,
+                summary.messages / elapsed if elapsed else 0.0,
+                (summary.frames + summary.faces + summary.rejected) / elapsed if elapsed else 0.0,
+            )
+        if len(at_end) == len(partitions):
+            summary.stopped_because = "caught up"
+            return
+        if not batch.messages and time.monotonic() - idle_since >= idle_timeout_s:
+            summary.stopped_because = f"idle for {idle_timeout_s:g} s"
+            return
+
+
+def _commit_to_kafka(consumer: Consumer, topic: str, next_offsets: dict[int, int]) -> None:
+    """Mirror the stored offsets to Kafka, asynchronously; failures only affect lag monitoring."""
+    try:
+        consumer.commit(offsets=[TopicPartition(topic, p, o) for p, o in next_offsets.items()], asynchronous=True)
+    except Exception as exc:  # the database is the truth; Kafka's copy is for dashboards
+        log.warning("could not mirror offsets to Kafka (lag monitoring only): %s", exc)
+
+
+# --- Airflow entry points -------------------------------------------------------------------------------------
+
+
+def drain_task(
+    *,
+    topic: str | None = None,
+    group_id: str = DEFAULT_GROUP_ID,
+    batch_size: int = 2000,
+    max_seconds: float = 600.0,
+    idle_timeout_s: float = 10.0,
+    alert_threshold: int | None = None,
+    alert_min_duration_s: float = 0.0,
+) -> dict[str, Any]:
+    """Run :func:`drain` with :func:`crowd.config.load_settings` and return the summary as a dict (for XCom)."""
+    from crowd.config import load_settings
+
+    settings = load_settings()
+    rule = AlertRule(int(alert_threshold), float(alert_min_duration_s)) if alert_threshold else None
+    summary = drain(
+        settings.kafka_conn_id,
+        settings.postgres_conn_id,
+        topic or settings.faces_topic,
+        group_id,
+        batch_size=int(batch_size),
+        max_seconds=float(max_seconds),
+        idle_timeout_s=float(idle_timeout_s),
+        alert_rule=rule,
+        alerts_topic=settings.alerts_topic if rule else None,
+    )
+    return summary.as_dict()
+
+
+_watch_conn: psycopg.Connection | None = None
+
+
+def faces_pending(
+    message: Message, postgres_conn_id: str = "crowd_postgres", group_id: str = DEFAULT_GROUP_ID
+) -> dict[str, Any] | None:
+    """Kafka trigger ``apply_function``: fire only for a message the drain has not stored yet.
+
+    The watcher reads every message once in its own consumer group; already drained messages (offset below
+    the stored next offset of the drain's group) are skipped, so a backlog that a running drain is storing
+    does not queue a DAG run per message. When the database cannot be asked, it fires (safe side).
+
+    Returns:
+        the event payload (topic, partition, offset) or None to skip.
+    """
+    global _watch_conn
+    payload = {"topic": message.topic(), "partition": message.partition(), "offset": message.offset()}
+    try:
+        if _watch_conn is None or _watch_conn.closed:
+            _watch_conn = storage.connect(postgres_conn_id)
+            _watch_conn.autocommit = True
+        row = _watch_conn.execute(
+            "SELECT next_offset FROM kafka_offsets WHERE consumer_group = %s AND topic = %s AND partition = %s",
+            (group_id, message.topic(), message.partition()),
+        ).fetchone()
+    except Exception as exc:
+        log.warning("watcher cannot read stored offsets (%s); firing to be safe", exc)
+        if _watch_conn is not None:
+            _watch_conn.close()
+        _watch_conn = None
+        return payload
+    if row is not None and message.offset() < int(row[0]):
+        return None
+    return payload
