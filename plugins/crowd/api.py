@@ -1,0 +1,821 @@
+"""The crowd HTTP API: a FastAPI app that the Airflow plugin mounts under ``/crowd``.
+
+Routes (every one needs an authenticated Airflow user; ``/send`` needs the right to trigger DAG runs):
+
+* ``POST /send``, ``GET /receive``: the seed's message API over Kafka (topic ``settings.messages_topic``);
+  ``/receive`` serves a bounded queue filled by :class:`crowd.receiver.MessageReceiver`, a background thread
+  started and stopped with the app (FastAPI lifespan).
+* ``GET /videos``, ``/videos/{id}``, ``/videos/{id}/frames``, ``/videos/{id}/frames/{frame_id}/faces``,
+  ``/videos/{id}/frames.csv``, ``/videos/{id}/faces.csv``, ``/videos/{id}/images[/{name}]``: results read from
+  PostgreSQL (parameterised SQL only) and PNG pictures from ``settings.results_dir/<video_id>/``.
+* ``GET /health``, ``GET /metrics`` (Prometheus text format), ``GET /dashboard`` (the page shown in the
+  Airflow UI). OpenAPI: ``/crowd/openapi.json`` and ``/crowd/docs``.
+
+Nothing connects at import time: the app object is cheap to build, and Kafka and PostgreSQL are reached only
+from the lifespan and from requests. Blocking work runs in sync routes (FastAPI's thread pool).
+
+Example:
+    >>> from crowd.api import create_app
+    >>> app = create_app()  # mount it; Airflow's lifespan starts the receiver
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, closing
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from crowd.config import Settings, load_settings
+from crowd.receiver import DEFAULT_GROUP_ID, DEFAULT_MAX_QUEUE, MessageReceiver
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_PAGE = 1000
+MAX_WAIT_S = 5.0
+SEND_TIMEOUT_S = 5.0
+KAFKA_PROBE_TTL_S = 5.0
+DASHBOARD_HTML = Path(__file__).with_name("dashboard.html")
+
+VIDEO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+IMAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.png$"
+_CONSUMER_ONLY = frozenset({"group.id", "enable.auto.commit", "auto.offset.reset", "enable.auto.offset.store"})
+
+VideoId = Annotated[str, PathParam(pattern=VIDEO_ID_PATTERN, description="video id (content hash)")]
+
+
+# ---- response and request models ----------------------------------------------------------------------------
+
+
+class SendRequest(BaseModel):
+    """Body of ``POST /send`` (the seed's fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    content: Annotated[str, Field(max_length=60_000, description="message text")]
+    sender: Annotated[str, Field(min_length=1, max_length=256, description="who sends it; the Kafka key")]
+
+
+class SendResponse(BaseModel):
+    """Where the broker stored the message, after it acknowledged it."""
+
+    status: str = "delivered"
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None = None
+
+
+class ReceivedItem(BaseModel):
+    """One message handed out by ``/receive``."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None = None
+    key: str | None = None
+    value: Any = None
+
+
+class ReceiveResponse(BaseModel):
+    """Messages taken from this process's queue (they are removed from it)."""
+
+    messages: list[ReceivedItem]
+    count: int
+    remaining: int = Field(description="messages still queued in this API server process")
+    dropped_total: int = Field(description="messages dropped because the queue was full, since start")
+
+
+class VideoSummary(BaseModel):
+    """One video with its per-frame statistics."""
+
+    video_id: str
+    path: str | None = None
+    status: str | None = None
+    error: str | None = None
+    model: str | None = None
+    fps: float | None = None
+    frame_count: int | None = None
+    width: int | None = None
+    height: int | None = None
+    frames: int = Field(0, description="frames stored")
+    total_faces: int = Field(0, description="sum of faces over the stored frames")
+    max_faces: int | None = None
+    mean_faces: float | None = None
+    peak_frame_id: int | None = None
+    peak_ts_ms: float | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class VideoList(BaseModel):
+    """A page of videos, newest first."""
+
+    items: list[VideoSummary]
+    total: int
+    limit: int
+    offset: int
+
+
+class FrameCount(BaseModel):
+    """One stored frame and its face count."""
+
+    frame_id: int
+    frame_ts_ms: float | None = None
+    total_faces: int
+
+
+class FramePage(BaseModel):
+    """A page of a video's frames, by frame id."""
+
+    video_id: str
+    items: list[FrameCount]
+    total: int
+    limit: int
+    offset: int
+
+
+class FaceBox(BaseModel):
+    """One detected face in frame pixels."""
+
+    face_id: int
+    x: int
+    y: int
+    width: int
+    height: int
+    confidence: float
+
+
+class FrameFaces(BaseModel):
+    """One frame with its faces."""
+
+    video_id: str
+    frame_id: int
+    frame_ts_ms: float | None = None
+    total_faces: int
+    frame_width: int | None = None
+    frame_height: int | None = None
+    model: str | None = None
+    faces: list[FaceBox]
+
+
+class ImageList(BaseModel):
+    """PNG pictures of a video found under the results folder."""
+
+    video_id: str
+    images: list[str]
+
+
+class ReceiverHealth(BaseModel):
+    """State of this process's background consumer."""
+
+    running: bool
+    connected: bool
+    topic: str | None = None
+    group_id: str | None = None
+    queued: int = 0
+    max_queue: int = 0
+    consumed: int = 0
+    delivered: int = 0
+    dropped: int = 0
+    errors: int = 0
+    lag: int | None = None
+    last_error: str | None = None
+
+
+class Health(BaseModel):
+    """Reachability of Kafka and PostgreSQL, and consumer lag."""
+
+    status: str = Field(description="ok when Kafka and PostgreSQL answer, else degraded")
+    kafka: bool
+    kafka_error: str | None = None
+    postgres: bool
+    postgres_error: str | None = None
+    faces_topic: str
+    ingest_lag: int | None = Field(None, description="Faces end offsets minus the ingest's stored offsets")
+    receiver: ReceiverHealth
+
+
+# ---- helpers: body limit, Kafka, PostgreSQL -----------------------------------------------------------------
+
+
+class BodyLimitMiddleware:
+    """Answer 413 to any request whose body is larger than ``max_bytes`` (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._reject(send)
+            return
+        if scope["method"] in ("GET", "HEAD", "OPTIONS") and declared is None:
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await self._reject(send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, send: Send) -> None:
+        payload = json.dumps({"detail": f"request body larger than {self.max_bytes} bytes"}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+
+def kafka_client_config(conn_id: str) -> dict[str, Any]:
+    """librdkafka settings from the Airflow connection's extra, without consumer-only keys."""
+    from airflow.models.connection import Connection
+
+    extra = Connection.get_connection_from_secrets(conn_id).extra_dejson
+    if "bootstrap.servers" not in extra:
+        raise RuntimeError(f"Airflow connection {conn_id!r} has no 'bootstrap.servers' in its extra")
+    return {k: v for k, v in extra.items() if k not in _CONSUMER_ONLY}
+
+
+def pg_connect(settings: Settings) -> Any:
+    """A psycopg connection to the results database (``crowd.storage.connect`` when it exists)."""
+    try:
+        from crowd import storage
+    except ImportError:
+        storage = None  # type: ignore[assignment]
+    if storage is not None and hasattr(storage, "connect"):
+        return storage.connect(settings.postgres_conn_id)
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+    return PostgresHook(postgres_conn_id=settings.postgres_conn_id).get_conn()
+
+
+class KafkaProbe:
+    """Cached Kafka reachability and ``Faces`` end offsets (at most one broker round trip per TTL)."""
+
+    def __init__(self, ttl_s: float = KAFKA_PROBE_TTL_S) -> None:
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._at = 0.0
+        self._key: tuple[str, str] | None = None
+        self._value: tuple[bool, str | None, dict[int, int] | None] = (False, "not probed", None)
+
+    def check(self, conn_id: str, topic: str) -> tuple[bool, str | None, dict[int, int] | None]:
+        """Return ``(reachable, error, {partition: end_offset} or None)``."""
+        with self._lock:
+            if self._key == (conn_id, topic) and time.monotonic() - self._at < self.ttl_s:
+                return self._value
+            self._value = self._probe(conn_id, topic)
+            self._key, self._at = (conn_id, topic), time.monotonic()
+            return self._value
+
+    @staticmethod
+    def _probe(conn_id: str, topic: str) -> tuple[bool, str | None, dict[int, int] | None]:
+        from confluent_kafka import Consumer, TopicPartition
+
+        try:
+            config = kafka_client_config(conn_id)
+        except Exception as exc:
+            return False, f"{type(exc).__name__}: {exc}", None
+        consumer = Consumer({**config, "group.id": "crowd-api-probe", "enable.auto.commit": False})
+        try:
+            metadata = consumer.list_topics(topic, timeout=2.0)
+            info = metadata.topics.get(topic)
+            if info is None or info.error is not None or not info.partitions:
+                return True, None, None
+            ends = {}
+            for partition in info.partitions:
+                _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=2.0)
+                ends[partition] = high
+            return True, None, ends
+        except Exception as exc:
+            return False, f"Kafka unreachable: {exc}", None
+        finally:
+            consumer.close()
+
+
+def _rows(conn: Any, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+    with closing(conn.cursor()) as cur:
+        cur.execute(sql, params)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+_VIDEO_SELECT = """
+SELECT v.id AS video_id, v.path, v.status, v.error, v.model, v.fps, v.frame_count, v.width, v.height,
+       v.created_at, v.updated_at, v.finished_at,
+       COALESCE(s.frames, 0) AS frames, COALESCE(s.total_faces, 0) AS total_faces,
+       s.max_faces, s.mean_faces, p.frame_id AS peak_frame_id, p.frame_ts_ms AS peak_ts_ms
+FROM videos v
+LEFT JOIN (
+    SELECT video_id, count(*) AS frames, sum(total_faces) AS total_faces, max(total_faces) AS max_faces,
+           avg(total_faces)::float8 AS mean_faces
+    FROM frames GROUP BY video_id
+) s ON s.video_id = v.id
+LEFT JOIN LATERAL (
+    SELECT f.frame_id, f.frame_ts_ms FROM frames f WHERE f.video_id = v.id
+    ORDER BY f.total_faces DESC, f.frame_id LIMIT 1
+) p ON TRUE
+"""
+
+
+def db(request: Request) -> Iterator[Any]:
+    """Dependency: one PostgreSQL connection per request, closed afterwards; 503 when unreachable."""
+    try:
+        conn = pg_connect(request.app.state.settings_factory())
+    except Exception as exc:
+        log.warning("PostgreSQL unreachable: %s", exc)
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"PostgreSQL unreachable: {exc}") from exc
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+Db = Annotated[Any, Depends(db)]
+
+
+_STATUS_WHERE = " WHERE (%(status)s::text IS NULL OR v.status = %(status)s)"
+_VIDEO_COUNT = "SELECT count(*) AS n FROM videos v WHERE (%(status)s::text IS NULL OR v.status = %(status)s)"
+_VIDEO_ORDER = " ORDER BY v.created_at DESC, v.id LIMIT %(limit)s OFFSET %(offset)s"
+
+
+# ---- the app ------------------------------------------------------------------------------------------------
+
+
+def create_app(
+    *,
+    start_receiver: bool = True,
+    max_queue: int | None = None,
+    send_timeout_s: float = SEND_TIMEOUT_S,
+    receiver_group_id: str | None = None,
+    settings_factory: Callable[[], Settings] = load_settings,
+) -> FastAPI:
+    """Build the crowd API (no connections are made here).
+
+    Args:
+        start_receiver: start the background consumer in the lifespan.
+        max_queue: bound of the ``/receive`` queue (default :data:`crowd.receiver.DEFAULT_MAX_QUEUE`).
+        send_timeout_s: how long ``/send`` waits for the broker's acknowledgement before answering 503.
+        receiver_group_id: consumer group of the receiver (default ``crowd-api-receiver``).
+        settings_factory: where settings come from (read again at each lifespan start and each request).
+    """
+    from airflow.api_fastapi.core_api.security import requires_authenticated
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings = settings_factory()
+        app.state.receiver = None
+        app.state.receiver_error = None
+        app.state.producer = None
+        app.state.producer_lock = threading.Lock()
+        app.state.kafka_probe = KafkaProbe()
+        if start_receiver:
+            kafka_log = logging.getLogger("kafka")
+            if kafka_log.level == logging.NOTSET:  # kafka-python logs every (re)connection at INFO
+                kafka_log.setLevel(logging.WARNING)
+            try:
+                bootstrap = kafka_client_config(settings.kafka_conn_id)["bootstrap.servers"]
+                receiver = MessageReceiver(
+                    bootstrap,
+                    settings.messages_topic,
+                    group_id=receiver_group_id or DEFAULT_GROUP_ID,
+                    max_queue=max_queue or DEFAULT_MAX_QUEUE,
+                )
+                receiver.start()
+                app.state.receiver = receiver
+            except Exception as exc:
+                app.state.receiver_error = f"{type(exc).__name__}: {exc}"
+                log.error("crowd receiver not started: %s", app.state.receiver_error)
+        try:
+            yield
+        finally:
+            if app.state.receiver is not None:
+                app.state.receiver.stop()
+            if app.state.producer is not None:
+                app.state.producer.flush(2.0)
+
+    app = FastAPI(
+        title="crowd API",
+        description=__doc__.split("\n\n")[0] if __doc__ else "",
+        version="1",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+        dependencies=[Depends(requires_authenticated())],
+    )
+    app.state.settings_factory = settings_factory
+    app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    _add_message_routes(app, send_timeout_s, settings_factory)
+    _add_result_routes(app, settings_factory)
+    _add_ops_routes(app, settings_factory)
+    return app
+
+
+def requires_dag_run_trigger() -> Callable[..., None]:
+    """Dependency: the user may trigger DAG runs (SimpleAuthManager: role ``user`` or above; not ``viewer``).
+
+    Asked for all DAGs (no ``dag_id``), so a request parameter cannot narrow the check.
+    """
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+    from airflow.api_fastapi.core_api.security import get_user
+
+    def inner(user: Any = Depends(get_user)) -> None:  # noqa: B008 - FastAPI dependency
+        allowed = get_auth_manager().is_authorized_dag(
+            method="POST", access_entity=DagAccessEntity.RUN, details=None, user=user
+        )
+        if not allowed:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "Forbidden: sending needs the right to trigger DAG runs")
+
+    return inner
+
+
+def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: Callable[[], Settings]) -> None:
+    def producer_for(request: Request, settings: Settings) -> Any:
+        state = request.app.state
+        with state.producer_lock:
+            if state.producer is None:
+                from crowd.kafka import reliable_producer
+
+                state.producer = reliable_producer(settings.kafka_conn_id, timeout_s=send_timeout_s, linger_ms=0)
+            return state.producer
+
+    @app.post(
+        "/send",
+        response_model=SendResponse,
+        dependencies=[Depends(requires_dag_run_trigger())],
+        responses={503: {"description": "Kafka did not acknowledge the message in time"}, 413: {}},
+        summary="Publish a message to Kafka and wait for the broker's acknowledgement",
+    )
+    def send(body: SendRequest, request: Request) -> SendResponse:
+        settings = settings_factory()
+        try:
+            producer = producer_for(request, settings)
+        except Exception as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Kafka producer unavailable: {exc}") from exc
+        done = threading.Event()
+        report: dict[str, Any] = {}
+
+        def on_delivery(err: Any, msg: Any) -> None:
+            report["err"], report["msg"] = err, msg
+            done.set()
+
+        value = json.dumps(
+            {"content": body.content, "sender": body.sender, "sent_at": datetime.now(timezone.utc).isoformat()}
+        ).encode()
+        try:
+            producer.produce(settings.messages_topic, key=body.sender.encode(), value=value, on_delivery=on_delivery)
+        except BufferError as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Kafka producer queue is full: {exc}") from exc
+        deadline = time.monotonic() + send_timeout_s + 1.0
+        while not done.is_set() and time.monotonic() < deadline:
+            producer.poll(0.05)
+        if not done.is_set():
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                f"Kafka did not acknowledge the message within {send_timeout_s:.0f} s; is the broker up?",
+            )
+        if report["err"] is not None:
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE, f"Kafka rejected the message: {report['err'].str()}"
+            )
+        msg = report["msg"]
+        ts_type, ts = msg.timestamp()
+        return SendResponse(
+            topic=msg.topic(), partition=msg.partition(), offset=msg.offset(), timestamp_ms=ts if ts_type else None
+        )
+
+    @app.get(
+        "/receive",
+        response_model=ReceiveResponse,
+        responses={503: {"description": "the background consumer is not running"}},
+        summary="Take messages read by the background consumer (delivered ones are removed)",
+    )
+    async def receive(
+        request: Request,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="most messages to return")] = 100,
+        wait_s: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="wait this long if none is queued")] = 0,
+    ) -> ReceiveResponse:
+        receiver: MessageReceiver | None = request.app.state.receiver
+        if receiver is None:
+            reason = request.app.state.receiver_error or "disabled"
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"message receiver is not running: {reason}")
+        deadline = time.monotonic() + wait_s
+        while not len(receiver) and time.monotonic() < deadline:
+            await _sleep(0.05)
+        items = receiver.take(limit)
+        stats = receiver.stats()
+        return ReceiveResponse(
+            messages=[ReceivedItem(**vars(m)) for m in items],
+            count=len(items),
+            remaining=stats.queued,
+            dropped_total=stats.dropped,
+        )
+
+
+async def _sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+
+
+def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -> None:
+    def one_video(conn: Any, video_id: str) -> dict[str, Any]:
+        rows = _rows(conn, _VIDEO_SELECT + " WHERE v.id = %s", (video_id,))
+        if not rows:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no video with id {video_id!r}")
+        return rows[0]
+
+    @app.get("/videos", response_model=VideoList, summary="Videos with status, frames, max/mean faces, peak time")
+    def list_videos(
+        conn: Db,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+        status_filter: Annotated[str | None, Query(alias="status", max_length=32)] = None,
+    ) -> VideoList:
+        params = {"status": status_filter, "limit": limit, "offset": offset}
+        total = _rows(conn, _VIDEO_COUNT, params)[0]["n"]
+        rows = _rows(conn, _VIDEO_SELECT + _STATUS_WHERE + _VIDEO_ORDER, params)
+        return VideoList(items=[VideoSummary(**r) for r in rows], total=total, limit=limit, offset=offset)
+
+    @app.get("/videos/{video_id}", response_model=VideoSummary, summary="One video's summary")
+    def get_video(video_id: VideoId, conn: Db) -> VideoSummary:
+        return VideoSummary(**one_video(conn, video_id))
+
+    @app.get("/videos/{video_id}/frames", response_model=FramePage, summary="A video's frames with face counts")
+    def list_frames(
+        video_id: VideoId,
+        conn: Db,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 500,
+        offset: Annotated[int, Query(ge=0, le=100_000_000)] = 0,
+    ) -> FramePage:
+        one_video(conn, video_id)
+        total = _rows(conn, "SELECT count(*) AS n FROM frames WHERE video_id = %s", (video_id,))[0]["n"]
+        rows = _rows(
+            conn,
+            "SELECT frame_id, frame_ts_ms, total_faces FROM frames WHERE video_id = %s"
+            " ORDER BY frame_id LIMIT %s OFFSET %s",
+            (video_id, limit, offset),
+        )
+        return FramePage(
+            video_id=video_id, items=[FrameCount(**r) for r in rows], total=total, limit=limit, offset=offset
+        )
+
+    @app.get("/videos/{video_id}/frames/{frame_id}/faces", response_model=FrameFaces, summary="One frame's faces")
+    def frame_faces(video_id: VideoId, frame_id: Annotated[int, PathParam(ge=0, le=2**31 - 1)], conn: Db) -> FrameFaces:
+        frames = _rows(
+            conn,
+            "SELECT frame_id, frame_ts_ms, total_faces, frame_width, frame_height, model FROM frames"
+            " WHERE video_id = %s AND frame_id = %s",
+            (video_id, frame_id),
+        )
+        if not frames:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no frame {frame_id} for video {video_id!r}")
+        faces = _rows(
+            conn,
+            "SELECT face_id, x, y, width, height, confidence FROM faces WHERE video_id = %s AND frame_id = %s"
+            " ORDER BY face_id",
+            (video_id, frame_id),
+        )
+        return FrameFaces(video_id=video_id, **frames[0], faces=[FaceBox(**f) for f in faces])
+
+    def csv_response(video_id: str, name: str, sql: str, header: list[str]) -> StreamingResponse:
+        settings = settings_factory()
+
+        def generate() -> Iterator[str]:
+            buffer = io.StringIO()
+            writer = csv.writer(buffer)
+            writer.writerow(header)
+            with closing(pg_connect(settings)) as conn, closing(conn.cursor(f"crowd_csv_{uuid.uuid4().hex}")) as cur:
+                cur.execute(sql, (video_id,))
+                while batch := cur.fetchmany(2000):
+                    writer.writerows(batch)
+                    yield buffer.getvalue()
+                    buffer.seek(0)
+                    buffer.truncate()
+            yield buffer.getvalue()
+
+        return StreamingResponse(
+            generate(),
+            media_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="{video_id}-{name}.csv"'},
+        )
+
+    csv_doc = {200: {"content": {"text/csv": {}}, "description": "CSV with a header row"}}
+
+    @app.get("/videos/{video_id}/frames.csv", response_class=StreamingResponse, responses=csv_doc)
+    def frames_csv(video_id: VideoId, conn: Db) -> StreamingResponse:
+        """Export a video's frames as CSV."""
+        one_video(conn, video_id)
+        header = ["video_id", "frame_id", "frame_ts_ms", "total_faces", "frame_width", "frame_height", "model"]
+        sql = f"SELECT {', '.join(header)} FROM frames WHERE video_id = %s ORDER BY frame_id"  # noqa: S608 - fixed names
+        return csv_response(video_id, "frames", sql, header)
+
+    @app.get("/videos/{video_id}/faces.csv", response_class=StreamingResponse, responses=csv_doc)
+    def faces_csv(video_id: VideoId, conn: Db) -> StreamingResponse:
+        """Export a video's faces as CSV."""
+        one_video(conn, video_id)
+        header = ["video_id", "frame_id", "face_id", "x", "y", "width", "height", "confidence"]
+        sql = f"SELECT {', '.join(header)} FROM faces WHERE video_id = %s ORDER BY frame_id, face_id"  # noqa: S608
+        return csv_response(video_id, "faces", sql, header)
+
+    def video_dir(video_id: str) -> Path:
+        root = settings_factory().results_dir.resolve()
+        folder = (root / video_id).resolve()
+        if not folder.is_relative_to(root) or folder == root:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such video folder")
+        return folder
+
+    @app.get("/videos/{video_id}/images", response_model=ImageList, summary="PNG pictures of a video")
+    def list_images(video_id: VideoId) -> ImageList:
+        folder = video_dir(video_id)
+        names = (
+            sorted(p.name for p in folder.glob("*.png") if re.match(IMAGE_NAME_PATTERN, p.name))
+            if folder.is_dir()
+            else []
+        )
+        return ImageList(video_id=video_id, images=names)
+
+    @app.get(
+        "/videos/{video_id}/images/{name}",
+        response_class=FileResponse,
+        responses={200: {"content": {"image/png": {}}, "description": "the PNG file"}, 404: {}},
+        summary="One PNG picture (heatmap, annotated peak frame, faces over time)",
+    )
+    def get_image(video_id: VideoId, name: Annotated[str, PathParam(pattern=IMAGE_NAME_PATTERN)]) -> FileResponse:
+        folder = video_dir(video_id)
+        path = (folder / name).resolve()
+        if not path.is_relative_to(folder) or not path.is_file():
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no picture {name!r} for video {video_id!r}")
+        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
+
+
+def _add_ops_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -> None:
+    def receiver_health(request: Request) -> ReceiverHealth:
+        receiver: MessageReceiver | None = request.app.state.receiver
+        if receiver is None:
+            return ReceiverHealth(running=False, connected=False, last_error=request.app.state.receiver_error)
+        s = receiver.stats()
+        return ReceiverHealth(
+            running=s.running,
+            connected=s.connected,
+            topic=receiver.topic,
+            group_id=receiver.group_id,
+            queued=s.queued,
+            max_queue=s.max_queue,
+            consumed=s.consumed,
+            delivered=s.delivered,
+            dropped=s.dropped,
+            errors=s.errors,
+            lag=s.lag,
+            last_error=s.last_error,
+        )
+
+    def ingest_offsets(conn: Any, topic: str) -> dict[int, int]:
+        rows = _rows(
+            conn,
+            "SELECT partition, max(next_offset) AS n FROM kafka_offsets WHERE topic = %s GROUP BY partition",
+            (topic,),
+        )
+        return {r["partition"]: r["n"] for r in rows}
+
+    def collect(request: Request) -> tuple[Health, dict[str, Any]]:
+        settings = settings_factory()
+        kafka_ok, kafka_error, ends = request.app.state.kafka_probe.check(settings.kafka_conn_id, settings.faces_topic)
+        pg_ok, pg_error, counts, ingest_lag = False, None, {}, None
+        try:
+            with closing(pg_connect(settings)) as conn:
+                counts = _rows(
+                    conn,
+                    "SELECT (SELECT count(*) FROM frames) AS frames, (SELECT count(*) FROM faces) AS faces,"
+                    " (SELECT count(*) FROM rejected_messages) AS rejected, (SELECT count(*) FROM alerts) AS alerts,"
+                    " (SELECT count(*) FROM videos) AS videos",
+                )[0]
+                counts["videos_by_status"] = _rows(conn, "SELECT status, count(*) AS n FROM videos GROUP BY status")
+                if ends is not None:
+                    stored = ingest_offsets(conn, settings.faces_topic)
+                    ingest_lag = sum(max(0, high - stored.get(p, 0)) for p, high in ends.items())
+                pg_ok = True
+        except Exception as exc:
+            pg_error = f"{type(exc).__name__}: {exc}".strip()[:500]
+        health = Health(
+            status="ok" if kafka_ok and pg_ok else "degraded",
+            kafka=kafka_ok,
+            kafka_error=kafka_error,
+            postgres=pg_ok,
+            postgres_error=pg_error,
+            faces_topic=settings.faces_topic,
+            ingest_lag=ingest_lag,
+            receiver=receiver_health(request),
+        )
+        return health, counts
+
+    @app.get("/health", response_model=Health, summary="Kafka and PostgreSQL reachability, consumer lag")
+    def health(request: Request) -> Health:
+        return collect(request)[0]
+
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format"}},
+        summary="Prometheus metrics",
+    )
+    def metrics(request: Request) -> PlainTextResponse:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        health, counts = collect(request)
+        return PlainTextResponse(render_metrics(health, counts), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/dashboard", response_class=HTMLResponse, summary="The dashboard page shown in the Airflow UI")
+    def dashboard() -> HTMLResponse:
+        return HTMLResponse(DASHBOARD_HTML.read_text(encoding="utf-8"), headers={"Cache-Control": "no-cache"})
+
+
+def render_metrics(health: Health, counts: dict[str, Any]) -> str:
+    """Prometheus text exposition of the health snapshot and the stored counts."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    class _Snapshot:
+        def collect(self) -> Iterator[Any]:
+            yield GaugeMetricFamily("crowd_kafka_up", "1 if the Kafka broker answered", value=int(health.kafka))
+            yield GaugeMetricFamily("crowd_postgres_up", "1 if PostgreSQL answered", value=int(health.postgres))
+            if health.postgres:
+                yield GaugeMetricFamily("crowd_frames_stored", "frames stored in PostgreSQL", value=counts["frames"])
+                yield GaugeMetricFamily("crowd_faces_stored", "faces stored in PostgreSQL", value=counts["faces"])
+                yield GaugeMetricFamily(
+                    "crowd_messages_rejected", "Faces messages the ingest rejected", value=counts["rejected"]
+                )
+                yield GaugeMetricFamily("crowd_alerts", "crowd alerts raised", value=counts["alerts"])
+                videos = GaugeMetricFamily("crowd_videos", "videos by status", labels=["status"])
+                for row in counts["videos_by_status"]:
+                    videos.add_metric([str(row["status"])], row["n"])
+                yield videos
+            if health.ingest_lag is not None:
+                yield GaugeMetricFamily(
+                    "crowd_ingest_lag", "Faces messages not yet stored by the ingest", value=health.ingest_lag
+                )
+            r = health.receiver
+            yield CounterMetricFamily(
+                "crowd_receiver_messages_consumed", "messages read by this process's receiver", value=r.consumed
+            )
+            yield CounterMetricFamily(
+                "crowd_receiver_messages_delivered", "messages handed out by /receive", value=r.delivered
+            )
+            yield CounterMetricFamily(
+                "crowd_receiver_messages_dropped", "messages dropped because the queue was full", value=r.dropped
+            )
+            yield GaugeMetricFamily("crowd_receiver_queue_depth", "messages waiting in the queue", value=r.queued)
+            if r.lag is not None:
+                yield GaugeMetricFamily("crowd_receiver_lag", "receiver consumer lag (messages)", value=r.lag)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot())
+    return generate_latest(registry).decode()
