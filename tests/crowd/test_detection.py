@@ -1,0 +1,204 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from skimage import data
+
+from crowd.config import Settings
+from crowd.detection import (
+    MtcnnDetector,
+    TiledDetector,
+    YoloV3Detector,
+    build_detector,
+    letterbox,
+    tile_grid,
+)
+from crowd.models import FACE_WEIGHTS, ModelError, YoloFiles, install_weights, sha256_file
+from tests.crowd._helpers import CARPHONE, GRACE_HOPPER, bgr, make_scene, match, texture_background
+
+FACE_CFG = Path(__file__).resolve().parents[2] / "include" / "yolov3" / "yolov3-face.cfg"
+
+
+def test_yolov3_tiny_finds_the_cameraman(tiny_files: YoloFiles) -> None:
+    det = build_detector("yolov3-tiny", Settings(model_cache=tiny_files.weights.parents[1]))
+    assert det.name == "yolov3-tiny-coco-person@416"
+    found = det.detect(bgr(data.camera()))
+    assert found, "no person found in skimage camera()"
+    assert all(d.label == "person" and d.confidence >= 0.3 for d in found)
+    # the cameraman stands on the left and fills the frame height
+    assert any(d.height > 350 and d.x < 100 and d.x + d.width < 400 for d in found), found
+
+
+def test_yolov3_tiny_finds_no_person_in_texture(tiny_files: YoloFiles) -> None:
+    det = YoloV3Detector(tiny_files.cfg, tiny_files.weights, tiny_files.names, classes=["person"])
+    assert det.detect(bgr(data.brick())) == []
+
+
+def _darknet_conv_sizes(cfg: Path) -> list[tuple[int, int, int, bool]]:
+    """(filters, in_channels, size, batch_normalize) of every conv layer, following routes/shortcuts/upsamples."""
+    sections: list[dict[str, str]] = []
+    for line in cfg.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("["):
+            sections.append({"type": line.strip("[]")})
+        elif "=" in line:
+            k, v = line.split("=", 1)
+            sections[-1][k.strip()] = v.strip()
+    channels = [int(sections[0]["channels"])]
+    out: list[int] = []
+    convs = []
+    for s in sections[1:]:
+        prev = out[-1] if out else channels[0]
+        if s["type"] == "convolutional":
+            f = int(s["filters"])
+            convs.append((f, prev, int(s["size"]), s.get("batch_normalize") == "1"))
+            out.append(f)
+        elif s["type"] == "route":
+            ids = [int(i) for i in s["layers"].split(",")]
+            out.append(sum(out[i if i >= 0 else len(out) + i] for i in ids))
+        else:  # shortcut, upsample, yolo, maxpool keep channels
+            out.append(prev)
+    return convs
+
+
+def _write_weights(cfg: Path, path: Path, *, obj_bias: float, seed: int = 0) -> int:
+    rng = np.random.default_rng(seed)
+    parts = [np.array([0, 2, 0], np.int32).tobytes(), np.array([0], np.int64).tobytes()]
+    total = 0
+    for f, c, k, bn in _darknet_conv_sizes(cfg):
+        fan_in = c * k * k
+        if bn:
+            block = [np.zeros(f), np.ones(f), np.zeros(f), np.ones(f)]  # bias, scale, mean, var
+            block.append(rng.standard_normal(f * fan_in) * np.sqrt(1.0 / fan_in))
+        else:  # detection head: zero weights, biases fix the output (tx, ty, tw, th, obj, class) per anchor
+            block = [np.tile([0, 0, 0, 0, obj_bias, 10.0], f // 6), np.zeros(f * fan_in)]
+        arr = np.concatenate(block).astype(np.float32)
+        total += arr.size
+        parts.append(arr.tobytes())
+    path.write_bytes(b"".join(parts))
+    return total
+
+
+@pytest.fixture(scope="module")
+def face_cfg_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[float, Path]:
+    d = tmp_path_factory.mktemp("facew")
+    out = {}
+    for bias in (10.0, -10.0):
+        p = d / f"w{bias}.weights"
+        n = _write_weights(FACE_CFG, p, obj_bias=bias)
+        out[bias] = p
+    assert 61_000_000 < n < 62_000_000  # yolov3 with a one-class head: 61.5M parameters
+    return out
+
+
+@pytest.mark.slow
+def test_one_class_face_cfg_decode(face_cfg_weights: dict[float, Path], tmp_path: Path) -> None:
+    names = FACE_CFG.parent / "face.names"
+    det = YoloV3Detector(FACE_CFG, face_cfg_weights[10.0], names, input_size=128, conf_threshold=0.5, name="t")
+    assert len(det.out_names) == 3
+    frame = np.full((96, 160, 3), 100, np.uint8)
+    outs, scale, px, py = det.forward(frame)
+    assert [o.shape for o in outs] == [(3 * g * g, 6) for g in (4, 8, 16)]  # 1 class: 5 + 1 columns
+    assert np.allclose(np.concatenate(outs)[:, 5], 1.0, atol=1e-3)  # obj * class ~= 1 everywhere
+    found = det.detect(frame)
+    assert found and all(d.label == "face" for d in found)
+    assert all(0 <= d.x and d.x + d.width <= 160 and 0 <= d.y and d.y + d.height <= 96 for d in found)
+    quiet = YoloV3Detector(FACE_CFG, face_cfg_weights[-10.0], names, input_size=128)
+    assert quiet.detect(frame) == []
+    settings = Settings(model_dir=tmp_path)
+    (tmp_path / "yolov3-face.cfg").write_bytes(FACE_CFG.read_bytes())
+    (tmp_path / "face.names").write_text("face\n")
+    assert build_detector("auto", settings).name == "mtcnn-onnx"  # no weights yet
+    install_weights(str(face_cfg_weights[10.0]), sha256=sha256_file(face_cfg_weights[10.0]), settings=settings)
+    assert build_detector("auto", settings, input_size=128).name == "yolov3-face@128"
+
+
+def test_install_weights_rejects_bad_checksum(tmp_path: Path) -> None:
+    src = tmp_path / "w.weights"
+    src.write_bytes(b"\0" * 100)
+    with pytest.raises(ModelError, match="expected"):
+        install_weights(str(src), sha256="0" * 64, settings=Settings(model_dir=tmp_path / "m"))
+    assert not (tmp_path / "m" / FACE_WEIGHTS).exists()
+    with pytest.raises(ModelError, match="install"):
+        build_detector("yolov3", Settings(model_dir=tmp_path / "m"))
+
+
+def test_letterbox_maps_back() -> None:
+    canvas, scale, px, py = letterbox(np.zeros((100, 200, 3), np.uint8), 416)
+    assert canvas.shape == (416, 416, 3) and scale == pytest.approx(2.08) and px == 0 and py == 104
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        pytest.param(lambda: bgr(data.astronaut()), id="astronaut"),
+        pytest.param(lambda: cv2.imread(str(GRACE_HOPPER)), id="grace-hopper"),
+    ],
+)
+def test_mtcnn_finds_the_face(mtcnn: MtcnnDetector, image) -> None:  # noqa: ANN001
+    img = image()
+    found = mtcnn.detect(img)
+    assert len(found) == 1, found
+    d = found[0]
+    assert d.confidence > 0.95 and 60 <= d.width <= img.shape[1] // 2
+
+
+def test_mtcnn_face_in_every_carphone_frame(mtcnn: MtcnnDetector) -> None:
+    cap = cv2.VideoCapture(str(CARPHONE))
+    counts = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        counts.append(len(mtcnn.detect(frame)))
+    assert len(counts) == 120 and all(c >= 1 for c in counts), counts
+
+
+def test_mtcnn_recall_precision_on_lfw_scenes(mtcnn: MtcnnDetector, lfw) -> None:  # noqa: ANN001
+    tp = n_det = n_truth = 0
+    for seed in range(6):
+        img, truth = make_scene(lfw, size=(720, 1280), n_faces=10, n_distractors=10, side=(60, 100), seed=seed)
+        a, b, c = match(mtcnn.detect(img), truth)
+        tp, n_det, n_truth = tp + a, n_det + b, n_truth + c
+    assert tp / n_truth >= 0.95, f"recall {tp}/{n_truth}"
+    assert tp / n_det >= 0.95, f"precision {tp}/{n_det}"
+
+
+@pytest.mark.parametrize(
+    "texture",
+    [
+        pytest.param(lambda: bgr(data.brick()), id="brick"),
+        pytest.param(lambda: bgr(data.grass()), id="grass"),
+        pytest.param(lambda: texture_background(480, 640, 1), id="blobs"),
+    ],
+)
+def test_mtcnn_no_face_in_texture(mtcnn: MtcnnDetector, texture) -> None:  # noqa: ANN001
+    assert mtcnn.detect(texture()) == []
+
+
+def test_tiling_raises_recall_of_small_faces(lfw) -> None:  # noqa: ANN001
+    img, truth = make_scene(lfw, size=(1080, 1920), n_faces=40, n_distractors=10, side=(20, 37), seed=5)
+    inner = MtcnnDetector(max_side=640)
+    plain = match(inner.detect(img), truth)
+    tiled = TiledDetector(inner, tile_size=640)
+    got = match(tiled.detect(img), truth)
+    assert plain[0] / plain[2] <= 0.3
+    assert got[0] / got[2] >= 0.85 and got[0] / max(got[1], 1) >= 0.9
+    assert tiled.name == "mtcnn-onnx@640+tiles640"
+
+
+def test_tile_grid_covers_frame() -> None:
+    grid = tile_grid(1920, 1080, 640, 0.25)
+    assert len(grid) == 8
+    cover = np.zeros((1080, 1920), bool)
+    for x, y, w, h in grid:
+        cover[y : y + h, x : x + w] = True
+    assert cover.all()
+
+
+def test_detector_rejects_bad_frame(mtcnn: MtcnnDetector) -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        mtcnn.detect(np.zeros((10, 10, 3), np.float32))
