@@ -75,11 +75,11 @@ class PictureAccumulator:
         hist, _, _ = np.histogram2d(
             self._centres_y, self._centres_x, bins=(ybins, self.bins), range=((0, self.height), (0, self.width))
         )
+        hist = cv2.GaussianBlur(hist.astype(np.float32), (3, 3), 0)
         if hist.max() > 0:
             hist = hist / hist.max()
         small = (hist * 255).astype(np.uint8)
-        small = cv2.GaussianBlur(small, (3, 3), 0)
-        big = cv2.resize(small, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
+        big = cv2.resize(small, (self.width, self.height), interpolation=cv2.INTER_NEAREST)
         return cv2.applyColorMap(big, cv2.COLORMAP_JET)
 
     def write(self, folder: str | os.PathLike[str], prefix: str = "") -> PicturePaths:

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from crowd.detection import Detection, Detector, MtcnnDetector
+from crowd.messages import FaceMessage
+from crowd.pipeline import Progress, detect_faces, process_video
+from crowd.video import NotAVideoError
+from tests.crowd._helpers import CARPHONE, GRACE_HOPPER, bgr, write_video
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class CountingDetector(Detector):
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def detect(self, frame_bgr: np.ndarray) -> list[Detection]:
+        self.calls += 1
+        return [Detection(1, 1, 5, 5, 0.5)]
+
+
+@pytest.fixture(scope="module")
+def face_video(tmp_path_factory: pytest.TempPathFactory, lfw) -> Path:  # noqa: ANN001
+    faces = lfw[0]
+
+    def draw(i: int) -> np.ndarray:
+        img = np.full((240, 320, 3), 120, np.uint8)
+        for k in range(1 + i % 3):  # 1, 2, 3 faces
+            img[40 : 40 + 80, 10 + k * 100 : 90 + k * 100] = bgr(cv2.resize(faces[k], (80, 80)))
+        return img
+
+    return write_video(tmp_path_factory.mktemp("fv") / "faces.mp4", 30, size=(320, 240), fps=10, draw=draw)
+
+
+def test_process_video_messages_and_summary(face_video: Path, mtcnn: MtcnnDetector, tmp_path: Path) -> None:
+    got: list[FaceMessage] = []
+    summary = process_video(face_video, mtcnn, frame_interval=1, on_message=got.append, pictures_dir=tmp_path)
+    assert [m.frame_id for m in got] == list(range(30))
+    assert [m.total_faces for m in got] == [1 + i % 3 for i in range(30)]
+    assert summary.frames_processed == 30 and summary.faces_total == 60 and summary.max_faces == 3
+    assert summary.max_faces_frame_id == 2 and summary.max_faces_ts_ms == pytest.approx(200.0)
+    assert not summary.stopped_early and summary.model == "mtcnn-onnx" == got[0].model
+    assert got[0].video_id == summary.video_id and len(summary.video_id) == 32
+    assert summary.pictures is not None and Path(summary.pictures["heatmap"]).is_file()
+
+
+def test_default_interval_and_range(tmp_path: Path) -> None:
+    video = write_video(tmp_path / "v.mp4", 90, fps=30)
+    det = CountingDetector()
+    ids: list[int] = []
+    s = process_video(video, det, frame_range=(25, 61), on_message=lambda m: ids.append(m.frame_id))
+    assert ids == [30, 40, 50, 60] and det.calls == 4 and s.frames_expected == 4
+
+
+def test_progress_reported(tmp_path: Path) -> None:
+    video = write_video(tmp_path / "v.mp4", 20)
+    seen: list[Progress] = []
+    process_video(video, CountingDetector(), frame_interval=1, progress=seen.append, progress_every_s=0.0)
+    assert len(seen) == 20 and seen[-1].done == 20 and seen[-1].total == 20
+    assert str(seen[4]).startswith("frame 5/20 (25%)")
+
+
+def test_corrupt_video_publishes_good_frames(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    good = write_video(tmp_path / "g.avi", 60, fourcc="MJPG").read_bytes()
+    bad = tmp_path / "bad.avi"
+    bad.write_bytes(good[: len(good) // 2])
+    got: list[FaceMessage] = []
+    with caplog.at_level(logging.WARNING, logger="crowd"):
+        s = process_video(bad, CountingDetector(), frame_interval=1, on_message=got.append)
+    assert s.stopped_early and s.error_reason == "corrupt" and len(got) == s.frames_processed > 10
+    assert "decoding stopped" in caplog.text
+
+
+def test_not_a_video_raises(tmp_path: Path) -> None:
+    p = tmp_path / "x.mp4"
+    p.write_text("nope")
+    with pytest.raises(NotAVideoError):
+        process_video(p, CountingDetector())
+
+
+def test_detect_faces_seed_compatible(mtcnn: MtcnnDetector) -> None:
+    out = detect_faces(GRACE_HOPPER, mtcnn)
+    assert out["frame_id"] == 0 and out["total_faces"] == 1 and set(out["faces"][0]) == {
+        "face_id", "bounding_box", "confidence"
+    }  # fmt: skip
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PYTHONPATH": str(ROOT / "plugins"), "PATH": "/usr/bin:/bin", "CROWD_DETECTOR": "mtcnn"}
+    return subprocess.run([sys.executable, "-m", "crowd", *args], capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+def test_cli_detect_video(tmp_path: Path) -> None:
+    out = tmp_path / "r.jsonl"
+    proc = _cli("detect", str(CARPHONE), "--frame-interval", "30", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    lines = [FaceMessage.from_json(line) for line in out.read_text().splitlines()]
+    assert [m.frame_id for m in lines] == [0, 30, 60, 90] and all(m.total_faces == 1 for m in lines)
+    assert '"frames_processed": 4' in proc.stderr
+
+
+def test_cli_image_and_errors(tmp_path: Path) -> None:
+    proc = _cli("detect", str(GRACE_HOPPER))
+    assert proc.returncode == 0 and json.loads(proc.stdout)["total_faces"] == 1
+    proc = _cli("detect", str(tmp_path / "missing.mp4"))
+    assert proc.returncode == 1 and "no such file" in proc.stderr
