@@ -388,7 +388,7 @@ def drain(
         if alert_rule is not None and alerts_topic:
             summary.alerts_published += publish_pending_alerts(conn, kafka_conn_id, alerts_topic)
 
-        consumer = manual_commit_consumer(kafka_conn_id, group_id=group_id)
+        consumer = manual_commit_consumer(kafka_conn_id, group_id=group_id, fetch_wait_max_ms=100)
         try:
             partitions = _partitions(consumer, topic)
             offsets = stored_offsets(conn, group_id, topic)

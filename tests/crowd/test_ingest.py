@@ -1,0 +1,441 @@
+"""The Faces drain against the real broker and PostgreSQL: exactly-once storage, replays, crashes, bad messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from crowd.alerts import AlertRule
+from crowd.ingest import drain
+from crowd.messages import FaceMessage
+
+pytestmark = pytest.mark.services
+
+GROUP = "crowd-ingest-test"
+WORKER = Path(__file__).with_name("ingest_worker.py")
+
+
+# --- helpers --------------------------------------------------------------------------------------------------
+
+
+def frame_dict(video_id: str, frame_id: int, n_faces: int, *, fps: float = 10.0, seed: int = 0) -> dict:
+    """A valid Faces message as a plain dict (frame 640x480, ``n_faces`` boxes)."""
+    rng = random.Random(hash((video_id, frame_id, seed)))
+    faces = [
+        {
+            "face_id": i,
+            "bounding_box": {"x": rng.randint(0, 500), "y": rng.randint(0, 380), "width": 40, "height": 50},
+            "confidence": round(rng.uniform(0.5, 1.0), 4),
+        }
+        for i in range(n_faces)
+    ]
+    return {
+        "schema_version": 1,
+        "video_id": video_id,
+        "source": f"/videos/{video_id}.mp4",
+        "frame_id": frame_id,
+        "frame_ts_ms": round(frame_id * 1000 / fps, 3),
+        "frame_width": 640,
+        "frame_height": 480,
+        "model": "yolov3-face@416",
+        "total_faces": n_faces,
+        "faces": faces,
+    }
+
+
+def encode(message: dict) -> bytes:
+    """Validate through the real message model, then serialise (what the detection DAG publishes)."""
+    return FaceMessage.model_validate(message).to_json()
+
+
+def new_topic(admin, prefix: str, partitions: int = 3, config: dict[str, str] | None = None) -> str:
+    from confluent_kafka.admin import NewTopic
+
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    topic = NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})
+    for future in admin.create_topics([topic]).values():
+        future.result(timeout=30)
+    return name
+
+
+def publish(topic: str, items: list[tuple[bytes | None, bytes | None]]) -> None:
+    from crowd.kafka import DeliveryTracker, reliable_producer
+
+    producer = reliable_producer("kafka_default", timeout_s=30, message_max_bytes=4 * 1024 * 1024)
+    tracker = DeliveryTracker()
+    for key, value in items:
+        producer.produce(topic, key=key, value=value, on_delivery=tracker.callback)
+        producer.poll(0)
+    assert tracker.wait(producer, timeout_s=60) == len(items)
+
+
+def publish_frames(topic: str, messages: list[dict]) -> None:
+    publish(topic, [(m["video_id"].encode(), encode(m)) for m in messages])
+
+
+def pg() -> psycopg.Connection:
+    return psycopg.connect(os.environ["CROWD_PG_DSN_FOR_TESTS"], autocommit=True)
+
+
+def scalar(sql: str, params: tuple = ()) -> int:
+    with pg() as conn:
+        return conn.execute(sql, params).fetchone()[0]  # type: ignore[index]
+
+
+def quick_drain(topic: str, **kwargs) -> object:
+    kwargs.setdefault("batch_wait_s", 0.2)
+    kwargs.setdefault("idle_timeout_s", 5)
+    return drain("kafka_default", "crowd_postgres", topic, GROUP, **kwargs)
+
+
+def two_videos(n_a: int = 150, n_b: int = 150) -> list[dict]:
+    return [frame_dict("video-a", i, i % 4) for i in range(n_a)] + [frame_dict("video-b", i, i % 3) for i in range(n_b)]
+
+
+# --- happy path, replay, duplicates ---------------------------------------------------------------------------
+
+
+def test_drain_stores_exactly_every_frame_and_face(faces_topic: str, pg_schema: str) -> None:
+    messages = two_videos()
+    publish_frames(faces_topic, messages)
+
+    summary = quick_drain(faces_topic, batch_size=64)
+
+    assert (summary.messages, summary.frames, summary.rejected, summary.lag_left) == (300, 300, 0, 0)
+    assert summary.batches >= 300 // 64
+    assert summary.faces == sum(m["total_faces"] for m in messages)
+    with pg() as conn:
+        frames = {
+            (v, f): (ts, n, w, h, src, model)
+            for v, f, ts, n, w, h, src, model in conn.execute(
+                "SELECT video_id, frame_id, frame_ts_ms, total_faces, frame_width, frame_height, source, model "
+                "FROM frames"
+            )
+        }
+        faces = {
+            (v, f, i): (x, y, w, h, round(c, 4))
+            for v, f, i, x, y, w, h, c in conn.execute(
+                "SELECT video_id, frame_id, face_id, x, y, width, height, confidence FROM faces"
+            )
+        }
+        offsets = dict(
+            conn.execute("SELECT partition, next_offset FROM kafka_offsets WHERE consumer_group = %s", (GROUP,))
+        )
+    assert frames == {
+        (m["video_id"], m["frame_id"]): (
+            m["frame_ts_ms"],
+            m["total_faces"],
+            640,
+            480,
+            m["source"],
+            m["model"],
+        )
+        for m in messages
+    }
+    assert faces == {
+        (m["video_id"], m["frame_id"], f["face_id"]): (
+            *(f["bounding_box"][k] for k in ("x", "y", "width", "height")),
+            f["confidence"],
+        )
+        for m in messages
+        for f in m["faces"]
+    }
+    assert sum(offsets.values()) == 300 and offsets == summary.next_offsets
+
+
+def test_replay_from_offset_zero_stores_nothing_twice(faces_topic: str, pg_schema: str) -> None:
+    messages = two_videos(80, 70)
+    publish_frames(faces_topic, messages)
+    quick_drain(faces_topic, batch_size=50)
+    before = (scalar("SELECT count(*) FROM frames"), scalar("SELECT count(*) FROM faces"))
+
+    scalar("WITH d AS (DELETE FROM kafka_offsets RETURNING 1) SELECT count(*) FROM d")
+    replay = quick_drain(faces_topic, batch_size=50)
+
+    assert replay.messages == 150, "the replay must have read the whole topic again"
+    assert (
+        (scalar("SELECT count(*) FROM frames"), scalar("SELECT count(*) FROM faces"))
+        == before
+        == (150, sum(m["total_faces"] for m in messages))
+    )
+    again = quick_drain(faces_topic)
+    assert again.messages == 0 and again.stopped_because == "caught up"
+
+
+def test_same_frame_twice_in_one_batch_last_one_wins(faces_topic: str, pg_schema: str) -> None:
+    first, second = frame_dict("video-dup", 7, 3), frame_dict("video-dup", 7, 1, seed=1)
+    publish_frames(faces_topic, [first, frame_dict("video-dup", 8, 2), second])
+
+    summary = quick_drain(faces_topic, batch_size=100)
+
+    assert (summary.messages, summary.frames, summary.duplicates_in_batch) == (3, 2, 1)
+    assert scalar("SELECT total_faces FROM frames WHERE video_id = 'video-dup' AND frame_id = 7") == 1
+    assert scalar("SELECT count(*) FROM faces WHERE video_id = 'video-dup' AND frame_id = 7") == 1
+
+
+def test_replayed_frame_with_fewer_faces_replaces_its_faces(faces_topic: str, pg_schema: str) -> None:
+    publish_frames(faces_topic, [frame_dict("video-r", 1, 4)])
+    quick_drain(faces_topic)
+    publish_frames(faces_topic, [frame_dict("video-r", 1, 2, seed=5)])
+    quick_drain(faces_topic)
+    assert scalar("SELECT count(*) FROM faces WHERE video_id = 'video-r'") == 2
+    assert scalar("SELECT total_faces FROM frames WHERE video_id = 'video-r'") == 2
+
+
+def test_a_second_drain_of_the_same_group_backs_off(faces_topic: str, pg_schema: str) -> None:
+    publish_frames(faces_topic, [frame_dict("video-l", 0, 1)])
+    quick_drain(faces_topic)  # creates the schema
+    with psycopg.connect(os.environ["CROWD_PG_DSN_FOR_TESTS"], autocommit=True) as holder:
+        holder.execute(
+            "SELECT pg_advisory_lock(hashtext('crowd.drain:' || current_schema() || %s || %s))", (GROUP, faces_topic)
+        )
+        summary = quick_drain(faces_topic)
+    assert summary.stopped_because == "another drain is running" and summary.messages == 0
+
+
+def test_missing_topic_names_the_topic(pg_schema: str, kafka_bootstrap: str) -> None:
+    from crowd.ingest import IngestError
+
+    with pytest.raises(IngestError, match="no-such-topic"):
+        drain("kafka_default", "crowd_postgres", f"no-such-topic-{uuid.uuid4().hex[:6]}", GROUP)
+
+
+# --- bad messages ---------------------------------------------------------------------------------------------
+
+
+def _bad(**changes) -> bytes:
+    message = frame_dict("video-bad", 999, 2)
+    for dotted, value in changes.items():
+        *path, last = dotted.split("__")
+        target = message
+        for part in path:
+            target = target[int(part)] if part.isdigit() else target[part]
+        if value is _DROP:
+            del target[last]
+        else:
+            target[last] = value
+    return json.dumps(message).encode()
+
+
+_DROP = object()
+
+BAD_MESSAGES = [
+    pytest.param(b"this is not json", "not_json", id="not-json"),
+    pytest.param(b'{"video_id": "\xff\xfe broken"}', "not_utf8", id="not-utf8"),
+    pytest.param(b"[1, 2, 3]", "schema", id="json-array"),
+    pytest.param(None, "tombstone", id="tombstone"),
+    pytest.param(b'{"pad": "' + b"x" * (1024 * 1024 + 10) + b'"}', "oversize", id="oversize"),
+    pytest.param(_bad(frame_id=_DROP), "schema", id="missing-frame-id"),
+    pytest.param(_bad(frame_id="seven"), "schema", id="frame-id-not-int"),
+    pytest.param(_bad(frame_id=-1), "schema", id="negative-frame-id"),
+    pytest.param(_bad(schema_version=2), "schema", id="wrong-schema-version"),
+    pytest.param(_bad(total_faces=5), "schema", id="total-faces-mismatch"),
+    pytest.param(_bad(faces__0__bounding_box__x=-3), "schema", id="negative-box"),
+    pytest.param(_bad(faces__1__confidence=1.5), "schema", id="confidence-above-1"),
+    pytest.param(_bad(surprise="field"), "schema", id="unknown-field"),
+    pytest.param(_bad(frame_id=2**63), "out_of_range", id="frame-id-overflows-bigint"),
+    pytest.param(_bad(video_id="nul\x00byte"), "schema", id="nul-in-text"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_run(kafka_admin, postgres_admin_dsn: str) -> Iterator[dict]:
+    """One topic with every bad message between good ones, drained once; yields what the test modules need."""
+    topic = new_topic(kafka_admin, "test-faces-bad", config={"max.message.bytes": str(4 * 1024 * 1024)})
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    conn_json = {
+        "conn_type": "postgres",
+        "host": "127.0.0.1",
+        "port": int(os.environ.get("CROWD_PG_PORT", "5433")),
+        "login": "crowd",
+        "password": os.environ.get("CROWD_PG_PASSWORD", "crowd"),
+        "schema": "crowd_test",
+        "extra": {"options": f"-csearch_path={schema}"},
+    }
+    items: list[tuple[bytes | None, bytes | None]] = []
+    expected: dict[str, str] = {}
+    for i, case in enumerate(BAD_MESSAGES):
+        value, _code = case.values
+        items.append((b"video-good", encode(frame_dict("video-good", 2 * i, 1))))
+        items.append((f"bad-{case.id}".encode(), value))
+        expected[case.id] = f"bad-{case.id}"
+    items.append((b"video-good", encode(frame_dict("video-good", 1000, 1))))
+    publish(topic, items)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AIRFLOW_CONN_CROWD_POSTGRES", json.dumps(conn_json))
+        summary = drain("kafka_default", "crowd_postgres", topic, GROUP, batch_size=7, batch_wait_s=0.2)
+    with psycopg.connect(f"{postgres_admin_dsn}?options=-csearch_path%3D{schema}", autocommit=True) as conn:
+        rejected = {
+            bytes(key).decode(): (reason, None if raw is None else bytes(raw), partition, offset)
+            for key, reason, raw, partition, offset in conn.execute(
+                'SELECT key, reason, raw, partition, "offset" FROM rejected_messages'
+            )
+        }
+        good = conn.execute("SELECT count(*) FROM frames WHERE video_id = 'video-good'").fetchone()[0]
+        offsets = conn.execute("SELECT sum(next_offset) FROM kafka_offsets").fetchone()[0]
+    yield {"summary": summary, "rejected": rejected, "good": good, "offsets": offsets, "total": len(items)}
+    kafka_admin.delete_topics([topic])
+    with psycopg.connect(postgres_admin_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.mark.parametrize(("value", "code"), BAD_MESSAGES)
+def test_bad_message_is_rejected_with_its_reason_and_raw_bytes(
+    bad_run: dict, value: bytes | None, code: str, request: pytest.FixtureRequest
+) -> None:
+    case_id = request.node.callspec.id
+    reason, raw, _partition, _offset = bad_run["rejected"][f"bad-{case_id}"]
+    assert reason.startswith(f"{code}: "), reason
+    assert raw == value
+
+
+def test_good_messages_around_bad_ones_are_stored_and_every_offset_is_accounted_for(bad_run: dict) -> None:
+    assert bad_run["good"] == len(BAD_MESSAGES) + 1
+    assert len(bad_run["rejected"]) == len(BAD_MESSAGES)
+    assert bad_run["offsets"] == bad_run["total"] == bad_run["good"] + len(bad_run["rejected"])
+    assert bad_run["summary"].rejected == len(BAD_MESSAGES)
+
+
+# --- alerts ---------------------------------------------------------------------------------------------------
+
+
+def _consume_all(topic: str, expect: int, timeout_s: float = 20) -> list[dict]:
+    from confluent_kafka import Consumer
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]["bootstrap.servers"],
+            "group.id": f"alerts-reader-{uuid.uuid4().hex[:6]}",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.subscribe([topic])
+    out: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(100, timeout=0.5):
+                if msg.error() is None:
+                    out.append(json.loads(msg.value()))
+            if len(out) >= expect:
+                time.sleep(1.0)  # give a duplicate time to show up
+                out.extend(json.loads(m.value()) for m in consumer.consume(100, timeout=0.5) if m.error() is None)
+                break
+    finally:
+        consumer.close()
+    return out
+
+
+def test_crowd_alert_once_per_episode_even_on_replay(faces_topic: str, pg_schema: str, kafka_admin) -> None:
+    alerts_topic = new_topic(kafka_admin, "test-alerts", partitions=1)
+    # 10 fps: faces per frame. Episode 1: frames 10-39 (3 s, >= 5 faces); a 0.5 s blip at 60-64 (too short);
+    # episode 2: frames 100-129. Threshold 5 sustained for 2 s.
+    counts = [1] * 150
+    for i in list(range(10, 40)) + list(range(60, 65)) + list(range(100, 130)):
+        counts[i] = 5 + (i % 3)
+    counts[25] = 9  # the peak of episode 1
+    publish_frames(faces_topic, [frame_dict("video-crowd", i, n) for i, n in enumerate(counts)])
+    rule = AlertRule(threshold=5, min_duration_s=2.0)
+
+    first = quick_drain(faces_topic, batch_size=40, alert_rule=rule, alerts_topic=alerts_topic)
+    scalar("WITH d AS (DELETE FROM kafka_offsets RETURNING 1) SELECT count(*) FROM d")
+    replay = quick_drain(faces_topic, batch_size=40, alert_rule=rule, alerts_topic=alerts_topic)
+
+    with pg() as conn:
+        rows = conn.execute(
+            "SELECT started_frame_id, ended_frame_id, started_ts_ms, ended_ts_ms, peak_count, peak_frame_id, "
+            "threshold, published_at IS NOT NULL FROM alerts ORDER BY started_frame_id"
+        ).fetchall()
+    assert rows == [
+        (10, 39, 1000.0, 3900.0, 9, 25, 5, True),
+        (100, 129, 10000.0, 12900.0, 7, 101, 5, True),
+    ]
+    assert (first.new_alerts, first.alerts_published, replay.new_alerts, replay.alerts_published) == (2, 2, 0, 0)
+    published = _consume_all(alerts_topic, expect=2)
+    assert sorted((m["video_id"], m["started_frame_id"], m["peak_count"]) for m in published) == [
+        ("video-crowd", 10, 9),
+        ("video-crowd", 100, 7),
+    ]
+    kafka_admin.delete_topics([alerts_topic])
+
+
+def test_alert_rule_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="threshold 0"):
+        AlertRule(threshold=0)
+
+
+# --- crash ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.reliability
+def test_kill_minus_9_mid_drain_loses_nothing_and_stores_nothing_twice(faces_topic: str, pg_schema: str) -> None:
+    """20k messages (some bad), a drain killed with SIGKILL at 5 points, then a clean run: exactly once."""
+    n_videos, per_video = 8, 2500
+    messages = [frame_dict(f"video-{v}", i, i % 5) for v in range(n_videos) for i in range(per_video)]
+    items = [(m["video_id"].encode(), encode(m)) for m in messages]
+    for k in range(0, len(items), 997):  # a bad message every ~1000
+        items.insert(k, (b"video-0", b"garbage %d" % k))
+    publish(faces_topic, items)
+    total, n_bad = len(items), len(items) - len(messages)
+
+    def progress() -> int:
+        try:
+            return scalar("SELECT coalesce(sum(next_offset), 0)::bigint FROM kafka_offsets")
+        except psycopg.errors.UndefinedTable:
+            return 0
+
+    kills = 0
+    for target in (0.08, 0.25, 0.45, 0.65, 0.85):
+        worker = subprocess.Popen(
+            [sys.executable, str(WORKER), faces_topic, GROUP, "300"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 90
+        while progress() < target * total and worker.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(random.uniform(0, 0.05))  # land anywhere inside a batch
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            kills += 1
+        worker.wait(timeout=30)
+        assert progress() < total, "the drain finished before it could be killed; make the backlog bigger"
+    assert kills == 5
+
+    final = subprocess.run(
+        [sys.executable, str(WORKER), faces_topic, GROUP, "300"], capture_output=True, text=True, timeout=180
+    )
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+
+    with pg() as conn:
+        frames = conn.execute("SELECT count(*), count(DISTINCT (video_id, frame_id)) FROM frames").fetchone()
+        faces = conn.execute("SELECT count(*) FROM faces").fetchone()[0]
+        rejected = conn.execute(
+            'SELECT count(*), count(DISTINCT (partition, "offset")) FROM rejected_messages'
+        ).fetchone()
+        stored = conn.execute("SELECT sum(next_offset) FROM kafka_offsets").fetchone()[0]
+        # every offset is either a frame or a rejection, and none is both
+        both = conn.execute(
+            "SELECT count(*) FROM frames f JOIN rejected_messages r ON r.partition = f.kafka_partition "
+            'AND r."offset" = f.kafka_offset'
+        ).fetchone()[0]
+    assert frames == (len(messages), len(messages))
+    assert faces == sum(m["total_faces"] for m in messages)
+    assert rejected == (n_bad, n_bad)
+    assert stored == total == frames[0] + rejected[0]
+    assert both == 0

@@ -1,0 +1,181 @@
+"""The ingest DAG: integrity, a ``dag.test()`` run into a fresh schema, and the Kafka-triggered path end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DAG_FILE = ROOT / "dags" / "crowd_faces_ingest.py"
+DAG_ID = "crowd_faces_ingest"
+
+
+def _message(video_id: str, frame_id: int, n_faces: int) -> bytes:
+    from crowd.messages import FaceMessage
+
+    faces = [
+        {"face_id": i, "bounding_box": {"x": 10 * i, "y": 5, "width": 20, "height": 20}, "confidence": 0.9}
+        for i in range(n_faces)
+    ]
+    return FaceMessage(
+        video_id=video_id,
+        source=f"/videos/{video_id}.mp4",
+        frame_id=frame_id,
+        frame_ts_ms=frame_id * 100.0,
+        frame_width=320,
+        frame_height=240,
+        model="test",
+        total_faces=n_faces,
+        faces=faces,
+    ).to_json()
+
+
+def _publish(topic: str, n: int, video_id: str = "dag-video") -> None:
+    from crowd.kafka import DeliveryTracker, reliable_producer
+
+    producer = reliable_producer("kafka_default", timeout_s=30)
+    tracker = DeliveryTracker()
+    for i in range(n):
+        producer.produce(topic, key=video_id.encode(), value=_message(video_id, i, i % 3), on_delivery=tracker.callback)
+    assert tracker.wait(producer, timeout_s=30) == n
+
+
+def _frames(dsn: str) -> int:
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            return conn.execute("SELECT count(*) FROM frames").fetchone()[0]
+    except psycopg.errors.UndefinedTable:
+        return 0
+
+
+def _load_dag():
+    from airflow.models import DagBag
+
+    bag = DagBag(dag_folder=str(DAG_FILE))
+    assert bag.import_errors == {}, bag.import_errors
+    return bag.get_dag(DAG_ID)
+
+
+@pytest.mark.airflow
+def test_dag_is_triggered_by_a_kafka_watcher_in_its_own_group(airflow_db: Path) -> None:
+    from airflow.providers.common.compat.module_loading import import_string
+
+    dag = _load_dag()
+    assert {"crowd", "kafka", "ingest"} <= set(dag.tags)
+    assert dag.max_active_runs == 1 and dag.doc_md and "AwaitMessageSensor" in dag.doc_md
+    assert [t.task_id for t in dag.tasks] == ["drain_faces"]
+    task = dag.get_task("drain_faces")
+    assert task.owner == "crowd" and task.retries >= 1
+
+    (asset,) = dag.timetable.asset_condition.objects
+    assert asset.name == "crowd_faces_topic"
+    (watcher,) = asset.watchers
+    trigger = watcher.trigger
+    kwargs = trigger.kwargs
+    assert kwargs["topics"] == [os.environ.get("CROWD_FACES_TOPIC", "Faces")]
+    assert kwargs["kafka_config_id"] != "kafka_default", "the watcher must not share the drain's consumer group"
+    assert callable(import_string(kwargs["apply_function"]))
+
+
+@pytest.mark.services
+@pytest.mark.airflow
+def test_dag_test_drains_a_fresh_topic_into_a_fresh_schema(airflow_db: Path, faces_topic: str, pg_schema: str) -> None:
+    _publish(faces_topic, 120)
+    dag = _load_dag()
+
+    run = dag.test(run_conf={"alert_threshold": 2, "alert_min_duration_s": 0.0, "idle_timeout_s": 3})
+
+    assert str(run.state) == "success", run.state
+    dsn = os.environ["CROWD_PG_DSN_FOR_TESTS"]
+    assert _frames(dsn) == 120
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT sum(next_offset) FROM kafka_offsets").fetchone()[0] == 120
+        # frames with 2 faces are every third frame: 40 one-frame episodes
+        assert conn.execute("SELECT count(*) FROM alerts").fetchone()[0] == 40
+        row = conn.execute("SELECT frames, max_faces FROM video_summary WHERE video_id = 'dag-video'").fetchone()
+    assert row == (120, 2)
+
+
+# --- the trigger path: scheduler + triggerer + dag-processor, nobody triggers the DAG by hand ------------------
+
+
+@pytest.fixture
+def airflow_services(tmp_path: Path, faces_topic: str, pg_schema: str) -> Iterator[dict[str, str]]:
+    """Airflow standalone (scheduler, triggerer, dag-processor, api-server) in a temp home, torn down by group."""
+    home = tmp_path / "airflow"
+    home.mkdir()
+    env = dict(os.environ)
+    kafka_extra = json.loads(env["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]
+    env.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",
+        AIRFLOW__CORE__PARALLELISM="2",
+        AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
+        AIRFLOW__SCHEDULER__DAG_DIR_LIST_INTERVAL="5",
+        AIRFLOW__API__PORT=str(18000 + os.getpid() % 1000),
+        AIRFLOW_CONN_KAFKA_WATCH=json.dumps(
+            {"conn_type": "kafka", "extra": {**kafka_extra, "group.id": f"crowd-ingest-watch-{uuid.uuid4().hex[:6]}"}}
+        ),
+    )
+    airflow = str(Path(sys.executable).parent / "airflow")
+    subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    log = (tmp_path / "standalone.log").open("wb")
+    proc = subprocess.Popen(
+        [airflow, "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        yield {"airflow": airflow, **{k: v for k, v in env.items() if isinstance(v, str)}}
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+        if os.environ.get("CROWD_KEEP_STANDALONE_LOG"):
+            print((tmp_path / "standalone.log").read_text(errors="replace")[-20000:])
+
+
+@pytest.mark.slow
+@pytest.mark.services
+@pytest.mark.airflow
+def test_a_published_message_reaches_postgres_without_a_manual_trigger(
+    airflow_services: dict[str, str], faces_topic: str
+) -> None:
+    env = airflow_services
+    airflow = env["airflow"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait for the dag-processor to register the DAG
+        listed = subprocess.run([airflow, "dags", "list", "-o", "json"], env=env, capture_output=True, text=True)
+        if DAG_ID in listed.stdout:
+            break
+        time.sleep(3)
+    else:
+        pytest.fail(f"{DAG_ID} never showed up in `airflow dags list`: {listed.stdout[-2000:]} {listed.stderr[-2000:]}")
+    unpause = subprocess.run([airflow, "dags", "unpause", DAG_ID], env=env, capture_output=True, text=True)
+    assert unpause.returncode == 0, unpause.stderr[-2000:]
+
+    time.sleep(5)  # let the triggerer pick up the watcher
+    _publish(faces_topic, 25, video_id="triggered-video")
+
+    dsn = os.environ["CROWD_PG_DSN_FOR_TESTS"]
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and _frames(dsn) < 25:
+        time.sleep(2)
+    runs = subprocess.run([airflow, "dags", "list-runs", DAG_ID, "-o", "json"], env=env, capture_output=True, text=True)
+    assert _frames(dsn) == 25, f"frames never arrived; runs: {runs.stdout[-2000:]}"
+    assert '"run_type": "asset_triggered"' in runs.stdout or "asset_triggered" in runs.stdout, runs.stdout[-2000:]
+    assert "manual" not in runs.stdout
