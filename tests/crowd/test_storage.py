@@ -1,0 +1,124 @@
+"""Schema migrations, the video registry and the summary view, on the real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import psycopg
+import pytest
+
+from crowd import storage
+
+pytestmark = pytest.mark.services
+
+
+@pytest.fixture
+def conn(pg_schema: str):
+    with psycopg.connect(os.environ["CROWD_PG_DSN_FOR_TESTS"], autocommit=True) as connection:
+        yield connection
+
+
+def test_migrations_apply_once_and_are_recorded(conn: psycopg.Connection) -> None:
+    assert storage.schema_version(conn) == 0
+    first = storage.migrate(conn)
+    second = storage.migrate(conn)
+    assert first == [m.version for m in storage.MIGRATIONS] and second == []
+    recorded = conn.execute("SELECT version, name FROM schema_migrations ORDER BY version").fetchall()
+    assert recorded == [(m.version, m.name) for m in storage.MIGRATIONS]
+    tables = {
+        r[0]
+        for r in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+        ).fetchall()
+    }
+    assert {"videos", "frames", "faces", "kafka_offsets", "rejected_messages", "alerts", "video_summary"} <= tables
+
+
+def test_concurrent_migrations_do_not_race(pg_schema: str) -> None:
+    errors: list[BaseException] = []
+    applied: list[list[int]] = []
+
+    def run() -> None:
+        try:
+            with psycopg.connect(os.environ["CROWD_PG_DSN_FOR_TESTS"]) as c:
+                applied.append(storage.migrate(c))
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert sorted(len(a) for a in applied) == [0, 0, 0, len(storage.MIGRATIONS)]
+
+
+def test_migrate_joins_the_callers_transaction(pg_schema: str) -> None:
+    with psycopg.connect(os.environ["CROWD_PG_DSN_FOR_TESTS"]) as c:  # not autocommit
+        c.execute("SELECT 1")  # a transaction is open
+        storage.migrate(c)
+        c.rollback()
+        assert storage.schema_version(c) == 0, "migrate inside an open transaction must leave the commit to the caller"
+
+
+def test_video_registry_lifecycle(conn: psycopg.Connection) -> None:
+    storage.migrate(conn)
+    assert storage.get_video_status(conn, "v1") is None
+    storage.mark_video_processing(
+        conn, "v1", "/videos/a.mp4", fps=25.0, frame_count=250, width=640, height=480, size_bytes=99, model="m"
+    )
+    assert storage.get_video_status(conn, "v1") == "processing"
+    storage.mark_video_failed(conn, "v1", "/videos/a.mp4", "decoder exploded")
+    assert conn.execute("SELECT status, error FROM videos WHERE id = 'v1'").fetchone() == ("failed", "decoder exploded")
+    storage.mark_video_processing(
+        conn, "v1", "/videos/a.mp4", fps=25.0, frame_count=250, width=640, height=480, size_bytes=99, model="m"
+    )
+    storage.mark_video_done(conn, "v1")
+    row = conn.execute("SELECT status, error, finished_at IS NOT NULL, fps FROM videos WHERE id = 'v1'").fetchone()
+    assert row == ("done", None, True, 25.0)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda c: storage.mark_video_done(c, "never-seen"), id="done-unknown-video"),
+    ],
+)
+def test_registry_errors_name_the_video(conn: psycopg.Connection, call) -> None:
+    storage.migrate(conn)
+    with pytest.raises(storage.VideoNotFoundError, match="never-seen.*mark_video_processing"):
+        call(conn)
+
+
+def test_unknown_video_status_is_refused_by_the_schema(conn: psycopg.Connection) -> None:
+    storage.migrate(conn)
+    with pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("INSERT INTO videos (id, path, status) VALUES ('x', 'p', 'exploded')")
+
+
+def test_frames_may_arrive_before_their_video_and_summary_joins_later(conn: psycopg.Connection) -> None:
+    storage.migrate(conn)
+    rows = [("v2", i, i * 40.0, n, "m", 640, 480, "/v2.mp4") for i, n in enumerate([1, 4, 2, 4])]
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO frames (video_id, frame_id, frame_ts_ms, total_faces, model, frame_width, frame_height, "
+            "source) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            rows,
+        )
+    query = (
+        "SELECT frames, total_faces, max_faces, mean_faces, peak_frame_id, peak_ts_ms, status, path "
+        "FROM video_summary WHERE video_id = 'v2'"
+    )
+    assert conn.execute(query).fetchone() == (4, 11, 4, 2.75, 1, 40.0, None, None)
+    storage.mark_video_processing(
+        conn, "v2", "/v2.mp4", fps=25.0, frame_count=4, width=640, height=480, size_bytes=1, model="m"
+    )
+    assert conn.execute(query).fetchone()[-2:] == ("processing", "/v2.mp4")
+
+
+def test_faces_need_their_frame(conn: psycopg.Connection) -> None:
+    storage.migrate(conn)
+    with pytest.raises(psycopg.errors.ForeignKeyViolation):
+        conn.execute("INSERT INTO faces VALUES ('nope', 1, 0, 0, 0, 1, 1, 0.5)")
