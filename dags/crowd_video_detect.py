@@ -1,0 +1,46 @@
+"""Manual run: one video chosen in the trigger form -> face detection -> Kafka ``Faces``."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import Param, dag
+
+from crowd.tasks import DETECTION_PARAMS, detect_and_publish, finish_videos, plan_requested_video
+
+DOC = """
+### Detect faces in one video
+
+Trigger with **`video_path`**: an existing `.mp4` file inside `CROWD_VIDEO_ROOTS` (paths with `..` or
+symlinks that lead outside the roots are refused). Optional: `frame_interval`, `confidence`, `tiles`, `model`.
+The first task checks the parameters and fails with the reason when they are wrong. Long videos are split
+into frame ranges processed by parallel mapped tasks; every frame's result goes to the Kafka topic `Faces`.
+The video is processed even if it was processed before (the sink is idempotent).
+"""
+
+
+@dag(
+    dag_id="crowd_video_detect",
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    tags=["crowd", "detection", "manual"],
+    doc_md=DOC,
+    params={
+        "video_path": Param(
+            type="string",
+            minLength=1,
+            pattern=r"(?i)\.mp4$",
+            description="Path of an .mp4 file inside the configured video roots.",
+        ),
+        **DETECTION_PARAMS,
+    },  # fmt: skip
+    default_args={"owner": "crowd", "retries": 2, "retry_delay": timedelta(seconds=30)},
+)
+def crowd_video_detect():
+    work_items = plan_requested_video()
+    published = detect_and_publish.expand(item=work_items)
+    finish_videos(work_items, published)
+
+
+crowd_video_detect()

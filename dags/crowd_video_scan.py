@@ -1,0 +1,44 @@
+"""Scheduled scan: new videos in the watched folders -> face detection -> Kafka ``Faces``."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import dag
+
+from crowd.config import load_settings
+from crowd.tasks import DETECTION_PARAMS, detect_and_publish, finish_videos, scan_video_folders
+
+DOC = """
+### Scan the video folders and detect faces in new videos
+
+Every run lists the `.mp4` files under `CROWD_VIDEO_ROOTS`, skips the ones already processed (known by
+content hash, so a renamed copy is skipped and a changed file is new), splits each new video into frame
+ranges of `CROWD_FRAMES_PER_TASK` frames, and runs one **mapped** detection task per range. Each task
+publishes one message per sampled frame to the Kafka topic `Faces` (key = video id), and the
+`crowd_faces_ingest` DAG stores them in PostgreSQL.
+
+A corrupt or unreadable video fails its own mapped task (no retries: the log says why) and is recorded as
+failed in the `videos` table; the other videos go on. `finish_videos` marks a video done when all its parts
+were published. Schedule: `CROWD_SCAN_SCHEDULE` (default every 5 minutes).
+"""
+
+
+@dag(
+    dag_id="crowd_video_scan",
+    schedule=load_settings().scan_schedule,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    tags=["crowd", "detection"],
+    doc_md=DOC,
+    params=DETECTION_PARAMS,
+    default_args={"owner": "crowd", "retries": 2, "retry_delay": timedelta(seconds=30)},
+)
+def crowd_video_scan():
+    work_items = scan_video_folders()
+    published = detect_and_publish.expand(item=work_items)
+    finish_videos(work_items, published)
+
+
+crowd_video_scan()

@@ -1,0 +1,264 @@
+"""Detection jobs: find new videos, split them into frame ranges, detect and publish one range, finish videos.
+
+Plain functions (no Airflow imports) so they can be tested and benchmarked on their own; ``crowd.tasks``
+wraps them as Airflow tasks. Data flows one way: video -> detection -> message -> Kafka, and the video
+registry in PostgreSQL records what was processed (by content hash) and why a video failed.
+
+Example:
+    >>> items = find_new_videos(load_settings())                     # doctest: +SKIP
+    >>> results = [detect_and_publish(item, DetectOptions()) for item in items]   # doctest: +SKIP
+    >>> finish_videos(items, results)                                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crowd import storage
+from crowd.config import ConfigError, Settings, load_settings
+from crowd.detection import build_detector
+from crowd.kafka import DeliveryTracker, reliable_producer
+from crowd.messages import FaceMessage
+from crowd.pipeline import process_video
+from crowd.video import VideoError, check_file, content_hash, probe_video, split_ranges
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIX = ".mp4"
+
+
+class BadVideoError(RuntimeError):
+    """The video itself is unusable (missing, corrupt, outside the roots): retrying cannot help."""
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One detection task's share of a video: frames ``[start, stop)`` (``stop`` None = to the end)."""
+
+    path: str
+    video_id: str
+    start: int = 0
+    stop: int | None = None
+    part: int = 0
+    parts: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    """Per-run detection choices (the DAG params)."""
+
+    frame_interval: int | None = None
+    confidence: float | None = None
+    tiles: bool = False
+    model: str | None = None
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> DetectOptions:
+        """Build from DAG params, validating types and ranges with messages that name the param."""
+        interval = params.get("frame_interval")
+        if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
+            raise ConfigError(f"frame_interval={interval!r}: use a whole number >= 1, or leave it empty for fps/3")
+        confidence = params.get("confidence")
+        if confidence is not None and not (isinstance(confidence, int | float) and 0 < confidence <= 1):
+            raise ConfigError(f"confidence={confidence!r}: use a number in (0, 1]")
+        model = params.get("model") or None
+        if model not in (None, "auto", "yolov3", "mtcnn", "yolov3-tiny"):
+            raise ConfigError(f"model={model!r}: use auto, yolov3, mtcnn or yolov3-tiny")
+        return cls(frame_interval=interval, confidence=confidence, tiles=bool(params.get("tiles")), model=model)
+
+
+@dataclass
+class _Publisher:
+    """Hands every message to Kafka, keyed by video id, and fails fast on the first failed delivery."""
+
+    producer: Any
+    topic: str
+    tracker: DeliveryTracker = field(default_factory=DeliveryTracker)
+    sent: int = 0
+
+    def __call__(self, message: FaceMessage) -> None:
+        self.producer.produce(
+            self.topic, key=message.video_id.encode(), value=message.to_json(), on_delivery=self.tracker.callback
+        )
+        self.sent += 1
+        self.producer.poll(0)  # serve delivery reports as we go
+        if self.tracker.failed:
+            self.tracker.wait(self.producer, timeout_s=1)  # raises PublishError with the broker's reason
+
+
+def list_videos(roots: Iterable[Path]) -> list[Path]:
+    """Every ``*.mp4`` regular file under ``roots``, sorted; symlinks leading outside the roots are left out."""
+    roots = [Path(r) for r in roots]
+    found: set[Path] = set()
+    for root in roots:
+        if not root.is_dir():
+            log.warning("video root %s does not exist or is not a folder; skipping it", root)
+            continue
+        for path in root.rglob(f"*{VIDEO_SUFFIX}"):
+            resolved = path.resolve()
+            if not any(resolved.is_relative_to(r) for r in roots):
+                log.warning("skipping %s: it points outside the video roots (%s)", path, resolved)
+            elif resolved.is_file():
+                found.add(path)
+    return sorted(found)
+
+
+def plan_video(path: Path, video_id: str, settings: Settings) -> list[WorkItem]:
+    """Split one video into work items of at most ``settings.frames_per_task`` frames.
+
+    A video whose metadata cannot be read gets one item: its task fails with the reason and records it.
+    """
+    try:
+        info = probe_video(path)
+    except VideoError as exc:
+        log.warning("%s cannot be probed (%s); its detection task will record the failure", path, exc)
+        return [WorkItem(str(path), video_id)]
+    if not info.frame_count:
+        return [WorkItem(str(path), video_id)]
+    ranges = split_ranges(info.frame_count, settings.frames_per_task)
+    return [WorkItem(str(path), video_id, a, b, i, len(ranges)) for i, (a, b) in enumerate(ranges)]
+
+
+def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
+    """Work items for every video under the roots whose content was not processed yet.
+
+    Videos are known by content hash: a renamed copy of a processed (or failed) video is skipped, a changed
+    file is new. Two copies of the same content found in one scan are processed once.
+    """
+    settings = settings or load_settings()
+    items: list[WorkItem] = []
+    seen: dict[str, Path] = {}
+    skipped = 0
+    with storage.connect(settings.postgres_conn_id) as conn:
+        storage.migrate(conn)
+        for path in list_videos(settings.video_roots):
+            try:
+                video_id = content_hash(path)
+            except OSError as exc:
+                log.warning("cannot read %s to hash it (%s); skipping it this time", path, exc)
+                continue
+            if video_id in seen:
+                log.info("%s has the same content as %s; processing it once", path, seen[video_id])
+                continue
+            seen[video_id] = path
+            status = storage.get_video_status(conn, video_id)
+            if status in ("done", "failed"):
+                skipped += 1
+                log.info("skipping %s: video %s already %s", path.name, video_id, status)
+                continue
+            items.extend(plan_video(path, video_id, settings))
+    log.info(
+        "scan of %s: %d new video(s) in %d task(s), %d already processed",
+        ", ".join(map(str, settings.video_roots)), len({i.video_id for i in items}), len(items), skipped,
+    )  # fmt: skip
+    return items
+
+
+def plan_requested_video(video_path: str, settings: Settings | None = None) -> list[WorkItem]:
+    """Work items for one user-given path, after checking it is an existing ``.mp4`` inside the roots.
+
+    Raises:
+        ConfigError: outside the roots, missing, not a file, or not ``.mp4``.
+    """
+    settings = settings or load_settings()
+    path = settings.check_video_path(video_path)
+    if path.suffix.lower() != VIDEO_SUFFIX:
+        raise ConfigError(f"video path {video_path!r} is not an .mp4 file")
+    return plan_video(path, content_hash(path), settings)
+
+
+def detect_and_publish(item: WorkItem, options: DetectOptions, settings: Settings | None = None) -> dict[str, Any]:
+    """Detect faces on the sampled frames of one work item and publish one message per frame to Kafka.
+
+    Every delivery is confirmed before this returns (a failed one raises :class:`~crowd.kafka.PublishError`).
+    Re-running it publishes the same keys and ids, so the sink stays idempotent.
+
+    Raises:
+        BadVideoError: the video cannot be read (recorded as failed in the registry first).
+        PublishError: Kafka did not acknowledge every message (retry the task).
+    """
+    settings = settings or load_settings()
+    path = Path(item.path)
+    with storage.connect(settings.postgres_conn_id) as conn:
+        try:
+            settings.check_video_path(path)
+            check_file(path)
+            info = probe_video(path)
+        except (ConfigError, VideoError) as exc:
+            storage.mark_video_failed(conn, item.video_id, str(path), str(exc))
+            raise BadVideoError(f"video {path.name} ({item.video_id}) failed: {exc}") from exc
+        detector = build_detector(options.model, settings, conf_threshold=options.confidence, tiles=options.tiles)
+        if item.part == 0:
+            storage.mark_video_processing(
+                conn, item.video_id, str(path), fps=info.fps, frame_count=info.frame_count, width=info.width,
+                height=info.height, size_bytes=path.stat().st_size, model=detector.name,
+            )  # fmt: skip
+    log.info(
+        "video %s: %.1f MB, %dx%d, %g fps, %s frames; part %d/%d = frames [%d, %s); model %s; topic %s",
+        path.name, path.stat().st_size / 1e6, info.width, info.height, info.fps, info.frame_count,
+        item.part + 1, item.parts, item.start, item.stop if item.stop is not None else "end", detector.name,
+        settings.faces_topic,
+    )  # fmt: skip
+    publisher = _Publisher(reliable_producer(settings.kafka_conn_id, timeout_s=settings.publish_timeout_s),
+                           settings.faces_topic)  # fmt: skip
+    pictures_dir = settings.results_dir / item.video_id
+    if item.parts > 1:
+        pictures_dir = pictures_dir / f"part-{item.part:04d}"
+    started = time.perf_counter()
+    summary = process_video(
+        path, detector, frame_interval=options.frame_interval, frame_range=(item.start, item.stop),
+        on_message=publisher, pictures_dir=pictures_dir, video_id=item.video_id,
+    )  # fmt: skip
+    delivered = publisher.tracker.wait(publisher.producer, timeout_s=settings.publish_timeout_s)
+    log.info(
+        "summary %s part %d/%d: %d frames, %d faces, max %d at %.1f s (frame %s), %d messages delivered to %s, "
+        "%.1f s wall",
+        path.name, item.part + 1, item.parts, summary.frames_processed, summary.faces_total, summary.max_faces,
+        (summary.max_faces_ts_ms or 0) / 1000, summary.max_faces_frame_id, delivered, settings.faces_topic,
+        time.perf_counter() - started,
+    )  # fmt: skip
+    for kind, picture in (summary.pictures or {}).items():
+        if picture:
+            log.info("picture %s: %s", kind, picture)
+    if summary.stopped_early:
+        with storage.connect(settings.postgres_conn_id) as conn:
+            storage.mark_video_failed(conn, item.video_id, str(path), summary.error or "stopped early")
+        raise BadVideoError(
+            f"video {path.name} ({item.video_id}) is corrupt after frame {summary.last_frame_id}: {summary.error}; "
+            f"the {delivered} frames before it were published"
+        )
+    return {**item.to_dict(), "frames": summary.frames_processed, "faces": summary.faces_total,
+            "max_faces": summary.max_faces, "messages": delivered}  # fmt: skip
+
+
+def finish_videos(
+    items: Iterable[WorkItem], results: Iterable[dict[str, Any] | None], settings: Settings | None = None
+) -> dict[str, list[str]]:
+    """Mark ``done`` every video all of whose parts succeeded; the others stay failed or in processing.
+
+    Returns:
+        ``{"done": [...], "incomplete": [...]}`` video ids.
+    """
+    settings = settings or load_settings()
+    parts_needed: dict[str, int] = {}
+    for item in items:
+        parts_needed[item.video_id] = item.parts
+    parts_done: dict[str, set[int]] = {}
+    for result in results:
+        if result:
+            parts_done.setdefault(result["video_id"], set()).add(result["part"])
+    done = sorted(v for v, n in parts_needed.items() if len(parts_done.get(v, ())) == n)
+    incomplete = sorted(set(parts_needed) - set(done))
+    with storage.connect(settings.postgres_conn_id) as conn:
+        for video_id in done:
+            storage.mark_video_done(conn, video_id)
+    log.info("videos done: %d %s; incomplete or failed: %d %s", len(done), done, len(incomplete), incomplete)
+    return {"done": done, "incomplete": incomplete}

@@ -1,0 +1,78 @@
+"""Airflow tasks of the detection DAGs: thin wrappers that turn job results and errors into task outcomes.
+
+A bad video (missing, corrupt, outside the roots) fails its own task at once, without retries, after the
+registry recorded why; a Kafka delivery failure fails the task so that Airflow retries it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import Asset, Param, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
+
+from crowd import jobs
+from crowd.config import ConfigError, load_settings
+
+#: The ``Faces`` topic as an Airflow asset: detection tasks declare it as their outlet, so DAGs can be
+#: scheduled on it. Its name is fixed; the topic it stands for is ``CROWD_FACES_TOPIC``.
+FACES_ASSET = Asset(name="crowd_faces", uri="kafka://crowd/faces")
+
+#: Trigger-form parameters shared by the detection DAGs (checked again by ``DetectOptions.from_params``).
+DETECTION_PARAMS = {
+    "frame_interval": Param(None, type=["null", "integer"], minimum=1,
+                            description="Process every N-th frame; empty = fps/3 (3 frames per second)."),
+    "confidence": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=1,
+                        description="Detection confidence threshold; empty = the model's default."),
+    "tiles": Param(False, type="boolean", description="Tiled inference for small faces in large frames."),
+    "model": Param("auto", enum=["auto", "yolov3", "mtcnn", "yolov3-tiny"],
+                   description="auto = YOLOv3 face weights if installed, else the offline MTCNN face model."),
+}  # fmt: skip
+
+
+def _options() -> jobs.DetectOptions:
+    try:
+        return jobs.DetectOptions.from_params(dict(get_current_context()["params"]))
+    except ConfigError as exc:
+        raise AirflowFailException(f"invalid parameter: {exc}") from exc
+
+
+@task
+def scan_video_folders() -> list[dict[str, Any]]:
+    """List the new videos under the configured roots and split them into work items."""
+    return [item.to_dict() for item in jobs.find_new_videos(load_settings())]
+
+
+@task
+def plan_requested_video() -> list[dict[str, Any]]:
+    """Check the ``video_path`` param (an existing .mp4 inside the roots) and split it into work items."""
+    params = get_current_context()["params"]
+    _options()  # refuse bad params before any work
+    try:
+        return [item.to_dict() for item in jobs.plan_requested_video(params["video_path"], load_settings())]
+    except ConfigError as exc:
+        raise AirflowFailException(f"invalid video_path: {exc}") from exc
+
+
+@task(outlets=[FACES_ASSET], map_index_template="{{ work_item_label }}")
+def detect_and_publish(item: dict[str, Any]) -> dict[str, Any]:
+    """Detect faces on one work item's frames and publish them to the Faces topic."""
+    name = item["path"].rsplit("/", 1)[-1]
+    label = name if item.get("parts", 1) == 1 else f"{name} part {item['part'] + 1}/{item['parts']}"
+    get_current_context()["work_item_label"] = label  # type: ignore[typeddict-unknown-key]
+    try:
+        return jobs.detect_and_publish(jobs.WorkItem(**item), _options(), load_settings())
+    except jobs.BadVideoError as exc:
+        raise AirflowFailException(str(exc)) from exc
+
+
+@task(trigger_rule="all_done")
+def finish_videos(items: list[dict[str, Any]], results: list[dict[str, Any] | None]) -> dict[str, list[str]]:
+    """Mark done the videos whose every part was published; fail (so the run shows failed) if any is not."""
+    outcome = jobs.finish_videos([jobs.WorkItem(**i) for i in items], list(results), load_settings())
+    if outcome["incomplete"]:
+        raise AirflowFailException(
+            f"{len(outcome['incomplete'])} video(s) not completed (see the failed detect_and_publish tasks): "
+            f"{', '.join(outcome['incomplete'])}; {len(outcome['done'])} done"
+        )
+    return outcome

