@@ -25,6 +25,7 @@ import csv
 import io
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -35,9 +36,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
 
+import psycopg
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -51,10 +53,12 @@ MAX_PAGE = 1000
 MAX_WAIT_S = 5.0
 SEND_TIMEOUT_S = 5.0
 KAFKA_PROBE_TTL_S = 5.0
+INGEST_GROUP_ID = "crowd-ingest"  # crowd.ingest.DEFAULT_GROUP_ID: whose stored offsets give the ingest lag
 DASHBOARD_HTML = Path(__file__).with_name("dashboard.html")
 
 VIDEO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
-IMAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.png$"
+IMAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.(png|jpg|jpeg)$"
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 _CONSUMER_ONLY = frozenset({"group.id", "enable.auto.commit", "auto.offset.reset", "enable.auto.offset.store"})
 
 VideoId = Annotated[str, PathParam(pattern=VIDEO_ID_PATTERN, description="video id (content hash)")]
@@ -177,7 +181,7 @@ class FrameFaces(BaseModel):
 
 
 class ImageList(BaseModel):
-    """PNG pictures of a video found under the results folder."""
+    """Pictures (PNG, JPEG) of a video found under the results folder."""
 
     video_id: str
     images: list[str]
@@ -197,6 +201,7 @@ class ReceiverHealth(BaseModel):
     dropped: int = 0
     errors: int = 0
     lag: int | None = None
+    assigned_partitions: list[int] = Field(default_factory=list)
     last_error: str | None = None
 
 
@@ -283,16 +288,10 @@ def kafka_client_config(conn_id: str) -> dict[str, Any]:
 
 
 def pg_connect(settings: Settings) -> Any:
-    """A psycopg connection to the results database (``crowd.storage.connect`` when it exists)."""
-    try:
-        from crowd import storage
-    except ImportError:
-        storage = None  # type: ignore[assignment]
-    if storage is not None and hasattr(storage, "connect"):
-        return storage.connect(settings.postgres_conn_id)
-    from airflow.providers.postgres.hooks.postgres import PostgresHook
+    """A psycopg 3 connection to the results database (the caller closes it)."""
+    from crowd import storage
 
-    return PostgresHook(postgres_conn_id=settings.postgres_conn_id).get_conn()
+    return storage.connect(settings.postgres_conn_id)
 
 
 class KafkaProbe:
@@ -346,21 +345,26 @@ def _rows(conn: Any, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) ->
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
-_VIDEO_SELECT = """
-SELECT v.id AS video_id, v.path, v.status, v.error, v.model, v.fps, v.frame_count, v.width, v.height,
-       v.created_at, v.updated_at, v.finished_at,
-       COALESCE(s.frames, 0) AS frames, COALESCE(s.total_faces, 0) AS total_faces,
-       s.max_faces, s.mean_faces, p.frame_id AS peak_frame_id, p.frame_ts_ms AS peak_ts_ms
-FROM videos v
-LEFT JOIN (
-    SELECT video_id, count(*) AS frames, sum(total_faces) AS total_faces, max(total_faces) AS max_faces,
-           avg(total_faces)::float8 AS mean_faces
-    FROM frames GROUP BY video_id
-) s ON s.video_id = v.id
-LEFT JOIN LATERAL (
-    SELECT f.frame_id, f.frame_ts_ms FROM frames f WHERE f.video_id = v.id
-    ORDER BY f.total_faces DESC, f.frame_id LIMIT 1
-) p ON TRUE
+# Every video known from the registry (videos) or from stored frames (frames may arrive before the registry
+# row), with the statistics of the storage's video_summary view.
+_VIDEO_QUERY = """
+WITH ids AS (SELECT id AS video_id FROM videos UNION SELECT video_id FROM video_summary)
+SELECT i.video_id, v.path, v.status, v.error, COALESCE(v.model, s.model) AS model, v.fps, v.frame_count,
+       v.width, v.height, COALESCE(v.created_at, s.last_ingested_at) AS created_at, v.updated_at, v.finished_at,
+       COALESCE(s.frames, 0) AS frames, COALESCE(s.total_faces, 0) AS total_faces, s.max_faces, s.mean_faces,
+       s.peak_frame_id, s.peak_ts_ms
+FROM ids i
+LEFT JOIN videos v ON v.id = i.video_id
+LEFT JOIN video_summary s ON s.video_id = i.video_id
+WHERE (%(video_id)s::text IS NULL OR i.video_id = %(video_id)s)
+  AND (%(status)s::text IS NULL OR v.status = %(status)s)
+ORDER BY COALESCE(v.created_at, s.last_ingested_at) DESC NULLS LAST, i.video_id
+LIMIT %(limit)s OFFSET %(offset)s
+"""
+_VIDEO_COUNT = """
+WITH ids AS (SELECT id AS video_id FROM videos UNION SELECT video_id FROM frames)
+SELECT count(*) AS n FROM ids i LEFT JOIN videos v ON v.id = i.video_id
+WHERE (%(status)s::text IS NULL OR v.status = %(status)s)
 """
 
 
@@ -380,11 +384,6 @@ def db(request: Request) -> Iterator[Any]:
 Db = Annotated[Any, Depends(db)]
 
 
-_STATUS_WHERE = " WHERE (%(status)s::text IS NULL OR v.status = %(status)s)"
-_VIDEO_COUNT = "SELECT count(*) AS n FROM videos v WHERE (%(status)s::text IS NULL OR v.status = %(status)s)"
-_VIDEO_ORDER = " ORDER BY v.created_at DESC, v.id LIMIT %(limit)s OFFSET %(offset)s"
-
-
 # ---- the app ------------------------------------------------------------------------------------------------
 
 
@@ -400,9 +399,11 @@ def create_app(
 
     Args:
         start_receiver: start the background consumer in the lifespan.
-        max_queue: bound of the ``/receive`` queue (default :data:`crowd.receiver.DEFAULT_MAX_QUEUE`).
+        max_queue: bound of the ``/receive`` queue (default: ``CROWD_RECEIVER_MAX_QUEUE``, else
+            :data:`crowd.receiver.DEFAULT_MAX_QUEUE`).
         send_timeout_s: how long ``/send`` waits for the broker's acknowledgement before answering 503.
-        receiver_group_id: consumer group of the receiver (default ``crowd-api-receiver``).
+        receiver_group_id: consumer group of the receiver (default: ``CROWD_RECEIVER_GROUP``, else
+            ``crowd-api-receiver``).
         settings_factory: where settings come from (read again at each lifespan start and each request).
     """
     from airflow.api_fastapi.core_api.security import requires_authenticated
@@ -424,8 +425,8 @@ def create_app(
                 receiver = MessageReceiver(
                     bootstrap,
                     settings.messages_topic,
-                    group_id=receiver_group_id or DEFAULT_GROUP_ID,
-                    max_queue=max_queue or DEFAULT_MAX_QUEUE,
+                    group_id=receiver_group_id or os.environ.get("CROWD_RECEIVER_GROUP") or DEFAULT_GROUP_ID,
+                    max_queue=max_queue or int(os.environ.get("CROWD_RECEIVER_MAX_QUEUE") or DEFAULT_MAX_QUEUE),
                 )
                 receiver.start()
                 app.state.receiver = receiver
@@ -451,11 +452,22 @@ def create_app(
         dependencies=[Depends(requires_authenticated())],
     )
     app.state.settings_factory = settings_factory
+    app.add_exception_handler(psycopg.Error, _database_error)
     app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     _add_message_routes(app, send_timeout_s, settings_factory)
     _add_result_routes(app, settings_factory)
     _add_ops_routes(app, settings_factory)
     return app
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """psycopg errors become 503 with the reason (missing schema, server gone), never a bare 500."""
+    if isinstance(exc, psycopg.errors.UndefinedTable):
+        detail = f"results schema missing in PostgreSQL ({exc}); run the ingest DAG once, it migrates the schema"
+    else:
+        detail = f"PostgreSQL error: {type(exc).__name__}: {str(exc).strip()[:300]}"
+    log.warning("crowd API %s %s: %s", request.method, request.url.path, detail)
+    return JSONResponse({"detail": detail}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
 
 
 def requires_dag_run_trigger() -> Callable[..., None]:
@@ -568,7 +580,7 @@ async def _sleep(seconds: float) -> None:
 
 def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -> None:
     def one_video(conn: Any, video_id: str) -> dict[str, Any]:
-        rows = _rows(conn, _VIDEO_SELECT + " WHERE v.id = %s", (video_id,))
+        rows = _rows(conn, _VIDEO_QUERY, {"video_id": video_id, "status": None, "limit": 1, "offset": 0})
         if not rows:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no video with id {video_id!r}")
         return rows[0]
@@ -580,9 +592,9 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
         offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
         status_filter: Annotated[str | None, Query(alias="status", max_length=32)] = None,
     ) -> VideoList:
-        params = {"status": status_filter, "limit": limit, "offset": offset}
+        params = {"video_id": None, "status": status_filter, "limit": limit, "offset": offset}
         total = _rows(conn, _VIDEO_COUNT, params)[0]["n"]
-        rows = _rows(conn, _VIDEO_SELECT + _STATUS_WHERE + _VIDEO_ORDER, params)
+        rows = _rows(conn, _VIDEO_QUERY, params)
         return VideoList(items=[VideoSummary(**r) for r in rows], total=total, limit=limit, offset=offset)
 
     @app.get("/videos/{video_id}", response_model=VideoSummary, summary="One video's summary")
@@ -677,7 +689,7 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
     def list_images(video_id: VideoId) -> ImageList:
         folder = video_dir(video_id)
         names = (
-            sorted(p.name for p in folder.glob("*.png") if re.match(IMAGE_NAME_PATTERN, p.name))
+            sorted(p.name for p in folder.iterdir() if re.match(IMAGE_NAME_PATTERN, p.name) and p.is_file())
             if folder.is_dir()
             else []
         )
@@ -686,7 +698,7 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
     @app.get(
         "/videos/{video_id}/images/{name}",
         response_class=FileResponse,
-        responses={200: {"content": {"image/png": {}}, "description": "the PNG file"}, 404: {}},
+        responses={200: {"content": {"image/png": {}, "image/jpeg": {}}, "description": "the picture"}, 404: {}},
         summary="One PNG picture (heatmap, annotated peak frame, faces over time)",
     )
     def get_image(video_id: VideoId, name: Annotated[str, PathParam(pattern=IMAGE_NAME_PATTERN)]) -> FileResponse:
@@ -694,7 +706,9 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
         path = (folder / name).resolve()
         if not path.is_relative_to(folder) or not path.is_file():
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no picture {name!r} for video {video_id!r}")
-        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
+        return FileResponse(
+            path, media_type=IMAGE_TYPES[path.suffix.lower()], headers={"Cache-Control": "private, max-age=60"}
+        )
 
 
 def _add_ops_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -> None:
@@ -715,14 +729,15 @@ def _add_ops_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -> N
             dropped=s.dropped,
             errors=s.errors,
             lag=s.lag,
+            assigned_partitions=s.assigned_partitions,
             last_error=s.last_error,
         )
 
     def ingest_offsets(conn: Any, topic: str) -> dict[int, int]:
         rows = _rows(
             conn,
-            "SELECT partition, max(next_offset) AS n FROM kafka_offsets WHERE topic = %s GROUP BY partition",
-            (topic,),
+            "SELECT partition, next_offset AS n FROM kafka_offsets WHERE topic = %s AND consumer_group = %s",
+            (topic, INGEST_GROUP_ID),
         )
         return {r["partition"]: r["n"] for r in rows}
 

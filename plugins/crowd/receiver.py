@@ -18,6 +18,8 @@ Design decisions:
   topic's partitions are split between workers and a ``/receive`` call sees the messages of the partitions its
   worker owns. With one partition, one worker gets all messages. Use one worker (the default) for the seed's
   behaviour.
+* **Compression**: producers here use lz4 (:data:`crowd.kafka.PRODUCER_RELIABILITY`), so kafka-python needs the
+  ``lz4`` package to decode; without it every poll fails and the receiver keeps retrying (``last_error`` says so).
 * **Broker restarts**: kafka-python reconnects by itself; any other error closes the consumer and a new one is
   made after a back-off (1 s doubling to 30 s), until :meth:`MessageReceiver.stop`.
 
@@ -202,8 +204,8 @@ class MessageReceiver:
             try:
                 consumer = self._make_consumer()
                 log.info("receiver consuming %s as group %s", self.topic, self.group_id)
-                backoff = 1.0
-                self._consume(consumer)
+                if self._consume(consumer):
+                    backoff = 1.0  # it worked for a while: retry quickly after the next failure
             except Exception as exc:  # noqa: BLE001 - the thread must survive any client error
                 with self._lock:
                     self._stats.errors += 1
@@ -224,10 +226,13 @@ class MessageReceiver:
         with self._lock:
             self._stats.connected = False
 
-    def _consume(self, consumer: Any) -> None:
+    def _consume(self, consumer: Any) -> bool:
+        """Poll until stopped; returns whether at least one poll succeeded (errors propagate)."""
         next_lag = 0.0
+        polled = False
         while not self._stop.is_set():
             batches = consumer.poll(timeout_ms=300, max_records=500)
+            polled = True
             for records in batches.values():
                 for record in records:
                     self.offer(
@@ -244,6 +249,7 @@ class MessageReceiver:
             if now >= next_lag:
                 next_lag = now + _LAG_EVERY_S
                 self._update_lag(consumer)
+        return polled
 
     def _update_lag(self, consumer: Any) -> None:
         """Lag = end offset - position, summed over the assigned partitions; a failed broker call = disconnected."""

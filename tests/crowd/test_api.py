@@ -1,0 +1,329 @@
+"""The crowd plugin's HTTP API, in the Airflow API server app (plugins loaded), against real Kafka and PostgreSQL."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.crowd.api_fixtures import *  # noqa: F403 - the fixtures
+from tests.crowd.api_fixtures import FRAME_STEP, SEED_COUNTS, SEED_VIDEO, auth, seed_results, wait_receiver_ready
+
+pytestmark = [pytest.mark.services]
+
+V = SEED_VIDEO
+# Every plugin route with a request that reaches it. test_every_route_is_listed keeps this complete.
+ROUTES = [
+    pytest.param("POST", "/crowd/send", {"content": "hi", "sender": "t"}, id="send"),
+    pytest.param("GET", "/crowd/receive", None, id="receive"),
+    pytest.param("GET", "/crowd/videos", None, id="videos"),
+    pytest.param("GET", f"/crowd/videos/{V}", None, id="video"),
+    pytest.param("GET", f"/crowd/videos/{V}/frames", None, id="frames"),
+    pytest.param("GET", f"/crowd/videos/{V}/frames/0/faces", None, id="faces"),
+    pytest.param("GET", f"/crowd/videos/{V}/frames.csv", None, id="frames-csv"),
+    pytest.param("GET", f"/crowd/videos/{V}/faces.csv", None, id="faces-csv"),
+    pytest.param("GET", f"/crowd/videos/{V}/images", None, id="images"),
+    pytest.param("GET", f"/crowd/videos/{V}/images/heatmap.png", None, id="image"),
+    pytest.param("GET", "/crowd/health", None, id="health"),
+    pytest.param("GET", "/crowd/metrics", None, id="metrics"),
+    pytest.param("GET", "/crowd/dashboard", None, id="dashboard"),
+]
+
+
+@contextmanager
+def open_client(app: Any):
+    """A TestClient whose lifespan starts after the test changed the environment."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def call(client: Any, method: str, path: str, body: Any, headers: dict[str, str] | None = None) -> Any:
+    return client.request(method, path, json=body, headers=headers or {})
+
+
+def test_every_route_is_listed(airflow_app: Any) -> None:
+    from fastapi.routing import APIRoute
+    from starlette.routing import Mount
+
+    mount = next(r for r in airflow_app.routes if isinstance(r, Mount) and r.path == "/crowd")
+    served = {(m, "/crowd" + r.path) for r in mount.app.routes if isinstance(r, APIRoute) for m in r.methods}
+    listed = {(p.values[0], p.values[1].replace(V, "{video_id}").replace("/0/", "/{frame_id}/")) for p in ROUTES}
+    listed = {(m, p.replace("/images/heatmap.png", "/images/{name}")) for m, p in listed}
+    assert served == listed
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES)
+def test_route_needs_a_token(client: Any, method: str, path: str, body: Any) -> None:
+    response = call(client, method, path, body)
+    assert response.status_code == 401, response.text
+    bad = call(client, method, path, body, {"Authorization": "Bearer not-a-jwt"})
+    assert bad.status_code in (401, 403), bad.text
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES)
+def test_viewer_reads_but_cannot_send(client: Any, method: str, path: str, body: Any) -> None:
+    response = call(client, method, path, body, auth(client, "viewer"))
+    if path == "/crowd/send":
+        assert response.status_code == 403, response.text
+        assert "trigger DAG runs" in response.json()["detail"]
+    else:
+        assert response.status_code in (200, 404), response.text
+
+
+@pytest.mark.parametrize("username", [pytest.param(u, id=u) for u in ("user", "op", "admin")])
+def test_roles_that_trigger_dags_can_send(client: Any, messages_topic: str, username: str) -> None:
+    response = client.post("/crowd/send", json={"content": "x", "sender": username}, headers=auth(client, username))
+    assert response.status_code == 200, response.text
+    assert response.json()["topic"] == messages_topic
+
+
+def test_send_then_receive_round_trip(client: Any, messages_topic: str) -> None:
+    headers = auth(client, "user")
+    wait_receiver_ready(client, headers)
+    sent = []
+    for i in range(3):
+        response = client.post("/crowd/send", json={"content": f"hello {i}", "sender": "alice"}, headers=headers)
+        assert response.status_code == 200, response.text
+        sent.append(response.json())
+    assert [s["partition"] for s in sent] == [0, 0, 0]
+    assert [s["offset"] for s in sent] == [sent[0]["offset"] + i for i in range(3)]
+
+    received: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 20
+    while len(received) < 3 and time.monotonic() < deadline:
+        received += client.get("/crowd/receive", params={"limit": 10, "wait_s": 2}, headers=headers).json()["messages"]
+    assert [m["offset"] for m in received] == [s["offset"] for s in sent]
+    assert [m["value"]["content"] for m in received] == ["hello 0", "hello 1", "hello 2"]
+    assert all(m["key"] == "alice" and m["topic"] == messages_topic for m in received)
+
+    again = client.get("/crowd/receive", params={"wait_s": 1}, headers=headers).json()
+    assert again["messages"] == [] and again["remaining"] == 0, "delivered messages came back"
+
+
+def test_receive_is_non_blocking_by_default(client: Any) -> None:
+    headers = auth(client, "viewer")
+    started = time.monotonic()
+    response = client.get("/crowd/receive", headers=headers)
+    assert response.status_code == 200
+    assert time.monotonic() - started < 1.0
+
+
+def test_queue_bound_holds_under_a_burst(
+    airflow_app: Any, messages_topic: str, pg_schema: str, results_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crowd.kafka import DeliveryTracker, reliable_producer
+
+    bound = 20
+    monkeypatch.setenv("CROWD_RECEIVER_MAX_QUEUE", str(bound))
+    with open_client(airflow_app) as c:
+        headers = auth(c, "viewer")
+        wait_receiver_ready(c, headers)
+        producer, tracker = reliable_producer("kafka_default", timeout_s=20), DeliveryTracker()
+        for i in range(5 * bound):
+            producer.produce(messages_topic, value=json.dumps({"n": i}).encode(), on_delivery=tracker.callback)
+        tracker.wait(producer, timeout_s=20)
+        deadline = time.monotonic() + 20
+        while (receiver := c.get("/crowd/health", headers=headers).json()["receiver"])["consumed"] < 5 * bound:
+            assert time.monotonic() < deadline, f"receiver did not read the burst: {receiver}"
+            time.sleep(0.2)
+        health = c.get("/crowd/health", headers=headers).json()["receiver"]
+        assert health["queued"] == bound and health["dropped"] == 4 * bound
+        body = c.get("/crowd/receive", params={"limit": 1000}, headers=headers).json()
+        assert [m["value"]["n"] for m in body["messages"]] == list(range(4 * bound, 5 * bound)), "not the newest"
+        assert body["dropped_total"] == 4 * bound
+        metrics = c.get("/crowd/metrics", headers=headers).text
+        assert f"crowd_receiver_messages_dropped_total {4 * bound}.0" in metrics
+
+
+def test_receiver_stops_with_the_server(
+    airflow_app: Any, messages_topic: str, pg_schema: str, results_dir: Path
+) -> None:
+    with open_client(airflow_app) as c:
+        wait_receiver_ready(c, auth(c, "viewer"))
+        assert any(t.name == f"crowd-receiver-{messages_topic}" for t in threading.enumerate())
+    assert not any(t.name == f"crowd-receiver-{messages_topic}" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "expected"),
+    [
+        pytest.param(
+            b'{"content": "' + b"x" * (64 * 1024) + b'", "sender": "a"}', "application/json", 413, id="over-64k"
+        ),
+        pytest.param(json.dumps({"content": 5, "sender": "a"}).encode(), "application/json", 422, id="content-not-str"),
+        pytest.param(json.dumps({"content": "x"}).encode(), "application/json", 422, id="no-sender"),
+        pytest.param(json.dumps({"content": "x", "sender": ""}).encode(), "application/json", 422, id="empty-sender"),
+        pytest.param(json.dumps({"content": "x", "sender": "a", "x": 1}).encode(), "application/json", 422, id="extra"),
+        pytest.param(b"not json", "application/json", 422, id="not-json"),
+    ],
+)
+def test_send_validates_input(client: Any, body: bytes, content_type: str, expected: int) -> None:
+    headers = {**auth(client, "user"), "Content-Type": content_type}
+    response = client.post("/crowd/send", content=body, headers=headers)
+    assert response.status_code == expected, response.text
+
+
+def test_send_answers_503_quickly_when_the_broker_is_down(
+    airflow_app: Any, messages_topic: str, pg_schema: str, results_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = {"conn_type": "kafka", "extra": {"bootstrap.servers": "127.0.0.1:1", "group.id": "x"}}
+    monkeypatch.setenv("AIRFLOW_CONN_KAFKA_DEFAULT", json.dumps(dead))
+    with open_client(airflow_app) as c:
+        started = time.monotonic()
+        response = c.post("/crowd/send", json={"content": "x", "sender": "a"}, headers=auth(c, "user"))
+        elapsed = time.monotonic() - started
+        assert response.status_code == 503, response.text
+        assert "Kafka" in response.json()["detail"]
+        assert elapsed < 10
+        health = c.get("/crowd/health", headers=auth(c, "viewer")).json()
+        assert health["kafka"] is False and health["status"] == "degraded"
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        pytest.param("/crowd/videos?limit=1001", 422, id="page-too-big"),
+        pytest.param("/crowd/videos?limit=0", 422, id="page-zero"),
+        pytest.param(f"/crowd/videos/{V}/frames?limit=5000", 422, id="frames-page-too-big"),
+        pytest.param("/crowd/receive?limit=100000", 422, id="receive-too-many"),
+        pytest.param("/crowd/receive?wait_s=60", 422, id="wait-too-long"),
+        pytest.param("/crowd/videos/no-such-video", 404, id="unknown-video"),
+        pytest.param(f"/crowd/videos/{V}/frames/-1/faces", 422, id="negative-frame"),
+        pytest.param("/crowd/videos/..%2f..%2fetc/images", 404, id="encoded-traversal"),
+        pytest.param(f"/crowd/videos/{V}/images/..%2f..%2fsecret.png", 404, id="image-traversal"),
+        pytest.param(f"/crowd/videos/{V}/images/notes.txt", 422, id="not-a-picture"),
+        pytest.param(f"/crowd/videos/{V}/images/missing.png", 404, id="missing-picture"),
+        pytest.param("/crowd/videos/%27%3B%20DROP%20TABLE%20frames%3B--", 422, id="sql-in-id"),
+    ],
+)
+def test_input_limits(client: Any, path: str, expected: int) -> None:
+    assert client.get(path, headers=auth(client, "viewer")).status_code == expected
+
+
+def test_symlink_out_of_results_dir_is_not_served(client: Any, results_dir: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG secret")
+    (results_dir / V).mkdir()
+    (results_dir / V / "leak.png").symlink_to(secret)
+    (results_dir / "escape").symlink_to(tmp_path)
+    headers = auth(client, "viewer")
+    assert client.get(f"/crowd/videos/{V}/images/leak.png", headers=headers).status_code == 404
+    assert client.get("/crowd/videos/escape/images/secret.png", headers=headers).status_code == 404
+
+
+def test_results_routes_return_what_the_ingest_stored(client: Any, faces_topic: str, results_dir: Path) -> None:
+    seeded = seed_results(faces_topic, results_dir)
+    headers = auth(client, "viewer")
+    mean = sum(SEED_COUNTS) / len(SEED_COUNTS)
+
+    videos = client.get("/crowd/videos", headers=headers).json()
+    assert videos["total"] == 1
+    video = videos["items"][0]
+    assert video["video_id"] == V and video["status"] == "done" and video["frames"] == len(SEED_COUNTS)
+    assert video["max_faces"] == 5 and video["total_faces"] == seeded["faces"]
+    assert video["mean_faces"] == pytest.approx(mean)
+    assert video["peak_frame_id"] == 4 * FRAME_STEP and video["peak_ts_ms"] == pytest.approx(4000.0)
+    assert client.get("/crowd/videos?status=failed", headers=headers).json()["total"] == 0
+    assert client.get(f"/crowd/videos/{V}", headers=headers).json() == video
+
+    page = client.get(f"/crowd/videos/{V}/frames", params={"limit": 4, "offset": 4}, headers=headers).json()
+    assert page["total"] == len(SEED_COUNTS)
+    assert [f["frame_id"] for f in page["items"]] == [40, 50, 60, 70]
+    assert [f["total_faces"] for f in page["items"]] == SEED_COUNTS[4:8]
+
+    frame = client.get(f"/crowd/videos/{V}/frames/40/faces", headers=headers).json()
+    assert frame["total_faces"] == 5 and [f["face_id"] for f in frame["faces"]] == [0, 1, 2, 3, 4]
+    assert frame["faces"][0] | {"confidence": 0} == {
+        "face_id": 0,
+        "x": 10,
+        "y": 20,
+        "width": 40,
+        "height": 40,
+        "confidence": 0,
+    }
+    assert client.get(f"/crowd/videos/{V}/frames/41/faces", headers=headers).status_code == 404
+
+    frames_csv = client.get(f"/crowd/videos/{V}/frames.csv", headers=headers)
+    assert frames_csv.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(frames_csv.text)))
+    assert [int(r["total_faces"]) for r in rows] == SEED_COUNTS
+    faces_rows = list(csv.DictReader(io.StringIO(client.get(f"/crowd/videos/{V}/faces.csv", headers=headers).text)))
+    assert len(faces_rows) == seeded["faces"]
+
+    images = client.get(f"/crowd/videos/{V}/images", headers=headers).json()["images"]
+    assert {"heatmap.png", "annotated.jpg", "faces_over_time.png"} <= set(images)
+    png = client.get(f"/crowd/videos/{V}/images/heatmap.png", headers=headers)
+    assert png.headers["content-type"] == "image/png" and png.content.startswith(b"\x89PNG")
+    jpg = client.get(f"/crowd/videos/{V}/images/annotated.jpg", headers=headers)
+    assert jpg.headers["content-type"] == "image/jpeg" and jpg.content.startswith(b"\xff\xd8")
+
+    health = client.get("/crowd/health", headers=headers).json()
+    assert health["postgres"] and health["kafka"] and health["ingest_lag"] == 0, health
+    metrics = client.get("/crowd/metrics", headers=headers)
+    assert metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    assert f"crowd_frames_stored {len(SEED_COUNTS)}.0" in text
+    assert f"crowd_faces_stored {seeded['faces']}.0" in text
+    assert "crowd_messages_rejected 0.0" in text and "crowd_ingest_lag 0.0" in text
+    assert 'crowd_videos{status="done"} 1.0' in text
+
+
+def test_results_routes_answer_503_without_the_schema(
+    airflow_app: Any, messages_topic: str, pg_schema: str, results_dir: Path
+) -> None:
+    with open_client(airflow_app) as c:
+        response = c.get("/crowd/videos", headers=auth(c, "viewer"))
+        assert response.status_code == 503
+        assert "schema missing" in response.json()["detail"]
+
+
+def test_openapi_is_served_under_the_prefix(client: Any) -> None:
+    spec = client.get("/crowd/openapi.json").json()
+    assert "/send" in spec["paths"] and "/videos/{video_id}/frames" in spec["paths"]
+    assert client.get("/crowd/docs").status_code == 200
+
+
+def test_schemathesis_finds_no_server_errors(client: Any, faces_topic: str, results_dir: Path) -> None:
+    """Property-based cases from the plugin's own OpenAPI, sent in-process with a valid token: no 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    seed_results(faces_topic, results_dir)
+    headers = auth(client, "user")
+    spec = client.get("/crowd/openapi.json").json()
+    schema = schemathesis.openapi.from_dict(spec)
+    failures: list[str] = []
+    calls = 0
+
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=operation.as_strategy())
+        def check(case: Any) -> None:
+            nonlocal calls
+            calls += 1
+            kwargs = case.as_transport_kwargs(base_url="http://testserver/crowd", headers=headers)
+            if case.path == "/receive":  # keep the run quick: no waiting for messages
+                kwargs["params"] = {**(kwargs.get("params") or {}), "wait_s": 0}
+            kwargs = {
+                k: v
+                for k, v in kwargs.items()
+                if k in ("method", "url", "headers", "params", "json", "content", "data", "cookies")
+            }
+            response = client.request(**kwargs)
+            if response.status_code >= 500:
+                failures.append(f"{case.method} {response.url} -> {response.status_code}: {response.text[:200]}")
+
+        check()
+    assert calls >= 200, calls
+    assert not failures, "\n".join(failures[:10])
