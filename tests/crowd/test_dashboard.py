@@ -1,0 +1,137 @@
+"""The dashboard page in headless Chromium, served by the Airflow app (plugins loaded) over real HTTP.
+
+Needs the Debian package ``chromium`` (``/usr/bin/chromium``) and the pip package ``playwright`` (only its
+driver: ``playwright install`` is never run). Skips with the reason when either is missing. The screenshot
+goes to ``test-artifacts/dashboard.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.crowd.api_fixtures import *  # noqa: F403 - the fixtures
+from tests.crowd.api_fixtures import PASSWORDS, SEED_COUNTS, SEED_VIDEO, seed_results
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CHROMIUM = os.environ.get("CROWD_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def _free_port(start: int = 8090, end: int = 8190) -> int:
+    for port in range(start, end):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {start}..{end}")
+
+
+@pytest.fixture
+def live_server(airflow_app: Any, messages_topic: str, pg_schema: str, results_dir: Path) -> Iterator[str]:
+    """The Airflow app under uvicorn on a free port 8090+, in a thread; yields its base URL."""
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(airflow_app, host="127.0.0.1", port=port, lifespan="on", log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, name="crowd-live-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(15)
+
+
+def _browser_or_skip() -> Any:
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        pytest.skip(f"headless Chromium not installed at {CHROMIUM} (Debian: apt-get install -y chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright pip package is not installed (pip install playwright; no browser download needed)")
+    return sync_playwright
+
+
+def test_dashboard_shows_the_seeded_video(live_server: str, faces_topic: str, results_dir: Path) -> None:
+    from crowd import storage
+
+    sync_playwright = _browser_or_skip()
+    with storage.connect("crowd_postgres") as conn:
+        storage.migrate(conn)
+    seed_results(faces_topic, results_dir)
+    # A token as the Airflow UI holds it: the "_token" cookie, sent by the iframe and its fetch() calls.
+    jwt = _login(live_server, "viewer")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(viewport={"width": 1100, "height": 900})
+            context.add_cookies([{"name": "_token", "value": jwt, "url": live_server}])
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{live_server}/crowd/dashboard", wait_until="domcontentloaded")
+            page.wait_for_selector("#chart svg polyline", timeout=15_000)
+            page.wait_for_function("() => [...document.images].every((i) => i.complete && i.naturalWidth > 0)")
+            row = page.locator(f'#videos tbody tr[data-id="{SEED_VIDEO}"]')
+            assert row.count() == 1
+            assert row.locator("td").nth(2).inner_text() == str(len(SEED_COUNTS))
+            points = page.locator("#chart svg polyline").get_attribute("points").split()
+            assert len(points) == len(SEED_COUNTS)
+            assert page.locator("#chart svg circle").count() == 1, "peak marker missing"
+            names = sorted(page.locator("#pictures img").evaluate_all("(imgs) => imgs.map((i) => i.alt)"))
+            assert names == ["annotated.jpg", "heatmap.png"]
+            assert "Kafka ok" in page.locator("#health").inner_text()
+            assert errors == [] and page.locator("#error").inner_text() == ""
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+
+def test_dashboard_without_login_shows_no_data(live_server: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as excinfo:
+        urllib.request.urlopen(f"{live_server}/crowd/dashboard", timeout=10)
+    assert excinfo.value.code == 401
+
+
+def _login(base_url: str, username: str) -> str:
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{base_url}/auth/token",
+        data=json.dumps({"username": username, "password": PASSWORDS[username]}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())["access_token"]
