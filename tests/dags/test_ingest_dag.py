@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -114,9 +115,13 @@ def airflow_services(tmp_path: Path, faces_topic: str, pg_schema: str) -> Iterat
     """Airflow standalone (scheduler, triggerer, dag-processor, api-server) in a temp home, torn down by group."""
     home = tmp_path / "airflow"
     home.mkdir()
+    with socket.socket() as probe:  # a free port for this api-server, so parallel runs do not collide
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     env = dict(os.environ)
     kafka_extra = json.loads(env["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]
     env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # standalone runs `airflow`
         AIRFLOW_HOME=str(home),
         AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
@@ -124,7 +129,9 @@ def airflow_services(tmp_path: Path, faces_topic: str, pg_schema: str) -> Iterat
         AIRFLOW__CORE__PARALLELISM="2",
         AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
         AIRFLOW__SCHEDULER__DAG_DIR_LIST_INTERVAL="5",
-        AIRFLOW__API__PORT=str(18000 + os.getpid() % 1000),
+        AIRFLOW__API__PORT=str(port),
+        AIRFLOW__API__BASE_URL=f"http://localhost:{port}",
+        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://localhost:{port}/execution/",
         AIRFLOW_CONN_KAFKA_WATCH=json.dumps(
             {"conn_type": "kafka", "extra": {**kafka_extra, "group.id": f"crowd-ingest-watch-{uuid.uuid4().hex[:6]}"}}
         ),
