@@ -218,9 +218,15 @@ def test_manual_dag_refuses_bad_video_paths(pipeline_env, tmp_path, make_path, r
     dag = _dag("crowd_video_detect")
     for t in dag.tasks:
         t.retries = 0
-    run = dag.test(run_conf={"video_path": str(path)})
-    assert str(run.state) == "failed"
-    assert _task_states(run)["plan_requested_video"] == ["failed"]
+    if path.suffix != ".mp4":  # the trigger form refuses it before a run is created
+        from airflow.sdk.exceptions import ParamValidationError
+
+        with pytest.raises(ParamValidationError, match="video_path"):
+            dag.test(run_conf={"video_path": str(path)})
+    else:  # the first task refuses it, with the reason in its log
+        run = dag.test(run_conf={"video_path": str(path)})
+        assert str(run.state) == "failed"
+        assert _task_states(run)["plan_requested_video"] == ["failed"]
     assert _consume_all(pipeline_env["topic"], pipeline_env["bootstrap"]) == []
 
 
