@@ -66,9 +66,6 @@ _STAGING_SQL = f"""
 CREATE TEMP TABLE IF NOT EXISTS crowd_stage_frames (
     {", ".join(f"{c} {t}" for c, t in zip(FRAME_COLUMNS, FRAME_TYPES, strict=True))}
 ) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS crowd_stage_faces (
-    {", ".join(f"{c} {t}" for c, t in zip(FACE_COLUMNS, FACE_TYPES, strict=True))}
-) ON COMMIT DELETE ROWS;
 """
 _UPSERT_FRAMES_SQL = """
 INSERT INTO frames (video_id, frame_id, frame_ts_ms, total_faces, model, frame_width, frame_height, source,
@@ -83,10 +80,6 @@ ON CONFLICT (video_id, frame_id) DO UPDATE SET
 """
 _DELETE_FACES_SQL = """
 DELETE FROM faces f USING crowd_stage_frames s WHERE f.video_id = s.video_id AND f.frame_id = s.frame_id
-"""
-_INSERT_FACES_SQL = """
-INSERT INTO faces (video_id, frame_id, face_id, x, y, width, height, confidence)
-SELECT video_id, frame_id, face_id, x, y, width, height, confidence FROM crowd_stage_faces
 """
 _REJECT_SQL = """
 INSERT INTO rejected_messages (topic, partition, "offset", key, raw, reason) VALUES (%s, %s, %s, %s, %s, %s)
@@ -277,14 +270,20 @@ def write_batch(
     new_alerts = 0
     with conn.transaction(), conn.cursor() as cur:
         if batch.frames:
-            _copy(cur, "crowd_stage_frames", FRAME_COLUMNS, FRAME_TYPES, (f for f, _ in batch.frames.values()))
+            frame_rows = [f for f, _ in batch.frames.values()]
             face_rows = [row for _, faces in batch.frames.values() for row in faces]
             n_faces = len(face_rows)
-            cur.execute(_UPSERT_FRAMES_SQL)
-            cur.execute(_DELETE_FACES_SQL)
-            if face_rows:
-                _copy(cur, "crowd_stage_faces", FACE_COLUMNS, FACE_TYPES, face_rows)
-                cur.execute(_INSERT_FACES_SQL)
+            try:  # fast path, when every frame is new: plain COPY, inside a savepoint
+                with conn.transaction():
+                    _copy(cur, "frames", FRAME_COLUMNS, FRAME_TYPES, frame_rows)
+                    if face_rows:
+                        _copy(cur, "faces", FACE_COLUMNS, FACE_TYPES, face_rows)
+            except psycopg.errors.UniqueViolation:  # a replay: upsert through staging, replace the faces
+                _copy(cur, "crowd_stage_frames", FRAME_COLUMNS, FRAME_TYPES, frame_rows)
+                cur.execute(_UPSERT_FRAMES_SQL)
+                cur.execute(_DELETE_FACES_SQL)
+                if face_rows:  # the batch is deduplicated and its frames' old faces are gone
+                    _copy(cur, "faces", FACE_COLUMNS, FACE_TYPES, face_rows)
         if batch.rejected:
             cur.executemany(_REJECT_SQL, batch.rejected)
         cur.executemany(
