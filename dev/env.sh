@@ -14,11 +14,14 @@ export AIRFLOW__API__PORT="${AIRFLOW__API__PORT:-8080}"
 export AIRFLOW__SCHEDULER__DAG_DIR_LIST_INTERVAL="${AIRFLOW__SCHEDULER__DAG_DIR_LIST_INTERVAL:-10}"
 export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="${AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL:-10}"
 export PYTHONPATH="$CROWD_ROOT/plugins${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$CROWD_ROOT/.venv/bin:$PATH"   # airflow standalone starts its components as `airflow ...`
 
 # Local services started by dev/kafka.sh and dev/postgres.sh. The password is for the local cluster only.
 export CROWD_PG_PORT="${CROWD_PG_PORT:-5433}"
 _kafka_conn='{"conn_type": "kafka", "extra": {"bootstrap.servers": "127.0.0.1:9092", "group.id": "crowd-ingest", "enable.auto.commit": false, "auto.offset.reset": "earliest"}}'
 export AIRFLOW_CONN_KAFKA_DEFAULT="${AIRFLOW_CONN_KAFKA_DEFAULT:-$_kafka_conn}"
+# The ingest DAG's Kafka watcher (in the triggerer) commits what it reads: it needs a group of its own.
+export AIRFLOW_CONN_KAFKA_WATCH="${AIRFLOW_CONN_KAFKA_WATCH:-${_kafka_conn/crowd-ingest/crowd-ingest-watch}}"
 export AIRFLOW_CONN_CROWD_POSTGRES="${AIRFLOW_CONN_CROWD_POSTGRES:-postgresql://crowd:${CROWD_PG_PASSWORD:-crowd}@127.0.0.1:${CROWD_PG_PORT}/crowd}"
 
 # Pipeline settings (see plugins/crowd/config.py for every CROWD_* variable).

@@ -118,7 +118,9 @@ def pg_schema(postgres_admin_dsn: str, monkeypatch: pytest.MonkeyPatch) -> Itera
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
     """A migrated Airflow metadata DB (SQLite under AIRFLOW_HOME), so ``dag.test()`` works."""
-    result = subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], capture_output=True, text=True)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), "db", "migrate"], capture_output=True, text=True
+    )
     if result.returncode != 0:
         pytest.fail(f"airflow db migrate failed:\n{result.stderr[-3000:]}")
     return Path(os.environ["AIRFLOW_HOME"])

@@ -25,7 +25,6 @@ import csv
 import io
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -44,7 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crowd.config import Settings, load_settings
-from crowd.receiver import DEFAULT_GROUP_ID, DEFAULT_MAX_QUEUE, MessageReceiver
+from crowd.ingest import stored_offsets
+from crowd.receiver import MessageReceiver
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ MAX_PAGE = 1000
 MAX_WAIT_S = 5.0
 SEND_TIMEOUT_S = 5.0
 KAFKA_PROBE_TTL_S = 5.0
-INGEST_GROUP_ID = "crowd-ingest"  # crowd.ingest.DEFAULT_GROUP_ID: whose stored offsets give the ingest lag
 DASHBOARD_HTML = Path(__file__).with_name("dashboard.html")
 
 VIDEO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
@@ -399,11 +398,9 @@ def create_app(
 
     Args:
         start_receiver: start the background consumer in the lifespan.
-        max_queue: bound of the ``/receive`` queue (default: ``CROWD_RECEIVER_MAX_QUEUE``, else
-            :data:`crowd.receiver.DEFAULT_MAX_QUEUE`).
+        max_queue: bound of the ``/receive`` queue (default: ``settings.receiver_max_queue``).
         send_timeout_s: how long ``/send`` waits for the broker's acknowledgement before answering 503.
-        receiver_group_id: consumer group of the receiver (default: ``CROWD_RECEIVER_GROUP``, else
-            ``crowd-api-receiver``).
+        receiver_group_id: consumer group of the receiver (default: ``settings.receiver_group``).
         settings_factory: where settings come from (read again at each lifespan start and each request).
     """
     from airflow.api_fastapi.core_api.security import requires_authenticated
@@ -425,8 +422,8 @@ def create_app(
                 receiver = MessageReceiver(
                     bootstrap,
                     settings.messages_topic,
-                    group_id=receiver_group_id or os.environ.get("CROWD_RECEIVER_GROUP") or DEFAULT_GROUP_ID,
-                    max_queue=max_queue or int(os.environ.get("CROWD_RECEIVER_MAX_QUEUE") or DEFAULT_MAX_QUEUE),
+                    group_id=receiver_group_id or settings.receiver_group,
+                    max_queue=max_queue or settings.receiver_max_queue,
                 )
                 receiver.start()
                 app.state.receiver = receiver
@@ -733,14 +730,6 @@ def _add_ops_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -> N
             last_error=s.last_error,
         )
 
-    def ingest_offsets(conn: Any, topic: str) -> dict[int, int]:
-        rows = _rows(
-            conn,
-            "SELECT partition, next_offset AS n FROM kafka_offsets WHERE topic = %s AND consumer_group = %s",
-            (topic, INGEST_GROUP_ID),
-        )
-        return {r["partition"]: r["n"] for r in rows}
-
     def collect(request: Request) -> tuple[Health, dict[str, Any]]:
         settings = settings_factory()
         kafka_ok, kafka_error, ends = request.app.state.kafka_probe.check(settings.kafka_conn_id, settings.faces_topic)
@@ -755,7 +744,7 @@ def _add_ops_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -> N
                 )[0]
                 counts["videos_by_status"] = _rows(conn, "SELECT status, count(*) AS n FROM videos GROUP BY status")
                 if ends is not None:
-                    stored = ingest_offsets(conn, settings.faces_topic)
+                    stored = stored_offsets(conn, settings.ingest_group, settings.faces_topic)
                     ingest_lag = sum(max(0, high - stored.get(p, 0)) for p, high in ends.items())
                 pg_ok = True
         except Exception as exc:

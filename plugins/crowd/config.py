@@ -39,6 +39,17 @@ def _env_int(name: str, default: int, minimum: int = 0) -> int:
     return value
 
 
+def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
+    raw = _env(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
 def _env_paths(name: str, default: str) -> tuple[Path, ...]:
     return tuple(Path(p).expanduser().resolve() for p in _env(name, default).split(os.pathsep) if p.strip())
 
@@ -48,10 +59,16 @@ class Settings:
     """Deployment settings. Build it with :func:`load_settings`, not by hand, except in tests."""
 
     kafka_conn_id: str = "kafka_default"
+    kafka_watch_conn_id: str = "kafka_watch"
     postgres_conn_id: str = "crowd_postgres"
     faces_topic: str = "Faces"
     alerts_topic: str = "crowd-alerts"
     messages_topic: str = "messages"
+    ingest_group: str = "crowd-ingest"
+    receiver_group: str = "crowd-api-receiver"
+    receiver_max_queue: int = 1000
+    alert_threshold: int | None = 10
+    alert_min_duration_s: float = 2.0
     video_roots: tuple[Path, ...] = field(default_factory=tuple)
     results_dir: Path = PROJECT_ROOT / ".local" / "results"
     model_dir: Path = PROJECT_ROOT / "include" / "yolov3"
@@ -72,7 +89,9 @@ class Settings:
         resolved = Path(path).expanduser().resolve()
         if not any(resolved.is_relative_to(root) for root in self.video_roots):
             roots = ", ".join(str(r) for r in self.video_roots) or "(none configured: set CROWD_VIDEO_ROOTS)"
-            raise ConfigError(f"video path {str(path)!r} resolves to {str(resolved)!r}, outside the video roots {roots}")
+            raise ConfigError(
+                f"video path {str(path)!r} resolves to {str(resolved)!r}, outside the video roots {roots}"
+            )
         if not resolved.exists():
             raise ConfigError(f"video path {str(path)!r} does not exist")
         if not resolved.is_file():
@@ -83,14 +102,20 @@ class Settings:
 def load_settings() -> Settings:
     """Read every ``CROWD_*`` variable once and validate it."""
     backend = _env("CROWD_DETECTOR", "auto")
-    if backend not in {"auto", "yolov3", "mtcnn"}:
-        raise ConfigError(f"CROWD_DETECTOR={backend!r}: use auto, yolov3 or mtcnn")
+    if backend not in {"auto", "yolov3", "mtcnn", "yolov3-tiny"}:
+        raise ConfigError(f"CROWD_DETECTOR={backend!r}: use auto, yolov3, mtcnn or yolov3-tiny")
     return Settings(
         kafka_conn_id=_env("CROWD_KAFKA_CONN_ID", "kafka_default"),
+        kafka_watch_conn_id=_env("CROWD_KAFKA_WATCH_CONN_ID", "kafka_watch"),
         postgres_conn_id=_env("CROWD_POSTGRES_CONN_ID", "crowd_postgres"),
         faces_topic=_env("CROWD_FACES_TOPIC", "Faces"),
         alerts_topic=_env("CROWD_ALERTS_TOPIC", "crowd-alerts"),
         messages_topic=_env("CROWD_MESSAGES_TOPIC", "messages"),
+        ingest_group=_env("CROWD_INGEST_GROUP", "crowd-ingest"),
+        receiver_group=_env("CROWD_RECEIVER_GROUP", "crowd-api-receiver"),
+        receiver_max_queue=_env_int("CROWD_RECEIVER_MAX_QUEUE", 1000, minimum=1),
+        alert_threshold=_env_int("CROWD_ALERT_THRESHOLD", 10, minimum=0) or None,
+        alert_min_duration_s=_env_float("CROWD_ALERT_MIN_DURATION_S", 2.0),
         video_roots=_env_paths("CROWD_VIDEO_ROOTS", str(PROJECT_ROOT / ".local" / "videos")),
         results_dir=Path(_env("CROWD_RESULTS_DIR", str(PROJECT_ROOT / ".local" / "results"))).resolve(),
         model_dir=Path(_env("CROWD_MODEL_DIR", str(PROJECT_ROOT / "include" / "yolov3"))).resolve(),

@@ -188,6 +188,7 @@ def detect_and_publish(item: WorkItem, options: DetectOptions, settings: Setting
     settings = settings or load_settings()
     path = Path(item.path)
     with storage.connect(settings.postgres_conn_id) as conn:
+        storage.migrate(conn)  # a no-op once the schema is current; the manual DAG may run first
         try:
             settings.check_video_path(path)
             check_file(path)

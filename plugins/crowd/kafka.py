@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow.providers.apache.kafka.hooks.client import KafkaAdminClientHook
 from airflow.providers.apache.kafka.hooks.consume import KafkaConsumerHook
 from airflow.providers.apache.kafka.hooks.produce import KafkaProducerHook
 from confluent_kafka import Consumer, KafkaError, Message, Producer
@@ -134,9 +135,40 @@ class DeliveryTracker:
         while remaining and time.monotonic() < deadline:
             remaining = producer.flush(max(0.1, deadline - time.monotonic()))
         if remaining:
-            raise PublishError(f"{remaining} message(s) still unacknowledged after {timeout_s:.0f} s; is the broker up?")
+            raise PublishError(
+                f"{remaining} message(s) still unacknowledged after {timeout_s:.0f} s; is the broker up?"
+            )
         if self.failed:
             raise PublishError(
                 f"{self.failed} of {self.failed + self.delivered} message(s) failed delivery: " + "; ".join(self.errors)
             )
         return self.delivered
+
+
+def ensure_topics(kafka_conn_id: str, topics: list[str], *, partitions: int = 3) -> None:
+    """Create the topics that do not exist yet, ``partitions`` each (the provider's hook skips existing ones).
+
+    Kafka partitions are how the pipeline scales out: one video's frames share a key, hence a partition.
+    """
+    KafkaAdminClientHook(kafka_config_id=kafka_conn_id).create_topic([(t, partitions, -1) for t in topics])
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from crowd.config import load_settings
+
+    parser = argparse.ArgumentParser(prog="python -m crowd.kafka", description="Kafka set-up for crowd.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    create = sub.add_parser("ensure-topics", help="create the Faces, alerts and messages topics if missing")
+    create.add_argument("--partitions", type=int, default=3)
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    topics = [settings.faces_topic, settings.alerts_topic, settings.messages_topic]
+    ensure_topics(settings.kafka_conn_id, topics, partitions=args.partitions)
+    print(f"topics ready: {', '.join(topics)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

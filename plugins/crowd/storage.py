@@ -298,3 +298,27 @@ def mark_video_failed(conn: psycopg.Connection, video_id: str, path: str, error:
             """,
             (video_id, str(path), str(error)[:10_000]),
         )
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from crowd.config import load_settings
+
+    parser = argparse.ArgumentParser(prog="python -m crowd.storage", description="crowd results database.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help="create or upgrade the schema (idempotent)")
+    sub.add_parser("version", help="print the schema version")
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    with connect(settings.postgres_conn_id) as conn:
+        if args.command == "migrate":
+            applied = migrate(conn)
+            print(f"schema at version {schema_version(conn)}; applied now: {applied or 'none'}")
+        else:
+            print(schema_version(conn))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow.sdk import Asset, Param, get_current_context, task
+from airflow.sdk import Param, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from crowd import jobs
+from crowd.assets import faces_topic_asset
 from crowd.config import ConfigError, load_settings
-
-#: The ``Faces`` topic as an Airflow asset: detection tasks declare it as their outlet, so DAGs can be
-#: scheduled on it. Its name is fixed; the topic it stands for is ``CROWD_FACES_TOPIC``.
-FACES_ASSET = Asset(name="crowd_faces", uri="kafka://crowd/faces")
 
 #: Trigger-form parameters shared by the detection DAGs (checked again by ``DetectOptions.from_params``).
 DETECTION_PARAMS = {
@@ -54,7 +51,7 @@ def plan_requested_video() -> list[dict[str, Any]]:
         raise AirflowFailException(f"invalid video_path: {exc}") from exc
 
 
-@task(outlets=[FACES_ASSET], map_index_template="{{ work_item_label }}")
+@task(outlets=[faces_topic_asset(load_settings())], map_index_template="{{ work_item_label }}")
 def detect_and_publish(item: dict[str, Any]) -> dict[str, Any]:
     """Detect faces on one work item's frames and publish them to the Faces topic."""
     name = item["path"].rsplit("/", 1)[-1]

