@@ -40,7 +40,7 @@ Manual runs are always safe (idempotent) and take the params below.
 
 @dag(
     dag_id="crowd_faces_ingest",
-    schedule=[faces_topic_asset(settings, watch=True)],
+    schedule=[faces_topic_asset(settings)],
     catchup=False,
     max_active_runs=1,
     tags=["crowd", "kafka", "postgres", "ingest"],

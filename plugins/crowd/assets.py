@@ -6,6 +6,7 @@ Kafka trigger (in the triggerer) fires when a message the drain has not stored y
 
 from __future__ import annotations
 
+from airflow.providers.common.messaging.triggers.msg_queue import MessageQueueTrigger
 from airflow.sdk import Asset, AssetWatcher
 
 from crowd.config import Settings
@@ -13,38 +14,31 @@ from crowd.config import Settings
 FACES_ASSET_NAME = "crowd_faces_topic"
 
 
-def faces_topic_asset(settings: Settings, *, watch: bool = False) -> Asset:
-    """The asset standing for ``settings.faces_topic``; with ``watch=True`` it carries the Kafka watcher.
+def faces_topic_asset(settings: Settings) -> Asset:
+    """The asset standing for ``settings.faces_topic``, with its Kafka watcher.
 
-    The watcher reads through its own connection (``settings.kafka_watch_conn_id``) whose ``group.id`` differs
+    Every DAG must declare it identically, watcher included: Airflow keeps one definition per asset, and an
+    outlet declared without the watcher would unregister it. The watcher only runs for an unpaused DAG that is
+    scheduled on the asset. It reads through its own connection (``settings.kafka_watch_conn_id``) whose ``group.id`` differs
     from the drain's: the trigger commits the offset of the message that fires it, and a drain in the same group
     would never see that message.
     """
-    watchers = []
-    if watch:
-        from airflow.providers.common.messaging.triggers.msg_queue import MessageQueueTrigger
-
-        watchers.append(
-            AssetWatcher(
-                name="crowd_faces_watcher",
-                trigger=MessageQueueTrigger(
-                    scheme="kafka",
-                    topics=[settings.faces_topic],
-                    kafka_config_id=settings.kafka_watch_conn_id,
-                    apply_function="crowd.ingest.faces_pending",
-                    apply_function_kwargs={
-                        "postgres_conn_id": settings.postgres_conn_id,
-                        "group_id": settings.ingest_group,
-                    },
-                    poll_timeout=1,
-                    poll_interval=0,
-                    commit_offset=True,
-                ),
-            )
-        )
+    watcher = AssetWatcher(
+        name="crowd_faces_watcher",
+        trigger=MessageQueueTrigger(
+            scheme="kafka",
+            topics=[settings.faces_topic],
+            kafka_config_id=settings.kafka_watch_conn_id,
+            apply_function="crowd.ingest.faces_pending",
+            apply_function_kwargs={"postgres_conn_id": settings.postgres_conn_id, "group_id": settings.ingest_group},
+            poll_timeout=1,
+            poll_interval=0,
+            commit_offset=True,
+        ),
+    )
     return Asset(
         name=FACES_ASSET_NAME,
         uri=f"kafka://{settings.kafka_conn_id}/{settings.faces_topic}",
         group="crowd",
-        watchers=watchers,
+        watchers=[watcher],
     )

@@ -57,3 +57,22 @@ def test_parsing_opens_no_connection(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(key, '{"conn_type": "generic", "host": "parse-time.invalid"}')
     bag = DagBag(dag_folder=str(DAGS_FOLDER))
     assert bag.import_errors == {}, bag.import_errors
+
+
+def test_every_declaration_of_an_asset_is_identical(dag_bag) -> None:
+    """Airflow keeps one definition per asset: an outlet declared without the watcher would unregister it."""
+    from airflow.sdk import Asset
+
+    declared: dict[str, list[tuple[str, Asset]]] = {}
+    for dag_id, dag in dag_bag.dags.items():
+        condition = getattr(dag.timetable, "asset_condition", None)  # AssetAll of the schedule's assets
+        for asset in getattr(condition, "objects", []):
+            declared.setdefault(asset.name, []).append((f"{dag_id} schedule", asset))
+        for task in dag.tasks:
+            for asset in task.outlets:
+                if isinstance(asset, Asset):
+                    declared.setdefault(asset.name, []).append((f"{dag_id}.{task.task_id} outlet", asset))
+    assert "crowd_faces_topic" in declared
+    for name, places in declared.items():
+        shapes = {(a.uri, tuple(w.name for w in a.watchers)) for _, a in places}
+        assert len(shapes) == 1, f"asset {name} is declared differently: {[(p, a.uri, a.watchers) for p, a in places]}"
