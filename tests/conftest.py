@@ -40,7 +40,18 @@ _load_dev_env()
 KAFKA_BOOTSTRAP = json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]["bootstrap.servers"]
 
 
-def _ensure_service(script: str) -> None:
+def _port_open(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _ensure_service(script: str, host: str, port: int) -> None:
+    """Start the service with its dev script unless something already answers on its port."""
+    if _port_open(host, port):
+        return
     result = subprocess.run(["bash", str(ROOT / "dev" / script), "start"], capture_output=True, text=True)
     if result.returncode != 0:
         pytest.exit(f"dev/{script} start failed:\n{result.stderr[-3000:]}", returncode=3)
@@ -49,7 +60,8 @@ def _ensure_service(script: str) -> None:
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> str:
     """``host:port`` of the real Kafka 4 broker (started by dev/kafka.sh when it is down)."""
-    _ensure_service("kafka.sh")
+    host, port = KAFKA_BOOTSTRAP.rsplit(":", 1)
+    _ensure_service("kafka.sh", host, int(port))
     return KAFKA_BOOTSTRAP
 
 
@@ -81,8 +93,8 @@ def faces_topic(kafka_admin, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def postgres_admin_dsn() -> str:
     """DSN of the test database (``crowd_test``) as the ``crowd`` role."""
-    _ensure_service("postgres.sh")
     port = os.environ.get("CROWD_PG_PORT", "5433")
+    _ensure_service("postgres.sh", "127.0.0.1", int(port))
     password = os.environ.get("CROWD_PG_PASSWORD", "crowd")
     return f"postgresql://crowd:{password}@127.0.0.1:{port}/crowd_test"
 

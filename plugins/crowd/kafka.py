@@ -135,6 +135,8 @@ class DeliveryTracker:
         while remaining and time.monotonic() < deadline:
             remaining = producer.flush(max(0.1, deadline - time.monotonic()))
         if remaining:
+            producer.purge()  # drop what the broker never took: the task fails and its retry re-publishes it
+            producer.flush(0)
             raise PublishError(
                 f"{remaining} message(s) still unacknowledged after {timeout_s:.0f} s; is the broker up?"
             )
