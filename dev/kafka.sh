@@ -2,15 +2,17 @@
 # Local Apache Kafka 4 (KRaft, one broker+controller) from the official jars on Maven Central.
 #   dev/kafka.sh start | stop | status | restart
 # Data and logs: $CROWD_STATE/kafka. Broker: 127.0.0.1:9092, controller: 127.0.0.1:9093.
+# A second, private broker (fault-injection tests): CROWD_KAFKA_PORT, CROWD_KAFKA_CONTROLLER_PORT and
+# CROWD_KAFKA_DIR (state folder: data, log, pid file) choose its ports and folder; the jars stay shared.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-KAFKA_DIR="$CROWD_STATE/kafka"
-JARS="$KAFKA_DIR/jars"
+KAFKA_DIR="${CROWD_KAFKA_DIR:-$CROWD_STATE/kafka}"
+JARS="$CROWD_STATE/kafka/jars"
 DATA="$KAFKA_DIR/data"
 PIDFILE="$KAFKA_DIR/kafka.pid"
 LOGFILE="$KAFKA_DIR/kafka.log"
 CONF_SRC="$CROWD_ROOT/dev/kafka"
-KAFKA_HOST=127.0.0.1 KAFKA_PORT=9092
+KAFKA_HOST=127.0.0.1 KAFKA_PORT="${CROWD_KAFKA_PORT:-9092}" KAFKA_CONTROLLER_PORT="${CROWD_KAFKA_CONTROLLER_PORT:-9093}"
 
 ensure_jars() {
   command -v java >/dev/null && java -version 2>&1 | grep -Eq 'version "(1[7-9]|[2-9][0-9])' || apt_install default-jdk-headless
@@ -20,15 +22,17 @@ ensure_jars() {
   log "resolving Kafka jars from Maven Central (dev/kafka/pom.xml)"
   rm -rf "$JARS"; mkdir -p "$JARS"
   mvn -q -B -f "$CONF_SRC/pom.xml" dependency:copy-dependencies \
-      -DoutputDirectory="$JARS" -DincludeScope=runtime >"$KAFKA_DIR/mvn.log" 2>&1 \
-    || { tail -30 "$KAFKA_DIR/mvn.log" >&2; die "mvn could not resolve the Kafka jars (log: $KAFKA_DIR/mvn.log)"; }
+      -DoutputDirectory="$JARS" -DincludeScope=runtime >"$JARS/../mvn.log" 2>&1 \
+    || { tail -30 "$JARS/../mvn.log" >&2; die "mvn could not resolve the Kafka jars (log: $JARS/../mvn.log)"; }
   echo "$want" > "$stamp"
 }
 
 java_kafka() { java -Xms256m -Xmx768m -Dlog4j2.configurationFile="$CONF_SRC/log4j2.properties" -cp "$JARS/*" "$@"; }
 
 ensure_storage() {
-  sed "s#^log.dirs=.*##" "$CONF_SRC/server.properties" > "$KAFKA_DIR/server.properties"
+  sed -e "s#^log.dirs=.*##" \
+      -e "s#127.0.0.1:9092#127.0.0.1:$KAFKA_PORT#g" -e "s#127.0.0.1:9093#127.0.0.1:$KAFKA_CONTROLLER_PORT#g" \
+      "$CONF_SRC/server.properties" > "$KAFKA_DIR/server.properties"
   echo "log.dirs=$DATA" >> "$KAFKA_DIR/server.properties"
   [[ -f $DATA/meta.properties ]] && return 0
   log "formatting KRaft storage in $DATA"
