@@ -1,0 +1,227 @@
+"""Kafka faults on a private broker: kill -9 mid-publish, restart mid-drain, /receive consumer across a restart."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+
+from crowd import storage
+from crowd.ingest import drain
+from tests.crowd._helpers import CARPHONE
+from tests.crowd.test_ingest import encode, frame_dict
+from tests.reliability.conftest import PrivateKafka, pg_counts, report, stored_offsets_sum
+
+pytestmark = [pytest.mark.services, pytest.mark.reliability, pytest.mark.slow]
+
+GROUP = "crowd-ingest-rel"
+
+
+def long_face_video(dst: Path, repeats: int) -> Path:
+    """carphone_pristine.mp4 (a face in every frame) played ``repeats`` times: 120 * repeats frames."""
+    frames = []
+    cap = cv2.VideoCapture(str(CARPHONE))
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    while True:
+        ok, image = cap.read()
+        if not ok:
+            break
+        frames.append(image)
+    cap.release()
+    h, w = frames[0].shape[:2]
+    out = cv2.VideoWriter(str(dst), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    for _ in range(repeats):
+        for image in frames:
+            out.write(image)
+    out.release()
+    return dst
+
+
+def publish_private(topic: str, items: list[tuple[bytes | None, bytes | None]]) -> None:
+    from crowd.kafka import DeliveryTracker, reliable_producer
+
+    producer = reliable_producer("kafka_default", timeout_s=60)
+    tracker = DeliveryTracker()
+    for key, value in items:
+        producer.produce(topic, key=key, value=value, on_delivery=tracker.callback)
+        producer.poll(0)
+    assert tracker.wait(producer, timeout_s=90) == len(items)
+
+
+def _in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            out["result"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            out["error"] = exc
+        out["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+# --- 1. broker killed while a detection task publishes ---------------------------------------------------------
+
+
+def test_broker_killed_mid_publish_fails_the_task_and_the_rerun_stores_each_frame_once(
+    private_faces: str, kafka_up: PrivateKafka, pg_schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from crowd.config import load_settings
+    from crowd.jobs import DetectOptions, detect_and_publish, finish_videos, plan_requested_video
+    from crowd.kafka import PublishError
+
+    root = tmp_path / "videos"
+    root.mkdir()
+    monkeypatch.setenv("CROWD_VIDEO_ROOTS", str(root))
+    monkeypatch.setenv("CROWD_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("CROWD_DETECTOR", "mtcnn")
+    monkeypatch.setenv("CROWD_PUBLISH_TIMEOUT_S", "5")
+    video = long_face_video(root / "long.mp4", repeats=5)  # 600 frames
+    settings = load_settings()
+    (item,) = plan_requested_video(str(video), settings)
+    options = DetectOptions(frame_interval=1, model="mtcnn")
+    expected = 600
+
+    thread, out = _in_thread(detect_and_publish, item, options, settings)
+    deadline = time.monotonic() + 60
+    published_before_kill = 0
+    while time.monotonic() < deadline and thread.is_alive():
+        published_before_kill = kafka_up.high_watermarks(private_faces)
+        if published_before_kill >= 100:
+            break
+        time.sleep(0.05)
+    assert thread.is_alive(), f"the task ended before the kill: {out}"
+    kafka_up.kill9()
+    killed_at = time.monotonic()
+    thread.join(60)
+    assert not thread.is_alive(), "the task hangs with the broker dead"
+    failed_after_s = time.monotonic() - killed_at
+    assert isinstance(out.get("error"), PublishError), out  # a retryable failure, not a success
+    with storage.connect("crowd_postgres") as conn:
+        assert storage.get_video_status(conn, item.video_id) == "processing"  # not done, not failed: retried
+
+    restart_s = kafka_up.start()
+    rerun = detect_and_publish(item, options, settings)  # what Airflow's retry runs
+    assert rerun["messages"] == expected
+    assert finish_videos([item], [rerun], settings)["done"] == [item.video_id]
+    in_topic = kafka_up.high_watermarks(private_faces)
+
+    summary = drain("kafka_default", "crowd_postgres", private_faces, GROUP, batch_wait_s=0.2, idle_timeout_s=5)
+    counts = pg_counts()
+    assert counts["frames"] == counts["distinct_frames"] == expected, counts
+    assert counts["rejected"] == 0 and counts["offsets"] == in_topic == summary.messages
+    with storage.connect("crowd_postgres") as conn:
+        ids = [r[0] for r in conn.execute("SELECT frame_id FROM frames ORDER BY frame_id")]
+    assert ids == list(range(expected))
+    figures = {
+        "frames_expected": expected, "in_topic_before_kill": published_before_kill,
+        "task_failed_after_kill_s": round(failed_after_s, 1), "error": str(out["error"])[:200],
+        "broker_restart_s": round(restart_s, 1), "messages_in_topic": in_topic, "frames_stored": counts["frames"],
+        "lost": expected - counts["distinct_frames"], "duplicates_in_topic_absorbed": in_topic - expected,
+    }  # fmt: skip
+    report("fault-1 broker kill -9 mid-publish", figures)
+
+
+# --- 2. broker restarted while the drain runs ------------------------------------------------------------------
+
+
+def test_broker_restart_mid_drain_loses_nothing_and_doubles_nothing(
+    private_faces: str, kafka_up: PrivateKafka, pg_schema: str
+) -> None:
+    n_videos, per_video = 6, 5000
+    messages = [frame_dict(f"video-{v}", i, i % 4) for v in range(n_videos) for i in range(per_video)]
+    items = [(m["video_id"].encode(), encode(m)) for m in messages]
+    for k in range(0, len(items), 500):
+        items.insert(k, (b"video-0", b"not json %d" % k))
+    publish_private(private_faces, items)
+    total, n_bad = len(items), len(items) - len(messages)
+
+    thread, out = _in_thread(
+        drain, "kafka_default", "crowd_postgres", private_faces, GROUP,
+        batch_size=500, batch_wait_s=0.2, idle_timeout_s=40, max_seconds=150,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while stored_offsets_sum() < 0.2 * total and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert thread.is_alive(), f"drain ended before the restart: {out}"
+    at_kill = stored_offsets_sum()
+    kafka_up.kill9()
+    time.sleep(3)  # the drain sees a dead broker for a while
+    at_restart = stored_offsets_sum()
+    restart_s = kafka_up.start()
+    thread.join(180)
+    assert not thread.is_alive()
+    first = out.get("result")
+    runs = 1
+    if first is None or first.lag_left:  # the first run may stop (error or idle); the next one must finish
+        runs += 1
+        drain(
+            "kafka_default", "crowd_postgres", private_faces, GROUP, batch_size=500, batch_wait_s=0.2, idle_timeout_s=5
+        )
+    counts = pg_counts()
+    assert counts["frames"] == counts["distinct_frames"] == len(messages), counts
+    assert counts["rejected"] == n_bad
+    assert counts["offsets"] == total == counts["frames"] + counts["rejected"]
+    assert counts["faces"] == sum(m["total_faces"] for m in messages)
+    figures = {
+        "messages": total, "bad": n_bad, "stored_offsets_at_kill": at_kill, "stored_offsets_while_down": at_restart,
+        "broker_restart_s": round(restart_s, 1), "first_drain": "error: " + repr(out["error"])[:200] if "error" in out
+        else f"{first.stopped_because}, {first.messages} msgs, lag {first.lag_left}", "drain_runs": runs,
+        "frames_stored": counts["frames"], "rejected": counts["rejected"], "lost": 0, "duplicated": 0,
+    }  # fmt: skip
+    report("fault-2 broker restart mid-drain", figures)
+
+
+# --- 7. the /receive consumer survives a broker restart -------------------------------------------------------
+
+
+def test_receive_consumer_survives_a_broker_restart(kafka_up: PrivateKafka) -> None:
+    from confluent_kafka import Producer
+
+    from crowd.receiver import MessageReceiver
+
+    topic = kafka_up.create_topic("rel-messages", partitions=1)
+    receiver = MessageReceiver(kafka_up.bootstrap, topic, group_id=f"rel-recv-{time.time_ns()}", max_queue=100)
+    receiver.start()
+
+    def send(values: list[str]) -> None:
+        producer = Producer({"bootstrap.servers": kafka_up.bootstrap, "compression.type": "lz4", "acks": "all"})
+        for v in values:
+            producer.produce(topic, value=json.dumps({"content": v}).encode())
+        assert producer.flush(30) == 0
+
+    def receive(n: int, timeout_s: float) -> list[str]:
+        got: list[str] = []
+        deadline = time.monotonic() + timeout_s
+        while len(got) < n and time.monotonic() < deadline:
+            got += [m.value["content"] for m in receiver.take(100)]
+            time.sleep(0.1)
+        return got
+
+    try:
+        send(["before-1", "before-2"])
+        assert receive(2, 30) == ["before-1", "before-2"]
+        kafka_up.kill9()
+        time.sleep(3)
+        assert receiver.running, "the receiver thread died with the broker"
+        restart_s = kafka_up.start()
+        restarted = time.monotonic()
+        send([f"after-{i}" for i in range(5)])
+        got = receive(5, 60)
+        first_after_s = time.monotonic() - restarted
+        stats = receiver.stats()
+    finally:
+        receiver.stop()
+    assert got == [f"after-{i}" for i in range(5)], (got, stats)
+    figures = {"sent_after_restart": 5, "received": len(got), "broker_restart_s": round(restart_s, 1),
+               "received_within_s": round(first_after_s, 1), "receiver_errors": stats.errors,
+               "reconnects": stats.reconnects}  # fmt: skip
+    report("fault-7 receiver across broker restart", figures)
