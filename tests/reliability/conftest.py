@@ -245,6 +245,11 @@ class PrivatePostgres:
         for p in [pid, *map(int, children)]:
             _wait(lambda p=p: _pid_gone(p), 30, f"postgres pid {p} to die")
         _wait(lambda: not port_open(self.port), 30, "postgres port to close")
+        # The killed postmaster may stay a zombie until PID 1 reaps it, and pg_ctl and postgres would take its
+        # lock files for a live server: every process of it is dead, so they are stale.
+        (self.folder / "data" / "postmaster.pid").unlink(missing_ok=True)
+        for lock in self.folder.glob(".s.PGSQL.*"):
+            lock.unlink(missing_ok=True)
 
     def stop(self) -> None:
         self._script("stop")
