@@ -184,10 +184,17 @@ def check_file(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def _open_capture(source: str | os.PathLike[str] | int) -> cv2.VideoCapture:
+# FFmpeg decoder threads of the background reader. ``None`` = FFmpeg's default (one per core). Inference
+# already keeps both cores of a small worker busy; one decoder thread costs less CPU per frame (no threading
+# overhead) and competes less with it (see bench/detect.py).
+DECODER_THREADS: int | None = 1
+
+
+def _open_capture(source: str | os.PathLike[str] | int, *, threads: int | None = None) -> cv2.VideoCapture:
     if isinstance(source, int) or (isinstance(source, str) and source.isdigit()):
         return cv2.VideoCapture(int(source))
-    return cv2.VideoCapture(str(source), cv2.CAP_FFMPEG)
+    params = [] if threads is None else [cv2.CAP_PROP_N_THREADS, int(threads)]
+    return cv2.VideoCapture(str(source), cv2.CAP_FFMPEG, params)
 
 
 def _info_from_capture(source: str | os.PathLike[str] | int, cap: cv2.VideoCapture, live: bool) -> VideoInfo:
@@ -389,7 +396,7 @@ class FrameReader:
         return False
 
     def _run(self) -> None:
-        cap = _open_capture(self.source)
+        cap = _open_capture(self.source, threads=DECODER_THREADS)
         try:
             if not cap.isOpened():
                 self._put(NotAVideoError(self.source, "not a video container (OpenCV cannot open it)"))
