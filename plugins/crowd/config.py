@@ -86,7 +86,10 @@ class Settings:
         Raises:
             ConfigError: outside the roots, missing, or not a regular file.
         """
-        resolved = Path(path).expanduser().resolve()
+        try:
+            resolved = Path(path).expanduser().resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            raise ConfigError(f"video path {str(path)!r} cannot be resolved: {exc}") from None
         if not any(resolved.is_relative_to(root) for root in self.video_roots):
             roots = ", ".join(str(r) for r in self.video_roots) or "(none configured: set CROWD_VIDEO_ROOTS)"
             raise ConfigError(

@@ -103,7 +103,11 @@ def list_videos(roots: Iterable[Path]) -> list[Path]:
             log.warning("video root %s does not exist or is not a folder; skipping it", root)
             continue
         for path in root.rglob(f"*{VIDEO_SUFFIX}"):
-            resolved = path.resolve()
+            try:
+                resolved = path.resolve()
+            except (OSError, RuntimeError) as exc:  # a symlink loop must not break the scan of every video
+                log.warning("skipping %s: cannot resolve it (%s)", path, exc)
+                continue
             if not any(resolved.is_relative_to(r) for r in roots):
                 log.warning("skipping %s: it points outside the video roots (%s)", path, resolved)
             elif resolved.is_file():
