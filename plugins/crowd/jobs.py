@@ -146,7 +146,7 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
         for path in list_videos(settings.video_roots):
             try:
                 video_id = content_hash(path)
-            except OSError as exc:
+            except (OSError, VideoError) as exc:  # e.g. an empty file (an upload just created) must not fail the scan
                 log.warning("cannot read %s to hash it (%s); skipping it this time", path, exc)
                 continue
             if video_id in seen:
