@@ -399,8 +399,10 @@ def _partitions(consumer: Consumer, topic: str, timeout_s: float = 15) -> list[i
 def _lag(consumer: Consumer, topic: str, next_offsets: dict[int, int], partitions: list[int]) -> int:
     lag = 0
     for p in partitions:
-        try:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5, cached=False)
+        try:  # the fetch responses of this drain carry the watermarks; ask the broker only when they are unknown
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)
+            if low < 0 or high < 0:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5, cached=False)
         except Exception:  # lag is informational only
             log.warning("could not read watermarks of %s[%d]", topic, p, exc_info=True)
             continue
