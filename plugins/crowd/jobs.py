@@ -12,7 +12,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -34,6 +36,27 @@ VIDEO_SUFFIX = ".mp4"
 
 class BadVideoError(RuntimeError):
     """The video itself is unusable (missing, corrupt, outside the roots): retrying cannot help."""
+
+
+class ResultsFolderError(RuntimeError):
+    """The results folder cannot be written (permissions, not a folder, disk full): fix it, then retry the task."""
+
+
+def _check_results_folder(folder: Path) -> None:
+    """Fail fast, before any detection or publishing, when ``folder`` cannot take the pictures."""
+    probe = folder / f".crowd-write-check-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb", buffering=0) as handle:
+            handle.write(b"\0" * 4096)
+    except OSError as exc:
+        raise ResultsFolderError(
+            f"results folder {folder} cannot be written ({exc.strerror or exc}); fix CROWD_RESULTS_DIR "
+            "(permissions, free space) and retry"
+        ) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -217,11 +240,18 @@ def detect_and_publish(item: WorkItem, options: DetectOptions, settings: Setting
     pictures_dir = settings.results_dir / item.video_id
     if item.parts > 1:
         pictures_dir = pictures_dir / f"part-{item.part:04d}"
+    _check_results_folder(pictures_dir)
     started = time.perf_counter()
-    summary = process_video(
-        path, detector, frame_interval=options.frame_interval, frame_range=(item.start, item.stop),
-        on_message=publisher, pictures_dir=pictures_dir, video_id=item.video_id,
-    )  # fmt: skip
+    try:
+        summary = process_video(
+            path, detector, frame_interval=options.frame_interval, frame_range=(item.start, item.stop),
+            on_message=publisher, pictures_dir=pictures_dir, video_id=item.video_id,
+        )  # fmt: skip
+    except OSError as exc:  # video errors are VideoError; an OSError here is the pictures' write
+        raise ResultsFolderError(
+            f"video {path.name} ({item.video_id}): writing results to {pictures_dir} failed ({exc}); fix "
+            "CROWD_RESULTS_DIR (permissions, free space) and retry"
+        ) from exc
     delivered = publisher.tracker.wait(publisher.producer, timeout_s=settings.publish_timeout_s)
     log.info(
         "summary %s part %d/%d: %d frames, %d faces, max %d at %.1f s (frame %s), %d messages delivered to %s, "
