@@ -1,0 +1,178 @@
+"""File-system faults during a detection task: the video changes under the reader, the results folder is unusable."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from crowd import storage
+from crowd.ingest import drain
+from tests.dags.test_detection_dags import _consume_all
+from tests.reliability.conftest import pg_counts, report
+from tests.reliability.test_kafka_faults import long_face_video
+
+pytestmark = [pytest.mark.services, pytest.mark.reliability]
+
+
+@pytest.fixture
+def env(faces_topic: str, pg_schema: str, kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    root = tmp_path / "videos"
+    root.mkdir()
+    monkeypatch.setenv("CROWD_VIDEO_ROOTS", str(root))
+    monkeypatch.setenv("CROWD_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("CROWD_DETECTOR", "mtcnn")
+    monkeypatch.setenv("CROWD_PUBLISH_TIMEOUT_S", "10")
+    from crowd.config import load_settings
+
+    return {"root": root, "topic": faces_topic, "bootstrap": kafka_bootstrap, "settings": load_settings}
+
+
+def _status(video_id: str) -> tuple[str | None, str | None]:
+    with storage.connect("crowd_postgres") as conn:
+        row = conn.execute("SELECT status, error FROM videos WHERE id = %s", (video_id,)).fetchone()
+    return (row[0], row[1]) if row else (None, None)
+
+
+@contextmanager
+def _after_messages(n: int, action):
+    """Within the block, run ``action`` once right after the n-th message of a task was handed to Kafka."""
+    from crowd import jobs
+
+    original = jobs._Publisher.__call__
+    state = {"done": False}
+
+    def call(self, message) -> None:
+        original(self, message)
+        if self.sent == n and not state["done"]:
+            state["done"] = True
+            action()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jobs._Publisher, "__call__", call)
+        yield
+
+
+# --- 5. a video truncated or deleted while it is read -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change", ["truncate", "delete"])
+def test_video_changed_while_read_fails_alone_and_the_next_one_finishes(env: dict, change: str) -> None:
+    from crowd.jobs import BadVideoError, DetectOptions, detect_and_publish, finish_videos, plan_requested_video
+
+    settings = env["settings"]()
+    victim = long_face_video(env["root"] / "victim.mp4", repeats=4)  # 480 frames, ~1 MB
+    other = long_face_video(env["root"] / "other.mp4", repeats=1)
+    (victim_item,) = plan_requested_video(str(victim), settings)
+    (other_item,) = plan_requested_video(str(other), settings)
+    size = victim.stat().st_size
+
+    def hit() -> None:
+        if change == "truncate":
+            os.truncate(victim, size // 10)
+        else:
+            victim.unlink()
+
+    options = DetectOptions(frame_interval=1)
+    outcome: object
+    with _after_messages(20, hit):
+        try:
+            outcome = detect_and_publish(victim_item, options, settings)
+        except BadVideoError as exc:
+            outcome = exc
+    other_result = detect_and_publish(other_item, options, settings)
+    finish = finish_videos([victim_item, other_item], [None if isinstance(outcome, Exception) else outcome,
+                                                       other_result], settings)  # fmt: skip
+    status, error = _status(victim_item.video_id)
+    keys = [m.key().decode() for m in _consume_all(env["topic"], env["bootstrap"])]
+    published_victim = keys.count(victim_item.video_id)
+    assert other_result["messages"] == 120 and keys.count(other_item.video_id) == 120
+    assert other_item.video_id in finish["done"]
+    if change == "truncate":
+        assert isinstance(outcome, BadVideoError), outcome
+        assert status == "failed" and "victim.mp4" in error and "decoding stopped at frame" in error, error
+        assert 20 <= published_victim < 480
+    else:  # the open file keeps its data on Linux: the whole video is read and published
+        assert not isinstance(outcome, Exception) and outcome["messages"] == 480, outcome
+        assert status == "done" and published_victim == 480
+    report(f"fault-5 video {change}d while read", {
+        "victim_frames": 480, "changed_after_message": 20,
+        "victim_outcome": f"{type(outcome).__name__}: {str(outcome)[:200]}" if isinstance(outcome, Exception)
+        else f"success, {outcome['messages']} messages",
+        "victim_status": status, "victim_error": (error or "")[:200], "victim_messages_published": published_victim,
+        "other_video": f"done, {other_result['messages']} messages",
+    })  # fmt: skip
+
+
+# --- 6. the results folder cannot be written ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def full_tmpfs(tmp_path: Path):
+    """A 64 KiB tmpfs filled to the last byte (root only); unmounted afterwards."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a tiny tmpfs")
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    try:
+        (mnt / "results").mkdir()
+        with open(mnt / "filler", "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        yield mnt / "results"
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("kind", ["enotdir", "enospc"])
+def test_unusable_results_folder_fails_the_task_clearly_and_leaves_kafka_and_postgres_intact(
+    env: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    from crowd.jobs import DetectOptions, ResultsFolderError, detect_and_publish, finish_videos, plan_requested_video
+
+    if kind == "enotdir":
+        blocker = tmp_path / "a-file"
+        blocker.write_text("not a folder")
+        results = blocker / "results"  # every path under a regular file fails with ENOTDIR, even for root
+    else:
+        results = request.getfixturevalue("full_tmpfs")
+    monkeypatch.setenv("CROWD_RESULTS_DIR", str(results))
+    settings = env["settings"]()
+    video = long_face_video(env["root"] / "clip.mp4", repeats=1)
+    (item,) = plan_requested_video(str(video), settings)
+    options = DetectOptions(frame_interval=3)
+
+    with pytest.raises(ResultsFolderError, match="results folder .* cannot be written") as failure:
+        detect_and_publish(item, options, settings)
+    error = failure.value
+    status, _ = _status(item.video_id)
+    assert status != "done"
+
+    # PostgreSQL and Kafka are intact: what reached the topic drains cleanly, and a rerun with a usable folder
+    # completes the video with each frame stored once.
+    monkeypatch.setenv("CROWD_RESULTS_DIR", str(tmp_path / "good-results"))
+    settings = env["settings"]()
+    rerun = detect_and_publish(item, options, settings)
+    assert finish_videos([item], [rerun], settings)["done"] == [item.video_id]
+    summary = drain("kafka_default", "crowd_postgres", env["topic"], "rel-results", batch_wait_s=0.2, idle_timeout_s=3)
+    counts = pg_counts()
+    assert counts["frames"] == counts["distinct_frames"] == 40 and counts["rejected"] == 0, counts
+    assert summary.messages == 40, "the failed task published before failing"
+    assert counts["offsets"] == summary.messages
+    report(f"fault-6 results folder {kind}", {
+        "task_error": f"{type(error).__name__}: {str(error)[:240]}", "status_after_failure": status,
+        "messages_in_topic": summary.messages, "frames_stored": counts["frames"], "expected_frames": 40,
+        "lost": 40 - counts["distinct_frames"], "duplicated": 0,
+    })  # fmt: skip

@@ -1,0 +1,348 @@
+"""Hostile video files at the pipeline level: the scan's planning plus one detection task per work item.
+
+One folder holds a good video next to ~20 kinds of bad files. The scan (``crowd.jobs.find_new_videos``, what
+``crowd_video_scan`` runs) plans them, every work item runs ``crowd.jobs.detect_and_publish`` (what each mapped
+task runs) and ``finish_videos`` closes the run. Each bad file must fail its own item with a clear reason in
+``videos.error`` (or be left out of the plan with a logged reason), and the good videos must be published.
+Reader-level behaviour is in tests/crowd/test_video.py; this checks what reaches the registry and Kafka.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import psycopg
+import pytest
+
+from crowd import storage
+from tests.crowd._helpers import CARPHONE, GRACE_HOPPER
+from tests.reliability.conftest import report
+
+pytestmark = [pytest.mark.services, pytest.mark.reliability]
+
+
+def clip(dst: Path, frames: int, start: int = 0) -> Path:
+    """Frames ``start``.. of carphone (a face in each) re-encoded with mp4v (moov at the end, like cv2 writes)."""
+    cap = cv2.VideoCapture(str(CARPHONE))
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    out = None
+    index = 0
+    while True:
+        ok, image = cap.read()
+        if not ok or index >= start + frames:
+            break
+        if index >= start:
+            if out is None:
+                out = cv2.VideoWriter(str(dst), cv2.VideoWriter_fourcc(*"mp4v"), fps, (image.shape[1], image.shape[0]))
+            out.write(image)
+        index += 1
+    assert out is not None
+    out.release()
+    cap.release()
+    return dst
+
+
+def patched(src: Path, dst: Path, patch) -> Path:
+    raw = bytearray(src.read_bytes())
+    patch(raw)
+    dst.write_bytes(bytes(raw))
+    return dst
+
+
+def _box(raw: bytearray, kind: bytes) -> int:
+    pos = raw.find(kind)
+    assert pos > 0, kind
+    return pos
+
+
+def huge_dimensions(raw: bytearray) -> None:
+    """Claim 65535x65535 in the track header and in the mp4v sample entry."""
+    entry = _box(raw, b"mp4v")
+    struct.pack_into(">HH", raw, entry + 28, 65535, 65535)
+    tkhd = _box(raw, b"tkhd")
+    size = struct.unpack_from(">I", raw, tkhd - 4)[0]
+    struct.pack_into(">II", raw, tkhd - 4 + size - 8, 65535 << 16, 65535 << 16)
+
+
+def zero_timescale(raw: bytearray) -> None:
+    """Media timescale 0 in the track's mdhd (version 0): no frame rate can be derived."""
+    mdhd = _box(raw, b"mdhd")
+    struct.pack_into(">I", raw, mdhd + 16, 0)
+
+
+def audio_only(raw: bytearray) -> None:
+    """The only track relabelled as a sound track (handler 'soun', sample entry 'mp4a'): no video stream."""
+    hdlr = _box(raw, b"hdlr")
+    raw[hdlr + 12 : hdlr + 16] = b"soun"
+    entry = _box(raw, b"mp4v")
+    raw[entry : entry + 4] = b"mp4a"
+    vmhd = _box(raw, b"vmhd")
+    raw[vmhd : vmhd + 4] = b"smhd"
+
+
+def garbage_middle(raw: bytearray) -> None:
+    """Random bytes over the middle third of the media data."""
+    rng = np.random.default_rng(7)
+    a, b = len(raw) // 3, 2 * len(raw) // 3
+    raw[a:b] = rng.integers(0, 256, b - a, dtype=np.uint8).tobytes()
+
+
+def image_bytes(ext: str) -> bytes:
+    image = cv2.imread(str(GRACE_HOPPER))
+    ok, buf = cv2.imencode(ext, cv2.resize(image, (64, 64)))
+    assert ok
+    return buf.tobytes()
+
+
+# name -> (file name, builder(root, tmp, good) -> path, expected) ; expected: ("failed", regex) | ("done", None)
+# | ("unplanned", None): left out of the scan's plan (and refused when given directly).
+CASES: dict[str, tuple] = {
+    "zero-bytes": (
+        "zero.mp4",
+        lambda r, t, g: _write(r / "zero.mp4", b""),
+        ("unplanned", "empty"),
+    ),  # skipped until it has content
+    "text": (
+        "notes.mp4",
+        lambda r, t, g: _write(r / "notes.mp4", b"just some text\n" * 100),
+        ("failed", "not a video"),
+    ),
+    "png-renamed": ("png.mp4", lambda r, t, g: _write(r / "png.mp4", image_bytes(".png")), ("failed", "not a video")),
+    "jpeg-renamed": (
+        "jpeg.mp4",
+        lambda r, t, g: _write(r / "jpeg.mp4", image_bytes(".jpg")),
+        ("failed", "not a video"),
+    ),
+    "random-bytes": (
+        "random.mp4",
+        lambda r, t, g: _write(r / "random.mp4", np.random.default_rng(1).bytes(256 * 1024)),
+        ("failed", "not a video"),
+    ),
+    "ftyp-box-only": (
+        "ftyp.mp4",
+        lambda r, t, g: _write(r / "ftyp.mp4", struct.pack(">I", 24) + b"ftypisom\0\0\2\0isomiso2"),
+        ("failed", "not a video"),
+    ),
+    "truncated-to-2k": (
+        "head.mp4",
+        lambda r, t, g: _write(r / "head.mp4", g.read_bytes()[:2048]),
+        ("failed", "not a video"),
+    ),
+    "truncated-half": (
+        "half.mp4",
+        lambda r, t, g: _write(r / "half.mp4", g.read_bytes()[: g.stat().st_size // 2]),
+        ("failed", "not a video"),  # cv2 writes the index (moov) last: half a file has no index
+    ),
+    "garbage-in-the-middle": (
+        "garbage.mp4",
+        lambda r, t, g: patched(g, r / "garbage.mp4", garbage_middle),
+        ("failed", "corrupt|decod|stopped"),
+    ),
+    "huge-dimensions-header": (
+        "huge.mp4",
+        lambda r, t, g: patched(g, r / "huge.mp4", huge_dimensions),
+        ("done", None),  # FFmpeg takes the frame size from the stream, not the container's claim: 176x144 frames
+    ),
+    "zero-fps": (
+        "zerofps.mp4",
+        lambda r, t, g: patched(g, r / "zerofps.mp4", zero_timescale),
+        ("failed", "fps|frame rate|decoding stopped"),  # FFmpeg decodes frame 0, then stops: reported as corrupt
+    ),
+    "audio-only": (
+        "audio.mp4",
+        lambda r, t, g: patched(g, r / "audio.mp4", audio_only),
+        ("failed", "not a video|0 frames"),
+    ),
+    "one-frame": ("one.mp4", lambda r, t, g: clip(r / "one.mp4", 1, start=50), ("done", None)),
+    "unicode-and-spaces-name": (
+        "café crowd ☃ 1.mp4",
+        lambda r, t, g: clip(r / "café crowd ☃ 1.mp4", 12, start=60),
+        ("done", None),
+    ),
+    "directory-named-mp4": ("dir.mp4", lambda r, t, g: _mkdir(r / "dir.mp4"), ("unplanned", "directory|regular")),
+    "symlink-out-of-roots": (
+        "escape.mp4",
+        lambda r, t, g: _symlink(r / "escape.mp4", clip(t / "outside.mp4", 5, start=90)),
+        ("unplanned", "outside the video roots"),
+    ),
+    "dangling-symlink": (
+        "dangling.mp4",
+        lambda r, t, g: _symlink(r / "dangling.mp4", r / "nowhere"),
+        ("unplanned", "does not exist"),
+    ),
+    "symlink-loop": (
+        "loop.mp4",
+        lambda r, t, g: _symlink(r / "loop.mp4", r / "loop.mp4"),
+        ("unplanned", "cannot be resolved|loop"),
+    ),
+    "fifo-named-mp4": ("fifo.mp4", lambda r, t, g: _mkfifo(r / "fifo.mp4"), ("unplanned", "regular")),
+    "still-being-written": (
+        "growing.mp4",
+        lambda r, t, g: _write(r / "growing.mp4", g.read_bytes()[: int(g.stat().st_size * 0.4)]),
+        ("failed", "not a video"),  # no index yet; once complete its hash changes and the next scan takes it
+    ),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    (path / "inner.txt").write_text("x")
+    return path
+
+
+def _symlink(path: Path, target: Path) -> Path:
+    path.symlink_to(target)
+    return path
+
+
+def _mkfifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hostile_run(kafka_admin, postgres_admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """Build the folder, run scan -> detect_and_publish per item -> finish_videos once; yield the outcomes."""
+    from tests.conftest import create_topic
+
+    tmp = tmp_path_factory.mktemp("hostile")
+    root = tmp / "videos"
+    root.mkdir()
+    good = clip(root / "good.mp4", 30)
+    paths = {name: build(root, tmp, good) for name, (_, build, _) in CASES.items()}
+    topic = create_topic(kafka_admin, f"rel-hostile-{uuid.uuid4().hex[:8]}")
+    schema = f"rel_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    conn_json = {
+        "conn_type": "postgres", "host": "127.0.0.1", "port": int(os.environ.get("CROWD_PG_PORT", "5433")),
+        "login": "crowd", "password": os.environ.get("CROWD_PG_PASSWORD", "crowd"), "schema": "crowd_test",
+        "extra": {"options": f"-csearch_path={schema}"},
+    }  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AIRFLOW_CONN_CROWD_POSTGRES", json.dumps(conn_json))
+        mp.setenv("CROWD_FACES_TOPIC", topic)
+        mp.setenv("CROWD_VIDEO_ROOTS", str(root))
+        mp.setenv("CROWD_RESULTS_DIR", str(tmp / "results"))
+        mp.setenv("CROWD_DETECTOR", "mtcnn")
+        mp.setenv("CROWD_PUBLISH_TIMEOUT_S", "10")
+        from crowd.config import load_settings
+        from crowd.jobs import DetectOptions, WorkItem, detect_and_publish, find_new_videos, finish_videos
+
+        settings = load_settings()
+        scan: dict = {}
+
+        def run_scan() -> None:  # a FIFO or a loop must not hang the scan: bounded by a join timeout
+            try:
+                scan["items"] = find_new_videos(settings)
+            except BaseException as exc:  # noqa: BLE001
+                scan["error"] = exc
+
+        thread = threading.Thread(target=run_scan, daemon=True)
+        thread.start()
+        thread.join(120)
+        assert not thread.is_alive(), "the scan hangs on one of the hostile files"
+        assert "error" not in scan, f"one hostile file broke the whole scan: {scan['error']!r}"
+        items = scan["items"]
+        outcomes: dict[str, object] = {}
+        results = []
+        for item in items:
+            try:
+                result = detect_and_publish(item, DetectOptions(), settings)
+                results.append(result)
+                outcomes[item.path] = result
+            except Exception as exc:  # noqa: BLE001 - each item fails on its own
+                results.append(None)
+                outcomes[item.path] = exc
+        finish = finish_videos(items, results, settings)
+        direct: dict[str, object] = {}  # unplanned files handed to a task directly (a crafted work item)
+        for name, (_, _, (kind, _)) in CASES.items():
+            if kind == "unplanned":
+                try:
+                    detect_and_publish(WorkItem(str(paths[name]), f"direct-{name}"), DetectOptions(), settings)
+                    direct[name] = "accepted"
+                except Exception as exc:  # noqa: BLE001
+                    direct[name] = exc
+        with storage.connect("crowd_postgres") as conn:
+            rows = {r[0]: (r[1], r[2], r[3]) for r in conn.execute("SELECT path, status, error, id FROM videos")}
+            ids = {r[0]: r[1] for r in conn.execute("SELECT path, id FROM videos")}
+    from tests.dags.test_detection_dags import _consume_all
+
+    bootstrap = json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]["bootstrap.servers"]
+    keys: dict[str, int] = {}
+    for m in _consume_all(topic, bootstrap):
+        keys[m.key().decode()] = keys.get(m.key().decode(), 0) + 1
+    yield {
+        "root": root, "paths": paths, "good": good, "items": items, "outcomes": outcomes, "rows": rows, "ids": ids,
+        "keys": keys, "finish": finish, "direct": direct,
+    }  # fmt: skip
+    kafka_admin.delete_topics([topic])
+    with psycopg.connect(postgres_admin_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    if os.path.exists(root / "fifo.mp4"):
+        os.unlink(root / "fifo.mp4")
+
+
+def _row(run: dict, path: Path) -> tuple | None:
+    return run["rows"].get(str(path)) or run["rows"].get(str(path.resolve()))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_file_fails_alone_with_a_clear_reason(hostile_run: dict, name: str) -> None:
+    import re
+
+    _, _, (kind, reason) = CASES[name]
+    path = hostile_run["paths"][name]
+    planned = [i for i in hostile_run["items"] if Path(i.path) == path]
+    if kind == "unplanned":
+        assert not planned, f"{name} should not be planned: {planned}"
+        outcome = hostile_run["direct"][name]
+        assert isinstance(outcome, Exception), f"a task given {name} directly accepted it"
+        assert re.search(reason, str(outcome), re.I), str(outcome)
+        return
+    assert planned, f"{name} was not planned at all"
+    row = _row(hostile_run, path)
+    assert row is not None, f"no videos row for {name}"
+    status, error, video_id = row
+    if kind == "done":
+        assert status == "done", (status, error)
+        assert hostile_run["keys"].get(video_id, 0) >= 1
+        return
+    outcome = hostile_run["outcomes"][str(path)]
+    assert isinstance(outcome, Exception), f"{name} was processed: {outcome}"
+    assert status == "failed", (status, error)
+    assert error and path.name in error and re.search(reason, error.replace(str(path), ""), re.I), error
+
+
+def test_the_good_video_next_to_them_is_published_and_done(hostile_run: dict) -> None:
+    status, error, video_id = _row(hostile_run, hostile_run["good"])
+    assert status == "done", error
+    published = hostile_run["outcomes"][str(hostile_run["good"])]
+    assert hostile_run["keys"][video_id] == published["messages"] == published["frames"] == 4  # frames 0, 9, 18, 27
+    report("hostile videos (pipeline level)", {
+        "files": len(CASES) + 1, "planned_items": len(hostile_run["items"]),
+        "failed": sorted(Path(s).name for s, (st, _, _) in hostile_run["rows"].items() if st == "failed"),
+        "done": sorted(Path(s).name for s, (st, _, _) in hostile_run["rows"].items() if st == "done"),
+        "unplanned": sorted(n for n, c in CASES.items() if c[2][0] == "unplanned"),
+        "messages_per_video": {Path(s).name: hostile_run["keys"].get(r[2], 0) for s, r in hostile_run["rows"].items()},
+        "errors": {Path(s).name: (r[1] or "")[:160] for s, r in hostile_run["rows"].items() if r[1]},
+    })  # fmt: skip
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("running as root: chmod 000 does not stop root from reading; crowd.video.check_file maps "
+                    "PermissionError to a 'permission denied' VideoError (tests/crowd/test_video.py)")  # fmt: skip
