@@ -5,11 +5,16 @@ Same messages, same run, fresh topic and fresh schemas on the local broker and P
 * ``drain``: the real thing (Kafka consume, validation, COPY + upsert, offsets in the same transaction);
 * ``raw_copy``: the same frames and faces rows, already parsed in memory, COPYed straight into the tables
   (the floor: no Kafka, no validation, no upsert);
+* ``fixed``: the same drain called again with nothing left to read: its fixed start cost (connect, migrate,
+  advisory lock, assign, reach the end of every partition), reported apart and subtracted in ``*_minus_fixed``;
 * ``seed_loop``: what a naive consumer does: one message at a time from Kafka, ``json.loads``, one INSERT per
   frame and per face, one commit per message.
 
-Usage: ``source dev/env.sh && python bench/ingest.py [--messages 20000] [--seed-messages 2000]``; prints a
-table and a JSON line with the ratios.
+Drains (per batch size) and the raw COPY alternate ``--repeat`` times, each into a fresh schema and consumer
+group; medians and per-repetition ratios (the machine is shared).
+
+Usage: ``source dev/env.sh && python bench/ingest.py [--messages 60000] [--seed-messages 2000]
+[--batch-sizes 2000,5000] [--repeat 3]``; prints a table and a JSON line with the ratios.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import json
 import logging
 import os
 import random
+import statistics
 import sys
 import time
 import uuid
@@ -77,7 +83,7 @@ def _use_schema(name: str, port: int, password: str) -> None:
     )
 
 
-def run(n_messages: int, n_seed: int, batch_size: int) -> dict:
+def run(n_messages: int, n_seed: int, batch_sizes: list[int], repeat: int) -> dict:
     import psycopg
     from confluent_kafka import Consumer, KafkaError
     from confluent_kafka.admin import AdminClient, NewTopic
@@ -95,8 +101,8 @@ def run(n_messages: int, n_seed: int, batch_size: int) -> dict:
     topic = f"bench-faces-{tag}"
     for future in admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)]).values():
         future.result(timeout=30)
-    schemas = {k: f"bench_{k}_{tag}" for k in ("drain", "copy", "seed")}
-    dsns = {k: _schema(admin_dsn, v) for k, v in schemas.items()}
+    schemas = {"seed": f"bench_seed_{tag}"}
+    dsns = {"seed": _schema(admin_dsn, schemas["seed"])}
     try:
         rng = random.Random(7)
         producer = reliable_producer("kafka_default", timeout_s=60)
@@ -110,14 +116,7 @@ def run(n_messages: int, n_seed: int, batch_size: int) -> dict:
             producer.poll(0)
         tracker.wait(producer, timeout_s=120)
 
-        # 1. the drain
-        _use_schema(schemas["drain"], port, password)
-        summary = drain("kafka_default", "crowd_postgres", topic, "bench", batch_size=batch_size, batch_wait_s=0.5)
-        assert summary.messages == n_messages and summary.lag_left == 0, summary
-        drain_rows = summary.frames + summary.faces
-        results = {"drain": {"rows": drain_rows, "seconds": summary.seconds, "messages": summary.messages}}
-
-        # 2. raw COPY of the same rows (parsed outside the timing)
+        # parsed rows for the raw COPY (outside the timing)
         batch = Batch(topic=topic)
 
         class _Msg:  # the minimum of confluent_kafka.Message that Batch.add uses
@@ -140,21 +139,45 @@ def run(n_messages: int, n_seed: int, batch_size: int) -> dict:
             batch.add(_Msg(i, value))  # type: ignore[arg-type]
         frame_rows = [f for f, _ in batch.frames.values()]
         face_rows = [r for _, faces in batch.frames.values() for r in faces]
-        with psycopg.connect(dsns["copy"]) as conn:
-            storage.migrate(conn)
-            started = time.perf_counter()
-            with conn.cursor() as cur:
-                for table, cols, types, rows in (
-                    ("frames", FRAME_COLUMNS, FRAME_TYPES, frame_rows),
-                    ("faces", FACE_COLUMNS, FACE_TYPES, face_rows),
-                ):
-                    with cur.copy(f"COPY {table} ({', '.join(cols)}) FROM STDIN (FORMAT BINARY)") as copy:
-                        copy.set_types(list(types))
-                        for row in rows:
-                            copy.write_row(row)
-            conn.commit()
-            copy_s = time.perf_counter() - started
-        results["raw_copy"] = {"rows": len(frame_rows) + len(face_rows), "seconds": copy_s, "messages": n_messages}
+        n_rows = len(frame_rows) + len(face_rows)
+
+        def raw_copy(dsn: str) -> float:
+            with psycopg.connect(dsn) as conn:
+                storage.migrate(conn)
+                started = time.perf_counter()
+                with conn.cursor() as cur:
+                    for table, cols, types, rows in (
+                        ("frames", FRAME_COLUMNS, FRAME_TYPES, frame_rows),
+                        ("faces", FACE_COLUMNS, FACE_TYPES, face_rows),
+                    ):
+                        with cur.copy(f"COPY {table} ({', '.join(cols)}) FROM STDIN (FORMAT BINARY)") as copy:
+                            copy.set_types(list(types))
+                            for row in rows:
+                                copy.write_row(row)
+                conn.commit()
+                return time.perf_counter() - started
+
+        runs: dict[str, list[float]] = {}
+        for rep in range(repeat):  # interleaved: every variant once per repetition, ratios per repetition
+            for size in batch_sizes:
+                name = f"{tag}_r{rep}_b{size}"
+                schemas[name] = f"bench_drain_{name}"
+                _schema(admin_dsn, schemas[name])
+                _use_schema(schemas[name], port, password)
+                summary = drain("kafka_default", "crowd_postgres", topic, name, batch_size=size, batch_wait_s=0.5)
+                assert summary.messages == n_messages and summary.lag_left == 0, summary
+                assert summary.frames + summary.faces == n_rows, (summary, n_rows)
+                runs.setdefault(f"drain_b{size}", []).append(summary.seconds)
+                # fixed cost: the same drain again, nothing left to read (connect, migrate, lock, assign, EOF)
+                again = drain("kafka_default", "crowd_postgres", topic, name, batch_size=size, batch_wait_s=0.5)
+                assert again.messages == 0, again
+                runs.setdefault(f"fixed_b{size}", []).append(again.seconds)
+            name = f"{tag}_r{rep}_copy"
+            schemas[name] = f"bench_copy_{name}"
+            runs.setdefault("raw_copy", []).append(raw_copy(_schema(admin_dsn, schemas[name])))
+        results = {}
+        for key, times in runs.items():
+            results[key] = {"rows": n_rows, "seconds": statistics.median(times), "messages": n_messages}
 
         # 3. seed-style loop: one message, one transaction (on the first n_seed messages)
         consumer = Consumer(
@@ -218,41 +241,51 @@ def run(n_messages: int, n_seed: int, batch_size: int) -> dict:
             for name in schemas.values():
                 conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
-    for r in results.values():
+    for key, r in results.items():
         r["rows_per_s"] = r["rows"] / r["seconds"] if r["seconds"] else 0.0
         r["messages_per_s"] = r["messages"] / r["seconds"] if r["seconds"] else 0.0
-    drain_rate = results["drain"]["rows_per_s"]
+        if key.startswith("fixed"):
+            r["rows"] = r["messages"] = r["rows_per_s"] = r["messages_per_s"] = 0
+    ratios = {}
+    for size in batch_sizes:
+        d, f = runs[f"drain_b{size}"], runs[f"fixed_b{size}"]
+        ratios[f"drain_b{size}_vs_raw_copy"] = statistics.median(
+            c / t for c, t in zip(runs["raw_copy"], d, strict=True)
+        )
+        ratios[f"drain_b{size}_minus_fixed_vs_raw_copy"] = statistics.median(
+            c / (t - x) for c, t, x in zip(runs["raw_copy"], d, f, strict=True)
+        )
+        ratios[f"drain_b{size}_vs_seed_loop"] = (
+            results[f"drain_b{size}"]["rows_per_s"] / results["seed_loop"]["rows_per_s"]
+        )
     return {
         "messages": n_messages,
-        "batch_size": batch_size,
+        "batch_sizes": batch_sizes,
+        "repeat": repeat,
         "results": results,
-        "ratios": {
-            "drain_vs_raw_copy": drain_rate / results["raw_copy"]["rows_per_s"],
-            "drain_vs_seed_loop": drain_rate / results["seed_loop"]["rows_per_s"],
-        },
+        "ratios": ratios,
         "goals": {"drain_vs_raw_copy": ">= 0.5", "drain_vs_seed_loop": ">= 10"},
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--messages", type=int, default=60_000)
     parser.add_argument("--seed-messages", type=int, default=2_000, help="messages for the (slow) seed loop")
-    parser.add_argument("--batch-size", type=int, default=2_000)
+    parser.add_argument("--batch-sizes", default="2000,5000", help="drain batch sizes to compare")
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    report = run(args.messages, args.seed_messages, args.batch_size)
+    report = run(args.messages, args.seed_messages, [int(b) for b in args.batch_sizes.split(",")], args.repeat)
     print(f"{'method':<10} {'messages':>9} {'rows':>9} {'seconds':>8} {'rows/s':>10} {'msg/s':>9}  ({ROWS_NOTE})")
     for name, r in report["results"].items():
         print(
             f"{name:<10} {r['messages']:>9} {r['rows']:>9} {r['seconds']:>8.2f} "
             f"{r['rows_per_s']:>10.0f} {r['messages_per_s']:>9.0f}"
         )
-    ratios = report["ratios"]
-    print(
-        f"drain / raw COPY = {ratios['drain_vs_raw_copy']:.2f} (goal >= 0.5); "
-        f"drain / seed loop = {ratios['drain_vs_seed_loop']:.1f}x (goal >= 10x)"
-    )
+    for key, value in report["ratios"].items():
+        goal = "(goal >= 10x)" if "seed" in key else "(goal >= 0.5)"
+        print(f"{key:<36} {value:6.2f} {goal}")
     print(json.dumps(report))
     return 0
 
