@@ -551,7 +551,9 @@ def _run(
         batch = Batch(topic=topic)
         fill_until = time.monotonic() + batch_wait_s
         while batch.messages < batch_size:
-            wait = max(0.05, fill_until - time.monotonic()) if batch.messages else 0.5
+            # consume() blocks until it has num_messages or the timeout passes, even when every partition
+            # already reported its end: short slices let the end-of-partition check stop the batch at once
+            wait = min(0.05, max(0.01, fill_until - time.monotonic())) if batch.messages else 0.05
             for message in consumer.consume(num_messages=batch_size - batch.messages, timeout=wait):
                 err = message.error()
                 if err is None:
