@@ -88,16 +88,20 @@ class Settings:
         """
         try:
             resolved = Path(path).expanduser().resolve()
-        except (OSError, RuntimeError) as exc:  # a symlink loop
+        except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
             raise ConfigError(f"video path {str(path)!r} cannot be resolved: {exc}") from None
         if not any(resolved.is_relative_to(root) for root in self.video_roots):
             roots = ", ".join(str(r) for r in self.video_roots) or "(none configured: set CROWD_VIDEO_ROOTS)"
             raise ConfigError(
                 f"video path {str(path)!r} resolves to {str(resolved)!r}, outside the video roots {roots}"
             )
-        if not resolved.exists():
+        try:
+            exists, is_file = resolved.exists(), resolved.is_file()
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            raise ConfigError(f"video path {str(path)!r} cannot be checked: {exc.strerror or exc}") from None
+        if not exists:
             raise ConfigError(f"video path {str(path)!r} does not exist")
-        if not resolved.is_file():
+        if not is_file:
             raise ConfigError(f"video path {str(path)!r} is not a regular file")
         return resolved
 
