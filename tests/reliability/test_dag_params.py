@@ -1,0 +1,90 @@
+"""Hostile params of the manual DAG (crowd_video_detect): refused with the param's name, nothing published.
+
+tests/dags/test_detection_dags.py covers outside-roots, ``..``, missing and non-.mp4 paths; these are the rest:
+wrong types, negative/zero intervals, out-of-range confidence, unknown model, and paths that make ``Path``
+itself fail (NUL byte, over-long name, symlink loop, a directory).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.dags.test_detection_dags import CARPHONE, _consume_all, _dag, _task_states
+from tests.reliability.conftest import report
+
+pytestmark = [pytest.mark.services, pytest.mark.airflow, pytest.mark.reliability]
+
+OUTCOMES: dict[str, str] = {}
+
+
+@pytest.fixture
+def env(airflow_db, faces_topic, pg_schema, kafka_bootstrap, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    root = tmp_path / "videos"
+    root.mkdir()
+    monkeypatch.setenv("CROWD_VIDEO_ROOTS", str(root))
+    monkeypatch.setenv("CROWD_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("CROWD_DETECTOR", "mtcnn")
+    video = shutil.copy(CARPHONE, root / "ok.mp4")
+    (root / "loop.mp4").symlink_to(root / "loop.mp4")
+    (root / "folder.mp4").mkdir()
+    return {"root": root, "video": str(video), "topic": faces_topic, "bootstrap": kafka_bootstrap}
+
+
+FORM_REFUSES = [  # the trigger form (param schema) refuses these before a run exists
+    pytest.param({"frame_interval": -5}, "frame_interval", id="negative-interval"),
+    pytest.param({"frame_interval": 0}, "frame_interval", id="zero-interval"),
+    pytest.param({"frame_interval": "ten"}, "frame_interval", id="interval-not-a-number"),
+    pytest.param({"frame_interval": 2.5}, "frame_interval", id="interval-not-whole"),
+    pytest.param({"confidence": 0}, "confidence", id="confidence-zero"),
+    pytest.param({"confidence": 1.5}, "confidence", id="confidence-above-1"),
+    pytest.param({"confidence": "high"}, "confidence", id="confidence-not-a-number"),
+    pytest.param({"model": "resnet"}, "model", id="unknown-model"),
+    pytest.param({"tiles": "yes"}, "tiles", id="tiles-not-boolean"),
+    pytest.param({"video_path": 123}, "video_path", id="path-not-a-string"),
+    pytest.param({"video_path": ""}, "video_path", id="path-empty"),
+    pytest.param({"video_path": None}, "video_path", id="path-null"),
+]
+
+
+@pytest.mark.parametrize(("conf", "param"), FORM_REFUSES)
+def test_trigger_form_refuses_bad_params_naming_them(env: dict, conf: dict, param: str) -> None:
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError, match=param) as refused:
+        _dag("crowd_video_detect").test(run_conf={"video_path": env["video"], **conf})
+    OUTCOMES[f"{conf}"] = f"refused by the form: {str(refused.value)[:160]}"
+
+
+PLAN_REFUSES = [  # valid strings ending in .mp4 that the first task refuses with the reason
+    pytest.param(lambda root: f"{root}/nul\x00byte.mp4", "cannot be resolved", id="nul-byte"),
+    pytest.param(lambda root: f"{root}/{'a' * 300}.mp4", "cannot be checked", id="name-too-long"),
+    pytest.param(lambda root: f"{root}/loop.mp4", "cannot be resolved", id="symlink-loop"),
+    pytest.param(lambda root: f"{root}/folder.mp4", "not a regular file", id="directory"),
+    pytest.param(lambda root: f"{root}/../../../../etc/shadow.mp4", "outside the video roots", id="traversal"),
+]
+
+
+@pytest.mark.parametrize(("make_path", "reason"), PLAN_REFUSES)
+def test_first_task_refuses_bad_paths_with_the_reason(env: dict, make_path, reason: str) -> None:
+    from crowd.config import ConfigError, load_settings
+    from crowd.jobs import plan_requested_video
+
+    path = make_path(env["root"])
+    with pytest.raises(ConfigError, match=reason):
+        plan_requested_video(path, load_settings())
+    dag = _dag("crowd_video_detect")
+    for t in dag.tasks:
+        t.retries = 0
+    run = dag.test(run_conf={"video_path": path})
+    assert str(run.state) == "failed"
+    assert _task_states(run)["plan_requested_video"] == ["failed"]
+    assert _consume_all(env["topic"], env["bootstrap"]) == []
+    OUTCOMES[repr(path[-40:])] = f"first task failed: ConfigError matching {reason!r}"
+
+
+def test_report_param_outcomes() -> None:
+    if OUTCOMES:
+        report("manual DAG params", {"cases": len(OUTCOMES), "outcomes": OUTCOMES})
