@@ -172,7 +172,10 @@ start() {
   for c in "${COMPONENTS[@]}"; do spawn "$c" airflow "$c"; done
   local i
   for i in $(seq 1 "$CROWD_CELERY_WORKERS"); do
-    spawn "worker$i" airflow celery worker -H "worker$i@%h" -c 1 --skip-serve-logs --without-gossip --without-mingle
+    # Task instances record "worker<i>@host" as their hostname (dev/celery/worker_hostname.py).
+    CROWD_CELERY_WORKER_NAME="worker$i" AIRFLOW__CORE__HOSTNAME_CALLABLE=worker_hostname.hostname \
+      PYTHONPATH="$CROWD_ROOT/dev/celery:$PYTHONPATH" \
+      spawn "worker$i" airflow celery worker -H "worker$i@%h" -c 1 --skip-serve-logs --without-gossip --without-mingle
   done
   log "waiting for the api-server at $CROWD_CELERY_API_URL and $CROWD_CELERY_WORKERS Celery workers"
   if ! wait_for 240 api-server airflow_up; then tail -30 "$STATE/logs/api-server.log" >&2; die "the api-server did not answer"; fi
