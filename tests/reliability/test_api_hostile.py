@@ -1,0 +1,229 @@
+"""Hostile HTTP clients against the /crowd API in the Airflow app: forged tokens, SQL-looking and traversal
+input in every parameter, huge bodies, concurrent /send + /receive; schemathesis with thousands of cases (soak).
+
+tests/crowd/test_api.py already covers: no token, viewer on /send, 64 KiB body, basic types and limits, one
+encoded traversal, a few hundred schemathesis cases. This adds what it does not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from tests.crowd.api_fixtures import *  # noqa: F403 - the fixtures
+from tests.crowd.api_fixtures import SEED_VIDEO, auth, seed_results, wait_receiver_ready
+from tests.reliability.conftest import report
+
+pytestmark = [pytest.mark.services, pytest.mark.reliability]
+
+V = SEED_VIDEO
+GET_ROUTES = [
+    "/crowd/videos/{v}", "/crowd/videos/{v}/frames", "/crowd/videos/{v}/frames/0/faces", "/crowd/videos/{v}/frames.csv",
+    "/crowd/videos/{v}/faces.csv", "/crowd/videos/{v}/images", "/crowd/videos/{v}/images/heatmap.png",
+]  # fmt: skip
+SQLISH = [
+    "' OR '1'='1", "1; DROP TABLE frames; --", "\" OR 1=1 --", "x') UNION SELECT * FROM kafka_offsets --",
+    "%' AND pg_sleep(5) --", "$$; DELETE FROM videos; $$", "1 OR 1=1", "\\'; TRUNCATE faces; --",
+]  # fmt: skip
+TRAVERSAL = [
+    "..", "../..", "..%2f..%2fetc%2fpasswd", "%2e%2e%2f%2e%2e%2fetc", "..%252f..%252fetc", "....//....//etc",
+    "..\\..\\windows", "%00", "a%00.png", "/etc/passwd", "~root",
+]  # fmt: skip
+
+
+def _table_counts(client: Any) -> dict[str, int]:
+    import psycopg
+
+    with psycopg.connect(os.environ["CROWD_PG_DSN_FOR_TESTS"], autocommit=True) as conn:
+        return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("videos", "frames", "faces")}  # noqa: S608
+
+
+def _forged_tokens(client: Any) -> dict[str, str]:
+    import base64
+
+    from airflow.api_fastapi.app import get_auth_manager
+
+    good = auth(client, "admin")["Authorization"].split()[1]
+    head, body, sig = good.split(".")
+    manager = get_auth_manager()
+    user = manager.deserialize_user({"sub": "admin", "role": "ADMIN"}) if hasattr(manager, "deserialize_user") else None
+    tokens = {
+        "garbage": "not-a-jwt",
+        "bad-signature": f"{head}.{body}.{sig[:-4]}AAAA",
+        "alg-none": base64.urlsafe_b64encode(b'{"alg":"none","typ":"JWT"}').rstrip(b"=").decode() + f".{body}.",
+        "empty": "",
+    }
+    payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    payload["role"] = "ADMIN"
+    payload["sub"] = "viewer"
+    tokens["edited-payload"] = (
+        f"{head}.{base64.urlsafe_b64encode(json.dumps(payload).encode()).rstrip(b'=').decode()}.{sig}"
+    )
+    if user is not None:
+        tokens["expired"] = manager.generate_jwt(user, expiration_time_in_seconds=-3600)
+    return tokens
+
+
+def test_forged_and_expired_tokens_are_refused_on_every_route(client: Any) -> None:
+    tokens = _forged_tokens(client)
+    assert "expired" in tokens, "could not mint an expired token"
+    outcomes: dict[str, set[int]] = {}
+    for name, token in tokens.items():
+        headers = {"Authorization": f"Bearer {token}"}
+        for path in [r.format(v=V) for r in GET_ROUTES] + ["/crowd/videos", "/crowd/health", "/crowd/receive"]:
+            outcomes.setdefault(name, set()).add(client.get(path, headers=headers).status_code)
+        outcomes[name].add(
+            client.post("/crowd/send", json={"content": "x", "sender": "y"}, headers=headers).status_code
+        )
+    assert all(codes <= {401, 403} for codes in outcomes.values()), outcomes
+    report(
+        "api forged/expired tokens",
+        {"tokens": sorted(tokens), "status_codes": {k: sorted(v) for k, v in outcomes.items()}},
+    )
+
+
+def test_sql_looking_strings_in_every_parameter_change_nothing(client: Any, faces_topic: str, results_dir) -> None:
+    seed_results(faces_topic, results_dir)
+    headers = auth(client, "user")
+    before = _table_counts(client)
+    codes: dict[int, int] = {}
+    calls = 0
+    for s in SQLISH:
+        q = quote(s, safe="")
+        urls = [r.format(v=q) for r in GET_ROUTES] + [
+            f"/crowd/videos?status={q}", f"/crowd/videos?limit={q}", f"/crowd/videos?offset={q}",
+            f"/crowd/videos/{V}/frames?limit={q}", f"/crowd/videos/{V}/frames/{q}/faces",
+            f"/crowd/videos/{V}/images/{q}", f"/crowd/receive?limit={q}", f"/crowd/receive?wait_s={q}",
+        ]  # fmt: skip
+        for url in urls:
+            started = time.monotonic()
+            status = client.get(url, headers=headers).status_code
+            assert time.monotonic() - started < 3, f"{url} took long (pg_sleep injected?)"
+            assert status < 500, (url, status)
+            codes[status] = codes.get(status, 0) + 1
+            calls += 1
+        response = client.post("/crowd/send", json={"content": s, "sender": s[:60]}, headers=headers)
+        assert response.status_code == 200, response.text
+        calls += 1
+    assert _table_counts(client) == before
+    assert client.get(f"/crowd/videos/{V}", headers=headers).json()["frames"] == before["frames"]
+    report("api SQL-looking input", {"requests": calls, "status_codes": codes, "tables_before_after": before})
+
+
+def test_path_traversal_in_every_path_parameter_serves_nothing_outside(client: Any, results_dir, tmp_path) -> None:
+    secret = results_dir.parent / "secret.png"
+    secret.write_bytes(b"\x89PNG top secret")
+    (results_dir / V).mkdir(parents=True, exist_ok=True)
+    headers = auth(client, "viewer")
+    served: list[str] = []
+    codes: dict[int, int] = {}
+    for t in TRAVERSAL:
+        for url in (f"/crowd/videos/{t}/images", f"/crowd/videos/{t}/images/secret.png",
+                    f"/crowd/videos/{V}/images/{t}", f"/crowd/videos/{V}/images/{t}%2fsecret.png",
+                    f"/crowd/videos/{t}/frames.csv", f"/crowd/videos/{t}"):  # fmt: skip
+            response = client.get(url, headers=headers)
+            assert response.status_code < 500, (url, response.status_code)
+            codes[response.status_code] = codes.get(response.status_code, 0) + 1
+            if b"top secret" in response.content:
+                served.append(url)
+    assert not served, served
+    report("api path traversal", {"requests": sum(codes.values()), "status_codes": codes, "secret_served": 0})
+
+
+@pytest.mark.parametrize("size_mib", [1, 16])
+def test_huge_bodies_are_refused_without_reading_them_whole(client: Any, size_mib: int) -> None:
+    headers = {**auth(client, "user"), "Content-Type": "application/json"}
+    body = b'{"content": "' + b"x" * (size_mib << 20) + b'", "sender": "a"}'
+    started = time.monotonic()
+    response = client.post("/crowd/send", content=body, headers=headers)
+    assert response.status_code == 413, response.text[:200]
+    assert time.monotonic() - started < 10
+
+
+def test_concurrent_send_and_receive_no_error_bounded_memory(client: Any, messages_topic: str) -> None:
+    headers = auth(client, "user")
+    wait_receiver_ready(client, headers)
+    n, workers = 300, 8
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run = uuid.uuid4().hex[:6]
+
+    def send(i: int) -> int:
+        return client.post(
+            "/crowd/send", json={"content": f"{run}-{i}", "sender": f"s{i % 5}"}, headers=headers
+        ).status_code
+
+    def receive(_: int) -> tuple[int, list[str]]:
+        r = client.get("/crowd/receive", params={"limit": 50, "wait_s": 0.2}, headers=headers)
+        return r.status_code, [
+            m["value"]["content"] for m in r.json().get("messages", [])
+        ] if r.status_code == 200 else []
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(workers) as pool:
+        sends = pool.map(send, range(n))
+        receives = list(pool.map(receive, range(n)))
+        send_codes = list(sends)
+    got = [c for status, contents in receives for c in contents]
+    deadline = time.monotonic() + 30
+    while len(got) < n and time.monotonic() < deadline:
+        got += [m["value"]["content"] for m in client.get("/crowd/receive", params={"limit": 500, "wait_s": 1},
+                                                            headers=headers).json()["messages"]]  # fmt: skip
+    seconds = time.monotonic() - started
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert send_codes.count(200) == n, {c: send_codes.count(c) for c in set(send_codes)}
+    assert all(status == 200 for status, _ in receives)
+    mine = [g for g in got if g.startswith(f"{run}-")]
+    assert sorted(mine) == sorted(f"{run}-{i}" for i in range(n)), "lost or duplicated messages"
+    health = client.get("/crowd/health", headers=headers).json()["receiver"]
+    assert health["queued"] <= health["max_queue"]
+    report("api concurrent /send + /receive", {
+        "sends": n, "receives": n, "threads": workers, "send_200": send_codes.count(200), "received": len(mine),
+        "duplicates": len(mine) - len(set(mine)), "seconds": round(seconds, 1),
+        "peak_rss_before_mib": round(rss_before / 1024), "peak_rss_after_mib": round(rss_after / 1024),
+    })  # fmt: skip
+
+
+@pytest.mark.soak
+def test_schemathesis_thousands_of_cases_no_server_error(client: Any, faces_topic: str, results_dir) -> None:
+    """By hand: ``CROWD_SOAK=1 pytest tests/reliability/test_api_hostile.py -k schemathesis`` (~N per route)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    seed_results(faces_topic, results_dir)
+    per_op = int(os.environ.get("CROWD_SOAK_EXAMPLES", "400"))
+    headers = auth(client, "user")
+    schema = schemathesis.openapi.from_dict(client.get("/crowd/openapi.json").json())
+    failures: list[str] = []
+    calls: dict[str, int] = {}
+    started = time.monotonic()
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @settings(max_examples=per_op, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=operation.as_strategy())
+        def check(case: Any) -> None:
+            key = f"{case.method} {case.path}"
+            calls[key] = calls.get(key, 0) + 1
+            kwargs = case.as_transport_kwargs(base_url="http://testserver/crowd", headers=headers)
+            if case.path == "/receive":
+                kwargs["params"] = {**(kwargs.get("params") or {}), "wait_s": 0}
+            kwargs = {k: v for k, v in kwargs.items()
+                      if k in ("method", "url", "headers", "params", "json", "content", "data", "cookies")}  # fmt: skip
+            response = client.request(**kwargs)
+            if response.status_code >= 500:
+                failures.append(f"{case.method} {response.url} -> {response.status_code}: {response.text[:200]}")
+
+        check()
+    report("api schemathesis soak", {
+        "cases": sum(calls.values()), "per_operation": calls, "server_errors": len(failures),
+        "first_failures": failures[:5], "seconds": round(time.monotonic() - started, 1),
+    })  # fmt: skip
+    assert not failures, "\n".join(failures[:10])
