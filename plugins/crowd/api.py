@@ -677,7 +677,10 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
 
     def video_dir(video_id: str) -> Path:
         root = settings_factory().results_dir.resolve()
-        folder = (root / video_id).resolve()
+        try:
+            folder = (root / video_id).resolve()
+        except (OSError, RuntimeError):  # a symlink loop: not a video folder
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such video folder") from None
         if not folder.is_relative_to(root) or folder == root:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no such video folder")
         return folder
@@ -700,7 +703,10 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
     )
     def get_image(video_id: VideoId, name: Annotated[str, PathParam(pattern=IMAGE_NAME_PATTERN)]) -> FileResponse:
         folder = video_dir(video_id)
-        path = (folder / name).resolve()
+        try:
+            path = (folder / name).resolve()
+        except (OSError, RuntimeError):  # a symlink loop
+            path = folder
         if not path.is_relative_to(folder) or not path.is_file():
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no picture {name!r} for video {video_id!r}")
         return FileResponse(
