@@ -24,6 +24,12 @@ from tests.reliability.conftest import report
 
 pytestmark = [pytest.mark.services, pytest.mark.reliability]
 
+
+@pytest.fixture(autouse=True)
+def _migrated_airflow_db(airflow_db) -> None:
+    """Token checks read Airflow's metadata DB (revoked tokens): make sure it is migrated."""
+
+
 V = SEED_VIDEO
 GET_ROUTES = [
     "/crowd/videos/{v}", "/crowd/videos/{v}/frames", "/crowd/videos/{v}/frames/0/faces", "/crowd/videos/{v}/frames.csv",
@@ -227,3 +233,23 @@ def test_schemathesis_thousands_of_cases_no_server_error(client: Any, faces_topi
         "first_failures": failures[:5], "seconds": round(time.monotonic() - started, 1),
     })  # fmt: skip
     assert not failures, "\n".join(failures[:10])
+
+
+def test_symlink_loops_in_the_results_folder_answer_404_not_500(client: Any, results_dir) -> None:
+    (results_dir / V).mkdir(parents=True, exist_ok=True)
+    (results_dir / V / "loop.png").symlink_to(results_dir / V / "loop.png")
+    (results_dir / "loopdir").symlink_to(results_dir / "loopdir")
+    headers = auth(client, "viewer")
+    codes = {
+        url: client.get(url, headers=headers).status_code
+        for url in (
+            f"/crowd/videos/{V}/images/loop.png",
+            "/crowd/videos/loopdir/images",
+            "/crowd/videos/loopdir/images/heatmap.png",
+            f"/crowd/videos/{V}/images",
+        )  # fmt: skip
+    }
+    assert codes == {
+        f"/crowd/videos/{V}/images/loop.png": 404, "/crowd/videos/loopdir/images": 404,
+        "/crowd/videos/loopdir/images/heatmap.png": 404, f"/crowd/videos/{V}/images": 200,
+    }, codes  # fmt: skip
