@@ -254,3 +254,21 @@ def test_hosted_services_come_from_env_only(tmp_path: Path) -> None:
     assert "@db.redback.example:5432/crowd" in worker["AIRFLOW_CONN_CROWD_POSTGRES"]
     assert "@meta.redback.example:5432/airflow" in worker["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
     assert "@mq.redback.example:5672/" in worker["AIRFLOW__CELERY__BROKER_URL"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("platform", ["x86_64-manylinux_2_28", "aarch64-manylinux_2_28"])
+def test_requirements_resolve_as_wheels_for_the_image(platform: str, tmp_path: Path) -> None:
+    """The image's pip install (requirements.txt with constraints.txt on CPython 3.11, Debian 12 glibc) resolves
+    to wheels only, on amd64 and arm64 hosts: uv resolves it for that target from the package index."""
+    uv = shutil.which("uv") or shutil.which("uv", path=str(Path(sys.executable).parent))
+    if uv is None:
+        pytest.skip("uv is not installed (dev/setup.sh installs it)")
+    result = subprocess.run(
+        [uv, "pip", "compile", "requirements.txt", "-c", "constraints.txt", "--python-version", "3.11",
+         "--python-platform", platform, "--only-binary", ":all:", "-q", "-o", str(tmp_path / "resolved.txt")],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    resolved_pins = (tmp_path / "resolved.txt").read_text()
+    assert "apache-airflow==3.3.2" in resolved_pins and "opencv-python-headless==4.14.0.94" in resolved_pins
