@@ -120,9 +120,7 @@ class Profile:
 
 
 @pytest.fixture(scope="module")
-def profile(
-    tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, postgres_admin_dsn: str
-) -> Iterator[Profile]:
+def profile(tmp_path_factory: pytest.TempPathFactory, kafka_admin, postgres_admin_dsn: str) -> Iterator[Profile]:
     """Start the CeleryExecutor profile (dev/celery.sh start) on fresh databases and topics; always clean up."""
     base = tmp_path_factory.mktemp("celery")
     videos = base / "videos"
@@ -159,6 +157,7 @@ def profile(
             else ""
         )
         stopped = _script("clean", env=env, timeout=180)
+        kafka_admin.delete_topics([env["CROWD_FACES_TOPIC"], env["CROWD_ALERTS_TOPIC"]])
         assert stopped.returncode == 0, stopped.stderr[-3000:]
         # Nothing left behind: no process in the groups we started, no RabbitMQ node, no epmd of ours.
         left = [g for g in pgids if subprocess.run(["pgrep", "-g", str(g)], capture_output=True).returncode == 0]
