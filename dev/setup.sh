@@ -23,6 +23,12 @@ ensure_venv() {
   echo "$want" > "$stamp"
 }
 
+ensure_test_tools() {
+  # docker-compose validates docker-compose.airflow.yml offline (`config`); rabbitmq-server is the Celery
+  # broker of the CeleryExecutor test profile (dev/celery.sh).
+  apt_install docker-compose rabbitmq-server || log "docker-compose/rabbitmq-server not installed: their tests will be skipped"
+}
+
 ensure_browser() {
   # The dashboard test drives Debian's Chromium headless; it never downloads a browser of its own.
   command -v chromium >/dev/null || apt_install chromium || log "chromium not installed: the dashboard test will be skipped"
@@ -30,6 +36,7 @@ ensure_browser() {
 
 ensure_venv
 ensure_browser
+ensure_test_tools
 bash dev/kafka.sh start
 bash dev/postgres.sh start
 source dev/env.sh
