@@ -124,8 +124,9 @@ class PrivateKafka:
         if self.pid is not None and not _pid_gone(self.pid):
             self._script("stop")
 
-    def conn(self, group_id: str = "crowd-ingest") -> str:
+    def conn(self, group_id: str = "crowd-ingest", **more: object) -> str:
         extra = {
+            **more,
             "bootstrap.servers": self.bootstrap,
             "group.id": group_id,
             "enable.auto.commit": False,
