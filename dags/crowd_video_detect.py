@@ -6,6 +6,8 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag
 
+from crowd.assets import faces_topic_asset
+from crowd.config import load_settings
 from crowd.tasks import DETECTION_PARAMS, detect_and_publish, finish_videos, plan_requested_video
 
 DOC = """
@@ -39,7 +41,7 @@ The video is processed even if it was processed before (the sink is idempotent).
 )
 def crowd_video_detect():
     work_items = plan_requested_video()
-    published = detect_and_publish.expand(item=work_items)
+    published = detect_and_publish.override(outlets=[faces_topic_asset(load_settings())]).expand(item=work_items)
     finish_videos(work_items, published)
 
 

@@ -6,6 +6,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import dag
 
+from crowd.assets import faces_topic_asset
 from crowd.config import load_settings
 from crowd.tasks import DETECTION_PARAMS, detect_and_publish, finish_videos, scan_video_folders
 
@@ -37,7 +38,7 @@ were published. Schedule: `CROWD_SCAN_SCHEDULE` (default every 5 minutes).
 )
 def crowd_video_scan():
     work_items = scan_video_folders()
-    published = detect_and_publish.expand(item=work_items)
+    published = detect_and_publish.override(outlets=[faces_topic_asset(load_settings())]).expand(item=work_items)
     finish_videos(work_items, published)
 
 

@@ -12,7 +12,6 @@ from airflow.sdk import Param, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from crowd import jobs
-from crowd.assets import faces_topic_asset
 from crowd.config import ConfigError, load_settings
 
 #: Trigger-form parameters shared by the detection DAGs (checked again by ``DetectOptions.from_params``).
@@ -51,9 +50,12 @@ def plan_requested_video() -> list[dict[str, Any]]:
         raise AirflowFailException(f"invalid video_path: {exc}") from exc
 
 
-@task(outlets=[faces_topic_asset(load_settings())], map_index_template="{{ work_item_label }}")
+@task(map_index_template="{{ work_item_label }}")
 def detect_and_publish(item: dict[str, Any]) -> dict[str, Any]:
-    """Detect faces on one work item's frames and publish them to the Faces topic."""
+    """Detect faces on one work item's frames and publish them to the Faces topic.
+
+    DAGs declare the topic's asset as its outlet (``crowd.assets.faces_topic_asset``) when they wire it.
+    """
     name = item["path"].rsplit("/", 1)[-1]
     label = name if item.get("parts", 1) == 1 else f"{name} part {item['part'] + 1}/{item['parts']}"
     get_current_context()["work_item_label"] = label  # type: ignore[typeddict-unknown-key]
