@@ -56,9 +56,7 @@ def make_video(path: Path, n: int, size: tuple[int, int] = (1280, 720), fps: flo
     """
     faces = (data.lfw_subset()[:100] * 255).astype(np.uint8)
     w, h = size
-    scene = np.concatenate(
-        [data.astronaut()[..., ::-1], cv2.resize(data.coffee()[..., ::-1], (512, 512))], axis=1
-    )
+    scene = np.concatenate([data.astronaut()[..., ::-1], cv2.resize(data.coffee()[..., ::-1], (512, 512))], axis=1)
     scene = cv2.resize(scene, (w + 400, h + 100))
     rng = np.random.default_rng(0)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
