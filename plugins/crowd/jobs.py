@@ -108,9 +108,15 @@ class _Publisher:
     sent: int = 0
 
     def __call__(self, message: FaceMessage) -> None:
-        self.producer.produce(
-            self.topic, key=message.video_id.encode(), value=message.to_json(), on_delivery=self.tracker.callback
-        )
+        key, value = message.video_id.encode(), message.to_json()
+        while True:
+            try:
+                self.producer.produce(self.topic, key=key, value=value, on_delivery=self.tracker.callback)
+                break
+            except BufferError:  # librdkafka's local queue is full: let deliveries drain, then retry
+                self.producer.poll(0.5)
+                if self.tracker.failed:
+                    break
         self.sent += 1
         self.producer.poll(0)  # serve delivery reports as we go
         if self.tracker.failed:
