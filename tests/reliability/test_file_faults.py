@@ -20,16 +20,10 @@ pytestmark = [pytest.mark.services, pytest.mark.reliability]
 
 
 @pytest.fixture
-def env(faces_topic: str, pg_schema: str, kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    root = tmp_path / "videos"
-    root.mkdir()
-    monkeypatch.setenv("CROWD_VIDEO_ROOTS", str(root))
-    monkeypatch.setenv("CROWD_RESULTS_DIR", str(tmp_path / "results"))
-    monkeypatch.setenv("CROWD_DETECTOR", "mtcnn")
-    monkeypatch.setenv("CROWD_PUBLISH_TIMEOUT_S", "10")
+def env(faces_topic: str, pg_schema: str, kafka_bootstrap: str, video_root: Path):
     from crowd.config import load_settings
 
-    return {"root": root, "topic": faces_topic, "bootstrap": kafka_bootstrap, "settings": load_settings}
+    return {"root": video_root, "topic": faces_topic, "bootstrap": kafka_bootstrap, "settings": load_settings}
 
 
 def _status(video_id: str) -> tuple[str | None, str | None]:

@@ -72,17 +72,13 @@ def _in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:
 
 
 def test_broker_killed_mid_publish_fails_the_task_and_the_rerun_stores_each_frame_once(
-    private_faces: str, kafka_up: PrivateKafka, pg_schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    private_faces: str, kafka_up: PrivateKafka, pg_schema: str, video_root: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     from crowd.config import load_settings
     from crowd.jobs import DetectOptions, detect_and_publish, finish_videos, plan_requested_video
     from crowd.kafka import PublishError
 
-    root = tmp_path / "videos"
-    root.mkdir()
-    monkeypatch.setenv("CROWD_VIDEO_ROOTS", str(root))
-    monkeypatch.setenv("CROWD_RESULTS_DIR", str(tmp_path / "results"))
-    monkeypatch.setenv("CROWD_DETECTOR", "mtcnn")
+    root = video_root
     monkeypatch.setenv("CROWD_PUBLISH_TIMEOUT_S", "5")
     video = long_face_video(root / "long.mp4", repeats=5)  # 600 frames
     settings = load_settings()
