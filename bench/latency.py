@@ -7,6 +7,20 @@ would; a poller sees each frame row appear (every 20 ms, from another connection
 count). Latency = row first seen - the message's Kafka CreateTime (set at ``produce``). Prints p50/p95/max.
 
 Usage: ``source dev/env.sh && python bench/latency.py [--rate 30] [--seconds 20] [--batch-wait 1.0]``
+
+``--trigger``: the same latency with the real trigger-driven ingest instead of a drain loop. Starts
+``airflow standalone`` (scheduler, LocalExecutor, triggerer, dag-processor, api-server) in a temp AIRFLOW_HOME on a
+free port, against a fresh topic (``CROWD_FACES_TOPIC``), a fresh PostgreSQL schema (migrated first, via
+``python -m crowd.storage migrate``) and fresh ingest/watch consumer groups; waits for ``crowd_faces_ingest`` to
+be registered, unpauses it, then publishes three phases: ``steady`` (1 message every ``--interval`` s for
+``--steady-s`` s), ``burst`` (``--burst`` messages at once, after the steady run has had time to go idle) and
+``sparse`` (``--sparse`` messages spaced ``--sparse-gap`` s apart, longer than the drain's idle timeout, so each
+one finds no run open). Each row is polled every 100 ms by (video_id, frame_id); latency = row first seen - Kafka
+CreateTime. Prints p50/p95/max per phase, the DAG runs (``airflow dags list-runs``) and, from the temp metadata
+DB, per run: asset event (watcher fire) -> run queued -> run start -> task start -> task end.
+``--idle-timeout X`` measures a different ``idle_timeout_s`` default: asset-triggered runs take no conf, so the
+DAG file is copied into a temp dags folder with that one Param default changed (the repo's DAG is untouched).
+Everything (process group, topic, schema) is torn down in ``finally``.
 """
 
 from __future__ import annotations
@@ -28,6 +42,260 @@ sys.path.insert(0, str(ROOT / "plugins"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _quantiles(lat: list[float]) -> dict:
+    lat = sorted(lat)
+    if len(lat) < 2:
+        return {
+            "n": len(lat),
+            "p50": lat[0] if lat else None,
+            "p95": lat[0] if lat else None,
+            "max": lat[-1] if lat else None,
+        }
+    q = statistics.quantiles(lat, n=100, method="inclusive")
+    return {"n": len(lat), "p50": round(q[49], 3), "p95": round(q[94], 3), "max": round(lat[-1], 3)}
+
+
+def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one linear scenario
+    import shutil
+    import signal
+    import sqlite3
+    import subprocess
+    import tempfile
+
+    import psycopg
+    from confluent_kafka.admin import AdminClient, NewTopic
+    from ingest import _message
+
+    from crowd.kafka import reliable_producer
+
+    port = int(os.environ.get("CROWD_PG_PORT", "5433"))
+    password = os.environ.get("CROWD_PG_PASSWORD", "crowd")
+    admin_dsn = f"postgresql://crowd:{password}@127.0.0.1:{port}/crowd_test"
+    kafka_extra = json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]
+    admin = AdminClient({"bootstrap.servers": kafka_extra["bootstrap.servers"]})
+    tag = uuid.uuid4().hex[:8]
+    topic, schema = f"bench-latency-trig-{tag}", f"bench_latency_trig_{tag}"
+    tmp = Path(tempfile.mkdtemp(prefix="crowd-latency-"))
+    home = tmp / "airflow"
+    home.mkdir()
+    dags = ROOT / "dags"
+    if args.idle_timeout is not None:  # a copy of the DAG with another idle_timeout_s default
+        dags = tmp / "dags"
+        dags.mkdir()
+        src = (ROOT / "dags" / "crowd_faces_ingest.py").read_text()
+        old = '"idle_timeout_s": Param(10,'
+        assert old in src, "idle_timeout_s default not found in the DAG"
+        (dags / "crowd_faces_ingest.py").write_text(src.replace(old, f'"idle_timeout_s": Param({args.idle_timeout:g},'))
+    api_port = _free_port()
+    venv_bin = str(Path(sys.executable).parent)
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{venv_bin}{os.pathsep}{env.get('PATH', '')}",
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(dags),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",
+        AIRFLOW__CORE__PARALLELISM="2",
+        AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
+        AIRFLOW__SCHEDULER__DAG_DIR_LIST_INTERVAL="5",
+        AIRFLOW__API__PORT=str(api_port),
+        AIRFLOW__API__BASE_URL=f"http://localhost:{api_port}",
+        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://localhost:{api_port}/execution/",
+        CROWD_FACES_TOPIC=topic,
+        CROWD_INGEST_GROUP=f"latency-ingest-{tag}",
+        AIRFLOW_CONN_KAFKA_WATCH=json.dumps(
+            {"conn_type": "kafka", "extra": {**kafka_extra, "group.id": f"latency-watch-{tag}"}}
+        ),
+        AIRFLOW_CONN_CROWD_POSTGRES=json.dumps(
+            {"conn_type": "postgres", "host": "127.0.0.1", "port": port, "login": "crowd", "password": password,
+             "schema": "crowd_test", "extra": {"options": f"-csearch_path={schema}"}}
+        ),
+    )  # fmt: skip
+    os.environ["AIRFLOW_CONN_CROWD_POSTGRES"] = env["AIRFLOW_CONN_CROWD_POSTGRES"]
+    airflow = str(Path(venv_bin) / "airflow")
+    dsn = f"{admin_dsn}?options=-csearch_path%3D{schema}"
+    proc = None
+    log = None
+    created: dict[tuple[str, int], float] = {}
+    seen: dict[tuple[str, int], float] = {}
+    phase_of: dict[str, str] = {}
+    stop = threading.Event()
+    report: dict = {"mode": "trigger", "idle_timeout_s": args.idle_timeout if args.idle_timeout is not None else 10}
+    t0 = time.time()
+
+    def poll_rows() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                now = time.time()
+                for video_id, frame_id in conn.execute("SELECT video_id, frame_id FROM frames"):
+                    seen.setdefault((video_id, int(frame_id)), now)
+                time.sleep(0.1)
+
+    def delivered(err, msg) -> None:  # noqa: ANN001 - confluent-kafka callback
+        if err is None:
+            m = json.loads(msg.value())
+            created[(m["video_id"], m["frame_id"])] = msg.timestamp()[1] / 1000.0
+
+    def wait_rows(keys: list[tuple[str, int]], timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline and not all(k in seen for k in keys):
+            time.sleep(0.2)
+
+    poller = threading.Thread(target=poll_rows, daemon=True)
+    try:
+        for future in admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)]).values():
+            future.result(timeout=30)
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE SCHEMA "{schema}"')
+        subprocess.run([sys.executable, "-m", "crowd.storage", "migrate"], env=env, check=True, capture_output=True,
+                       timeout=120)  # fmt: skip
+        subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+        log = (tmp / "standalone.log").open("wb")
+        proc = subprocess.Popen([airflow, "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            listed = subprocess.run([airflow, "dags", "list", "-o", "json"], env=env, capture_output=True, text=True)
+            if "crowd_faces_ingest" in listed.stdout:
+                break
+            time.sleep(3)
+        else:
+            raise RuntimeError(f"crowd_faces_ingest never registered: {listed.stderr[-2000:]}")
+        subprocess.run([airflow, "dags", "unpause", "crowd_faces_ingest"], env=env, check=True, capture_output=True)
+        print(f"standalone up, DAG registered and unpaused after {time.time() - t0:.0f} s", flush=True)
+        time.sleep(10)  # the triggerer picks up the watcher
+        poller.start()
+        producer = reliable_producer("kafka_default", timeout_s=30)
+        rng = random.Random(11)
+
+        def publish(video: str, i: int) -> tuple[str, int]:
+            producer.produce(topic, key=video.encode(), value=_message(video, i, rng), on_delivery=delivered)
+            producer.poll(0)
+            return (video, i)
+
+        # steady: 1 message every --interval s
+        video = f"steady-{tag}"
+        phase_of[video] = "steady"
+        keys = []
+        start = time.perf_counter()
+        for i in range(int(args.steady_s / args.interval)):
+            time.sleep(max(0.0, start + i * args.interval - time.perf_counter()))
+            keys.append(publish(video, i))
+        producer.flush(30)
+        wait_rows(keys, 120)
+        print(f"steady done at {time.time() - t0:.0f} s", flush=True)
+        time.sleep(max(15.0, (args.idle_timeout or 10) + 8))  # the steady run goes idle and ends
+        # burst: --burst messages at once
+        video = f"burst-{tag}"
+        phase_of[video] = "burst"
+        keys = [publish(video, i) for i in range(args.burst)]
+        producer.flush(30)
+        wait_rows(keys, 120)
+        print(f"burst done at {time.time() - t0:.0f} s", flush=True)
+        # sparse: messages spaced longer than the idle timeout: each one finds no run open
+        video = f"sparse-{tag}"
+        phase_of[video] = "sparse"
+        for i in range(args.sparse):
+            time.sleep(max(15.0, (args.idle_timeout or 10) + 8))
+            keys = [publish(video, i)]
+            producer.flush(30)
+            wait_rows(keys, 120)
+        print(f"sparse done at {time.time() - t0:.0f} s", flush=True)
+        runs = subprocess.run([airflow, "dags", "list-runs", "crowd_faces_ingest", "-o", "json"], env=env,
+                              capture_output=True, text=True)  # fmt: skip
+        try:
+            report["dag_runs"] = [
+                {k: r.get(k) for k in ("run_id", "state", "run_type", "start_date", "end_date")}
+                for r in json.loads(runs.stdout)
+            ]
+        except ValueError:
+            report["dag_runs_raw"] = runs.stdout[-3000:]
+    finally:
+        stop.set()
+        if poller.is_alive():
+            poller.join(timeout=5)
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+        if log is not None:
+            log.close()
+        admin.delete_topics([topic])
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+    # where the time goes, per run, from the temp metadata DB (sqlite)
+    timeline = []
+    try:
+        db = sqlite3.connect(home / "airflow.db")
+
+        def ts(v: str | None) -> float | None:
+            from datetime import datetime
+
+            return datetime.fromisoformat(v).timestamp() if v else None
+
+        events = [ts(r[0]) for r in db.execute("SELECT timestamp FROM asset_event ORDER BY timestamp")]
+        for run_id, queued, started, ended, ti_start, ti_end, ti_queued in db.execute(
+            "SELECT r.run_id, r.queued_at, r.start_date, r.end_date, t.start_date, t.end_date, t.queued_dttm"
+            " FROM dag_run r JOIN task_instance t ON t.run_id = r.run_id AND t.dag_id = r.dag_id"
+            " WHERE r.dag_id = 'crowd_faces_ingest' ORDER BY r.queued_at"
+        ):
+            q, s, e, ts0, ts1, tq = ts(queued), ts(started), ts(ended), ts(ti_start), ts(ti_end), ts(ti_queued)
+            fired = max((x for x in events if x is not None and x <= q), default=None)
+            timeline.append({
+                "run_id": run_id,
+                "event_to_queued_s": round(q - fired, 2) if fired and q else None,
+                "queued_to_run_start_s": round(s - q, 2) if s and q else None,
+                "run_start_to_ti_queued_s": round(tq - s, 2) if tq and s else None,
+                "ti_queued_to_ti_start_s": round(ts0 - tq, 2) if ts0 and tq else None,
+                "ti_start_to_ti_end_s": round(ts1 - ts0, 2) if ts1 and ts0 else None,
+                "run_end_s_after_start": round(e - t0, 1) if e else None,
+                "queued_s_after_start": round(q - t0, 1) if q else None,
+            })  # fmt: skip
+        report["asset_events"] = len(events)
+    except Exception as exc:  # noqa: BLE001 - the timeline is a bonus
+        report["timeline_error"] = repr(exc)
+    report["timeline"] = timeline
+    report["standalone_log"] = str(tmp / "standalone.log")
+
+    print(f"trigger-driven ingest, idle_timeout_s {report['idle_timeout_s']}: published -> row visible")
+    report["latency_s"] = {}
+    for phase in ("steady", "burst", "sparse", "all"):
+        lat = [seen[k] - created[k] for k in created if k in seen and (phase == "all" or phase_of[k[0]] == phase)]
+        missing = sum(1 for k in created if k not in seen and (phase == "all" or phase_of[k[0]] == phase))
+        qs = _quantiles(lat)
+        qs["missing"] = missing
+        report["latency_s"][phase] = qs
+        print(f"{phase:7s} n={qs['n']:3d} missing={missing}  p50 {qs['p50']} s  p95 {qs['p95']} s  max {qs['max']} s")
+    if args.per_message:
+        report["per_message"] = sorted(
+            [
+                (phase_of[k[0]], k[1], round(created[k] - t0, 2), round(seen[k] - created[k], 2))
+                for k in created
+                if k in seen
+            ]
+        )
+    print(f"DAG runs: {len(report.get('dag_runs', []))}; asset events: {report.get('asset_events')}")
+    for row in timeline:
+        print(row)
+    print(json.dumps(report))
+    shutil.rmtree(home, ignore_errors=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import psycopg
     from confluent_kafka.admin import AdminClient, NewTopic
@@ -41,9 +309,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=30.0)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--batch-wait", type=float, default=1.0)
+    parser.add_argument("--trigger", action="store_true", help="airflow standalone + the Kafka-triggered DAG")
+    parser.add_argument("--interval", type=float, default=2.0, help="--trigger steady phase: s between messages")
+    parser.add_argument("--steady-s", type=float, default=120.0)
+    parser.add_argument("--burst", type=int, default=50)
+    parser.add_argument("--sparse", type=int, default=3)
+    parser.add_argument("--idle-timeout", type=float, default=None, help="--trigger: DAG idle_timeout_s default")
+    parser.add_argument("--per-message", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("crowd").setLevel(logging.WARNING)
+    if args.trigger:
+        return run_trigger(args)
 
     port = int(os.environ.get("CROWD_PG_PORT", "5433"))
     password = os.environ.get("CROWD_PG_PASSWORD", "crowd")
