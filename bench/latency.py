@@ -211,10 +211,10 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
         print(f"sparse done at {time.time() - t0:.0f} s", flush=True)
         runs = subprocess.run([airflow, "dags", "list-runs", "crowd_faces_ingest", "-o", "json"], env=env,
                               capture_output=True, text=True)  # fmt: skip
-        try:
+        try:  # stdout may carry log lines before the JSON array
+            listed_runs = json.loads(runs.stdout[runs.stdout.index("[{") :])
             report["dag_runs"] = [
-                {k: r.get(k) for k in ("run_id", "state", "run_type", "start_date", "end_date")}
-                for r in json.loads(runs.stdout)
+                {k: r.get(k) for k in ("run_id", "state", "run_type", "start_date", "end_date")} for r in listed_runs
             ]
         except ValueError:
             report["dag_runs_raw"] = runs.stdout[-3000:]
@@ -269,13 +269,48 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
     except Exception as exc:  # noqa: BLE001 - the timeline is a bonus
         report["timeline_error"] = repr(exc)
     report["timeline"] = timeline
+    # steady messages published before the first run was queued: the watcher was not running yet (warm-up)
+    first_q = min((r["queued_s_after_start"] for r in timeline if r["queued_s_after_start"] is not None), default=None)
+    if first_q is not None:
+        for k, c in created.items():
+            if phase_of.get(k[0]) == "steady" and c - t0 < first_q:
+                phase_of[k[0] + f"#{k[1]}"] = "warmup"
+    # per message: produce -> first run queued after it -> that run's task start -> row seen
+    runs_q = sorted((r["queued_s_after_start"], r) for r in timeline if r["queued_s_after_start"] is not None)
+    split: dict[str, list[tuple[float, float, float]]] = {}
+    for k, c in created.items():
+        if k not in seen:
+            continue
+        c_rel, s_rel = c - t0, seen[k] - t0
+        run = next((r for q, r in runs_q if q >= c_rel - 0.05), None)
+        if run is None or run["queued_s_after_start"] > s_rel:  # picked up by a run already open
+            continue
+        q_rel = run["queued_s_after_start"]
+        start = q_rel + (run["queued_to_run_start_s"] or 0) + (run["run_start_to_ti_queued_s"] or 0)
+        start += run["ti_queued_to_ti_start_s"] or 0
+        split.setdefault(phase_of.get(k[0] + f"#{k[1]}", phase_of[k[0]]), []).append(
+            (q_rel - c_rel, start - q_rel, s_rel - start)
+        )
+    report["breakdown_median_s"] = {
+        phase: {
+            "produce_to_run_queued": round(statistics.median(x[0] for x in v), 2),
+            "run_queued_to_task_start": round(statistics.median(x[1] for x in v), 2),
+            "task_start_to_row": round(statistics.median(x[2] for x in v), 2),
+            "n": len(v),
+        }
+        for phase, v in split.items()
+    }
     report["standalone_log"] = str(tmp / "standalone.log")
 
     print(f"trigger-driven ingest, idle_timeout_s {report['idle_timeout_s']}: published -> row visible")
     report["latency_s"] = {}
-    for phase in ("steady", "burst", "sparse", "all"):
-        lat = [seen[k] - created[k] for k in created if k in seen and (phase == "all" or phase_of[k[0]] == phase)]
-        missing = sum(1 for k in created if k not in seen and (phase == "all" or phase_of[k[0]] == phase))
+
+    def phase_in(k: tuple[str, int]) -> str:
+        return phase_of.get(k[0] + f"#{k[1]}", phase_of[k[0]])
+
+    for phase in ("warmup", "steady", "burst", "sparse", "all"):
+        lat = [seen[k] - created[k] for k in created if k in seen and phase in ("all", phase_in(k))]
+        missing = sum(1 for k in created if k not in seen and phase in ("all", phase_in(k)))
         qs = _quantiles(lat)
         qs["missing"] = missing
         report["latency_s"][phase] = qs
@@ -289,8 +324,8 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
             ]
         )
     print(f"DAG runs: {len(report.get('dag_runs', []))}; asset events: {report.get('asset_events')}")
-    for row in timeline:
-        print(row)
+    for phase, b in report["breakdown_median_s"].items():
+        print(f"{phase:7s} medians: {b}")
     print(json.dumps(report))
     shutil.rmtree(home, ignore_errors=True)
     return 0
