@@ -318,7 +318,7 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
     if args.per_message:
         report["per_message"] = sorted(
             [
-                (phase_of[k[0]], k[1], round(created[k] - t0, 2), round(seen[k] - created[k], 2))
+                (phase_in(k), k[1], round(created[k] - t0, 2), round(seen[k] - created[k], 2))
                 for k in created
                 if k in seen
             ]
