@@ -10,6 +10,8 @@ from crowd.assets import faces_topic_asset
 from crowd.config import load_settings
 from crowd.tasks import DETECTION_PARAMS, detect_and_publish, finish_videos, scan_video_folders
 
+settings = load_settings()
+
 DOC = """
 ### Scan the video folders and detect faces in new videos
 
@@ -27,7 +29,7 @@ were published. Schedule: `CROWD_SCAN_SCHEDULE` (default every 5 minutes).
 
 @dag(
     dag_id="crowd_video_scan",
-    schedule=load_settings().scan_schedule,
+    schedule=settings.scan_schedule,
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
@@ -38,7 +40,7 @@ were published. Schedule: `CROWD_SCAN_SCHEDULE` (default every 5 minutes).
 )
 def crowd_video_scan():
     work_items = scan_video_folders()
-    published = detect_and_publish.override(outlets=[faces_topic_asset(load_settings())]).expand(item=work_items)
+    published = detect_and_publish.override(outlets=[faces_topic_asset(settings)]).expand(item=work_items)
     finish_videos(work_items, published)
 
 

@@ -28,23 +28,13 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default).strip() or default
 
 
-def _env_int(name: str, default: int, minimum: int = 0) -> int:
+def _env_number(name: str, default: float, minimum: float = 0, *, whole: bool = True) -> int | float:
+    """A numeric variable, checked: a whole number when ``whole``, and at least ``minimum``."""
     raw = _env(name, str(default))
     try:
-        value = int(raw)
+        value = int(raw) if whole else float(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
-    if value < minimum:
-        raise ConfigError(f"{name}={value} must be >= {minimum}")
-    return value
-
-
-def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
-    raw = _env(name, str(default))
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
+        raise ConfigError(f"{name}={raw!r} is not a {'whole number' if whole else 'number'}") from None
     if value < minimum:
         raise ConfigError(f"{name}={value} must be >= {minimum}")
     return value
@@ -120,15 +110,15 @@ def load_settings() -> Settings:
         messages_topic=_env("CROWD_MESSAGES_TOPIC", "messages"),
         ingest_group=_env("CROWD_INGEST_GROUP", "crowd-ingest"),
         receiver_group=_env("CROWD_RECEIVER_GROUP", "crowd-api-receiver"),
-        receiver_max_queue=_env_int("CROWD_RECEIVER_MAX_QUEUE", 1000, minimum=1),
-        alert_threshold=_env_int("CROWD_ALERT_THRESHOLD", 10, minimum=0) or None,
-        alert_min_duration_s=_env_float("CROWD_ALERT_MIN_DURATION_S", 2.0),
+        receiver_max_queue=_env_number("CROWD_RECEIVER_MAX_QUEUE", 1000, minimum=1),
+        alert_threshold=_env_number("CROWD_ALERT_THRESHOLD", 10, minimum=0) or None,
+        alert_min_duration_s=_env_number("CROWD_ALERT_MIN_DURATION_S", 2.0, whole=False),
         video_roots=_env_paths("CROWD_VIDEO_ROOTS", str(PROJECT_ROOT / ".local" / "videos")),
         results_dir=Path(_env("CROWD_RESULTS_DIR", str(PROJECT_ROOT / ".local" / "results"))).resolve(),
         model_dir=Path(_env("CROWD_MODEL_DIR", str(PROJECT_ROOT / "include" / "yolov3"))).resolve(),
         model_cache=Path(_env("CROWD_MODEL_CACHE", str(Path.home() / ".cache" / "crowd" / "models"))).resolve(),
         detector_backend=backend,
         scan_schedule=_env("CROWD_SCAN_SCHEDULE", "*/5 * * * *"),
-        frames_per_task=_env_int("CROWD_FRAMES_PER_TASK", 3000, minimum=1),
-        publish_timeout_s=_env_int("CROWD_PUBLISH_TIMEOUT_S", 30, minimum=1),
+        frames_per_task=_env_number("CROWD_FRAMES_PER_TASK", 3000, minimum=1),
+        publish_timeout_s=_env_number("CROWD_PUBLISH_TIMEOUT_S", 30, minimum=1),
     )
