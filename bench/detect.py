@@ -80,6 +80,25 @@ def _cpu() -> float:
     return t.user + t.system
 
 
+class _PrepareInline(Detector):
+    """``inner`` with no ahead-of-time :meth:`~Detector.prepare`: letterbox and blob run in the detecting thread."""
+
+    def __init__(self, inner: Detector) -> None:
+        self.inner, self.name = inner, inner.name
+
+    def detect(self, frame_bgr: np.ndarray) -> list:
+        return self.inner.detect(frame_bgr)
+
+
+def forward_only_time(detector: YoloV3Detector, frames: list[np.ndarray]) -> float:
+    """Wall s of ``net.forward`` alone, on blobs made beforehand (the strictest limit)."""
+    prepared = [detector.prepare(f) for f in frames]
+    start = time.perf_counter()
+    for p in prepared:
+        detector.forward_prepared(p)
+    return time.perf_counter() - start
+
+
 def raw_time(detector: Detector, frames: list[np.ndarray]) -> tuple[float, float]:
     """(wall s, process CPU s) of the detector alone on decoded frames."""
     c0, start = _cpu(), time.perf_counter()
@@ -148,6 +167,7 @@ def bench_one(backend: str, video: Path, label: str, interval: int, repeat: int)
 
     variants: list[tuple[str, Callable[[], float]]] = [
         ("pipeline", lambda: pipeline_time(video, detector, interval, 1)),
+        ("pipeline_prep_inline", lambda: pipeline_time(video, _PrepareInline(detector), interval, 1)),
         ("pipeline_ffdef", lambda: pipeline_time(video, detector, interval, None)),
         ("seed", lambda: seed_style(video, detector, interval)),
     ]
@@ -156,6 +176,8 @@ def bench_one(backend: str, video: Path, label: str, interval: int, repeat: int)
         wall, cpu = raw_time(detector, frames)
         rec("raw", wall)
         cpu_raw.append(cpu)
+        if isinstance(detector, YoloV3Detector):
+            rec("raw_forward", forward_only_time(detector, frames))
         for key, fn in variants:
             rec(key, fn())
         cv2.setNumThreads(1)
@@ -184,6 +206,8 @@ def bench_one(backend: str, video: Path, label: str, interval: int, repeat: int)
         "bound_shared_cores": round(bound, 3),
         "pipeline_over_raw": ratio("raw", "pipeline"),
         "pipeline_ffdef_over_raw": ratio("raw", "pipeline_ffdef"),
+        "pipeline_prep_inline_over_raw": ratio("raw", "pipeline_prep_inline"),
+        "pipeline_over_raw_forward": ratio("raw_forward", "pipeline") if "raw_forward" in runs else None,
         "pipeline_1t_over_raw_1t": ratio("raw_1t", "pipeline_1t"),
         "pipeline_speedup_vs_seed": ratio("seed", "pipeline"),
     }  # fmt: skip
@@ -209,15 +233,16 @@ def main() -> None:
         for backend in args.backend.split(","):
             for path, label in videos:
                 results.append(bench_one(backend, path, label, args.interval, args.repeat))
-    head = ("model", "video", "n", "raw", "pipe", "pipe_ffdef", "seed", "raw_1t", "pipe_1t", "p/raw", "ffdef/raw",
-            "p1t/raw1t", "bound", "vs seed")  # fmt: skip
+    head = ("model", "video", "n", "raw", "fwd_only", "pipe", "pipe_inl", "pipe_ffdef", "seed", "raw_1t", "pipe_1t",
+            "p/raw", "inl/raw", "ffdef/raw", "p/fwd", "p1t/raw1t", "bound", "vs seed")  # fmt: skip
     print("ms per sampled frame (medians); ratios = raw time / pipeline time (throughput), median per repetition")
     print(f"{head[0]:<30}{head[1]:<34}" + "".join(f"{h:>10}" for h in head[2:]))
     for r in results:
         ms = r["ms_per_frame"]
-        cells = [r["sampled_frames"], ms["raw"], ms["pipeline"], ms["pipeline_ffdef"], ms["seed"], ms["raw_1t"],
-                 ms["pipeline_1t"], r["pipeline_over_raw"], r["pipeline_ffdef_over_raw"], r["pipeline_1t_over_raw_1t"],
-                 r["bound_shared_cores"], r["pipeline_speedup_vs_seed"]]  # fmt: skip
+        cells = [r["sampled_frames"], ms["raw"], ms.get("raw_forward", "-"), ms["pipeline"], ms["pipeline_prep_inline"],
+                 ms["pipeline_ffdef"], ms["seed"], ms["raw_1t"], ms["pipeline_1t"], r["pipeline_over_raw"],
+                 r["pipeline_prep_inline_over_raw"], r["pipeline_ffdef_over_raw"], r["pipeline_over_raw_forward"] or "-",
+                 r["pipeline_1t_over_raw_1t"], r["bound_shared_cores"], r["pipeline_speedup_vs_seed"]]  # fmt: skip
         print(f"{r['model']:<30}{r['video']:<34}" + "".join(f"{c:>10}" for c in cells))
     print(json.dumps({"cores": os.cpu_count(), "results": results}))
 

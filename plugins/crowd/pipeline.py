@@ -119,7 +119,9 @@ def process_video(
         max_frames: stop after this many processed frames (useful for live sources).
     """
     started = time.perf_counter()
-    reader = FrameReader(source, frame_interval=frame_interval, target_fps=target_fps, frame_range=frame_range)
+    reader = FrameReader(
+        source, frame_interval=frame_interval, target_fps=target_fps, frame_range=frame_range, prepare=detector.prepare
+    )
     info = reader.info
     if video_id is None:
         video_id = str(source) if is_live_source(source) else content_hash(source)  # type: ignore[arg-type]
@@ -136,7 +138,7 @@ def process_video(
         reader.start, reader.stop if info.frame_count is not None else "live", total if total is not None else "?",
     )  # fmt: skip
     for frame in reader:
-        detections = detector.detect(frame.image)
+        detections = detector.detect_prepared(frame.image, frame.prepared)
         message = build_message(
             video_id, str(source), frame.frame_id, frame.ts_ms, frame.image.shape, detections, detector.name
         )

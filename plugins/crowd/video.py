@@ -23,9 +23,10 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -131,6 +132,7 @@ class Frame:
     frame_id: int
     ts_ms: float
     image: np.ndarray
+    prepared: Any = None
 
 
 def is_live_source(source: str | os.PathLike[str] | int) -> bool:
@@ -347,6 +349,9 @@ class FrameReader:
         target_fps: alternative to ``frame_interval``: about this many frames per second of video.
         frame_range: ``(start, stop)`` frame ids, stop exclusive (``None`` = to the end).
         queue_size: decoded frames buffered ahead of the consumer.
+        prepare: optional per-frame pre-processing run on the decoding thread, overlapped with the consumer's
+            work (e.g. :meth:`crowd.detection.Detector.prepare`); its result is ``Frame.prepared``. If it
+            raises, ``prepared`` is ``None`` and the consumer meets the same error when it does the work itself.
     """
 
     def __init__(
@@ -358,8 +363,10 @@ class FrameReader:
         frame_range: tuple[int, int | None] | None = None,
         queue_size: int = 4,
         raise_on_error: bool = False,
+        prepare: Callable[[np.ndarray], Any] | None = None,
     ) -> None:
         self.source = source
+        self.prepare = prepare
         self.info = probe_video(source)
         self.frame_interval = frame_interval_for(self.info.fps, frame_interval, target_fps)
         try:
@@ -422,7 +429,10 @@ class FrameReader:
                     self._put(self._early_end(pos))
                     return
                 pos += 1
-                if not self._put(Frame(frame_id=target, ts_ms=round(target * 1000.0 / fps, 3), image=image)):
+                frame = Frame(frame_id=target, ts_ms=round(target * 1000.0 / fps, 3), image=image)
+                if self.prepare is not None:
+                    frame = replace(frame, prepared=self._prepare(image))
+                if not self._put(frame):
                     return
                 target += self.frame_interval
         except Exception as exc:  # noqa: BLE001 - surface any decoder failure to the consumer
@@ -430,6 +440,14 @@ class FrameReader:
         finally:
             cap.release()
             self._put(_END)
+
+    def _prepare(self, image: np.ndarray) -> Any:
+        assert self.prepare is not None
+        try:
+            return self.prepare(image)
+        except Exception:  # noqa: BLE001 - the consumer repeats the work and raises in its own thread
+            logger.debug("prepare failed on the decoding thread; the consumer will redo it", exc_info=True)
+            return None
 
     def _early_end(self, pos: int) -> VideoError | object:
         if self.info.is_live:

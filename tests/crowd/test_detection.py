@@ -32,6 +32,15 @@ def test_yolov3_tiny_finds_the_cameraman(tiny_files: YoloFiles) -> None:
     assert any(d.height > 350 and d.x < 100 and d.x + d.width < 400 for d in found), found
 
 
+def test_yolov3_prepared_ahead_gives_the_same_boxes(tiny_files: YoloFiles) -> None:
+    det = YoloV3Detector(tiny_files.cfg, tiny_files.weights, tiny_files.names, classes=["person"], conf_threshold=0.3)
+    image = bgr(data.camera())
+    prepared = det.prepare(image)
+    assert prepared.blob.shape == (1, 3, 416, 416) and prepared.blob.dtype == np.float32
+    assert det.detect_prepared(image, prepared) == det.detect(image) != []
+    assert det.detect_prepared(image, None) == det.detect(image)
+
+
 def test_yolov3_tiny_finds_no_person_in_texture(tiny_files: YoloFiles) -> None:
     det = YoloV3Detector(tiny_files.cfg, tiny_files.weights, tiny_files.names, classes=["person"])
     assert det.detect(bgr(data.brick())) == []

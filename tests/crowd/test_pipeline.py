@@ -55,6 +55,29 @@ def test_process_video_messages_and_summary(face_video: Path, mtcnn: MtcnnDetect
     assert summary.pictures is not None and Path(summary.pictures["heatmap"]).is_file()
 
 
+class PreparingDetector(CountingDetector):
+    """Records which frames arrived prepared: ``prepare`` returns the frame's mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prepared: list[float | None] = []
+
+    def prepare(self, frame_bgr: np.ndarray) -> float:
+        return float(frame_bgr.mean())
+
+    def detect_prepared(self, frame_bgr: np.ndarray, prepared: object) -> list[Detection]:
+        assert prepared == pytest.approx(float(frame_bgr.mean()))  # prepared from this very frame
+        self.prepared.append(prepared)  # type: ignore[arg-type]
+        return self.detect(frame_bgr)
+
+
+def test_pipeline_hands_prepared_inputs_to_the_detector(face_video: Path) -> None:
+    det = PreparingDetector()
+    summary = process_video(face_video, det, frame_interval=3)
+    assert summary.frames_processed == det.calls == len(det.prepared) == 10
+    assert all(p is not None for p in det.prepared)
+
+
 def test_default_interval_and_range(tmp_path: Path) -> None:
     video = write_video(tmp_path / "v.mp4", 90, fps=30)
     det = CountingDetector()

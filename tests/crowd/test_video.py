@@ -179,3 +179,28 @@ class _FakeCap:
 def test_absurd_metadata(fps: float, w: int, h: int, error: type[VideoError]) -> None:
     with pytest.raises(error, match="m.mp4"):
         _info_from_capture("m.mp4", _FakeCap(fps, w, h), live=False)  # type: ignore[arg-type]
+
+
+def test_reader_prepares_frames_on_its_thread(clip: Path) -> None:
+    import threading
+
+    seen_threads: set[str] = set()
+
+    def prepare(image: np.ndarray) -> int:
+        seen_threads.add(threading.current_thread().name)
+        return frame_index(image)
+
+    frames = list(FrameReader(clip, frame_interval=7, prepare=prepare))
+    assert [f.prepared for f in frames] == [f.frame_id for f in frames]
+    assert threading.current_thread().name not in seen_threads and len(seen_threads) == 1
+
+
+def test_reader_prepare_failure_leaves_prepared_empty(clip: Path) -> None:
+    def prepare(image: np.ndarray) -> int:
+        if frame_index(image) == 14:
+            raise ValueError("boom")
+        return 1
+
+    frames = list(FrameReader(clip, frame_interval=7, prepare=prepare))
+    assert [f.frame_id for f in frames] == list(range(0, 60, 7))  # a failing prepare loses no frame
+    assert [f.prepared for f in frames] == [None if f.frame_id == 14 else 1 for f in frames]
