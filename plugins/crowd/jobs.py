@@ -100,12 +100,27 @@ class DetectOptions:
 
 @dataclass
 class _Publisher:
-    """Hands every message to Kafka, keyed by video id, and fails fast on the first failed delivery."""
+    """Hands every message to Kafka, keyed by video id, and fails fast on the first failed delivery.
+
+    Made by :meth:`create`, librdkafka reports failed deliveries only and the tracker counts the rest as
+    acknowledged once :meth:`wait` has flushed the queue (no Python call per acknowledged message). Built directly
+    on any producer, it counts every report as before.
+    """
 
     producer: Any
     topic: str
     tracker: DeliveryTracker = field(default_factory=DeliveryTracker)
-    sent: int = 0
+
+    @classmethod
+    def create(cls, kafka_conn_id: str, topic: str, *, timeout_s: float, **overrides: Any) -> _Publisher:
+        """A publisher on a :func:`~crowd.kafka.reliable_producer` that reports failed deliveries only."""
+        producer = reliable_producer(kafka_conn_id, timeout_s=timeout_s, delivery_report_only_error=True, **overrides)
+        return cls(producer, topic, DeliveryTracker(errors_only=True))
+
+    @property
+    def sent(self) -> int:
+        """Messages handed to the producer so far."""
+        return self.tracker.sent
 
     def __call__(self, message: FaceMessage) -> None:
         key, value = message.video_id.encode(), message.to_json()
@@ -114,13 +129,17 @@ class _Publisher:
                 self.producer.produce(self.topic, key=key, value=value, on_delivery=self.tracker.callback)
                 break
             except BufferError:  # librdkafka's local queue is full: let deliveries drain, then retry
-                self.producer.poll(0.5)
+                self.producer.poll(0.01)  # not longer: with failure-only reports no event may come to wake it
                 if self.tracker.failed:
                     break
-        self.sent += 1
+        self.tracker.sent += 1
         self.producer.poll(0)  # serve delivery reports as we go
         if self.tracker.failed:
             self.tracker.wait(self.producer, timeout_s=1)  # raises PublishError with the broker's reason
+
+    def wait(self, *, timeout_s: float) -> int:
+        """Flush, raise :class:`~crowd.kafka.PublishError` unless every message was acknowledged; the count."""
+        return self.tracker.wait(self.producer, timeout_s=timeout_s)
 
 
 def list_videos(roots: Iterable[Path]) -> list[Path]:
@@ -241,8 +260,7 @@ def detect_and_publish(item: WorkItem, options: DetectOptions, settings: Setting
         item.part + 1, item.parts, item.start, item.stop if item.stop is not None else "end", detector.name,
         settings.faces_topic,
     )  # fmt: skip
-    publisher = _Publisher(reliable_producer(settings.kafka_conn_id, timeout_s=settings.publish_timeout_s),
-                           settings.faces_topic)  # fmt: skip
+    publisher = _Publisher.create(settings.kafka_conn_id, settings.faces_topic, timeout_s=settings.publish_timeout_s)
     pictures_dir = settings.results_dir / item.video_id
     if item.parts > 1:
         pictures_dir = pictures_dir / f"part-{item.part:04d}"
@@ -258,7 +276,7 @@ def detect_and_publish(item: WorkItem, options: DetectOptions, settings: Setting
             f"video {path.name} ({item.video_id}): writing results to {pictures_dir} failed ({exc}); fix "
             "CROWD_RESULTS_DIR (permissions, free space) and retry"
         ) from exc
-    delivered = publisher.tracker.wait(publisher.producer, timeout_s=settings.publish_timeout_s)
+    delivered = publisher.wait(timeout_s=settings.publish_timeout_s)
     log.info(
         "summary %s part %d/%d: %d frames, %d faces, max %d at %.1f s (frame %s), %d messages delivered to %s, "
         "%.1f s wall",

@@ -109,11 +109,18 @@ class DeliveryTracker:
     """Counts delivery reports so that one failed delivery fails the whole publish.
 
     Pass :meth:`callback` as ``on_delivery`` to every ``produce`` call, then call :meth:`wait`.
+
+    With ``errors_only=True`` the producer must be made with ``delivery_report_only_error=True``: librdkafka then
+    reports failed messages only (no Python call per acknowledged message); the caller counts what it hands to
+    ``produce`` in :attr:`sent`, and once the flush has emptied the queue every message that did not fail was
+    acknowledged, so :meth:`wait` sets ``delivered = sent - failed``.
     """
 
     delivered: int = 0
     failed: int = 0
     errors: list[str] = field(default_factory=list)
+    errors_only: bool = False
+    sent: int = 0
 
     def callback(self, err: KafkaError | None, msg: Message) -> None:
         """librdkafka delivery report callback."""
@@ -141,9 +148,10 @@ class DeliveryTracker:
                 f"{remaining} message(s) still unacknowledged after {timeout_s:.0f} s; is the broker up?"
             )
         if self.failed:
-            raise PublishError(
-                f"{self.failed} of {self.failed + self.delivered} message(s) failed delivery: " + "; ".join(self.errors)
-            )
+            total = self.sent if self.errors_only else self.failed + self.delivered
+            raise PublishError(f"{self.failed} of {total} message(s) failed delivery: " + "; ".join(self.errors))
+        if self.errors_only:  # the queue is empty and no report came: every message sent was acknowledged
+            self.delivered = self.sent
         return self.delivered
 
 

@@ -1,21 +1,66 @@
-"""crowd.jobs publishing: a full local producer queue waits for deliveries instead of failing the task."""
+"""crowd.jobs publishing: every message acknowledged or the task fails, also with failure-only delivery reports."""
 
 from __future__ import annotations
 
+import random
+import string
+import uuid
+
 import pytest
+from confluent_kafka import TopicPartition
+from confluent_kafka.admin import NewTopic
 
 from crowd.jobs import _Publisher
-from crowd.kafka import reliable_producer
+from crowd.kafka import PublishError, reliable_producer
 from crowd.messages import FaceMessage
 
 pytestmark = pytest.mark.services
 
 
-def test_publisher_survives_a_full_local_queue(faces_topic: str, kafka_bootstrap: str) -> None:
-    producer = reliable_producer("kafka_default", timeout_s=20, queue_buffering_max_messages=5, linger_ms=50)
-    publisher = _Publisher(producer, faces_topic)
+def _message(frame_id: int, source: str = "s.mp4") -> FaceMessage:
+    return FaceMessage(video_id="v", source=source, frame_id=frame_id, frame_ts_ms=frame_id * 40.0, frame_width=64,
+                       frame_height=48, model="m", total_faces=0, faces=[])  # fmt: skip
+
+
+def _publisher(kind: str, topic: str, **overrides: object) -> _Publisher:
+    if kind == "errors-only":  # as detect_and_publish makes it
+        return _Publisher.create("kafka_default", topic, timeout_s=20, **overrides)
+    return _Publisher(reliable_producer("kafka_default", timeout_s=20, **overrides), topic)
+
+
+def _messages_in(topic: str, bootstrap: str) -> int:
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"count-{uuid.uuid4().hex[:6]}"})
+    try:
+        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(3))
+    finally:
+        consumer.close()
+
+
+@pytest.mark.parametrize("kind", [pytest.param("errors-only", id="create"), pytest.param("every-report", id="direct")])
+def test_publisher_survives_a_full_local_queue(kind: str, faces_topic: str, kafka_bootstrap: str) -> None:
+    publisher = _publisher(kind, faces_topic, queue_buffering_max_messages=5, linger_ms=50)
     for frame_id in range(200):  # 40x the queue: produce() raises BufferError many times
-        publisher(FaceMessage(video_id="v", source="s.mp4", frame_id=frame_id, frame_ts_ms=frame_id * 40.0,
-                              frame_width=64, frame_height=48, model="m", total_faces=0, faces=[]))  # fmt: skip
-    assert publisher.tracker.wait(producer, timeout_s=20) == 200
+        publisher(_message(frame_id))
+    assert publisher.wait(timeout_s=20) == 200
     assert publisher.sent == 200 and publisher.tracker.failed == 0
+    assert _messages_in(faces_topic, kafka_bootstrap) == 200
+
+
+@pytest.mark.parametrize("kind", [pytest.param("errors-only", id="create"), pytest.param("every-report", id="direct")])
+def test_a_message_the_broker_rejects_fails_the_publish(kind: str, kafka_admin, kafka_bootstrap: str) -> None:
+    """A real broker-side failure (record batch above the topic's max.message.bytes) must raise, in both modes."""
+    topic = f"test-small-{uuid.uuid4().hex[:10]}"
+    futures = kafka_admin.create_topics([NewTopic(topic, 3, 1, config={"max.message.bytes": "1000"})])
+    futures[topic].result(timeout=30)
+    try:
+        publisher = _publisher(kind, topic)
+        rng = random.Random(1)
+        noise = "".join(rng.choice(string.ascii_letters) for _ in range(4000))  # lz4 cannot shrink it below 1000
+        with pytest.raises(PublishError, match=r"of 3 message\(s\) failed delivery.*too large"):
+            for frame_id, source in enumerate(["a.mp4", noise, "b.mp4"]):
+                publisher(_message(frame_id, source))
+            publisher.wait(timeout_s=20)
+    finally:
+        kafka_admin.delete_topics([topic])
