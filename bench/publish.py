@@ -1,28 +1,40 @@
 """Benchmark publishing: our producer path vs a bare confluent-kafka producer, same payloads, same run.
 
-* ``ours``: :func:`crowd.kafka.reliable_producer` (acks=all, idempotence, lz4, linger) driven by
-  ``crowd.jobs._Publisher`` exactly as a detection task does (``FaceMessage.to_json()``, key = video id, one
-  ``poll(0)`` per message, every delivery report counted by :class:`~crowd.kafka.DeliveryTracker`), then
-  ``tracker.wait()`` (flush, raise on any failure);
-* ``ours_bytes``: the same producer and tracker on the pre-serialised bytes (isolates the JSON encoding);
 * ``bare``: ``confluent_kafka.Producer({"bootstrap.servers": ...})`` with librdkafka defaults, ``produce`` of
-  the same bytes and keys, no callback, ``poll(0)`` per message, ``flush()``.
+  pre-serialised bytes and keys, no callback, ``poll(0)`` per message, ``flush()``;
+* ``ours``: :func:`crowd.kafka.reliable_producer` (acks=all, idempotence, lz4, linger) driven by
+  ``crowd.jobs._Publisher`` exactly as a detection task does (``FaceMessage`` in, every failure caught), then
+  its ``wait()`` (flush, raise on any failure);
+* ``before``: the publish path as it was before issue 9 (``FaceMessage.model_dump_json()`` by pydantic, a
+  Python delivery callback per message, ``poll(0)`` per message), kept here to compare in the same run;
+* one lever at a time on top of ``before``: ``lever_msgspec`` (``FaceMessage.to_json()`` encoded by msgspec),
+  ``lever_bytes`` (pre-serialised bytes: the most any encoding lever can give), ``lever_errors_only``
+  (``delivery.report.only.error``: librdkafka reports failures only, successes are counted as sent - failed
+  after the flush; ``bytes_errors_only`` is the same on pre-serialised bytes, compare it with ``lever_bytes``
+  to see the callback's cost without the encoding's noise), ``lever_poll100`` (``poll(0)`` every 100 messages instead of every message),
+  ``lever_no_lz4`` (``compression.type=none``, measured only: compression is kept for real networks).
 
-Those three start warm (one message delivered before the clock starts), as in a detection task, where the first
-message leaves only after the model is loaded and the first frame decoded and detected. ``*_cold`` variants
-start the clock right after creating the producer: an idempotent producer first needs a producer id, and
-librdkafka asks for it only on a 500 ms retry timer when no broker connection is up yet at creation, so a cold
-burst of 50,000 messages (~0.1 s of work) pays ~0.5 s once. That start cost is reported apart.
+Besides wall time, each variant's CPU time (this process, librdkafka's threads included) is reported: it depends
+less on what else runs on the machine (not on the broker). Encoding alone is timed apart, without Kafka.
 
-Each variant sends to its own fresh 3-partition topic; variants alternate ``--repeat`` times, medians and
-per-repetition ratios. Goal: bare time / ours time >= 0.8.
+Every variant takes its messages from the same pool of ``--pool`` distinct messages (cycled up to ``--messages``,
+so a run lasts >= 1 s without holding 300,000 pydantic objects), retries a full local queue (``BufferError``)
+the same way (``poll(0.01)`` until there is room: more messages than librdkafka's 100,000-message queue), and
+starts warm (one message delivered before the clock starts), as in a detection task whose first message leaves
+after the model is loaded. ``*_cold`` variants (``--cold``) start the clock right after creating the producer:
+an idempotent producer first needs a producer id (~0.5 s once, reported apart).
 
-Usage: ``source dev/env.sh && python bench/publish.py [--messages 50000] [--repeat 7] (50,000 stays below librdkafka's 100,000-message queue, which a cold producer fills before it has its id: _Publisher does not retry a BufferError)``
+Each variant sends to its own fresh 3-partition topic. Per repetition all variants run once, in an order rotated
+by one each repetition; the figures are medians of the per-repetition times and of the per-repetition ratios
+``bare / variant`` (goal for ``ours``: >= 0.8).
+
+Usage: ``source dev/env.sh && python bench/publish.py [--messages 300000] [--repeat 5] [--cold] [--only ours before]``
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -30,6 +42,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +66,32 @@ def _messages(n: int) -> list:
     return out
 
 
-def run(n: int, repeat: int) -> dict:
+def _produce(producer, topic: str, key: bytes, value: bytes, **kwargs) -> None:
+    """``produce`` with the same back-off for every variant: a full local queue waits 10 ms and retries."""
+    while True:
+        try:
+            producer.produce(topic, key=key, value=value, **kwargs)
+            return
+        except BufferError:
+            producer.poll(0.01)
+
+
+def _encode_us(messages: list) -> dict[str, float]:
+    """Encoding alone, no Kafka: best of 5 passes over the pool, microseconds per message (CPU time)."""
+
+    def best(encode: Callable) -> float:
+        times = []
+        for _ in range(5):
+            t0 = time.process_time()
+            for m in messages:
+                encode(m)
+            times.append(time.process_time() - t0)
+        return round(min(times) / len(messages) * 1e6, 2)
+
+    return {"pydantic": best(lambda m: m.model_dump_json().encode()), "msgspec": best(lambda m: m.to_json())}
+
+
+def run(n: int, repeat: int, pool: int, cold: bool, only: set[str] | None = None) -> dict:
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -62,8 +100,13 @@ def run(n: int, repeat: int) -> dict:
 
     bootstrap = json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]["bootstrap.servers"]
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    messages = _messages(n)
-    payloads = [(m.video_id.encode(), m.to_json()) for m in messages]
+    messages = _messages(pool)
+    payloads = [(m.video_id.encode(), m.model_dump_json().encode()) for m in messages]
+    assert all(m.to_json() == v for m, (_, v) in zip(messages, payloads, strict=True))  # same bytes every way
+
+    def cycle(seq: list) -> itertools.islice:
+        return itertools.islice(itertools.cycle(seq), n)
+
     topics: list[str] = []
 
     def topic() -> str:
@@ -73,89 +116,131 @@ def run(n: int, repeat: int) -> dict:
         topics.append(name)
         return name
 
-    def warm_up(producer: Producer, t: str, warm: bool) -> None:
+    def start(producer: Producer, t: str, warm: bool) -> tuple[float, float]:
         if warm:  # connected, producer id acquired, topic metadata known: what a task has after its first frame
             producer.produce(t, key=b"warm-up", value=b"{}")
             assert producer.flush(30) == 0
+        return time.perf_counter(), time.process_time()
 
-    def ours(warm: bool) -> float:
-        t = topic()
-        producer = reliable_producer("kafka_default", timeout_s=30)
-        warm_up(producer, t, warm)
-        start = time.perf_counter()
-        publisher = _Publisher(producer, t)
-        for m in messages:
-            publisher(m)
-        assert publisher.tracker.wait(producer, timeout_s=60) == n
-        return time.perf_counter() - start
+    def stop(t0: tuple[float, float]) -> tuple[float, float]:
+        return time.perf_counter() - t0[0], time.process_time() - t0[1]
 
-    def ours_bytes(warm: bool) -> float:
-        t = topic()
-        producer = reliable_producer("kafka_default", timeout_s=30)
-        warm_up(producer, t, warm)
-        start = time.perf_counter()
-        tracker = DeliveryTracker()
-        for key, value in payloads:
-            producer.produce(t, key=key, value=value, on_delivery=tracker.callback)
-            producer.poll(0)
-        assert tracker.wait(producer, timeout_s=60) == n
-        return time.perf_counter() - start
-
-    def bare(warm: bool) -> float:
+    def bare(warm: bool = True) -> tuple[float, float]:
         t = topic()
         producer = Producer({"bootstrap.servers": bootstrap})
-        warm_up(producer, t, warm)
-        start = time.perf_counter()
-        for key, value in payloads:
-            producer.produce(t, key=key, value=value)
+        t0 = start(producer, t, warm)
+        for key, value in cycle(payloads):
+            _produce(producer, t, key, value)
             producer.poll(0)
         assert producer.flush(60) == 0
-        return time.perf_counter() - start
+        return stop(t0)
 
-    variants = {
-        "bare": lambda: bare(True),
-        "ours": lambda: ours(True),
-        "ours_bytes": lambda: ours_bytes(True),
-        "bare_cold": lambda: bare(False),
-        "ours_cold": lambda: ours(False),
+    def ours(warm: bool = True) -> tuple[float, float]:
+        t = topic()
+        publisher = _Publisher.create("kafka_default", t, timeout_s=30)
+        t0 = start(publisher.producer, t, warm)
+        for m in cycle(messages):
+            publisher(m)
+        assert publisher.wait(timeout_s=60) == n
+        return stop(t0)
+
+    def tracked(
+        encode: Callable | None, *, errors_only: bool = False, poll_every: int = 1, **settings: object
+    ) -> tuple[float, float]:
+        """The old ``_Publisher`` loop with one thing changed; ``encode`` None means pre-serialised bytes."""
+        t = topic()
+        extra = {"delivery_report_only_error": True} if errors_only else {}
+        producer = reliable_producer("kafka_default", timeout_s=30, **extra, **settings)
+        tracker = DeliveryTracker()
+        t0 = start(producer, t, True)
+        items = cycle(payloads) if encode is None else ((m.video_id.encode(), encode(m)) for m in cycle(messages))
+        for i, (key, value) in enumerate(items):
+            _produce(producer, t, key, value, on_delivery=tracker.callback)
+            if i % poll_every == 0:
+                producer.poll(0)
+        tracker.wait(producer, timeout_s=60)
+        assert tracker.failed == 0 and tracker.delivered == (0 if errors_only else n)
+        return stop(t0)
+
+    def pydantic_json(m) -> bytes:
+        return m.model_dump_json().encode()
+
+    def msgspec_json(m) -> bytes:
+        return m.to_json()
+
+    variants: dict[str, Callable[[], tuple[float, float]]] = {
+        "bare": bare,
+        "ours": ours,
+        "before": lambda: tracked(pydantic_json),
+        "lever_msgspec": lambda: tracked(msgspec_json),
+        "lever_bytes": lambda: tracked(None),
+        "lever_errors_only": lambda: tracked(pydantic_json, errors_only=True),
+        "bytes_errors_only": lambda: tracked(None, errors_only=True),
+        "lever_poll100": lambda: tracked(pydantic_json, poll_every=100),
+        "lever_no_lz4": lambda: tracked(pydantic_json, compression_type="none"),
     }
-    runs: dict[str, list[float]] = {}
+    if cold:
+        variants.update({"bare_cold": lambda: bare(False), "ours_cold": lambda: ours(False)})
+    names = [k for k in variants if not only or k in only or k == "bare"]
+    runs: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}  # CPU s of this process (all threads): less load-bound
     try:
-        for _ in range(repeat):
-            for name, fn in variants.items():
-                runs.setdefault(name, []).append(fn())
+        for r in range(repeat):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                wall, used = variants[name]()
+                runs[name].append(wall)
+                cpu[name].append(used)
+            print(f"repetition {r + 1}/{repeat}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in runs.items()))
     finally:
         admin.delete_topics(topics)
-    med = {k: statistics.median(v) for k, v in runs.items()}
-    ratio = {
-        f"bare_over_{k}": round(statistics.median(b / o for b, o in zip(runs["bare"], runs[k], strict=True)), 3)
-        for k in ("ours", "ours_bytes")
-    }
-    ratio["bare_cold_over_ours_cold"] = round(
-        statistics.median(b / o for b, o in zip(runs["bare_cold"], runs["ours_cold"], strict=True)), 3
-    )
+
+    def ratio(base: str, other: str, times: dict[str, list[float]] = runs) -> float:
+        return round(statistics.median(b / o for b, o in zip(times[base], times[other], strict=True)), 3)
+
+    ratios = {f"bare_over_{k}": ratio("bare", k) for k in names if k != "bare" and not k.endswith("_cold")}
+    if cold:
+        ratios["bare_cold_over_ours_cold"] = ratio("bare_cold", "ours_cold")
+    if {"before", "ours"} <= set(names):
+        ratios["before_over_ours"] = ratio("before", "ours")
+    cpu_ratios = {f"bare_over_{k}": ratio("bare", k, cpu) for k in names if k != "bare" and not k.endswith("_cold")}
     return {
+        "encode_us_per_message": _encode_us(messages),
         "messages": n,
-        "bytes_per_message": round(sum(len(v) for _, v in payloads) / n),
+        "distinct_messages": pool,
+        "bytes_per_message": round(sum(len(v) for _, v in payloads) / pool),
         "repeat": repeat,
-        "seconds": {k: round(v, 3) for k, v in med.items()},
-        "messages_per_s": {k: round(n / v) for k, v in med.items()},
-        "ratios": ratio,
+        "seconds": {k: round(statistics.median(v), 3) for k, v in runs.items()},
+        "seconds_range": {k: [round(min(v), 3), round(max(v), 3)] for k, v in runs.items()},
+        "messages_per_s": {k: round(n / statistics.median(v)) for k, v in runs.items()},
+        "ratios": ratios,
+        "cpu_seconds": {k: round(statistics.median(v), 3) for k, v in cpu.items()},
+        "cpu_ratios": cpu_ratios,
         "goal": "bare_over_ours >= 0.8",
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=50_000)
-    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--messages", type=int, default=300_000, help="messages per variant and repetition")
+    parser.add_argument("--pool", type=int, default=20_000, help="distinct messages, cycled")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--cold", action="store_true", help="also time cold producers (start cost)")
+    parser.add_argument("--only", nargs="+", metavar="VARIANT", help="run these variants (and bare) only")
     args = parser.parse_args(argv)
-    report = run(args.messages, args.repeat)
-    print(f"{'variant':<12}{'seconds':>9}{'msg/s':>10}")
+    report = run(args.messages, args.repeat, args.pool, args.cold, set(args.only or ()))
+    print(f"{'variant':<19}{'seconds':>9}{'range':>12}{'msg/s':>9}{'bare/variant':>14}{'cpu s':>8}{'cpu bare/v':>12}")
     for k, v in report["seconds"].items():
-        print(f"{k:<12}{v:>9.3f}{report['messages_per_s'][k]:>10}")
-    for k, v in report["ratios"].items():
-        print(f"{k:<22}{v:>6.3f} (goal >= 0.8 for ours)")
+        lo, hi = report["seconds_range"][k]
+        r = report["ratios"].get(f"bare_over_{k}", report["ratios"].get("bare_cold_over_ours_cold"))
+        c = report["cpu_ratios"].get(f"bare_over_{k}")
+        shown, cpu_shown = ("", "") if k in ("bare", "bare_cold") else (f"{r:.3f}", f"{c:.3f}" if c else "")
+        print(
+            f"{k:<19}{v:>9.3f}{f'{lo:.2f}-{hi:.2f}':>12}{report['messages_per_s'][k]:>9}{shown:>14}"
+            f"{report['cpu_seconds'][k]:>8.2f}{cpu_shown:>12}"
+        )
+    if "before_over_ours" in report["ratios"]:
+        print(f"before / ours: {report['ratios']['before_over_ours']:.3f} (goal bare/ours >= 0.8)")
+    print(f"encoding alone, us/message: {report['encode_us_per_message']}")
     print(json.dumps(report))
     return 0
 
