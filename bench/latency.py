@@ -40,14 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 sys.path.insert(0, str(ROOT / "bench"))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+sys.path.insert(0, str(ROOT))
 
 
 def _quantiles(lat: list[float]) -> dict:
@@ -64,8 +57,8 @@ def _quantiles(lat: list[float]) -> dict:
 
 
 def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one linear scenario
+    import contextlib
     import shutil
-    import signal
     import sqlite3
     import subprocess
     import tempfile
@@ -75,6 +68,7 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
     from ingest import _message
 
     from crowd.kafka import reliable_producer
+    from dev.standalone import airflow, dag_runs, running_standalone, standalone_env, wait_for_dag
 
     port = int(os.environ.get("CROWD_PG_PORT", "5433"))
     password = os.environ.get("CROWD_PG_PASSWORD", "crowd")
@@ -94,21 +88,9 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
         old = '"idle_timeout_s": Param(10,'
         assert old in src, "idle_timeout_s default not found in the DAG"
         (dags / "crowd_faces_ingest.py").write_text(src.replace(old, f'"idle_timeout_s": Param({args.idle_timeout:g},'))
-    api_port = _free_port()
-    venv_bin = str(Path(sys.executable).parent)
-    env = dict(os.environ)
-    env.update(
-        PATH=f"{venv_bin}{os.pathsep}{env.get('PATH', '')}",
-        AIRFLOW_HOME=str(home),
-        AIRFLOW__CORE__DAGS_FOLDER=str(dags),
-        AIRFLOW__CORE__LOAD_EXAMPLES="False",
-        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",
-        AIRFLOW__CORE__PARALLELISM="2",
-        AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
-        AIRFLOW__SCHEDULER__DAG_DIR_LIST_INTERVAL="5",
-        AIRFLOW__API__PORT=str(api_port),
-        AIRFLOW__API__BASE_URL=f"http://localhost:{api_port}",
-        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://localhost:{api_port}/execution/",
+    env = standalone_env(
+        home,
+        dags,
         CROWD_FACES_TOPIC=topic,
         CROWD_INGEST_GROUP=f"latency-ingest-{tag}",
         AIRFLOW_CONN_KAFKA_WATCH=json.dumps(
@@ -120,10 +102,8 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
         ),
     )  # fmt: skip
     os.environ["AIRFLOW_CONN_CROWD_POSTGRES"] = env["AIRFLOW_CONN_CROWD_POSTGRES"]
-    airflow = str(Path(venv_bin) / "airflow")
     dsn = f"{admin_dsn}?options=-csearch_path%3D{schema}"
-    proc = None
-    log = None
+    standalone = contextlib.ExitStack()
     created: dict[tuple[str, int], float] = {}
     seen: dict[tuple[str, int], float] = {}
     phase_of: dict[str, str] = {}
@@ -157,19 +137,9 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
             conn.execute(f'CREATE SCHEMA "{schema}"')
         subprocess.run([sys.executable, "-m", "crowd.storage", "migrate"], env=env, check=True, capture_output=True,
                        timeout=120)  # fmt: skip
-        subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
-        log = (tmp / "standalone.log").open("wb")
-        proc = subprocess.Popen([airflow, "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            listed = subprocess.run([airflow, "dags", "list", "-o", "json"], env=env, capture_output=True, text=True)
-            if "crowd_faces_ingest" in listed.stdout:
-                break
-            time.sleep(3)
-        else:
-            raise RuntimeError(f"crowd_faces_ingest never registered: {listed.stderr[-2000:]}")
-        subprocess.run([airflow, "dags", "unpause", "crowd_faces_ingest"], env=env, check=True, capture_output=True)
+        standalone.enter_context(running_standalone(env, tmp / "standalone.log"))
+        wait_for_dag(env, "crowd_faces_ingest")
+        airflow(env, "dags", "unpause", "crowd_faces_ingest")
         print(f"standalone up, DAG registered and unpaused after {time.time() - t0:.0f} s", flush=True)
         time.sleep(10)  # the triggerer picks up the watcher
         poller.start()
@@ -209,30 +179,15 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
             producer.flush(30)
             wait_rows(keys, 120)
         print(f"sparse done at {time.time() - t0:.0f} s", flush=True)
-        runs = subprocess.run([airflow, "dags", "list-runs", "crowd_faces_ingest", "-o", "json"], env=env,
-                              capture_output=True, text=True)  # fmt: skip
-        try:  # stdout may carry log lines before the JSON array
-            listed_runs = json.loads(runs.stdout[runs.stdout.index("[{") :])
-            report["dag_runs"] = [
-                {k: r.get(k) for k in ("run_id", "state", "run_type", "start_date", "end_date")} for r in listed_runs
-            ]
-        except ValueError:
-            report["dag_runs_raw"] = runs.stdout[-3000:]
+        report["dag_runs"] = [
+            {k: r.get(k) for k in ("run_id", "state", "start_date", "end_date")}
+            for r in dag_runs(env, "crowd_faces_ingest")
+        ]
     finally:
         stop.set()
         if poller.is_alive():
             poller.join(timeout=5)
-        if proc is not None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-            except ProcessLookupError:
-                pass
-        if log is not None:
-            log.close()
+        standalone.close()
         admin.delete_topics([topic])
         with psycopg.connect(admin_dsn, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

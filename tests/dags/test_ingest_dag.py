@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,6 +11,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
+
+from dev.standalone import airflow, dag_runs, running_standalone, standalone_env, wait_for_dag
 
 ROOT = Path(__file__).resolve().parents[2]
 DAG_FILE = ROOT / "dags" / "crowd_faces_ingest.py"
@@ -113,47 +111,16 @@ def test_dag_test_drains_a_fresh_topic_into_a_fresh_schema(airflow_db: Path, fac
 @pytest.fixture
 def airflow_services(tmp_path: Path, faces_topic: str, pg_schema: str) -> Iterator[dict[str, str]]:
     """Airflow standalone (scheduler, triggerer, dag-processor, api-server) in a temp home, torn down by group."""
-    home = tmp_path / "airflow"
-    home.mkdir()
-    with socket.socket() as probe:  # a free port for this api-server, so parallel runs do not collide
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = dict(os.environ)
-    kafka_extra = json.loads(env["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # standalone runs `airflow`
-        AIRFLOW_HOME=str(home),
-        AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
-        AIRFLOW__CORE__LOAD_EXAMPLES="False",
-        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",
-        AIRFLOW__CORE__PARALLELISM="2",
-        AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
-        AIRFLOW__SCHEDULER__DAG_DIR_LIST_INTERVAL="5",
-        AIRFLOW__API__PORT=str(port),
-        AIRFLOW__API__BASE_URL=f"http://localhost:{port}",
-        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://localhost:{port}/execution/",
+    kafka_extra = json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]
+    env = standalone_env(
+        tmp_path / "airflow",
+        ROOT / "dags",
         AIRFLOW_CONN_KAFKA_WATCH=json.dumps(
             {"conn_type": "kafka", "extra": {**kafka_extra, "group.id": f"crowd-ingest-watch-{uuid.uuid4().hex[:6]}"}}
         ),
     )
-    airflow = str(Path(sys.executable).parent / "airflow")
-    subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
-    log = (tmp_path / "standalone.log").open("wb")
-    proc = subprocess.Popen(
-        [airflow, "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        yield {"airflow": airflow, **{k: v for k, v in env.items() if isinstance(v, str)}}
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
-        if os.environ.get("CROWD_KEEP_STANDALONE_LOG"):
-            print((tmp_path / "standalone.log").read_text(errors="replace")[-20000:])
+    with running_standalone(env, tmp_path / "standalone.log"):
+        yield env
 
 
 @pytest.mark.slow
@@ -163,17 +130,8 @@ def test_a_published_message_reaches_postgres_without_a_manual_trigger(
     airflow_services: dict[str, str], faces_topic: str
 ) -> None:
     env = airflow_services
-    airflow = env["airflow"]
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait for the dag-processor to register the DAG
-        listed = subprocess.run([airflow, "dags", "list", "-o", "json"], env=env, capture_output=True, text=True)
-        if DAG_ID in listed.stdout:
-            break
-        time.sleep(3)
-    else:
-        pytest.fail(f"{DAG_ID} never showed up in `airflow dags list`: {listed.stdout[-2000:]} {listed.stderr[-2000:]}")
-    unpause = subprocess.run([airflow, "dags", "unpause", DAG_ID], env=env, capture_output=True, text=True)
-    assert unpause.returncode == 0, unpause.stderr[-2000:]
+    wait_for_dag(env, DAG_ID, timeout_s=120)
+    airflow(env, "dags", "unpause", DAG_ID)
 
     time.sleep(5)  # let the triggerer pick up the watcher
     _publish(faces_topic, 25, video_id="triggered-video")
@@ -182,7 +140,7 @@ def test_a_published_message_reaches_postgres_without_a_manual_trigger(
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and _frames(dsn) < 25:
         time.sleep(2)
-    runs = subprocess.run([airflow, "dags", "list-runs", DAG_ID, "-o", "json"], env=env, capture_output=True, text=True)
-    assert _frames(dsn) == 25, f"frames never arrived; runs: {runs.stdout[-2000:]}"
-    assert '"run_type": "asset_triggered"' in runs.stdout or "asset_triggered" in runs.stdout, runs.stdout[-2000:]
-    assert "manual" not in runs.stdout
+    runs = dag_runs(env, DAG_ID)
+    assert _frames(dsn) == 25, f"frames never arrived; runs: {runs}"
+    # nobody triggered it by hand: every run id says what created it
+    assert runs and all(r["run_id"].startswith("asset_triggered__") for r in runs), runs
