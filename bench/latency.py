@@ -14,12 +14,13 @@ free port, against a fresh topic (``CROWD_FACES_TOPIC``), a fresh PostgreSQL sch
 ``python -m crowd.storage migrate``) and fresh ingest/watch consumer groups; waits for ``crowd_faces_ingest`` to
 be registered, unpauses it, then publishes three phases: ``steady`` (1 message every ``--interval`` s for
 ``--steady-s`` s), ``burst`` (``--burst`` messages at once, after the steady run has had time to go idle) and
-``sparse`` (``--sparse`` messages spaced ``--sparse-gap`` s apart, longer than the drain's idle timeout, so each
+``sparse`` (``--sparse`` messages spaced ``--sparse-gap`` s apart, longer than the DAG's linger_s, so each
 one finds no run open). Each row is polled every 100 ms by (video_id, frame_id); latency = row first seen - Kafka
 CreateTime. Prints p50/p95/max per phase, the DAG runs (``airflow dags list-runs``) and, from the temp metadata
 DB, per run: asset event (watcher fire) -> run queued -> run start -> task start -> task end.
-``--idle-timeout X`` measures a different ``idle_timeout_s`` default: asset-triggered runs take no conf, so the
-DAG file is copied into a temp dags folder with that one Param default changed (the repo's DAG is untouched).
+``--linger X`` runs the DAG with ``linger_s`` = X (``CROWD_INGEST_LINGER_S``; asset-triggered runs take no conf,
+the Param default comes from the settings): 0 stops every run at the end of the topic, one run per message at
+low rates; the default (5 s) keeps a run reading the steady stream.
 Everything (process group, topic, schema) is torn down in ``finally``.
 """
 
@@ -67,6 +68,7 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
     from confluent_kafka.admin import AdminClient, NewTopic
     from ingest import _message
 
+    from crowd.config import load_settings
     from crowd.kafka import reliable_producer
     from dev.standalone import airflow, dag_runs, running_standalone, standalone_env, wait_for_dag
 
@@ -80,17 +82,11 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
     tmp = Path(tempfile.mkdtemp(prefix="crowd-latency-"))
     home = tmp / "airflow"
     home.mkdir()
-    dags = ROOT / "dags"
-    if args.idle_timeout is not None:  # a copy of the DAG with another idle_timeout_s default
-        dags = tmp / "dags"
-        dags.mkdir()
-        src = (ROOT / "dags" / "crowd_faces_ingest.py").read_text()
-        old = '"idle_timeout_s": Param(10,'
-        assert old in src, "idle_timeout_s default not found in the DAG"
-        (dags / "crowd_faces_ingest.py").write_text(src.replace(old, f'"idle_timeout_s": Param({args.idle_timeout:g},'))
+    linger = args.linger if args.linger is not None else load_settings().ingest_linger_s
     env = standalone_env(
         home,
-        dags,
+        ROOT / "dags",
+        CROWD_INGEST_LINGER_S=f"{linger:g}",
         CROWD_FACES_TOPIC=topic,
         CROWD_INGEST_GROUP=f"latency-ingest-{tag}",
         AIRFLOW_CONN_KAFKA_WATCH=json.dumps(
@@ -108,7 +104,7 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
     seen: dict[tuple[str, int], float] = {}
     phase_of: dict[str, str] = {}
     stop = threading.Event()
-    report: dict = {"mode": "trigger", "idle_timeout_s": args.idle_timeout if args.idle_timeout is not None else 10}
+    report: dict = {"mode": "trigger", "linger_s": linger}
     t0 = time.time()
 
     def poll_rows() -> None:
@@ -141,7 +137,7 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
         wait_for_dag(env, "crowd_faces_ingest")
         airflow(env, "dags", "unpause", "crowd_faces_ingest")
         print(f"standalone up, DAG registered and unpaused after {time.time() - t0:.0f} s", flush=True)
-        time.sleep(10)  # the triggerer picks up the watcher
+        # publishing starts right after the unpause: the first messages measure the watcher's start-up
         poller.start()
         producer = reliable_producer("kafka_default", timeout_s=30)
         rng = random.Random(11)
@@ -162,7 +158,7 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
         producer.flush(30)
         wait_rows(keys, 120)
         print(f"steady done at {time.time() - t0:.0f} s", flush=True)
-        time.sleep(max(15.0, (args.idle_timeout or 10) + 8))  # the steady run goes idle and ends
+        time.sleep(max(15.0, linger + 8))  # the steady run goes idle and ends
         # burst: --burst messages at once
         video = f"burst-{tag}"
         phase_of[video] = "burst"
@@ -170,11 +166,11 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
         producer.flush(30)
         wait_rows(keys, 120)
         print(f"burst done at {time.time() - t0:.0f} s", flush=True)
-        # sparse: messages spaced longer than the idle timeout: each one finds no run open
+        # sparse: messages spaced longer than linger_s: each one finds no run open
         video = f"sparse-{tag}"
         phase_of[video] = "sparse"
         for i in range(args.sparse):
-            time.sleep(max(15.0, (args.idle_timeout or 10) + 8))
+            time.sleep(max(15.0, linger + 8))
             keys = [publish(video, i)]
             producer.flush(30)
             wait_rows(keys, 120)
@@ -257,7 +253,7 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
     }
     report["standalone_log"] = str(tmp / "standalone.log")
 
-    print(f"trigger-driven ingest, idle_timeout_s {report['idle_timeout_s']}: published -> row visible")
+    print(f"trigger-driven ingest, linger_s {report['linger_s']:g}: published -> row visible")
     report["latency_s"] = {}
 
     def phase_in(k: tuple[str, int]) -> str:
@@ -304,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steady-s", type=float, default=120.0)
     parser.add_argument("--burst", type=int, default=50)
     parser.add_argument("--sparse", type=int, default=3)
-    parser.add_argument("--idle-timeout", type=float, default=None, help="--trigger: DAG idle_timeout_s default")
+    parser.add_argument("--linger", type=float, default=None, help="--trigger: the DAG's linger_s (default: settings)")
     parser.add_argument("--per-message", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -26,7 +26,9 @@ group, e.g. `crowd-ingest-watch`). Its `apply_function` (`crowd.ingest.faces_pen
 the drain has not stored yet (offset >= the drain's stored offset), so a backlog being drained does not queue a
 run per message. Chosen over a continuous DAG with a deferrable `AwaitMessageSensor` because no run sits open
 while the topic is quiet, the asset shows in the UI as the link between the publish DAG and this one, and
-asset events queued during a run collapse into one follow-up run (`max_active_runs=1`).
+asset events queued during a run collapse into one follow-up run (`max_active_runs=1`). A caught-up run keeps
+reading until nothing new came for `linger_s` (`CROWD_INGEST_LINGER_S`), so a detection job's stream of messages
+is stored by one run instead of one run per message.
 
 **Exactly once.** The drain (`crowd.ingest.drain`) keeps its offsets in PostgreSQL (`kafka_offsets`, group
 `{settings.ingest_group}`), written in the same transaction as each batch of rows; a crash replays at most the
@@ -55,6 +57,9 @@ Manual runs are always safe (idempotent) and take the params below.
         "batch_size": Param(2000, type="integer", minimum=1, maximum=100_000, description="messages per transaction"),
         "max_seconds": Param(600, type="number", minimum=1, description="stop after this long; the next run goes on"),
         "idle_timeout_s": Param(10, type="number", minimum=0.5, description="stop after this long without messages"),
+        "linger_s": Param(
+            settings.ingest_linger_s, type="number", minimum=0, description="once caught up, wait this long for more"
+        ),
         "alert_threshold": Param(
             settings.alert_threshold, type=["null", "integer"], minimum=1, description="faces per frame; null: off"
         ),
@@ -75,6 +80,7 @@ def crowd_faces_ingest():
             batch_size=params["batch_size"],
             max_seconds=params["max_seconds"],
             idle_timeout_s=params["idle_timeout_s"],
+            linger_s=params["linger_s"],
             alert_threshold=params["alert_threshold"],
             alert_min_duration_s=params["alert_min_duration_s"],
         )

@@ -13,6 +13,9 @@ export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="${AIRFLOW__CORE__SIMPLE_AUTH_MA
 export AIRFLOW__API__PORT="${AIRFLOW__API__PORT:-8080}"
 export AIRFLOW__SCHEDULER__DAG_DIR_LIST_INTERVAL="${AIRFLOW__SCHEDULER__DAG_DIR_LIST_INTERVAL:-10}"
 export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="${AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL:-10}"
+# An asset's Kafka watcher is registered by the next parse of its DAG file after an unpause (at most once per
+# min_file_process_interval, 30 s by default): 10 s bounds that wait for dev (bench/README.md, latency).
+export AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL="${AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL:-10}"
 export PYTHONPATH="$CROWD_ROOT/plugins${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$CROWD_ROOT/.venv/bin:$PATH"   # airflow standalone starts its components as `airflow ...`
 

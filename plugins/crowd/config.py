@@ -55,6 +55,7 @@ class Settings:
     alerts_topic: str = "crowd-alerts"
     messages_topic: str = "messages"
     ingest_group: str = "crowd-ingest"
+    ingest_linger_s: float = 5.0
     receiver_group: str = "crowd-api-receiver"
     receiver_max_queue: int = 1000
     alert_threshold: int | None = 10
@@ -109,6 +110,7 @@ def load_settings() -> Settings:
         alerts_topic=_env("CROWD_ALERTS_TOPIC", "crowd-alerts"),
         messages_topic=_env("CROWD_MESSAGES_TOPIC", "messages"),
         ingest_group=_env("CROWD_INGEST_GROUP", "crowd-ingest"),
+        ingest_linger_s=_env_number("CROWD_INGEST_LINGER_S", 5.0, whole=False),
         receiver_group=_env("CROWD_RECEIVER_GROUP", "crowd-api-receiver"),
         receiver_max_queue=_env_number("CROWD_RECEIVER_MAX_QUEUE", 1000, minimum=1),
         alert_threshold=_env_number("CROWD_ALERT_THRESHOLD", 10, minimum=0) or None,

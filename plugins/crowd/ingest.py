@@ -420,6 +420,7 @@ def drain(
     max_batches: int | None = None,
     max_seconds: float | None = 600.0,
     idle_timeout_s: float = 10.0,
+    linger_s: float = 0.0,
     batch_wait_s: float = 1.0,
     alert_rule: AlertRule | None = None,
     alerts_topic: str | None = None,
@@ -428,8 +429,10 @@ def drain(
 ) -> DrainSummary:
     """Move every message of ``topic`` past the stored offsets of ``group_id`` into PostgreSQL.
 
-    Stops when caught up (end of every partition), after ``idle_timeout_s`` without messages, after
-    ``max_batches`` batches or ``max_seconds`` (the next run continues where this one stopped).
+    Stops when caught up (end of every partition) and no message came for ``linger_s``, after ``idle_timeout_s``
+    without messages, after ``max_batches`` batches or ``max_seconds`` (the next run continues where this one
+    stopped). ``linger_s`` > 0 keeps a caught-up drain reading a stream that trickles in, so one run (one DAG run)
+    stores a whole burst of detection output instead of one run per message.
 
     Args:
         kafka_conn_id: Airflow Kafka connection (its ``group.id`` is overridden by ``group_id``).
@@ -437,6 +440,7 @@ def drain(
         topic: the Faces topic.
         group_id: consumer group: the key of the stored offsets (and of the lag-only Kafka commits).
         batch_size: messages per transaction.
+        linger_s: once caught up, go on reading until no message came for this long (0: stop at once).
         alert_rule: crowd alert rule, or None for no alerts.
         alerts_topic: where alert messages go (None: stored only, not published).
         commit_to_kafka: also commit offsets to Kafka after each DB commit, for lag monitoring.
@@ -488,6 +492,7 @@ def drain(
                 max_batches=max_batches,
                 deadline=None if max_seconds is None else started + max_seconds,
                 idle_timeout_s=idle_timeout_s,
+                linger_s=linger_s,
                 batch_wait_s=batch_wait_s,
                 alert_rule=alert_rule,
                 alerts_topic=alerts_topic,
@@ -528,6 +533,7 @@ def _run(
     max_batches: int | None,
     deadline: float | None,
     idle_timeout_s: float,
+    linger_s: float,
     batch_wait_s: float,
     alert_rule: AlertRule | None,
     alerts_topic: str | None,
@@ -601,8 +607,8 @@ def _run(
                 summary.messages / elapsed if elapsed else 0.0,
                 (summary.frames + summary.faces + summary.rejected) / elapsed if elapsed else 0.0,
             )
-        if len(at_end) == len(partitions):
-            summary.stopped_because = "caught up"
+        if len(at_end) == len(partitions) and time.monotonic() - idle_since >= linger_s:
+            summary.stopped_because = "caught up" if not linger_s else f"caught up, nothing new for {linger_s:g} s"
             return
         if not batch.messages and time.monotonic() - idle_since >= idle_timeout_s:
             summary.stopped_because = f"idle for {idle_timeout_s:g} s"
@@ -627,6 +633,7 @@ def drain_task(
     batch_size: int = 2000,
     max_seconds: float = 600.0,
     idle_timeout_s: float = 10.0,
+    linger_s: float = 0.0,
     alert_threshold: int | None = None,
     alert_min_duration_s: float = 0.0,
 ) -> dict[str, Any]:
@@ -643,6 +650,7 @@ def drain_task(
         batch_size=int(batch_size),
         max_seconds=float(max_seconds),
         idle_timeout_s=float(idle_timeout_s),
+        linger_s=float(linger_s),
         alert_rule=rule,
         alerts_topic=settings.alerts_topic if rule else None,
     )

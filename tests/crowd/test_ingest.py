@@ -173,6 +173,35 @@ def test_replay_from_offset_zero_stores_nothing_twice(faces_topic: str, pg_schem
     assert again.messages == 0 and again.stopped_because == "caught up"
 
 
+def test_linger_keeps_a_caught_up_drain_reading_a_trickle(faces_topic: str, pg_schema: str) -> None:
+    import threading
+
+    messages = [frame_dict("video-trickle", i, i % 3) for i in range(12)]
+    publish_frames(faces_topic, messages[:6])
+    result: dict[str, object] = {}
+    runner = threading.Thread(target=lambda: result.update(s=quick_drain(faces_topic, linger_s=8, idle_timeout_s=30)))
+    runner.start()
+
+    def stored() -> int:
+        try:
+            return scalar("SELECT count(*) FROM frames")
+        except psycopg.errors.UndefinedTable:  # the drain has not migrated the fresh schema yet
+            return 0
+
+    deadline = time.monotonic() + 60
+    while stored() < 6 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert runner.is_alive(), "the drain stopped at the end of the partitions despite linger_s"
+    publish_frames(faces_topic, messages[6:])  # arrives while the drain lingers: the same run stores it
+    runner.join(timeout=60)
+    summary = result["s"]
+    assert summary.messages == 12 and summary.stopped_because == "caught up, nothing new for 8 s", summary
+    assert scalar("SELECT count(*) FROM frames") == 12
+
+    publish_frames(faces_topic, [frame_dict("video-trickle", 99, 1)])
+    assert quick_drain(faces_topic).stopped_because == "caught up"  # linger_s=0: stops at the end at once
+
+
 def test_same_frame_twice_in_one_batch_last_one_wins(faces_topic: str, pg_schema: str) -> None:
     first, second = frame_dict("video-dup", 7, 3), frame_dict("video-dup", 7, 1, seed=1)
     publish_frames(faces_topic, [first, frame_dict("video-dup", 8, 2), second])
