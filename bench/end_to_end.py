@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     import psycopg
     from confluent_kafka import Consumer, Producer
     from confluent_kafka.admin import AdminClient, NewTopic
-    from detect import make_video
+    from detect import make_detector, make_video
 
     from crowd import storage
-    from crowd.detection import Detector, build_detector
+    from crowd.detection import Detector
     from crowd.ingest import drain
     from crowd.jobs import _Publisher
     from crowd.kafka import reliable_producer
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from crowd.pipeline import process_video
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="yolov3-tiny")
+    parser.add_argument("--backend", default="yolov3-tiny", help="a build_detector backend or yolov3-face-synthetic")
     parser.add_argument("--interval", type=int, default=10)
     parser.add_argument("--frames", type=int, default=300, help="frames of the generated 1280x720 clip")
     parser.add_argument("--video", default=None)
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     admin_dsn = f"postgresql://crowd:{password}@127.0.0.1:{port}/crowd_test"
     bootstrap = json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]["bootstrap.servers"]
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    detector = build_detector(args.backend)
+    weights_dir = tempfile.TemporaryDirectory()
+    detector = make_detector(args.backend, Path(weights_dir.name))  # also yolov3-face-synthetic
     topics: list[str] = []
     schemas: list[str] = []
 
