@@ -13,30 +13,11 @@ import psycopg
 import pytest
 
 from dev.standalone import airflow, dag_runs, running_standalone, standalone_env, wait_for_dag
+from tests.crowd.test_ingest import encode, frame_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 DAG_FILE = ROOT / "dags" / "crowd_faces_ingest.py"
 DAG_ID = "crowd_faces_ingest"
-
-
-def _message(video_id: str, frame_id: int, n_faces: int) -> bytes:
-    from crowd.messages import FaceMessage
-
-    faces = [
-        {"face_id": i, "bounding_box": {"x": 10 * i, "y": 5, "width": 20, "height": 20}, "confidence": 0.9}
-        for i in range(n_faces)
-    ]
-    return FaceMessage(
-        video_id=video_id,
-        source=f"/videos/{video_id}.mp4",
-        frame_id=frame_id,
-        frame_ts_ms=frame_id * 100.0,
-        frame_width=320,
-        frame_height=240,
-        model="test",
-        total_faces=n_faces,
-        faces=faces,
-    ).to_json()
 
 
 def _publish(topic: str, n: int, video_id: str = "dag-video") -> None:
@@ -45,7 +26,9 @@ def _publish(topic: str, n: int, video_id: str = "dag-video") -> None:
     producer = reliable_producer("kafka_default", timeout_s=30)
     tracker = DeliveryTracker()
     for i in range(n):
-        producer.produce(topic, key=video_id.encode(), value=_message(video_id, i, i % 3), on_delivery=tracker.callback)
+        producer.produce(
+            topic, key=video_id.encode(), value=encode(frame_dict(video_id, i, i % 3)), on_delivery=tracker.callback
+        )
     assert tracker.wait(producer, timeout_s=30) == n
 
 
