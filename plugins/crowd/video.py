@@ -24,7 +24,7 @@ import queue
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -429,9 +429,8 @@ class FrameReader:
                     self._put(self._early_end(pos))
                     return
                 pos += 1
-                frame = Frame(frame_id=target, ts_ms=round(target * 1000.0 / fps, 3), image=image)
-                if self.prepare is not None:
-                    frame = replace(frame, prepared=self._prepare(image))
+                prepared = self._prepare(image) if self.prepare is not None else None
+                frame = Frame(frame_id=target, ts_ms=round(target * 1000.0 / fps, 3), image=image, prepared=prepared)
                 if not self._put(frame):
                     return
                 target += self.frame_interval
