@@ -21,8 +21,9 @@ DETECTION_PARAMS = {
     "confidence": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=1,
                         description="Detection confidence threshold; empty = the model's default."),
     "tiles": Param(False, type="boolean", description="Tiled inference for small faces in large frames."),
-    "model": Param("auto", enum=["auto", "yolov3", "mtcnn", "yolov3-tiny"],
-                   description="auto = YOLOv3 face weights if installed, else the offline MTCNN face model."),
+    "model": Param(None, type=["null", "string"], enum=[None, "auto", "yolov3", "mtcnn", "yolov3-tiny"],
+                   description="Empty = the deployment's CROWD_DETECTOR (auto by default); auto = YOLOv3 face "
+                               "weights if installed, else the offline MTCNN face model."),
 }  # fmt: skip
 
 

