@@ -8,8 +8,8 @@ clips, reads the run and its ``detect_and_publish`` task instances from the REST
 
 The clips come from ``bench/detect.py``'s ``make_video`` (1280x720, the size its face layout needs) at ``--fps``
 3, so the DAG's default sampling (fps/3) runs the detector on every frame; lengths differ by one frame so that
-every clip has its own content hash. The run uses the DAG's default ``model`` param (``auto``: YOLOv3 face if
-installed, else MTCNN), which is what a scheduled run does.
+every clip has its own content hash. The run uses the DAG's default ``model`` param (empty: ``CROWD_DETECTOR``,
+``auto`` unless set: YOLOv3 face if installed, else MTCNN), which is what a scheduled run does.
 
 Printed: one row per round (run seconds from the run's start to its end, the detection span from the first
 ``detect_and_publish`` start to the last end, the sum of the task durations, tasks per worker hostname), one JSON
