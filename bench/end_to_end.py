@@ -23,12 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import cv2
@@ -41,8 +39,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 def main(argv: list[str] | None = None) -> int:
     import psycopg
     from confluent_kafka import Consumer, Producer
-    from confluent_kafka.admin import AdminClient, NewTopic
     from detect import make_detector, make_video
+    from services import Scratch
 
     from crowd import storage
     from crowd.detection import Detector
@@ -63,29 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("crowd", "airflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
-    port = int(os.environ.get("CROWD_PG_PORT", "5433"))
-    password = os.environ.get("CROWD_PG_PASSWORD", "crowd")
-    admin_dsn = f"postgresql://crowd:{password}@127.0.0.1:{port}/crowd_test"
-    bootstrap = json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]["bootstrap.servers"]
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    scratch = Scratch()
     weights_dir = tempfile.TemporaryDirectory()
     detector = make_detector(args.backend, Path(weights_dir.name))  # also yolov3-face-synthetic
-    topics: list[str] = []
-    schemas: list[str] = []
 
-    def fresh() -> tuple[str, str, str]:
-        tag = uuid.uuid4().hex[:8]
-        topic, schema = f"bench-e2e-{tag}", f"bench_e2e_{tag}"
-        for future in admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)]).values():
-            future.result(timeout=30)
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'CREATE SCHEMA "{schema}"')
-        topics.append(topic)
-        schemas.append(schema)
-        return tag, topic, schema
+    def fresh() -> tuple[str, str]:
+        return scratch.topic("bench-e2e"), scratch.schema("bench_e2e")
 
     def stored(schema: str) -> tuple[int, int, int]:
-        with psycopg.connect(f"{admin_dsn}?options=-csearch_path%3D{schema}") as conn:
+        with psycopg.connect(scratch.dsn(schema)) as conn:
             frames, total = conn.execute("SELECT count(*), coalesce(sum(total_faces), 0) FROM frames").fetchone()
             faces = conn.execute("SELECT count(*) FROM faces").fetchone()[0]
         return int(frames), int(total), int(faces)
@@ -102,18 +86,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def ours(video: Path, det: Detector | None = None, key: str = "ours") -> tuple[float, tuple]:
         det = det or detector
-        tag, topic, schema = fresh()
-        os.environ["AIRFLOW_CONN_CROWD_POSTGRES"] = json.dumps(
-            {"conn_type": "postgres", "host": "127.0.0.1", "port": port, "login": "crowd", "password": password,
-             "schema": "crowd_test", "extra": {"options": f"-csearch_path={schema}"}}
-        )  # fmt: skip
+        topic, schema = fresh()
+        scratch.use_schema(schema)
         start = time.perf_counter()
         publisher = _Publisher(reliable_producer("kafka_default", timeout_s=30), topic)
         summary = process_video(video, det, frame_interval=args.interval, on_message=publisher, video_id="v")
         t1 = time.perf_counter()
         publisher.tracker.wait(publisher.producer, timeout_s=60)
         t2 = time.perf_counter()
-        result = drain("kafka_default", "crowd_postgres", topic, f"e2e-{tag}", batch_wait_s=0.2)
+        result = drain("kafka_default", "crowd_postgres", topic, f"e2e-{topic}", batch_wait_s=0.2)
         elapsed = time.perf_counter() - start
         phases[key].append((round(t1 - start, 2), round(t2 - t1, 2), round(elapsed - (t2 - start), 2)))
         assert result.messages == summary.frames_processed and result.lag_left == 0, result
@@ -121,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def seed(video: Path, det: Detector | None = None, key: str = "seed") -> tuple[float, tuple]:
         det = det or detector
-        tag, topic, schema = fresh()
-        dsn = f"{admin_dsn}?options=-csearch_path%3D{schema}"
+        topic, schema = fresh()
+        dsn = scratch.dsn(schema)
         with psycopg.connect(dsn) as conn:
             storage.migrate(conn)
         start = time.perf_counter()
-        producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+        producer = Producer({"bootstrap.servers": scratch.bootstrap, "acks": "all"})
         cap = cv2.VideoCapture(str(video))
         fps = cap.get(cv2.CAP_PROP_FPS)
         i = sent = 0
@@ -143,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         cap.release()
         t1 = time.perf_counter()
         consumer = Consumer(
-            {"bootstrap.servers": bootstrap, "group.id": f"seed-{tag}", "auto.offset.reset": "earliest"}
+            {"bootstrap.servers": scratch.bootstrap, "group.id": f"seed-{topic}", "auto.offset.reset": "earliest"}
         )
         consumer.subscribe([topic])
         done = 0
@@ -200,10 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                     detector.detect(frame)
                 runs.setdefault("detect_only", []).append(time.perf_counter() - start)
     finally:
-        admin.delete_topics(topics)
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            for schema in schemas:
-                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        scratch.close()
     assert rows["ours"] == rows["seed"] == rows["ours_io"] == rows["seed_io"], rows
     speedup = statistics.median(s / o for s, o in zip(runs["seed"], runs["ours"], strict=True))
     speedup_io = statistics.median(s / o for s, o in zip(runs["seed_io"], runs["ours_io"], strict=True))

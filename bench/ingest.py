@@ -22,12 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import statistics
 import sys
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,49 +59,19 @@ def _message(video_id: str, frame_id: int, rng: random.Random) -> bytes:
     ).to_json()
 
 
-def _schema(admin_dsn: str, name: str) -> str:
-    import psycopg
-
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{name}"')
-    return f"{admin_dsn}?options=-csearch_path%3D{name}"
-
-
-def _use_schema(name: str, port: int, password: str) -> None:
-    os.environ["AIRFLOW_CONN_CROWD_POSTGRES"] = json.dumps(
-        {
-            "conn_type": "postgres",
-            "host": "127.0.0.1",
-            "port": port,
-            "login": "crowd",
-            "password": password,
-            "schema": "crowd_test",
-            "extra": {"options": f"-csearch_path={name}"},
-        }
-    )
-
-
 def run(n_messages: int, n_seed: int, batch_sizes: list[int], repeat: int) -> dict:
     import psycopg
     from confluent_kafka import Consumer, KafkaError
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from services import Scratch
 
     from crowd import storage
     from crowd.ingest import FACE_COLUMNS, FACE_TYPES, FRAME_COLUMNS, FRAME_TYPES, Batch, drain
     from crowd.kafka import DeliveryTracker, reliable_producer
 
-    port = int(os.environ.get("CROWD_PG_PORT", "5433"))
-    password = os.environ.get("CROWD_PG_PASSWORD", "crowd")
-    admin_dsn = f"postgresql://crowd:{password}@127.0.0.1:{port}/crowd_test"
-    bootstrap = json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]["bootstrap.servers"]
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    tag = uuid.uuid4().hex[:8]
-    topic = f"bench-faces-{tag}"
-    for future in admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)]).values():
-        future.result(timeout=30)
-    schemas = {"seed": f"bench_seed_{tag}"}
-    dsns = {"seed": _schema(admin_dsn, schemas["seed"])}
+    scratch = Scratch()
     try:
+        topic = scratch.topic("bench-faces")
+        seed_dsn = scratch.dsn(scratch.schema("bench_seed"))
         rng = random.Random(7)
         producer = reliable_producer("kafka_default", timeout_s=60)
         tracker = DeliveryTracker()
@@ -160,10 +128,8 @@ def run(n_messages: int, n_seed: int, batch_sizes: list[int], repeat: int) -> di
         runs: dict[str, list[float]] = {}
         for rep in range(repeat):  # interleaved: every variant once per repetition, ratios per repetition
             for size in batch_sizes:
-                name = f"{tag}_r{rep}_b{size}"
-                schemas[name] = f"bench_drain_{name}"
-                _schema(admin_dsn, schemas[name])
-                _use_schema(schemas[name], port, password)
+                name = scratch.schema(f"bench_drain_r{rep}_b{size}")  # also the drain's group
+                scratch.use_schema(name)
                 summary = drain("kafka_default", "crowd_postgres", topic, name, batch_size=size, batch_wait_s=0.5)
                 assert summary.messages == n_messages and summary.lag_left == 0, summary
                 assert summary.frames + summary.faces == n_rows, (summary, n_rows)
@@ -172,9 +138,7 @@ def run(n_messages: int, n_seed: int, batch_sizes: list[int], repeat: int) -> di
                 again = drain("kafka_default", "crowd_postgres", topic, name, batch_size=size, batch_wait_s=0.5)
                 assert again.messages == 0, again
                 runs.setdefault(f"fixed_b{size}", []).append(again.seconds)
-            name = f"{tag}_r{rep}_copy"
-            schemas[name] = f"bench_copy_{name}"
-            runs.setdefault("raw_copy", []).append(raw_copy(_schema(admin_dsn, schemas[name])))
+            runs.setdefault("raw_copy", []).append(raw_copy(scratch.dsn(scratch.schema(f"bench_copy_r{rep}"))))
         results = {}
         for key, times in runs.items():
             results[key] = {"rows": n_rows, "seconds": statistics.median(times), "messages": n_messages}
@@ -182,8 +146,8 @@ def run(n_messages: int, n_seed: int, batch_sizes: list[int], repeat: int) -> di
         # 3. seed-style loop: one message, one transaction (on the first n_seed messages)
         consumer = Consumer(
             {
-                "bootstrap.servers": bootstrap,
-                "group.id": f"bench-seed-{tag}",
+                "bootstrap.servers": scratch.bootstrap,
+                "group.id": f"bench-seed-{topic}",
                 "auto.offset.reset": "earliest",
                 "enable.auto.commit": True,
             }
@@ -191,7 +155,7 @@ def run(n_messages: int, n_seed: int, batch_sizes: list[int], repeat: int) -> di
         consumer.subscribe([topic])
         seed_rows = 0
         done = 0
-        with psycopg.connect(dsns["seed"]) as conn:
+        with psycopg.connect(seed_dsn) as conn:
             storage.migrate(conn)
             started = time.perf_counter()
             while done < n_seed:
@@ -236,10 +200,7 @@ def run(n_messages: int, n_seed: int, batch_sizes: list[int], repeat: int) -> di
         consumer.close()
         results["seed_loop"] = {"rows": seed_rows, "seconds": seed_s, "messages": done}
     finally:
-        admin.delete_topics([topic])
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            for name in schemas.values():
-                conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        scratch.close()
 
     for key, r in results.items():
         r["rows_per_s"] = r["rows"] / r["seconds"] if r["seconds"] else 0.0

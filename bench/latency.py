@@ -35,7 +35,6 @@ import statistics
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,20 +64,17 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
     import tempfile
 
     import psycopg
-    from confluent_kafka.admin import AdminClient, NewTopic
     from ingest import _message
+    from services import Scratch
 
     from crowd.config import load_settings
     from crowd.kafka import reliable_producer
     from dev.standalone import airflow, dag_runs, running_standalone, standalone_env, wait_for_dag
 
-    port = int(os.environ.get("CROWD_PG_PORT", "5433"))
-    password = os.environ.get("CROWD_PG_PASSWORD", "crowd")
-    admin_dsn = f"postgresql://crowd:{password}@127.0.0.1:{port}/crowd_test"
     kafka_extra = json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]
-    admin = AdminClient({"bootstrap.servers": kafka_extra["bootstrap.servers"]})
-    tag = uuid.uuid4().hex[:8]
-    topic, schema = f"bench-latency-trig-{tag}", f"bench_latency_trig_{tag}"
+    scratch = Scratch()  # closed in the finally below
+    topic, schema = scratch.topic("bench-latency-trig"), scratch.schema("bench_latency_trig")
+    tag = topic.rsplit("-", 1)[1]
     tmp = Path(tempfile.mkdtemp(prefix="crowd-latency-"))
     home = tmp / "airflow"
     home.mkdir()
@@ -92,13 +88,10 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
         AIRFLOW_CONN_KAFKA_WATCH=json.dumps(
             {"conn_type": "kafka", "extra": {**kafka_extra, "group.id": f"latency-watch-{tag}"}}
         ),
-        AIRFLOW_CONN_CROWD_POSTGRES=json.dumps(
-            {"conn_type": "postgres", "host": "127.0.0.1", "port": port, "login": "crowd", "password": password,
-             "schema": "crowd_test", "extra": {"options": f"-csearch_path={schema}"}}
-        ),
+        AIRFLOW_CONN_CROWD_POSTGRES=scratch.postgres_conn(schema),
     )  # fmt: skip
-    os.environ["AIRFLOW_CONN_CROWD_POSTGRES"] = env["AIRFLOW_CONN_CROWD_POSTGRES"]
-    dsn = f"{admin_dsn}?options=-csearch_path%3D{schema}"
+    scratch.use_schema(schema)
+    dsn = scratch.dsn(schema)
     standalone = contextlib.ExitStack()
     created: dict[tuple[str, int], float] = {}
     seen: dict[tuple[str, int], float] = {}
@@ -127,10 +120,6 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
 
     poller = threading.Thread(target=poll_rows, daemon=True)
     try:
-        for future in admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)]).values():
-            future.result(timeout=30)
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'CREATE SCHEMA "{schema}"')
         subprocess.run([sys.executable, "-m", "crowd.storage", "migrate"], env=env, check=True, capture_output=True,
                        timeout=120)  # fmt: skip
         standalone.enter_context(running_standalone(env, tmp / "standalone.log"))
@@ -184,9 +173,7 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
         if poller.is_alive():
             poller.join(timeout=5)
         standalone.close()
-        admin.delete_topics([topic])
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        scratch.close()
 
     # where the time goes, per run, from the temp metadata DB (sqlite)
     timeline = []
@@ -284,8 +271,8 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
 
 def main(argv: list[str] | None = None) -> int:
     import psycopg
-    from confluent_kafka.admin import AdminClient, NewTopic
-    from ingest import _message, _use_schema
+    from ingest import _message
+    from services import Scratch
 
     from crowd import storage
     from crowd.ingest import drain
@@ -308,21 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.trigger:
         return run_trigger(args)
 
-    port = int(os.environ.get("CROWD_PG_PORT", "5433"))
-    password = os.environ.get("CROWD_PG_PASSWORD", "crowd")
-    admin_dsn = f"postgresql://crowd:{password}@127.0.0.1:{port}/crowd_test"
-    bootstrap = json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]["bootstrap.servers"]
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    tag = uuid.uuid4().hex[:8]
-    topic, schema = f"bench-latency-{tag}", f"bench_latency_{tag}"
-    for future in admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)]).values():
-        future.result(timeout=30)
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    dsn = f"{admin_dsn}?options=-csearch_path%3D{schema}"
+    scratch = Scratch()  # closed in the finally below
+    topic, schema = scratch.topic("bench-latency"), scratch.schema("bench_latency")
+    dsn = scratch.dsn(schema)
     with psycopg.connect(dsn) as conn:
         storage.migrate(conn)
-    _use_schema(schema, port, password)
+    scratch.use_schema(schema)
 
     stop = threading.Event()
     created: dict[int, float] = {}
@@ -331,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def drain_loop() -> None:
         while not stop.is_set():
-            s = drain("kafka_default", "crowd_postgres", topic, f"latency-{tag}", batch_wait_s=args.batch_wait,
+            s = drain("kafka_default", "crowd_postgres", topic, f"latency-{topic}", batch_wait_s=args.batch_wait,
                       idle_timeout_s=10.0, max_seconds=600)  # fmt: skip
             drains.append({"messages": s.messages, "batches": s.batches, "stopped": s.stopped_because})
 
@@ -369,9 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
         for t in threads:
             t.join(timeout=15)
-        admin.delete_topics([topic])
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        scratch.close()
     lat = sorted(seen[i] - created[i] for i in created if i in seen)
     assert len(lat) == n, (len(lat), n)
     q = statistics.quantiles(lat, n=100)

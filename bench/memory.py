@@ -90,10 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child[0], args.child[1], int(args.child[2]))
         return 0
 
-    import psycopg
-    from confluent_kafka.admin import AdminClient, NewTopic
     from detect import make_video
-    from ingest import _message, _use_schema
+    from ingest import _message
+    from services import Scratch
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,24 +105,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import random
 
-    port = int(os.environ.get("CROWD_PG_PORT", "5433"))
-    password = os.environ.get("CROWD_PG_PASSWORD", "crowd")
-    admin_dsn = f"postgresql://crowd:{password}@127.0.0.1:{port}/crowd_test"
-    bootstrap = json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]["bootstrap.servers"]
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    scratch = Scratch()
     from crowd.kafka import DeliveryTracker, reliable_producer
 
-    topics, schemas = [], []
     try:
         for n in (args.messages, 3 * args.messages):
-            tag = uuid.uuid4().hex[:8]
-            topic, schema = f"bench-mem-{tag}", f"bench_mem_{tag}"
-            for future in admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)]).values():
-                future.result(timeout=30)
-            topics.append(topic)
-            with psycopg.connect(admin_dsn, autocommit=True) as conn:
-                conn.execute(f'CREATE SCHEMA "{schema}"')
-            schemas.append(schema)
+            topic, schema = scratch.topic("bench-mem"), scratch.schema("bench_mem")
             rng = random.Random(5)
             producer = reliable_producer("kafka_default", timeout_s=60)
             tracker = DeliveryTracker()
@@ -132,13 +119,10 @@ def main(argv: list[str] | None = None) -> int:
                                  on_delivery=tracker.callback)  # fmt: skip
                 producer.poll(0)
             tracker.wait(producer, timeout_s=120)
-            _use_schema(schema, port, password)
+            scratch.use_schema(schema)
             results.append({"input": f"backlog of {n} messages", **_run_child("drain", topic, n)})
     finally:
-        admin.delete_topics(topics)
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            for schema in schemas:
-                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        scratch.close()
     print(f"{'input':<34}{'work':>8}{'s':>7}{'peak MiB':>10}  RSS course (25/50/100 %)")
     for r in results:
         course = " / ".join(str(v) for v in r["rss_course_mib"].values())

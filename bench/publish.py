@@ -36,12 +36,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import random
 import statistics
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,13 +91,13 @@ def _encode_us(messages: list) -> dict[str, float]:
 
 def run(n: int, repeat: int, pool: int, cold: bool, only: set[str] | None = None) -> dict:
     from confluent_kafka import Producer
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from services import Scratch
 
     from crowd.jobs import _Publisher
     from crowd.kafka import DeliveryTracker, reliable_producer
 
-    bootstrap = json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]["bootstrap.servers"]
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    scratch = Scratch()  # closed in the finally below
+    bootstrap = scratch.bootstrap
     messages = _messages(pool)
     payloads = [(m.video_id.encode(), m.model_dump_json().encode()) for m in messages]
     assert all(m.to_json() == v for m, (_, v) in zip(messages, payloads, strict=True))  # same bytes every way
@@ -107,14 +105,8 @@ def run(n: int, repeat: int, pool: int, cold: bool, only: set[str] | None = None
     def cycle(seq: list) -> itertools.islice:
         return itertools.islice(itertools.cycle(seq), n)
 
-    topics: list[str] = []
-
     def topic() -> str:
-        name = f"bench-publish-{uuid.uuid4().hex[:8]}"
-        for future in admin.create_topics([NewTopic(name, num_partitions=3, replication_factor=1)]).values():
-            future.result(timeout=30)
-        topics.append(name)
-        return name
+        return scratch.topic("bench-publish")
 
     def start(producer: Producer, t: str, warm: bool) -> tuple[float, float]:
         if warm:  # connected, producer id acquired, topic metadata known: what a task has after its first frame
@@ -192,7 +184,7 @@ def run(n: int, repeat: int, pool: int, cold: bool, only: set[str] | None = None
                 cpu[name].append(used)
             print(f"repetition {r + 1}/{repeat}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in runs.items()))
     finally:
-        admin.delete_topics(topics)
+        scratch.close()
 
     def ratio(base: str, other: str, times: dict[str, list[float]] = runs) -> float:
         return round(statistics.median(b / o for b, o in zip(times[base], times[other], strict=True)), 3)
