@@ -1,7 +1,7 @@
 """Benchmark end to end: video -> detections -> Kafka -> PostgreSQL, our design vs the seed's, same video.
 
 * ``ours``: :func:`crowd.pipeline.process_video` (threaded decoder, ``grab()`` on skipped frames) publishing through
-  ``crowd.jobs._Publisher`` (:func:`crowd.kafka.reliable_producer`, batched, every delivery checked), then
+  ``crowd.jobs._Publisher`` (:func:`crowd.kafka.reliable_producer`, batched, failed deliveries reported), then
   :func:`crowd.ingest.drain` (COPY, offsets in the same transaction) into a fresh schema;
 * ``seed``: ``cap.read()`` on every frame, detect every ``interval``-th, ``producer.produce`` + ``flush()`` per
   message, then a consumer that reads one message at a time and stores it with one INSERT per row and one
@@ -46,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     from crowd.detection import Detector
     from crowd.ingest import drain
     from crowd.jobs import _Publisher
-    from crowd.kafka import reliable_producer
     from crowd.messages import build_message
     from crowd.pipeline import process_video
 
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         topic, schema = fresh()
         scratch.use_schema(schema)
         start = time.perf_counter()
-        publisher = _Publisher(reliable_producer("kafka_default", timeout_s=30), topic)
+        publisher = _Publisher.create("kafka_default", topic, timeout_s=30)
         summary = process_video(video, det, frame_interval=args.interval, on_message=publisher, video_id="v")
         t1 = time.perf_counter()
         publisher.tracker.wait(publisher.producer, timeout_s=60)

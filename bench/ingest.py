@@ -46,16 +46,18 @@ def _message(video_id: str, frame_id: int, rng: random.Random) -> bytes:
         }
         for i in range(n)
     ]
-    return FaceMessage(
-        video_id=video_id,
-        source=f"/videos/{video_id}.mp4",
-        frame_id=frame_id,
-        frame_ts_ms=frame_id * 40.0,
-        frame_width=640,
-        frame_height=480,
-        model="yolov3-face@416",
-        total_faces=n,
-        faces=faces,
+    return FaceMessage.from_dict(
+        {
+            "video_id": video_id,
+            "source": f"/videos/{video_id}.mp4",
+            "frame_id": frame_id,
+            "frame_ts_ms": frame_id * 40.0,
+            "frame_width": 640,
+            "frame_height": 480,
+            "model": "yolov3-face@416",
+            "total_faces": n,
+            "faces": faces,
+        }
     ).to_json()
 
 

@@ -5,20 +5,22 @@
 * ``ours``: :func:`crowd.kafka.reliable_producer` (acks=all, idempotence, lz4, linger) driven by
   ``crowd.jobs._Publisher`` exactly as a detection task does (``FaceMessage`` in, every failure caught), then
   its ``wait()`` (flush, raise on any failure);
-* ``before``: the publish path as it was before issue 9 (``FaceMessage.model_dump_json()`` by pydantic, a
-  Python delivery callback per message, ``poll(0)`` per message), kept here to compare in the same run;
-* one lever at a time on top of ``before``: ``lever_msgspec`` (``FaceMessage.to_json()`` encoded by msgspec),
-  ``lever_bytes`` (pre-serialised bytes: the most any encoding lever can give), ``lever_errors_only``
-  (``delivery.report.only.error``: librdkafka reports failures only, successes are counted as sent - failed
-  after the flush; ``bytes_errors_only`` is the same on pre-serialised bytes, compare it with ``lever_bytes``
-  to see the callback's cost without the encoding's noise), ``lever_poll100`` (``poll(0)`` every 100 messages instead of every message),
-  ``lever_no_lz4`` (``compression.type=none``, measured only: compression is kept for real networks).
+* one lever at a time on ``ours`` (a copy of its loop with one thing changed): ``ours_bytes`` (pre-serialised
+  bytes: what the encoding costs), ``ours_every_report`` (librdkafka reports every delivery: a Python call per
+  acknowledged message, instead of ``delivery.report.only.error`` and successes counted as sent - failed after
+  the flush), ``ours_callback_per_produce`` (the delivery callback passed to every ``produce`` call, as until
+  the second pass of issue 9, instead of once in the producer's configuration), ``ours_poll100`` (``poll(0)``
+  every 100 messages instead of every message), ``ours_no_lz4`` (``compression.type=none``).
+
+The message type was a pydantic model until the second pass of issue 9 (encoding 2.0-2.6 us a message, building
+~16 us); it is a msgspec ``Struct`` now (~0.7 us to encode, ~0.6 us to build): ``bench/README.md`` has the
+figures of both.
 
 Besides wall time, each variant's CPU time (this process, librdkafka's threads included) is reported: it depends
 less on what else runs on the machine (not on the broker). Encoding alone is timed apart, without Kafka.
 
 Every variant takes its messages from the same pool of ``--pool`` distinct messages (cycled up to ``--messages``,
-so a run lasts >= 1 s without holding 300,000 pydantic objects), retries a full local queue (``BufferError``)
+so a run lasts >= 1 s without holding 300,000 message objects), retries a full local queue (``BufferError``)
 the same way (``poll(0.01)`` until there is room: more messages than librdkafka's 100,000-message queue), and
 starts warm (one message delivered before the clock starts), as in a detection task whose first message leaves
 after the model is loaded. ``*_cold`` variants (``--cold``) start the clock right after creating the producer:
@@ -28,7 +30,7 @@ Each variant sends to its own fresh 3-partition topic. Per repetition all varian
 by one each repetition; the figures are medians of the per-repetition times and of the per-repetition ratios
 ``bare / variant`` (goal for ``ours``: >= 0.8).
 
-Usage: ``source dev/env.sh && python bench/publish.py [--messages 300000] [--repeat 5] [--cold] [--only ours before]``
+Usage: ``source dev/env.sh && python bench/publish.py [--messages 300000] [--repeat 5] [--cold] [--only ours ours_bytes]``
 """
 
 from __future__ import annotations
@@ -75,7 +77,10 @@ def _produce(producer, topic: str, key: bytes, value: bytes, **kwargs) -> None:
 
 
 def _encode_us(messages: list) -> dict[str, float]:
-    """Encoding alone, no Kafka: best of 5 passes over the pool, microseconds per message (CPU time)."""
+    """Encoding alone, no Kafka: best of 5 passes over the pool, microseconds per message (CPU time).
+
+    ``json_stdlib`` is ``json.dumps`` of the same message as plain data, for scale.
+    """
 
     def best(encode: Callable) -> float:
         times = []
@@ -86,7 +91,11 @@ def _encode_us(messages: list) -> dict[str, float]:
             times.append(time.process_time() - t0)
         return round(min(times) / len(messages) * 1e6, 2)
 
-    return {"pydantic": best(lambda m: m.model_dump_json().encode()), "msgspec": best(lambda m: m.to_json())}
+    plain = {id(m): m.to_dict() for m in messages}
+    return {
+        "to_json": best(lambda m: m.to_json()),
+        "json_stdlib": best(lambda m: json.dumps(plain[id(m)], separators=(",", ":")).encode()),
+    }
 
 
 def run(n: int, repeat: int, pool: int, cold: bool, only: set[str] | None = None) -> dict:
@@ -94,13 +103,11 @@ def run(n: int, repeat: int, pool: int, cold: bool, only: set[str] | None = None
     from services import Scratch
 
     from crowd.jobs import _Publisher
-    from crowd.kafka import DeliveryTracker, reliable_producer
 
     scratch = Scratch()  # closed in the finally below
     bootstrap = scratch.bootstrap
     messages = _messages(pool)
-    payloads = [(m.video_id.encode(), m.model_dump_json().encode()) for m in messages]
-    assert all(m.to_json() == v for m, (_, v) in zip(messages, payloads, strict=True))  # same bytes every way
+    payloads = [(m.video_id.encode(), m.to_json()) for m in messages]
 
     def cycle(seq: list) -> itertools.islice:
         return itertools.islice(itertools.cycle(seq), n)
@@ -136,40 +143,38 @@ def run(n: int, repeat: int, pool: int, cold: bool, only: set[str] | None = None
         assert publisher.wait(timeout_s=60) == n
         return stop(t0)
 
-    def tracked(
-        encode: Callable | None, *, errors_only: bool = False, poll_every: int = 1, **settings: object
+    def lever(
+        *,
+        encode: bool = True,
+        errors_only: bool = True,
+        callback_per_produce: bool = False,
+        poll_every: int = 1,
+        **settings: object,
     ) -> tuple[float, float]:
-        """The old ``_Publisher`` loop with one thing changed; ``encode`` None means pre-serialised bytes."""
+        """``ours`` with one thing changed, in a copy of ``_Publisher.__call__``'s loop."""
         t = topic()
-        extra = {"delivery_report_only_error": True} if errors_only else {}
-        producer = reliable_producer("kafka_default", timeout_s=30, **extra, **settings)
-        tracker = DeliveryTracker()
+        publisher = _Publisher.create("kafka_default", t, timeout_s=30, errors_only=errors_only, **settings)
+        producer, tracker = publisher.producer, publisher.tracker
+        extra = {"on_delivery": tracker.callback} if callback_per_produce else {}
         t0 = start(producer, t, True)
-        items = cycle(payloads) if encode is None else ((m.video_id.encode(), encode(m)) for m in cycle(messages))
+        tracker.delivered = 0  # the warm-up message's report
+        items = ((m.video_id.encode(), m.to_json()) for m in cycle(messages)) if encode else cycle(payloads)
         for i, (key, value) in enumerate(items):
-            _produce(producer, t, key, value, on_delivery=tracker.callback)
+            _produce(producer, t, key, value, **extra)
+            tracker.sent += 1
             if i % poll_every == 0:
                 producer.poll(0)
-        tracker.wait(producer, timeout_s=60)
-        assert tracker.failed == 0 and tracker.delivered == (0 if errors_only else n)
+        assert publisher.wait(timeout_s=60) == n and tracker.failed == 0
         return stop(t0)
-
-    def pydantic_json(m) -> bytes:
-        return m.model_dump_json().encode()
-
-    def msgspec_json(m) -> bytes:
-        return m.to_json()
 
     variants: dict[str, Callable[[], tuple[float, float]]] = {
         "bare": bare,
         "ours": ours,
-        "before": lambda: tracked(pydantic_json),
-        "lever_msgspec": lambda: tracked(msgspec_json),
-        "lever_bytes": lambda: tracked(None),
-        "lever_errors_only": lambda: tracked(pydantic_json, errors_only=True),
-        "bytes_errors_only": lambda: tracked(None, errors_only=True),
-        "lever_poll100": lambda: tracked(pydantic_json, poll_every=100),
-        "lever_no_lz4": lambda: tracked(pydantic_json, compression_type="none"),
+        "ours_bytes": lambda: lever(encode=False),
+        "ours_every_report": lambda: lever(errors_only=False),
+        "ours_callback_per_produce": lambda: lever(callback_per_produce=True),
+        "ours_poll100": lambda: lever(poll_every=100),
+        "ours_no_lz4": lambda: lever(compression_type="none"),
     }
     if cold:
         variants.update({"bare_cold": lambda: bare(False), "ours_cold": lambda: ours(False)})
@@ -192,8 +197,6 @@ def run(n: int, repeat: int, pool: int, cold: bool, only: set[str] | None = None
     ratios = {f"bare_over_{k}": ratio("bare", k) for k in names if k != "bare" and not k.endswith("_cold")}
     if cold:
         ratios["bare_cold_over_ours_cold"] = ratio("bare_cold", "ours_cold")
-    if {"before", "ours"} <= set(names):
-        ratios["before_over_ours"] = ratio("before", "ours")
     cpu_ratios = {f"bare_over_{k}": ratio("bare", k, cpu) for k in names if k != "bare" and not k.endswith("_cold")}
     return {
         "encode_us_per_message": _encode_us(messages),
@@ -220,18 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="VARIANT", help="run these variants (and bare) only")
     args = parser.parse_args(argv)
     report = run(args.messages, args.repeat, args.pool, args.cold, set(args.only or ()))
-    print(f"{'variant':<19}{'seconds':>9}{'range':>12}{'msg/s':>9}{'bare/variant':>14}{'cpu s':>8}{'cpu bare/v':>12}")
+    print(f"{'variant':<27}{'seconds':>9}{'range':>12}{'msg/s':>9}{'bare/variant':>14}{'cpu s':>8}{'cpu bare/v':>12}")
     for k, v in report["seconds"].items():
         lo, hi = report["seconds_range"][k]
         r = report["ratios"].get(f"bare_over_{k}", report["ratios"].get("bare_cold_over_ours_cold"))
         c = report["cpu_ratios"].get(f"bare_over_{k}")
         shown, cpu_shown = ("", "") if k in ("bare", "bare_cold") else (f"{r:.3f}", f"{c:.3f}" if c else "")
         print(
-            f"{k:<19}{v:>9.3f}{f'{lo:.2f}-{hi:.2f}':>12}{report['messages_per_s'][k]:>9}{shown:>14}"
+            f"{k:<27}{v:>9.3f}{f'{lo:.2f}-{hi:.2f}':>12}{report['messages_per_s'][k]:>9}{shown:>14}"
             f"{report['cpu_seconds'][k]:>8.2f}{cpu_shown:>12}"
         )
-    if "before_over_ours" in report["ratios"]:
-        print(f"before / ours: {report['ratios']['before_over_ours']:.3f} (goal bare/ours >= 0.8)")
     print(f"encoding alone, us/message: {report['encode_us_per_message']}")
     print(json.dumps(report))
     return 0

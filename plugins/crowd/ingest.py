@@ -29,20 +29,15 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Any
 
+import msgspec
 import psycopg
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
-from pydantic import ValidationError
 
 from crowd import storage
 from crowd.alerts import AlertRule, publish_pending_alerts, update_alerts
 from crowd.messages import FaceMessage
-
-try:  # fast path for well-formed messages (msgspec comes with Airflow); any doubt goes to pydantic
-    import msgspec
-except ImportError:  # pragma: no cover - the pydantic path alone gives the same results, slower
-    msgspec = None
 
 log = logging.getLogger(__name__)
 
@@ -166,28 +161,22 @@ def validate(value: bytes | None) -> FaceMessage:
     if len(value) > MAX_MESSAGE_BYTES:
         raise Rejected("oversize", f"{len(value)} bytes > {MAX_MESSAGE_BYTES} bytes")
     try:
-        msg = FaceMessage.model_validate_json(value)
-    except ValidationError as exc:
+        msg = _decoder.decode(value)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError is a DecodeError
         try:
             value.decode("utf-8")
         except UnicodeDecodeError as uexc:
             raise Rejected("not_utf8", str(uexc)) from None
-        errors = exc.errors()
-        if any(e["type"] == "json_invalid" for e in errors):
-            raise Rejected("not_json", "; ".join(str(e["msg"]) for e in errors)) from None
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(message)'}: {e['msg']}" for e in errors)
-        raise Rejected("schema", problems) from None
+        if isinstance(exc, msgspec.ValidationError):
+            raise Rejected("schema", str(exc)) from None
+        raise Rejected("not_json", str(exc)) from None
     if msg.frame_id > _INT8_MAX:
         raise Rejected("out_of_range", f"frame_id {msg.frame_id} > {_INT8_MAX}")
-    for name in ("total_faces", "frame_width", "frame_height"):
-        if getattr(msg, name) > _INT4_MAX:
-            raise Rejected("out_of_range", f"{name} {getattr(msg, name)} > {_INT4_MAX}")
+    if max(msg.total_faces, msg.frame_width, msg.frame_height) > _INT4_MAX:
+        raise Rejected("out_of_range", f"total_faces, frame_width or frame_height > {_INT4_MAX}")
     if not math.isfinite(msg.frame_ts_ms):
         raise Rejected("out_of_range", f"frame_ts_ms {msg.frame_ts_ms} is not a finite number")
-    for face in msg.faces:
-        b = face.bounding_box
-        if max(face.face_id, b.x, b.y, b.width, b.height) > _INT4_MAX:
-            raise Rejected("out_of_range", f"face {face.face_id}: a value is > {_INT4_MAX}")
+    for face in msg.faces:  # x + width <= frame_width <= _INT4_MAX: the box fits once the frame does
         if not math.isfinite(face.confidence):
             raise Rejected("out_of_range", f"face {face.face_id}: confidence {face.confidence} is not finite")
     _check_text("video_id", msg.video_id)
@@ -196,66 +185,7 @@ def validate(value: bytes | None) -> FaceMessage:
     return msg
 
 
-if msgspec is not None:
-    _NonNeg = Annotated[int, msgspec.Meta(ge=0)]
-    _Positive = Annotated[int, msgspec.Meta(ge=1)]
-
-    class _FastBox(msgspec.Struct, forbid_unknown_fields=True):
-        x: _NonNeg
-        y: _NonNeg
-        width: _Positive
-        height: _Positive
-
-    class _FastFace(msgspec.Struct, forbid_unknown_fields=True):
-        face_id: _NonNeg
-        bounding_box: _FastBox
-        confidence: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
-
-    class _FastMessage(msgspec.Struct, forbid_unknown_fields=True):
-        video_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-        source: str
-        frame_id: _NonNeg
-        frame_ts_ms: Annotated[float, msgspec.Meta(ge=0.0)]
-        frame_width: _Positive
-        frame_height: _Positive
-        model: Annotated[str, msgspec.Meta(min_length=1)]
-        total_faces: _NonNeg
-        faces: list[_FastFace]
-        schema_version: Literal[1] = 1
-
-    _fast_decoder = msgspec.json.Decoder(_FastMessage)
-
-
-def _fast_rows(value: bytes | None) -> tuple[tuple, list[tuple]] | None:
-    """Frame and face rows of a message that passes every rule of :func:`validate`, else ``None``.
-
-    msgspec is stricter than pydantic's lax mode (``3.0`` is no int here) and checks the same constraints;
-    whatever it refuses goes through :func:`validate`, which decides and words the rejection, so the set of
-    accepted messages and every rejection reason stay exactly those of :class:`FaceMessage`.
-    """
-    if msgspec is None or value is None or len(value) > MAX_MESSAGE_BYTES:
-        return None
-    try:
-        m = _fast_decoder.decode(value)
-    except (msgspec.MsgspecError, ValueError):  # incl. UnicodeDecodeError: validate() words it
-        return None
-    faces = m.faces
-    if m.total_faces != len(faces) or m.frame_id > _INT8_MAX or not math.isfinite(m.frame_ts_ms):
-        return None
-    fw, fh = m.frame_width, m.frame_height
-    if max(m.total_faces, fw, fh) > _INT4_MAX:
-        return None
-    vid, fid = m.video_id, m.frame_id
-    rows = []
-    for i, f in enumerate(faces):
-        b = f.bounding_box
-        if f.face_id != i or b.x + b.width > fw or b.y + b.height > fh or max(b.x, b.y, b.width, b.height) > _INT4_MAX:
-            return None
-        rows.append((vid, fid, i, b.x, b.y, b.width, b.height, f.confidence))
-    if "\x00" in vid or "\x00" in m.source or "\x00" in m.model:
-        return None
-    frame = (vid, fid, float(m.frame_ts_ms), m.total_faces, m.model, fw, fh, m.source)
-    return frame, rows
+_decoder = msgspec.json.Decoder(FaceMessage)
 
 
 # --- one batch ------------------------------------------------------------------------------------------------
@@ -280,25 +210,16 @@ class Batch:
         previous = self.next_offsets.get(partition, 0)
         self.next_offsets[partition] = max(previous, offset + 1)
         value = message.value()
-        fast = _fast_rows(value)
-        if fast is not None:
-            base, faces = fast
-            key = (base[0], base[1])
-            if key in self.frames:
-                self.duplicates += 1
-            self.frames[key] = ((*base, partition, offset), faces)
-            if alert_threshold is not None and base[3] >= alert_threshold:
-                self.hot_videos.add(base[0])
-            return
         try:
             msg = validate(value)
         except Rejected as exc:
             self.rejected.append((self.topic, partition, offset, message.key(), value, exc.reason))
             return
+        vid, fid = msg.video_id, msg.frame_id
         frame = (
-            msg.video_id,
-            msg.frame_id,
-            float(msg.frame_ts_ms),
+            vid,
+            fid,
+            msg.frame_ts_ms,
             msg.total_faces,
             msg.model,
             msg.frame_width,
@@ -307,25 +228,16 @@ class Batch:
             partition,
             offset,
         )
-        faces = [
-            (
-                msg.video_id,
-                msg.frame_id,
-                f.face_id,
-                f.bounding_box.x,
-                f.bounding_box.y,
-                f.bounding_box.width,
-                f.bounding_box.height,
-                f.confidence,
-            )
-            for f in msg.faces
-        ]
-        key = (msg.video_id, msg.frame_id)
+        faces = []
+        for f in msg.faces:
+            b = f.bounding_box
+            faces.append((vid, fid, f.face_id, b.x, b.y, b.width, b.height, f.confidence))
+        key = (vid, fid)
         if key in self.frames:
             self.duplicates += 1
         self.frames[key] = (frame, faces)
         if alert_threshold is not None and msg.total_faces >= alert_threshold:
-            self.hot_videos.add(msg.video_id)
+            self.hot_videos.add(vid)
 
 
 def _copy(cur: psycopg.Cursor, table: str, columns: tuple[str, ...], types: tuple[str, ...], rows: Iterable) -> None:

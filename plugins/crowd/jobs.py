@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,20 +102,29 @@ class DetectOptions:
 class _Publisher:
     """Hands every message to Kafka, keyed by video id, and fails fast on the first failed delivery.
 
-    Made by :meth:`create`, librdkafka reports failed deliveries only and the tracker counts the rest as
-    acknowledged once :meth:`wait` has flushed the queue (no Python call per acknowledged message). Built directly
-    on any producer, it counts every report as before.
+    Made by :meth:`create`: the tracker's callback is the producer's delivery report callback (set once, not
+    passed per message), and by default librdkafka reports failed deliveries only, the tracker counting the rest
+    as acknowledged once :meth:`wait` has flushed the queue (no Python call per acknowledged message).
     """
 
     producer: Any
     topic: str
-    tracker: DeliveryTracker = field(default_factory=DeliveryTracker)
+    tracker: DeliveryTracker
 
     @classmethod
-    def create(cls, kafka_conn_id: str, topic: str, *, timeout_s: float, **overrides: Any) -> _Publisher:
-        """A publisher on a :func:`~crowd.kafka.reliable_producer` that reports failed deliveries only."""
-        producer = reliable_producer(kafka_conn_id, timeout_s=timeout_s, delivery_report_only_error=True, **overrides)
-        return cls(producer, topic, DeliveryTracker(errors_only=True))
+    def create(
+        cls, kafka_conn_id: str, topic: str, *, timeout_s: float, errors_only: bool = True, **overrides: Any
+    ) -> _Publisher:
+        """A publisher on a :func:`~crowd.kafka.reliable_producer`; ``errors_only=False`` reports every delivery."""
+        tracker = DeliveryTracker(errors_only=errors_only)
+        producer = reliable_producer(
+            kafka_conn_id,
+            timeout_s=timeout_s,
+            on_delivery=tracker.callback,
+            delivery_report_only_error=errors_only,
+            **overrides,
+        )
+        return cls(producer, topic, tracker)
 
     @property
     def sent(self) -> int:
@@ -123,19 +132,20 @@ class _Publisher:
         return self.tracker.sent
 
     def __call__(self, message: FaceMessage) -> None:
+        producer, tracker = self.producer, self.tracker
         key, value = message.video_id.encode(), message.to_json()
         while True:
             try:
-                self.producer.produce(self.topic, key=key, value=value, on_delivery=self.tracker.callback)
+                producer.produce(self.topic, value, key)
                 break
             except BufferError:  # librdkafka's local queue is full: let deliveries drain, then retry
-                self.producer.poll(0.01)  # not longer: with failure-only reports no event may come to wake it
-                if self.tracker.failed:
+                producer.poll(0.01)  # not longer: with failure-only reports no event may come to wake it
+                if tracker.failed:
                     break
-        self.tracker.sent += 1
-        self.producer.poll(0)  # serve delivery reports as we go
-        if self.tracker.failed:
-            self.tracker.wait(self.producer, timeout_s=1)  # raises PublishError with the broker's reason
+        tracker.sent += 1
+        producer.poll(0)  # serve delivery reports as we go
+        if tracker.failed:
+            tracker.wait(producer, timeout_s=1)  # raises PublishError with the broker's reason
 
     def wait(self, *, timeout_s: float) -> int:
         """Flush, raise :class:`~crowd.kafka.PublishError` unless every message was acknowledged; the count."""

@@ -221,4 +221,4 @@ def detect_faces(image_path: str | os.PathLike[str], detector: Detector | None =
         from crowd.detection import build_detector
 
         detector = build_detector()
-    return detect_image(image_path, detector).model_dump()
+    return detect_image(image_path, detector).to_dict()

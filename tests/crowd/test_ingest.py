@@ -56,7 +56,7 @@ def frame_dict(video_id: str, frame_id: int, n_faces: int, *, fps: float = 10.0,
 
 def encode(message: dict) -> bytes:
     """Validate through the real message model, then serialise (what the detection DAG publishes)."""
-    return FaceMessage.model_validate(message).to_json()
+    return FaceMessage.from_dict(message).to_json()
 
 
 def new_topic(admin, prefix: str, partitions: int = 3, config: dict[str, str] | None = None) -> str:

@@ -11,7 +11,7 @@ from confluent_kafka import TopicPartition
 from confluent_kafka.admin import NewTopic
 
 from crowd.jobs import _Publisher
-from crowd.kafka import PublishError, reliable_producer
+from crowd.kafka import PublishError
 from crowd.messages import FaceMessage
 
 pytestmark = pytest.mark.services
@@ -23,9 +23,8 @@ def _message(frame_id: int, source: str = "s.mp4") -> FaceMessage:
 
 
 def _publisher(kind: str, topic: str, **overrides: object) -> _Publisher:
-    if kind == "errors-only":  # as detect_and_publish makes it
-        return _Publisher.create("kafka_default", topic, timeout_s=20, **overrides)
-    return _Publisher(reliable_producer("kafka_default", timeout_s=20, **overrides), topic)
+    """``errors-only`` as detect_and_publish makes it; ``every-report``: a Python call per acknowledged message."""
+    return _Publisher.create("kafka_default", topic, timeout_s=20, errors_only=kind == "errors-only", **overrides)
 
 
 def _messages_in(topic: str, bootstrap: str) -> int:
@@ -38,7 +37,9 @@ def _messages_in(topic: str, bootstrap: str) -> int:
         consumer.close()
 
 
-@pytest.mark.parametrize("kind", [pytest.param("errors-only", id="create"), pytest.param("every-report", id="direct")])
+@pytest.mark.parametrize(
+    "kind", [pytest.param("errors-only", id="create"), pytest.param("every-report", id="every-report")]
+)
 def test_publisher_survives_a_full_local_queue(kind: str, faces_topic: str, kafka_bootstrap: str) -> None:
     publisher = _publisher(kind, faces_topic, queue_buffering_max_messages=5, linger_ms=50)
     for frame_id in range(200):  # 40x the queue: produce() raises BufferError many times
@@ -48,7 +49,9 @@ def test_publisher_survives_a_full_local_queue(kind: str, faces_topic: str, kafk
     assert _messages_in(faces_topic, kafka_bootstrap) == 200
 
 
-@pytest.mark.parametrize("kind", [pytest.param("errors-only", id="create"), pytest.param("every-report", id="direct")])
+@pytest.mark.parametrize(
+    "kind", [pytest.param("errors-only", id="create"), pytest.param("every-report", id="every-report")]
+)
 def test_a_message_the_broker_rejects_fails_the_publish(kind: str, kafka_admin, kafka_bootstrap: str) -> None:
     """A real broker-side failure (record batch above the topic's max.message.bytes) must raise, in both modes."""
     topic = f"test-small-{uuid.uuid4().hex[:10]}"
