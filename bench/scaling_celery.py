@@ -39,6 +39,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from dev.polling import wait_until  # noqa: E402
+
 SCRIPT = ROOT / "dev" / "celery.sh"
 DAG_ID = "crowd_video_scan"
 
@@ -70,17 +74,6 @@ def _celery(*args: str, env: dict[str, str], timeout: float) -> subprocess.Compl
 
 def _ts(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def _wait(what: str, check, timeout: float, logs: Path, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}; logs: {logs}")
-        time.sleep(interval)
 
 
 def make_videos(folder: Path, count: int, frames: int, fps: float) -> list[Path]:
@@ -124,7 +117,12 @@ def run_round(workers: int, base_env: dict[str, str], videos: Path, tmp: Path, t
         token.raise_for_status()
         headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
         with httpx.Client(base_url=url, headers=headers, timeout=30) as api:
-            _wait(f"DAG {DAG_ID} to be parsed", lambda: api.get(f"/api/v2/dags/{DAG_ID}").status_code == 200, 180, logs)
+            wait_until(
+                f"DAG {DAG_ID} to be parsed",
+                lambda: api.get(f"/api/v2/dags/{DAG_ID}").status_code == 200,
+                180,
+                hint=f"logs: {logs}",
+            )
             api.patch(f"/api/v2/dags/{DAG_ID}", json={"is_paused": False}).raise_for_status()  # @once: run now
 
             def runs() -> list[dict]:
@@ -132,13 +130,13 @@ def run_round(workers: int, base_env: dict[str, str], videos: Path, tmp: Path, t
                 resp.raise_for_status()
                 return resp.json()["dag_runs"]
 
-            run_id = _wait(f"the scheduled {DAG_ID} run", runs, 120, logs)[0]["dag_run_id"]
+            run_id = wait_until(f"the scheduled {DAG_ID} run", runs, 120, hint=f"logs: {logs}")[0]["dag_run_id"]
 
             def finished() -> dict | None:
                 run = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}").json()
                 return run if run["state"] in ("success", "failed") else None
 
-            run = _wait(f"{DAG_ID} run {run_id} to finish", finished, timeout, logs)
+            run = wait_until(f"{DAG_ID} run {run_id} to finish", finished, timeout, hint=f"logs: {logs}")
             resp = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances", params={"limit": 100})
             resp.raise_for_status()
             tis = resp.json()["task_instances"]

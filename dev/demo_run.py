@@ -14,6 +14,9 @@ from pathlib import Path
 import requests
 import skvideo
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dev.polling import wait_until  # noqa: E402
+
 API = f"http://127.0.0.1:{os.environ.get('AIRFLOW__API__PORT', '8080')}"
 SAMPLE = Path(skvideo.__file__).parent / "datasets" / "data" / "carphone_pristine.mp4"
 
@@ -22,15 +25,12 @@ def say(text: str) -> None:
     print(f"\033[1m[crowd]\033[0m {text}", file=sys.stderr, flush=True)
 
 
-def wait(what: str, check, timeout_s: float, every_s: float = 2.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            sys.exit(f"[crowd] timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(every_s)
+def wait(what: str, check, timeout_s: float):
+    """:func:`dev.polling.wait_until` every 2 s; a timeout ends the demo with the reason."""
+    try:
+        return wait_until(what, check, timeout_s, every_s=2.0)
+    except TimeoutError as exc:
+        sys.exit(f"[crowd] {exc}")
 
 
 def main() -> int:

@@ -22,6 +22,7 @@ import psycopg
 import pytest
 
 from crowd.video import content_hash, frame_interval_for, probe_video, sampled_frame_ids
+from dev.polling import wait_until
 from tests.crowd._helpers import CARPHONE, write_clip
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow, pytest.mark.services]
@@ -62,16 +63,8 @@ class Profile:
         self.results_dsn = env["AIRFLOW_CONN_CROWD_POSTGRES"]
 
     def wait(self, what: str, check, timeout: float, interval: float = 2.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            value = check()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"timed out after {timeout:.0f} s waiting for {what}; logs: {self.env['CROWD_CELERY_STATE_DIR']}/logs"
-                )
-            time.sleep(interval)
+        logs = f"logs: {self.env['CROWD_CELERY_STATE_DIR']}/logs"
+        return wait_until(what, check, timeout, every_s=interval, hint=logs)
 
     def unpause(self, dag_id: str) -> None:
         self.wait(f"DAG {dag_id} to be parsed", lambda: self.api.get(f"/api/v2/dags/{dag_id}").status_code == 200, 120)
