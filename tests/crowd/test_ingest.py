@@ -59,6 +59,18 @@ def encode(message: dict) -> bytes:
     return FaceMessage.from_dict(message).to_json()
 
 
+def backlog_with_garbage(
+    n_videos: int, per_video: int, *, faces_every: int, garbage_every: int, garbage: bytes
+) -> tuple[list[dict], list[tuple[bytes, bytes]]]:
+    """Valid messages (frame ``i`` has ``i % faces_every`` faces) and the items to publish: each keyed by its
+    video, with ``garbage + b" <index>"`` (key ``video-0``) inserted every ``garbage_every`` items."""
+    messages = [frame_dict(f"video-{v}", i, i % faces_every) for v in range(n_videos) for i in range(per_video)]
+    items = [(m["video_id"].encode(), encode(m)) for m in messages]
+    for k in range(0, len(items), garbage_every):
+        items.insert(k, (b"video-0", garbage + b" %d" % k))
+    return messages, items
+
+
 def new_topic(admin, prefix: str, partitions: int = 3, config: dict[str, str] | None = None) -> str:
     from confluent_kafka.admin import NewTopic
 

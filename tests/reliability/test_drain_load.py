@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.crowd.test_ingest import BAD_MESSAGES, GROUP, WORKER, encode, frame_dict, publish
+from tests.crowd.test_ingest import BAD_MESSAGES, GROUP, WORKER, backlog_with_garbage, encode, frame_dict, publish
 from tests.reliability.conftest import pg_counts, report, stored_offsets_sum
 
 pytestmark = [pytest.mark.services, pytest.mark.reliability, pytest.mark.slow]
@@ -48,10 +48,7 @@ def test_drain_killed_at_random_points_stores_exactly_once(faces_topic: str, pg_
     seed = int(os.environ.get("CROWD_REL_SEED", str(random.randrange(1 << 30))))
     rng = random.Random(seed)
     n_videos, per_video = 8, 3000
-    messages = [frame_dict(f"video-{v}", i, i % 5) for v in range(n_videos) for i in range(per_video)]
-    items = [(m["video_id"].encode(), encode(m)) for m in messages]
-    for k in range(0, len(items), 997):
-        items.insert(k, (b"video-0", b"garbage %d" % k))
+    messages, items = backlog_with_garbage(n_videos, per_video, faces_every=5, garbage_every=997, garbage=b"garbage")
     publish(faces_topic, items)
     total, n_bad = len(items), len(items) - len(messages)
     targets = sorted(rng.uniform(0.03, 0.9) for _ in range(kills_wanted))

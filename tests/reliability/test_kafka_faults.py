@@ -13,7 +13,7 @@ import pytest
 from crowd import storage
 from crowd.ingest import drain
 from tests.crowd._helpers import CARPHONE
-from tests.crowd.test_ingest import encode, frame_dict
+from tests.crowd.test_ingest import backlog_with_garbage
 from tests.reliability.conftest import PrivateKafka, pg_counts, report, stored_offsets_sum
 
 pytestmark = [pytest.mark.services, pytest.mark.reliability, pytest.mark.slow]
@@ -133,10 +133,7 @@ def test_broker_restart_mid_drain_loses_nothing_and_doubles_nothing(
     private_faces: str, kafka_up: PrivateKafka, pg_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     n_videos, per_video = 6, 5000
-    messages = [frame_dict(f"video-{v}", i, i % 4) for v in range(n_videos) for i in range(per_video)]
-    items = [(m["video_id"].encode(), encode(m)) for m in messages]
-    for k in range(0, len(items), 500):
-        items.insert(k, (b"video-0", b"not json %d" % k))
+    messages, items = backlog_with_garbage(n_videos, per_video, faces_every=4, garbage_every=500, garbage=b"not json")
     publish_private(private_faces, items)
     total, n_bad = len(items), len(items) - len(messages)
     # Small fetches and a small local queue, or librdkafka prefetches the whole backlog before the kill
