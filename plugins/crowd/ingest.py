@@ -172,8 +172,9 @@ def validate(value: bytes | None) -> FaceMessage:
         raise Rejected("not_json", str(exc)) from None
     if msg.frame_id > _INT8_MAX:
         raise Rejected("out_of_range", f"frame_id {msg.frame_id} > {_INT8_MAX}")
-    if max(msg.total_faces, msg.frame_width, msg.frame_height) > _INT4_MAX:
-        raise Rejected("out_of_range", f"total_faces, frame_width or frame_height > {_INT4_MAX}")
+    for name in ("total_faces", "frame_width", "frame_height"):
+        if getattr(msg, name) > _INT4_MAX:
+            raise Rejected("out_of_range", f"{name} {getattr(msg, name)} > {_INT4_MAX}")
     if not math.isfinite(msg.frame_ts_ms):
         raise Rejected("out_of_range", f"frame_ts_ms {msg.frame_ts_ms} is not a finite number")
     for face in msg.faces:  # x + width <= frame_width <= _INT4_MAX: the box fits once the frame does

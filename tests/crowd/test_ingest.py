@@ -286,6 +286,7 @@ BAD_MESSAGES = [
     pytest.param(_bad(faces__1__confidence=1.5), "schema", id="confidence-above-1"),
     pytest.param(_bad(surprise="field"), "schema", id="unknown-field"),
     pytest.param(_bad(frame_id=2**63), "out_of_range", id="frame-id-overflows-bigint"),
+    pytest.param(_bad(frame_width=2**31), "out_of_range", id="frame-width-overflows-int"),
     pytest.param(_bad(video_id="nul\x00byte"), "schema", id="nul-in-text"),
 ]
 
