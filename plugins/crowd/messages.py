@@ -35,7 +35,16 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 
 
 class MessageError(ValueError):
-    """A message could not be parsed or is inconsistent; the text says what and where."""
+    """A message could not be parsed or is inconsistent; the text says what and where.
+
+    ``code`` is the kind of problem (``not_utf8``, ``not_json`` or ``schema``), ``problem`` the reason alone,
+    without the message preview the text adds.
+    """
+
+    def __init__(self, text: str, *, code: str = "schema", problem: str | None = None) -> None:
+        super().__init__(text)
+        self.code = code
+        self.problem = problem or text
 
 
 class BoundingBox(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -105,8 +114,11 @@ class FaceMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
         try:
             return _decoder.decode(data)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError included
+            code, problem = _classify(data, exc)
             preview = data[:80] if isinstance(data, str) else data[:80].decode("utf-8", "replace")
-            raise MessageError(f"invalid Faces message ({exc}); got {preview!r}") from None
+            raise MessageError(
+                f"invalid Faces message ({problem}); got {preview!r}", code=code, problem=problem
+            ) from None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FaceMessage:
@@ -123,6 +135,16 @@ class FaceMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(FaceMessage)
+
+
+def _classify(data: bytes | str, exc: Exception) -> tuple[str, str]:
+    """The :class:`MessageError` code and reason of a failed decode."""
+    if isinstance(data, bytes):
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as bad_text:
+            return "not_utf8", str(bad_text)
+    return ("schema" if isinstance(exc, msgspec.ValidationError) else "not_json"), str(exc)
 
 
 def _clip_box(x: int, y: int, w: int, h: int, fw: int, fh: int) -> tuple[int, int, int, int] | None:
