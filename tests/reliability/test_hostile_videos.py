@@ -342,7 +342,68 @@ def test_the_good_video_next_to_them_is_published_and_done(hostile_run: dict) ->
     })  # fmt: skip
 
 
-def test_unreadable_file(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("running as root: chmod 000 does not stop root from reading; crowd.video.check_file maps "
-                    "PermissionError to a 'permission denied' VideoError (tests/crowd/test_video.py)")  # fmt: skip
+def test_unreadable_file(kafka_admin, postgres_admin_dsn: str, tmp_path: Path) -> None:
+    """A video no one may read (mode 000) next to a good one, in a process file modes apply to (also as root).
+
+    The scan plans the good video and leaves the locked one out with the reason in its log; a task given the
+    locked file directly fails with "permission denied" naming it; once the file is readable, the next scan
+    plans it: nothing is lost.
+    """
+    import ast
+
+    from tests.conftest import create_topic
+    from tests.crowd._helpers import call_where_file_modes_apply
+
+    root = tmp_path / "videos"
+    root.mkdir()
+    good, locked = clip(root / "good.mp4", 10), clip(root / "locked.mp4", 10, start=40)
+    locked.chmod(0)
+    topic = create_topic(kafka_admin, f"rel-locked-{uuid.uuid4().hex[:8]}")
+    schema = f"rel_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    conn_json = {
+        "conn_type": "postgres", "host": "127.0.0.1", "port": int(os.environ.get("CROWD_PG_PORT", "5433")),
+        "login": "crowd", "password": os.environ.get("CROWD_PG_PASSWORD", "crowd"), "schema": "crowd_test",
+        "extra": {"options": f"-csearch_path={schema}"},
+    }  # fmt: skip
+    env = {
+        "AIRFLOW_CONN_CROWD_POSTGRES": json.dumps(conn_json), "CROWD_FACES_TOPIC": topic,
+        "CROWD_VIDEO_ROOTS": str(root), "CROWD_RESULTS_DIR": str(tmp_path / "results"), "CROWD_DETECTOR": "mtcnn",
+        "CROWD_PUBLISH_TIMEOUT_S": "10",
+    }  # fmt: skip
+    setup = f"""
+import logging
+from crowd.jobs import DetectOptions, WorkItem, detect_and_publish, find_new_videos
+
+logging.basicConfig(level=logging.INFO, force=True)  # the scan's log lines to stderr, read below
+
+def scan_then_direct():
+    planned = sorted({{item.path for item in find_new_videos()}})
+    try:
+        detect_and_publish(WorkItem({str(locked)!r}, "direct-locked"), DetectOptions())
+        return planned, "accepted"
+    except Exception as exc:
+        return planned, f"{{type(exc).__name__}}: {{exc}}"
+"""
+    try:
+        outcome = call_where_file_modes_apply(setup, "scan_then_direct()", env=env)
+        assert "returned" in outcome, outcome
+        planned, direct = ast.literal_eval(outcome["returned"])
+        assert planned == [str(good)], planned
+        assert f"cannot read {locked}" in outcome["log"] and "permission denied" in outcome["log"], outcome["log"][
+            -2000:
+        ]
+        assert "permission denied" in direct and str(locked) in direct, direct
+
+        locked.chmod(0o644)
+        with pytest.MonkeyPatch.context() as mp:
+            for name, value in env.items():
+                mp.setenv(name, value)
+            from crowd.jobs import find_new_videos
+
+            assert {item.path for item in find_new_videos()} == {str(good), str(locked)}
+    finally:
+        kafka_admin.delete_topics([topic])
+        with psycopg.connect(postgres_admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
