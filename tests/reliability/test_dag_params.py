@@ -8,6 +8,7 @@ itself fail (NUL byte, over-long name, symlink loop, a directory).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,14 @@ from tests.reliability.conftest import report
 
 pytestmark = [pytest.mark.services, pytest.mark.airflow, pytest.mark.reliability]
 
-OUTCOMES: dict[str, str] = {}
+OUTCOMES: dict[str, str] = {}  # case -> what happened, filled by the tests and reported after the last one
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_outcomes() -> Iterator[None]:
+    yield
+    if OUTCOMES:
+        report("manual DAG params", {"cases": len(OUTCOMES), "outcomes": OUTCOMES})
 
 
 @pytest.fixture
@@ -83,8 +91,3 @@ def test_first_task_refuses_bad_paths_with_the_reason(env: dict, make_path, reas
     assert _task_states(run)["plan_requested_video"] == ["failed"]
     assert _consume_all(env["topic"], env["bootstrap"]) == []
     OUTCOMES[repr(path[-40:])] = f"first task failed: ConfigError matching {reason!r}"
-
-
-def test_report_param_outcomes() -> None:
-    if OUTCOMES:
-        report("manual DAG params", {"cases": len(OUTCOMES), "outcomes": OUTCOMES})
