@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import stat
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -242,6 +243,61 @@ def _image_kind(path: str | os.PathLike[str] | int) -> str | None:
     return None
 
 
+# Track handler types of ISO base media files (MP4, MOV) -> what the track holds.
+_TRACK_KINDS = {
+    b"vide": "video", b"soun": "sound", b"text": "text", b"sbtl": "subtitles", b"subt": "subtitles",
+    b"tmcd": "timecode", b"hint": "hint", b"meta": "metadata",
+}  # fmt: skip
+_MAX_INDEX_BYTES = 64 << 20  # a moov box (the index) is kilobytes to a few MB; read no more than this of it
+_MAX_BOXES = 100_000
+
+
+def _mp4_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why an MP4 file OpenCV cannot play has no video to read, from its boxes (ISO/IEC 14496-12).
+
+    Only a diagnosis for the error message: walks the top-level boxes to the index (``moov``) and lists its
+    tracks' handler types. ``None`` when the file is not MP4 (no ``ftyp`` box first), cannot be read, or has a
+    video track (the cause is then in the data or the codec).
+    """
+    try:
+        with open(path, "rb") as handle:
+            end = os.fstat(handle.fileno()).st_size
+            if handle.read(8)[4:8] != b"ftyp":
+                return None
+            pos, index = 0, None
+            for _ in range(_MAX_BOXES):
+                if pos + 8 > end:
+                    break
+                handle.seek(pos)
+                header = handle.read(16)
+                size, kind = struct.unpack_from(">I4s", header)
+                if size == 1 and len(header) == 16:  # 64-bit size follows the type
+                    size = struct.unpack_from(">Q", header, 8)[0]
+                elif size == 0:  # the box runs to the end of the file
+                    size = end - pos
+                if size < 8:
+                    return "an MP4 file whose box structure is damaged"
+                if kind == b"moov":
+                    handle.seek(pos)
+                    index = handle.read(min(size, _MAX_INDEX_BYTES))
+                    break
+                pos += size
+    except OSError:  # gone or unreadable since it was checked: no diagnosis
+        return None
+    if index is None:
+        return "an MP4 file without its index (the moov box): truncated, or still being written"
+    tracks: list[str] = []
+    at = index.find(b"hdlr")
+    while at != -1:
+        handler = index[at + 12 : at + 16]  # after version/flags and pre_defined (QuickTime: component type)
+        if handler in _TRACK_KINDS and _TRACK_KINDS[handler] not in tracks:
+            tracks.append(_TRACK_KINDS[handler])
+        at = index.find(b"hdlr", at + 4)
+    if "video" in tracks:
+        return None
+    return f"an MP4 file with no video track (its tracks: {', '.join(tracks) or 'none'})"
+
+
 def probe_video(source: str | os.PathLike[str] | int) -> VideoInfo:
     """Open ``source``, check it and return its :class:`VideoInfo`; the file is closed again.
 
@@ -257,11 +313,16 @@ def probe_video(source: str | os.PathLike[str] | int) -> VideoInfo:
     cap = _open_capture(source)
     try:
         if not cap.isOpened():
-            raise NotAVideoError(source, "not a video container (OpenCV cannot open it, read 0 frames)")
+            raise NotAVideoError(
+                source,
+                (not live and _mp4_problem(source)) or "not a video container (OpenCV cannot open it, read 0 frames)",
+            )
         info = _info_from_capture(source, cap, live)
         if not live and info.frame_count is None:
             raise NotAVideoError(
-                source, f"not a video container ({_image_kind(source) or 'container reports 0 frames'})"
+                source,
+                _mp4_problem(source)
+                or f"not a video container ({_image_kind(source) or 'container reports 0 frames'})",
             )
         if not live and not cap.grab():
             raise NotAVideoError(source, "not a video container (read 0 frames)")

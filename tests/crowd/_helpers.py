@@ -116,6 +116,36 @@ def write_video(
     return path
 
 
+def write_mp4_with_sound(path: Path, frames: Sequence[np.ndarray] = (), *, fps: int = 30, seconds: float = 1.0) -> Path:
+    """A real MP4 made by FFmpeg (PyAV): an AAC tone of ``seconds``, after the ``frames`` (BGR) as MPEG-4 video.
+
+    With no frames it is a sound-only MP4, like a voice memo saved as ``.mp4``.
+    """
+    import av  # FFmpeg's encoders; a test dependency only
+
+    rate, chunk = 44100, 1024
+    with av.open(str(path), "w", format="mp4") as out:
+        video = None
+        if len(frames):
+            h, w = frames[0].shape[:2]
+            video = out.add_stream("mpeg4", rate=fps)
+            video.width, video.height, video.pix_fmt = w, h, "yuv420p"
+        sound = out.add_stream("aac", rate=rate)
+        sound.layout = "mono"
+        for image in frames:
+            out.mux(video.encode(av.VideoFrame.from_ndarray(image, format="bgr24")))
+        if video is not None:
+            out.mux(video.encode(None))
+        for i in range(int(seconds * rate) // chunk):
+            t = (np.arange(chunk) + i * chunk) / rate
+            samples = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32).reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = rate, i * chunk
+            out.mux(sound.encode(frame))
+        out.mux(sound.encode(None))
+    return path
+
+
 def frame_index(image: np.ndarray) -> int:
     """Recover i from a default-drawn frame (8 stripes in the top half, white = bit set)."""
     h, w = image.shape[:2]

@@ -25,7 +25,13 @@ from crowd.video import (
     sampled_frame_ids,
     split_ranges,
 )
-from tests.crowd._helpers import CARPHONE, call_where_file_modes_apply, frame_index, write_video
+from tests.crowd._helpers import (
+    CARPHONE,
+    call_where_file_modes_apply,
+    frame_index,
+    write_mp4_with_sound,
+    write_video,
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +75,19 @@ def test_reader_yields_sampled_ids_and_timestamps(clip: Path) -> None:
     assert reader.expected_frames == len(frames)
 
 
+def test_a_sound_track_beside_the_video_changes_nothing(clip: Path, tmp_path: Path) -> None:
+    """Cameras record sound: the same frames re-encoded by FFmpeg with an AAC track give the same samples."""
+    cap = cv2.VideoCapture(str(clip))
+    images = []
+    while (got := cap.read())[0]:
+        images.append(got[1])
+    path = write_mp4_with_sound(tmp_path / "with-sound.mp4", images, seconds=2.5)
+    assert probe_video(path).frame_count == 60
+    frames = list(FrameReader(path, frame_interval=7))
+    assert [f.frame_id for f in frames] == list(range(0, 60, 7))
+    assert [frame_index(f.image) for f in frames] == [f.frame_id for f in frames]
+
+
 def test_split_ranges_read_the_same_frames(clip: Path) -> None:
     parts = [FrameReader(clip, frame_interval=4, frame_range=r) for r in split_ranges(60, 25)]
     got = [(f.frame_id, frame_index(f.image)) for p in parts for f in p]
@@ -103,6 +122,8 @@ def _bad(kind: str, tmp: Path, clip: Path) -> Path:
         p.mkdir()
     elif kind == "truncated-mp4":
         p.write_bytes(good[: len(good) // 2])
+    elif kind == "sound-only":
+        write_mp4_with_sound(p)
     elif kind == "unreadable":
         p.write_bytes(good)
         p.chmod(0)
@@ -117,7 +138,8 @@ def _bad(kind: str, tmp: Path, clip: Path) -> Path:
         pytest.param("text", NotAVideoError, "not a video container", id="text-file"),
         pytest.param("png", NotAVideoError, "PNG image", id="png-renamed-mp4"),
         pytest.param("directory", VideoIsDirectoryError, "is a directory", id="directory-named-mp4"),
-        pytest.param("truncated-mp4", NotAVideoError, "not a video container", id="truncated-mp4-moov-lost"),
+        pytest.param("truncated-mp4", NotAVideoError, "MP4 file without its index", id="truncated-mp4-moov-lost"),
+        pytest.param("sound-only", NotAVideoError, r"no video track \(its tracks: sound\)", id="sound-only-mp4"),
         pytest.param("unreadable", VideoPermissionError, "permission denied", id="unreadable-perms"),
     ],
 )

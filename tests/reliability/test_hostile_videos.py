@@ -23,7 +23,7 @@ import psycopg
 import pytest
 
 from crowd import storage
-from tests.crowd._helpers import CARPHONE, GRACE_HOPPER
+from tests.crowd._helpers import CARPHONE, GRACE_HOPPER, write_mp4_with_sound
 from tests.reliability.conftest import report
 
 pytestmark = [pytest.mark.services, pytest.mark.reliability]
@@ -48,6 +48,15 @@ def clip(dst: Path, frames: int, start: int = 0) -> Path:
     out.release()
     cap.release()
     return dst
+
+
+def carphone_frames(frames: int, start: int = 0) -> list[np.ndarray]:
+    """Frames ``start``.. of carphone, decoded (BGR)."""
+    cap = cv2.VideoCapture(str(CARPHONE))
+    images = [cap.read()[1] for _ in range(start + frames)][start:]
+    cap.release()
+    assert all(image is not None for image in images)
+    return images
 
 
 def patched(src: Path, dst: Path, patch) -> Path:
@@ -129,17 +138,17 @@ CASES: dict[str, tuple] = {
     "ftyp-box-only": (
         "ftyp.mp4",
         lambda r, t, g: _write(r / "ftyp.mp4", struct.pack(">I", 24) + b"ftypisom\0\0\2\0isomiso2"),
-        ("failed", "not a video"),
+        ("failed", "MP4 file without its index"),
     ),
     "truncated-to-2k": (
         "head.mp4",
         lambda r, t, g: _write(r / "head.mp4", g.read_bytes()[:2048]),
-        ("failed", "not a video"),
+        ("failed", "MP4 file without its index"),
     ),
     "truncated-half": (
         "half.mp4",
         lambda r, t, g: _write(r / "half.mp4", g.read_bytes()[: g.stat().st_size // 2]),
-        ("failed", "not a video"),  # cv2 writes the index (moov) last: half a file has no index
+        ("failed", "MP4 file without its index"),  # cv2 writes the index (moov) last: half a file has none
     ),
     "garbage-in-the-middle": (
         "garbage.mp4",
@@ -159,7 +168,17 @@ CASES: dict[str, tuple] = {
     "audio-only": (
         "audio.mp4",
         lambda r, t, g: patched(g, r / "audio.mp4", audio_only),
-        ("failed", "not a video|0 frames"),
+        ("failed", r"no video track \(its tracks: sound\)"),
+    ),
+    "sound-only-aac": (  # made by FFmpeg (PyAV): an AAC tone in an MP4, like a voice memo
+        "memo.mp4",
+        lambda r, t, g: write_mp4_with_sound(r / "memo.mp4"),
+        ("failed", r"no video track \(its tracks: sound\)"),
+    ),
+    "video-with-sound-track": (  # a camera recording: MPEG-4 video and an AAC track, made by FFmpeg (PyAV)
+        "camera.mp4",
+        lambda r, t, g: write_mp4_with_sound(r / "camera.mp4", carphone_frames(20, start=30), fps=15, seconds=1.5),
+        ("done", None),
     ),
     "one-frame": ("one.mp4", lambda r, t, g: clip(r / "one.mp4", 1, start=50), ("done", None)),
     "unicode-and-spaces-name": (
@@ -187,7 +206,7 @@ CASES: dict[str, tuple] = {
     "still-being-written": (
         "growing.mp4",
         lambda r, t, g: _write(r / "growing.mp4", g.read_bytes()[: int(g.stat().st_size * 0.4)]),
-        ("failed", "not a video"),  # no index yet; once complete its hash changes and the next scan takes it
+        ("failed", "MP4 file without its index"),  # once complete its hash changes and the next scan takes it
     ),
 }
 
