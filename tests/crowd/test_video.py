@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 
 import cv2
@@ -153,6 +154,34 @@ def test_bad_inputs(kind: str, error: type[VideoError], text: str, tmp_path: Pat
     with pytest.raises(error, match=text) as info:
         FrameReader(path)
     assert str(path) in str(info.value) and isinstance(info.value.reason, VideoErrorReason)
+
+
+def _box(kind: bytes, payload: bytes = b"", *, size: int | None = None) -> bytes:
+    return struct.pack(">I4s", len(payload) + 8 if size is None else size, kind) + payload
+
+
+_FTYP = _box(b"ftyp", b"isom\0\0\2\0isomiso2")
+_SOUND_HANDLER = _box(b"hdlr", bytes(4) + bytes(4) + b"soun" + bytes(12) + b"SoundHandler\0")
+
+
+@pytest.mark.parametrize(
+    ("data", "text"),
+    [
+        pytest.param(_FTYP + _box(b"free", size=4), "box structure is damaged", id="box-size-below-8"),
+        pytest.param(_FTYP + _box(b"mdat", bytes(100), size=10_000), "without its index", id="mdat-past-the-end"),
+        pytest.param(
+            _FTYP + struct.pack(">I4sQ", 1, b"free", 16 + 50) + bytes(50) + _box(b"moov", size=0) + _SOUND_HANDLER,
+            r"no video track \(its tracks: sound\)",
+            id="64-bit-box-size-then-moov-to-the-end",
+        ),
+        pytest.param(_FTYP + _box(b"moov", _box(b"mvhd", bytes(100))), r"\(its tracks: none\)", id="index-no-tracks"),
+    ],
+)
+def test_unplayable_mp4_says_why_from_its_boxes(data: bytes, text: str, tmp_path: Path) -> None:
+    path = tmp_path / "crafted.mp4"
+    path.write_bytes(data)
+    with pytest.raises(NotAVideoError, match=text):
+        probe_video(path)
 
 
 @pytest.mark.parametrize(
