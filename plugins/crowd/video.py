@@ -467,7 +467,10 @@ class FrameReader:
         cap = _open_capture(self.source, threads=DECODER_THREADS)
         try:
             if not cap.isOpened():
-                self._put(NotAVideoError(self.source, "not a video container (OpenCV cannot open it)"))
+                why = (
+                    not self.info.is_live and _mp4_problem(self.source)
+                ) or "not a video container (OpenCV cannot open it)"
+                self._put(NotAVideoError(self.source, why))
                 return
             pos = 0
             first = -(-self.start // self.frame_interval) * self.frame_interval

@@ -211,6 +211,16 @@ def test_corrupt_middle_yields_frames_before_it(fourcc: str, ext: str, damage: s
         list(FrameReader(bad, frame_interval=1, raise_on_error=True))
 
 
+def test_file_cut_after_the_probe_fails_with_the_reason(clip: Path, tmp_path: Path) -> None:
+    """The file changes between the probe (constructor) and the read (iteration): the reader says why."""
+    path = tmp_path / "replaced.mp4"
+    path.write_bytes(clip.read_bytes())
+    reader = FrameReader(path, frame_interval=5, raise_on_error=True)
+    path.write_bytes(clip.read_bytes()[:4096])
+    with pytest.raises(NotAVideoError, match="MP4 file without its index"):
+        list(reader)
+
+
 class _FakeCap:
     def __init__(self, fps: float, w: int, h: int) -> None:
         self.values = {cv2.CAP_PROP_FPS: fps, cv2.CAP_PROP_FRAME_COUNT: 10, cv2.CAP_PROP_FRAME_WIDTH: w,
