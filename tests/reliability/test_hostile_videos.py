@@ -15,6 +15,7 @@ import struct
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -232,17 +233,17 @@ def _mkfifo(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def hostile_run(kafka_admin, postgres_admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """Build the folder, run scan -> detect_and_publish per item -> finish_videos once; yield the outcomes."""
+@contextmanager
+def pipeline_env(
+    kafka_admin, postgres_admin_dsn: str, root: Path, results: Path, name: str
+) -> Iterator[dict[str, str]]:
+    """A fresh Faces topic and a fresh schema of the test database for one pipeline run, dropped afterwards.
+
+    Yields the environment that points crowd at them, at the video folder ``root`` and at ``results``.
+    """
     from tests.conftest import create_topic
 
-    tmp = tmp_path_factory.mktemp("hostile")
-    root = tmp / "videos"
-    root.mkdir()
-    good = clip(root / "good.mp4", 30)
-    paths = {name: build(root, tmp, good) for name, (_, build, _) in CASES.items()}
-    topic = create_topic(kafka_admin, f"rel-hostile-{uuid.uuid4().hex[:8]}")
+    topic = create_topic(kafka_admin, f"rel-{name}-{uuid.uuid4().hex[:8]}")
     schema = f"rel_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(postgres_admin_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
@@ -251,68 +252,82 @@ def hostile_run(kafka_admin, postgres_admin_dsn: str, tmp_path_factory: pytest.T
         "login": "crowd", "password": os.environ.get("CROWD_PG_PASSWORD", "crowd"), "schema": "crowd_test",
         "extra": {"options": f"-csearch_path={schema}"},
     }  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AIRFLOW_CONN_CROWD_POSTGRES", json.dumps(conn_json))
-        mp.setenv("CROWD_FACES_TOPIC", topic)
-        mp.setenv("CROWD_VIDEO_ROOTS", str(root))
-        mp.setenv("CROWD_RESULTS_DIR", str(tmp / "results"))
-        mp.setenv("CROWD_DETECTOR", "mtcnn")
-        mp.setenv("CROWD_PUBLISH_TIMEOUT_S", "10")
-        from crowd.config import load_settings
-        from crowd.jobs import DetectOptions, WorkItem, detect_and_publish, find_new_videos, finish_videos
+    try:
+        yield {
+            "AIRFLOW_CONN_CROWD_POSTGRES": json.dumps(conn_json), "CROWD_FACES_TOPIC": topic,
+            "CROWD_VIDEO_ROOTS": str(root), "CROWD_RESULTS_DIR": str(results), "CROWD_DETECTOR": "mtcnn",
+            "CROWD_PUBLISH_TIMEOUT_S": "10",
+        }  # fmt: skip
+    finally:
+        kafka_admin.delete_topics([topic])
+        with psycopg.connect(postgres_admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
-        settings = load_settings()
-        scan: dict = {}
 
-        def run_scan() -> None:  # a FIFO or a loop must not hang the scan: bounded by a join timeout
-            try:
-                scan["items"] = find_new_videos(settings)
-            except BaseException as exc:  # noqa: BLE001
-                scan["error"] = exc
+@pytest.fixture(scope="module")
+def hostile_run(kafka_admin, postgres_admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """Build the folder, run scan -> detect_and_publish per item -> finish_videos once; yield the outcomes."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    root = tmp / "videos"
+    root.mkdir()
+    good = clip(root / "good.mp4", 30)
+    paths = {name: build(root, tmp, good) for name, (_, build, _) in CASES.items()}
+    with pipeline_env(kafka_admin, postgres_admin_dsn, root, tmp / "results", "hostile") as env:
+        with pytest.MonkeyPatch.context() as mp:
+            for variable, value in env.items():
+                mp.setenv(variable, value)
+            from crowd.config import load_settings
+            from crowd.jobs import DetectOptions, WorkItem, detect_and_publish, find_new_videos, finish_videos
 
-        thread = threading.Thread(target=run_scan, daemon=True)
-        thread.start()
-        thread.join(120)
-        assert not thread.is_alive(), "the scan hangs on one of the hostile files"
-        assert "error" not in scan, f"one hostile file broke the whole scan: {scan['error']!r}"
-        items = scan["items"]
-        outcomes: dict[str, object] = {}
-        results = []
-        for item in items:
-            try:
-                result = detect_and_publish(item, DetectOptions(), settings)
-                results.append(result)
-                outcomes[item.path] = result
-            except Exception as exc:  # noqa: BLE001 - each item fails on its own
-                results.append(None)
-                outcomes[item.path] = exc
-        finish = finish_videos(items, results, settings)
-        direct: dict[str, object] = {}  # unplanned files handed to a task directly (a crafted work item)
-        for name, (_, _, (kind, _)) in CASES.items():
-            if kind == "unplanned":
+            settings = load_settings()
+            scan: dict = {}
+
+            def run_scan() -> None:  # a FIFO or a loop must not hang the scan: bounded by a join timeout
                 try:
-                    detect_and_publish(WorkItem(str(paths[name]), f"direct-{name}"), DetectOptions(), settings)
-                    direct[name] = "accepted"
-                except Exception as exc:  # noqa: BLE001
-                    direct[name] = exc
-        with storage.connect("crowd_postgres") as conn:
-            rows = {r[0]: (r[1], r[2], r[3]) for r in conn.execute("SELECT path, status, error, id FROM videos")}
-            ids = {r[0]: r[1] for r in conn.execute("SELECT path, id FROM videos")}
-    from tests.dags.test_detection_dags import _consume_all
+                    scan["items"] = find_new_videos(settings)
+                except BaseException as exc:  # noqa: BLE001
+                    scan["error"] = exc
 
-    bootstrap = json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]["bootstrap.servers"]
-    keys: dict[str, int] = {}
-    for m in _consume_all(topic, bootstrap):
-        keys[m.key().decode()] = keys.get(m.key().decode(), 0) + 1
-    yield {
-        "root": root, "paths": paths, "good": good, "items": items, "outcomes": outcomes, "rows": rows, "ids": ids,
-        "keys": keys, "finish": finish, "direct": direct,
-    }  # fmt: skip
-    kafka_admin.delete_topics([topic])
-    with psycopg.connect(postgres_admin_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
-    if os.path.exists(root / "fifo.mp4"):
-        os.unlink(root / "fifo.mp4")
+            thread = threading.Thread(target=run_scan, daemon=True)
+            thread.start()
+            thread.join(120)
+            assert not thread.is_alive(), "the scan hangs on one of the hostile files"
+            assert "error" not in scan, f"one hostile file broke the whole scan: {scan['error']!r}"
+            items = scan["items"]
+            outcomes: dict[str, object] = {}
+            results = []
+            for item in items:
+                try:
+                    result = detect_and_publish(item, DetectOptions(), settings)
+                    results.append(result)
+                    outcomes[item.path] = result
+                except Exception as exc:  # noqa: BLE001 - each item fails on its own
+                    results.append(None)
+                    outcomes[item.path] = exc
+            finish = finish_videos(items, results, settings)
+            direct: dict[str, object] = {}  # unplanned files handed to a task directly (a crafted work item)
+            for name, (_, _, (kind, _)) in CASES.items():
+                if kind == "unplanned":
+                    try:
+                        detect_and_publish(WorkItem(str(paths[name]), f"direct-{name}"), DetectOptions(), settings)
+                        direct[name] = "accepted"
+                    except Exception as exc:  # noqa: BLE001
+                        direct[name] = exc
+            with storage.connect("crowd_postgres") as conn:
+                rows = {r[0]: (r[1], r[2], r[3]) for r in conn.execute("SELECT path, status, error, id FROM videos")}
+                ids = {r[0]: r[1] for r in conn.execute("SELECT path, id FROM videos")}
+        from tests.dags.test_detection_dags import _consume_all
+
+        bootstrap = json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]["bootstrap.servers"]
+        keys: dict[str, int] = {}
+        for m in _consume_all(env["CROWD_FACES_TOPIC"], bootstrap):
+            keys[m.key().decode()] = keys.get(m.key().decode(), 0) + 1
+        yield {
+            "root": root, "paths": paths, "good": good, "items": items, "outcomes": outcomes, "rows": rows, "ids": ids,
+            "keys": keys, "finish": finish, "direct": direct,
+        }  # fmt: skip
+        if os.path.exists(root / "fifo.mp4"):
+            os.unlink(root / "fifo.mp4")
 
 
 def _row(run: dict, path: Path) -> tuple | None:
@@ -370,27 +385,12 @@ def test_unreadable_file(kafka_admin, postgres_admin_dsn: str, tmp_path: Path) -
     """
     import ast
 
-    from tests.conftest import create_topic
     from tests.crowd._helpers import call_where_file_modes_apply
 
     root = tmp_path / "videos"
     root.mkdir()
     good, locked = clip(root / "good.mp4", 10), clip(root / "locked.mp4", 10, start=40)
     locked.chmod(0)
-    topic = create_topic(kafka_admin, f"rel-locked-{uuid.uuid4().hex[:8]}")
-    schema = f"rel_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_admin_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    conn_json = {
-        "conn_type": "postgres", "host": "127.0.0.1", "port": int(os.environ.get("CROWD_PG_PORT", "5433")),
-        "login": "crowd", "password": os.environ.get("CROWD_PG_PASSWORD", "crowd"), "schema": "crowd_test",
-        "extra": {"options": f"-csearch_path={schema}"},
-    }  # fmt: skip
-    env = {
-        "AIRFLOW_CONN_CROWD_POSTGRES": json.dumps(conn_json), "CROWD_FACES_TOPIC": topic,
-        "CROWD_VIDEO_ROOTS": str(root), "CROWD_RESULTS_DIR": str(tmp_path / "results"), "CROWD_DETECTOR": "mtcnn",
-        "CROWD_PUBLISH_TIMEOUT_S": "10",
-    }  # fmt: skip
     setup = f"""
 import logging
 from crowd.jobs import DetectOptions, WorkItem, detect_and_publish, find_new_videos
@@ -405,14 +405,13 @@ def scan_then_direct():
     except Exception as exc:
         return planned, f"{{type(exc).__name__}}: {{exc}}"
 """
-    try:
+    with pipeline_env(kafka_admin, postgres_admin_dsn, root, tmp_path / "results", "locked") as env:
         outcome = call_where_file_modes_apply(setup, "scan_then_direct()", env=env)
         assert "returned" in outcome, outcome
         planned, direct = ast.literal_eval(outcome["returned"])
         assert planned == [str(good)], planned
-        assert f"cannot read {locked}" in outcome["log"] and "permission denied" in outcome["log"], outcome["log"][
-            -2000:
-        ]
+        log = outcome["log"]
+        assert f"cannot read {locked}" in log and "permission denied" in log, log[-2000:]
         assert "permission denied" in direct and str(locked) in direct, direct
 
         locked.chmod(0o644)
@@ -422,7 +421,3 @@ def scan_then_direct():
             from crowd.jobs import find_new_videos
 
             assert {item.path for item in find_new_videos()} == {str(good), str(locked)}
-    finally:
-        kafka_admin.delete_topics([topic])
-        with psycopg.connect(postgres_admin_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
