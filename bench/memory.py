@@ -1,7 +1,7 @@
 """Benchmark memory: peak RSS of a detection run and of the drain, at two input sizes (should stay flat).
 
 * detection: :func:`crowd.pipeline.process_video` on a generated 1920x1080 mp4v clip (``--seconds`` long at 30 fps,
-  default 60 s: shorter than a 10-minute camera file, which only takes longer to make), once on the first
+  default 60 s; ``--seconds 600`` is the 10-minute camera file of issue 9, ~25 min in all), once on the first
   half of its frames and once on all of them, every 10th frame, messages encoded and dropped;
 * drain: :func:`crowd.ingest.drain` of a backlog of ``--messages`` and of 3x that many, each into a fresh
   schema.
