@@ -282,6 +282,7 @@ def detect_and_publish(item: WorkItem, options: DetectOptions, settings: Setting
             on_message=publisher, pictures_dir=pictures_dir, video_id=item.video_id,
         )  # fmt: skip
     except OSError as exc:  # video errors are VideoError; an OSError here is the pictures' write
+        publisher.wait(timeout_s=settings.publish_timeout_s)  # the frames' messages are good: deliver them first
         raise ResultsFolderError(
             f"video {path.name} ({item.video_id}): writing results to {pictures_dir} failed ({exc}); fix "
             "CROWD_RESULTS_DIR (permissions, free space) and retry"

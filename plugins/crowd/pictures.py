@@ -43,6 +43,16 @@ def annotate(image: np.ndarray, detections: Sequence[Any], caption: str | None =
     return out
 
 
+def _write_image(path: Path, image: np.ndarray) -> None:
+    """``cv2.imwrite`` that raises: OpenCV only returns ``False`` when it cannot write the file."""
+    try:
+        written = cv2.imwrite(str(path), image)
+    except cv2.error as exc:
+        raise OSError(f"cannot write {path}: {exc}") from None
+    if not written:
+        raise OSError(f"cannot write {path}: OpenCV could not save it (no space left on the device, or no permission?)")
+
+
 @dataclass
 class PictureAccumulator:
     """Collects what the pictures need, cheaply: counts per frame, face centres, and the busiest frame."""
@@ -83,16 +93,20 @@ class PictureAccumulator:
         return cv2.applyColorMap(big, cv2.COLORMAP_JET)
 
     def write(self, folder: str | os.PathLike[str], prefix: str = "") -> PicturePaths:
-        """Write ``annotated.jpg``, ``heatmap.png`` and ``faces_over_time.png`` into ``folder``; return paths."""
+        """Write ``annotated.jpg``, ``heatmap.png`` and ``faces_over_time.png`` into ``folder``; return paths.
+
+        Raises:
+            OSError: a picture could not be written (no space left, no permission), naming the file.
+        """
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         if self._best is None:
             return PicturePaths(None, None, None)
         n, frame_id, ts, image, dets = self._best
         annotated = out / f"{prefix}annotated.jpg"
-        cv2.imwrite(str(annotated), annotate(image, dets, f"frame {frame_id} ({ts / 1000:.1f} s): {n} faces"))
+        _write_image(annotated, annotate(image, dets, f"frame {frame_id} ({ts / 1000:.1f} s): {n} faces"))
         heat = out / f"{prefix}heatmap.png"
-        cv2.imwrite(str(heat), self.heatmap())
+        _write_image(heat, self.heatmap())
         timeline = out / f"{prefix}faces_over_time.png"
         self._plot(timeline)
         return PicturePaths(annotated, heat, timeline)

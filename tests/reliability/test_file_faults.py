@@ -8,10 +8,12 @@ import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
+import cv2
 import pytest
 
 from crowd import storage
 from crowd.ingest import drain
+from tests.crowd._helpers import CARPHONE
 from tests.dags.test_detection_dags import _consume_all
 from tests.reliability.conftest import pg_counts, report
 from tests.reliability.test_kafka_faults import long_face_video
@@ -106,18 +108,22 @@ def test_video_changed_while_read_fails_alone_and_the_next_one_finishes(env: dic
 
 
 @pytest.fixture
-def full_tmpfs(tmp_path: Path):
-    """A 64 KiB tmpfs filled to the last byte (root only); unmounted afterwards."""
+def small_tmpfs(tmp_path: Path):
+    """A 64 KiB tmpfs (root only), unmounted afterwards; call it with ``free`` to fill it up to that many bytes.
+
+    Returns the ``results`` folder inside it.
+    """
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("needs root to mount a tiny tmpfs")
-    mnt = tmp_path / "full"
+    mnt = tmp_path / "small"
     mnt.mkdir()
     result = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, text=True
     )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    try:
+
+    def fill(free: int = 0) -> Path:
         (mnt / "results").mkdir()
         with open(mnt / "filler", "wb", buffering=0) as f:
             try:
@@ -125,14 +131,39 @@ def full_tmpfs(tmp_path: Path):
                     f.write(b"\0" * 4096)
             except OSError:
                 pass
-        yield mnt / "results"
+            f.truncate(max(0, f.tell() - free))  # tmpfs counts whole pages: free is rounded to 4 KiB
+        return mnt / "results"
+
+    try:
+        yield fill
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-@pytest.mark.parametrize("kind", ["enotdir", "enospc"])
+def test_pictures_on_a_full_disk_fail_naming_the_file(small_tmpfs) -> None:
+    """cv2.imwrite only returns False on a full disk: the pictures raise instead of leaving a file out."""
+    from crowd.detection import Detection
+    from crowd.pictures import PictureAccumulator
+
+    results = small_tmpfs(free=0)
+    pictures = PictureAccumulator(width=176, height=144)
+    frame = cv2.VideoCapture(str(CARPHONE)).read()[1]
+    pictures.add(0, 0.0, frame, [Detection(60, 30, 50, 60, 0.9)])
+    with pytest.raises(OSError, match=r"annotated\.jpg.*no space left"):
+        pictures.write(results)
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        pytest.param("enotdir", "results folder .* cannot be written", id="enotdir"),
+        pytest.param("enospc", "results folder .* cannot be written", id="enospc"),
+        # room for the up-front check (4 KiB), not for the pictures: the task fails when it writes them
+        pytest.param("enospc-late", r"writing results to .* failed \(cannot write .*annotated\.jpg", id="enospc-late"),
+    ],
+)
 def test_unusable_results_folder_fails_the_task_clearly_and_leaves_kafka_and_postgres_intact(
-    env: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kind: str, request: pytest.FixtureRequest
+    env: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kind: str, expected: str, request: pytest.FixtureRequest
 ) -> None:
     from crowd.jobs import DetectOptions, ResultsFolderError, detect_and_publish, finish_videos, plan_requested_video
 
@@ -141,14 +172,14 @@ def test_unusable_results_folder_fails_the_task_clearly_and_leaves_kafka_and_pos
         blocker.write_text("not a folder")
         results = blocker / "results"  # every path under a regular file fails with ENOTDIR, even for root
     else:
-        results = request.getfixturevalue("full_tmpfs")
+        results = request.getfixturevalue("small_tmpfs")(free=8192 if kind == "enospc-late" else 0)
     monkeypatch.setenv("CROWD_RESULTS_DIR", str(results))
     settings = env["settings"]()
     video = long_face_video(env["root"] / "clip.mp4", repeats=1)
     (item,) = plan_requested_video(str(video), settings)
     options = DetectOptions(frame_interval=3)
 
-    with pytest.raises(ResultsFolderError, match="results folder .* cannot be written") as failure:
+    with pytest.raises(ResultsFolderError, match=expected) as failure:
         detect_and_publish(item, options, settings)
     error = failure.value
     status, _ = _status(item.video_id)
@@ -163,10 +194,13 @@ def test_unusable_results_folder_fails_the_task_clearly_and_leaves_kafka_and_pos
     summary = drain("kafka_default", "crowd_postgres", env["topic"], "rel-results", batch_wait_s=0.2, idle_timeout_s=3)
     counts = pg_counts()
     assert counts["frames"] == counts["distinct_frames"] == 40 and counts["rejected"] == 0, counts
-    assert summary.messages == 40, "the failed task published before failing"
+    if kind == "enospc-late":  # the failed task had published every frame (delivered before it failed)
+        assert summary.messages == 80, "the failed task's messages were not all delivered before it failed"
+    else:
+        assert summary.messages == 40, "the failed task published before failing"
     assert counts["offsets"] == summary.messages
     report(f"fault-6 results folder {kind}", {
         "task_error": f"{type(error).__name__}: {str(error)[:240]}", "status_after_failure": status,
         "messages_in_topic": summary.messages, "frames_stored": counts["frames"], "expected_frames": 40,
-        "lost": 40 - counts["distinct_frames"], "duplicated": 0,
+        "lost": 40 - counts["distinct_frames"], "duplicated": counts["frames"] - counts["distinct_frames"],
     })  # fmt: skip
