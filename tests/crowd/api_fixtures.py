@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -82,6 +84,40 @@ def client(airflow_app: Any, messages_topic: str, pg_schema: str, results_dir: P
 
     with TestClient(airflow_app) as test_client:
         yield test_client
+
+
+def _free_port(start: int = 8090, end: int = 8190) -> int:
+    for port in range(start, end):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {start}..{end}")
+
+
+@pytest.fixture
+def live_server(airflow_app: Any, messages_topic: str, pg_schema: str, results_dir: Path) -> Iterator[str]:
+    """The Airflow app under uvicorn on a free port 8090+, in a thread (real HTTP on loopback); yields its base URL.
+
+    Its lifespan runs as with :func:`client` (receiver on the fresh topic, schema migrated).
+    """
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(airflow_app, host="127.0.0.1", port=port, lifespan="on", log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, name="crowd-live-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(15)
 
 
 def token(client: Any, username: str) -> str:

@@ -12,6 +12,7 @@ import os
 import resource
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import quote
@@ -154,7 +155,21 @@ def test_huge_bodies_are_refused_without_reading_them_whole(client: Any, size_mi
     assert time.monotonic() - started < 10
 
 
-def test_concurrent_send_and_receive_no_error_bounded_memory(client: Any, messages_topic: str) -> None:
+@pytest.fixture(params=["in-process", "socket"])
+def any_client(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The API through FastAPI's in-process ``TestClient``, or over a real socket on loopback (uvicorn + httpx)."""
+    if request.param == "in-process":
+        yield request.getfixturevalue("client")
+        return
+    import httpx
+
+    with httpx.Client(base_url=request.getfixturevalue("live_server"), timeout=60) as http:
+        yield http
+
+
+def test_concurrent_send_and_receive_no_error_bounded_memory(any_client: Any, messages_topic: str) -> None:
+    client = any_client
+    transport = "in-process" if type(client).__name__ == "TestClient" else "socket"
     headers = auth(client, "user")
     wait_receiver_ready(client, headers)
     n, workers = 300, 8
@@ -190,7 +205,7 @@ def test_concurrent_send_and_receive_no_error_bounded_memory(client: Any, messag
     assert sorted(mine) == sorted(f"{run}-{i}" for i in range(n)), "lost or duplicated messages"
     health = client.get("/crowd/health", headers=headers).json()["receiver"]
     assert health["queued"] <= health["max_queue"]
-    report("api concurrent /send + /receive", {
+    report(f"api concurrent /send + /receive ({transport})", {
         "sends": n, "receives": n, "threads": workers, "send_200": send_codes.count(200), "received": len(mine),
         "duplicates": len(mine) - len(set(mine)), "seconds": round(seconds, 1),
         "peak_rss_before_mib": round(rss_before / 1024), "peak_rss_after_mib": round(rss_after / 1024),
