@@ -11,10 +11,22 @@ import pytest
 
 from crowd import storage
 from crowd.messages import FaceMessage
-from crowd.video import content_hash, sampled_frame_ids
-from tests.crowd._helpers import CARPHONE, write_clip  # CARPHONE: 176x144, 120 frames at 29.97 fps, a face in each
+from crowd.video import content_hash, frame_interval_for, sampled_frame_ids
+
+# CARPHONE: 176x144, 120 frames at 29.97 fps, a face in each
+from tests.crowd._helpers import CARPHONE, write_clip, write_mp4_with_sound
 
 pytestmark = [pytest.mark.services, pytest.mark.airflow]
+
+
+def _frames(src: Path, n: int) -> list:
+    """The first ``n`` frames of ``src``, decoded (BGR)."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(src))
+    frames = [cap.read()[1] for _ in range(n)]
+    cap.release()
+    return frames
 
 
 def _corrupt_copy(src: Path, dst: Path) -> Path:
@@ -139,6 +151,8 @@ def test_scan_dag_processes_new_videos_records_failures_and_skips_known_ones(pip
     good_a = shutil.copy(CARPHONE, root / "a.mp4")
     good_b = write_clip(CARPHONE, root / "sub" / "b.mp4" if (root / "sub").mkdir() is None else None, 60)
     corrupt = _corrupt_copy(CARPHONE, root / "broken.mp4")
+    memo = write_mp4_with_sound(root / "memo.mp4")  # sound only (AAC), like a voice memo
+    camera = write_mp4_with_sound(root / "camera.mp4", _frames(CARPHONE, 24), fps=15)  # video with a sound track
     known = write_clip(CARPHONE, root / "known.mp4", 30)
     with storage.connect("crowd_postgres") as conn:
         storage.mark_video_processing(conn, content_hash(known), str(known), fps=30, frame_count=30, width=176,
@@ -148,16 +162,22 @@ def test_scan_dag_processes_new_videos_records_failures_and_skips_known_ones(pip
 
     run = _dag("crowd_video_scan").test()
     states = _task_states(run)
-    assert sorted(states["detect_and_publish"]) == ["failed", "success", "success"], states
+    assert sorted(states["detect_and_publish"]) == ["failed", "failed", "success", "success", "success"], states
     assert str(run.state) == "failed" and states["finish_videos"] == ["failed"]  # the run shows the failure
 
     rows = _video_rows()
     assert rows[content_hash(good_a)][0] == "done"
     assert rows[content_hash(good_b)][0] == "done"
+    assert rows[content_hash(camera)][0] == "done"
     status, error = rows[content_hash(corrupt)]
     assert status == "failed" and error and "broken.mp4" in error, (status, error)
-    keys = {m.key().decode() for m in _consume_all(pipeline_env["topic"], pipeline_env["bootstrap"])}
-    assert content_hash(known) not in keys and {content_hash(good_a), content_hash(good_b)} <= keys
+    status, error = rows[content_hash(memo)]
+    assert status == "failed" and error and "memo.mp4" in error and "no video track (its tracks: sound)" in error
+    keys = [m.key().decode() for m in _consume_all(pipeline_env["topic"], pipeline_env["bootstrap"])]
+    assert content_hash(known) not in keys and content_hash(memo) not in keys
+    assert {content_hash(good_a), content_hash(good_b)} <= set(keys) and keys.count(content_hash(camera)) == len(
+        list(sampled_frame_ids(24, frame_interval_for(15.0)))
+    )
 
     again = _dag("crowd_video_scan").test()
     assert str(again.state) == "success"
