@@ -24,7 +24,7 @@ from typing import Any
 from crowd import storage
 from crowd.config import ConfigError, Settings, load_settings
 from crowd.detection import build_detector
-from crowd.kafka import DeliveryTracker, reliable_producer
+from crowd.kafka import DeliveryTracker, PublishError, reliable_producer
 from crowd.messages import FaceMessage
 from crowd.pipeline import process_video
 from crowd.video import VideoError, check_file, content_hash, probe_video, split_ranges
@@ -282,7 +282,10 @@ def detect_and_publish(item: WorkItem, options: DetectOptions, settings: Setting
             on_message=publisher, pictures_dir=pictures_dir, video_id=item.video_id,
         )  # fmt: skip
     except OSError as exc:  # video errors are VideoError; an OSError here is the pictures' write
-        publisher.wait(timeout_s=settings.publish_timeout_s)  # the frames' messages are good: deliver them first
+        try:  # the frames' messages are good: deliver them before failing on the pictures
+            publisher.wait(timeout_s=settings.publish_timeout_s)
+        except PublishError as publish_error:
+            log.error("video %s: delivering its messages failed as well: %s", path.name, publish_error)
         raise ResultsFolderError(
             f"video {path.name} ({item.video_id}): writing results to {pictures_dir} failed ({exc}); fix "
             "CROWD_RESULTS_DIR (permissions, free space) and retry"
