@@ -116,6 +116,23 @@ def write_video(
     return path
 
 
+def read_frames(src: Path, count: int | None = None, *, start: int = 0) -> list[np.ndarray]:
+    """Frames ``start``.. of the video ``src``, decoded (BGR): ``count`` of them, or all to the end."""
+    cap = cv2.VideoCapture(str(src))
+    frames: list[np.ndarray] = []
+    index = 0
+    while count is None or len(frames) < count:
+        ok, image = cap.read()
+        if not ok:
+            break
+        if index >= start:
+            frames.append(image)
+        index += 1
+    cap.release()
+    assert count is None or len(frames) == count, f"{src} has fewer than {start + count} frames"
+    return frames
+
+
 def write_mp4_with_sound(path: Path, frames: Sequence[np.ndarray] = (), *, fps: int = 30, seconds: float = 1.0) -> Path:
     """A real MP4 made by FFmpeg (PyAV): an AAC tone of ``seconds``, after the ``frames`` (BGR) as MPEG-4 video.
 

@@ -30,6 +30,7 @@ from tests.crowd._helpers import (
     CARPHONE,
     call_where_file_modes_apply,
     frame_index,
+    read_frames,
     write_mp4_with_sound,
     write_video,
 )
@@ -78,11 +79,7 @@ def test_reader_yields_sampled_ids_and_timestamps(clip: Path) -> None:
 
 def test_a_sound_track_beside_the_video_changes_nothing(clip: Path, tmp_path: Path) -> None:
     """Cameras record sound: the same frames re-encoded by FFmpeg with an AAC track give the same samples."""
-    cap = cv2.VideoCapture(str(clip))
-    images = []
-    while (got := cap.read())[0]:
-        images.append(got[1])
-    path = write_mp4_with_sound(tmp_path / "with-sound.mp4", images, seconds=2.5)
+    path = write_mp4_with_sound(tmp_path / "with-sound.mp4", read_frames(clip), seconds=2.5)
     assert probe_video(path).frame_count == 60
     frames = list(FrameReader(path, frame_interval=7))
     assert [f.frame_id for f in frames] == list(range(0, 60, 7))

@@ -14,19 +14,9 @@ from crowd.messages import FaceMessage
 from crowd.video import content_hash, frame_interval_for, sampled_frame_ids
 
 # CARPHONE: 176x144, 120 frames at 29.97 fps, a face in each
-from tests.crowd._helpers import CARPHONE, write_clip, write_mp4_with_sound
+from tests.crowd._helpers import CARPHONE, read_frames, write_clip, write_mp4_with_sound
 
 pytestmark = [pytest.mark.services, pytest.mark.airflow]
-
-
-def _frames(src: Path, n: int) -> list:
-    """The first ``n`` frames of ``src``, decoded (BGR)."""
-    import cv2
-
-    cap = cv2.VideoCapture(str(src))
-    frames = [cap.read()[1] for _ in range(n)]
-    cap.release()
-    return frames
 
 
 def _corrupt_copy(src: Path, dst: Path) -> Path:
@@ -152,7 +142,7 @@ def test_scan_dag_processes_new_videos_records_failures_and_skips_known_ones(pip
     good_b = write_clip(CARPHONE, root / "sub" / "b.mp4" if (root / "sub").mkdir() is None else None, 60)
     corrupt = _corrupt_copy(CARPHONE, root / "broken.mp4")
     memo = write_mp4_with_sound(root / "memo.mp4")  # sound only (AAC), like a voice memo
-    camera = write_mp4_with_sound(root / "camera.mp4", _frames(CARPHONE, 24), fps=15)  # video with a sound track
+    camera = write_mp4_with_sound(root / "camera.mp4", read_frames(CARPHONE, 24), fps=15)  # video with a sound track
     known = write_clip(CARPHONE, root / "known.mp4", 30)
     with storage.connect("crowd_postgres") as conn:
         storage.mark_video_processing(conn, content_hash(known), str(known), fps=30, frame_count=30, width=176,

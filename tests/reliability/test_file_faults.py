@@ -8,12 +8,11 @@ import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
-import cv2
 import pytest
 
 from crowd import storage
 from crowd.ingest import drain
-from tests.crowd._helpers import CARPHONE
+from tests.crowd._helpers import CARPHONE, read_frames
 from tests.dags.test_detection_dags import _consume_all
 from tests.reliability.conftest import pg_counts, report
 from tests.reliability.test_kafka_faults import long_face_video
@@ -147,7 +146,7 @@ def test_pictures_on_a_full_disk_fail_naming_the_file(small_tmpfs) -> None:
 
     results = small_tmpfs(free=0)
     pictures = PictureAccumulator(width=176, height=144)
-    frame = cv2.VideoCapture(str(CARPHONE)).read()[1]
+    (frame,) = read_frames(CARPHONE, 1)
     pictures.add(0, 0.0, frame, [Detection(60, 30, 50, 60, 0.9)])
     with pytest.raises(OSError, match=r"annotated\.jpg.*no space left"):
         pictures.write(results)

@@ -24,7 +24,7 @@ import psycopg
 import pytest
 
 from crowd import storage
-from tests.crowd._helpers import CARPHONE, GRACE_HOPPER, write_mp4_with_sound
+from tests.crowd._helpers import CARPHONE, GRACE_HOPPER, read_frames, write_mp4_with_sound
 from tests.reliability.conftest import report
 
 pytestmark = [pytest.mark.services, pytest.mark.reliability]
@@ -49,15 +49,6 @@ def clip(dst: Path, frames: int, start: int = 0) -> Path:
     out.release()
     cap.release()
     return dst
-
-
-def carphone_frames(frames: int, start: int = 0) -> list[np.ndarray]:
-    """Frames ``start``.. of carphone, decoded (BGR)."""
-    cap = cv2.VideoCapture(str(CARPHONE))
-    images = [cap.read()[1] for _ in range(start + frames)][start:]
-    cap.release()
-    assert all(image is not None for image in images)
-    return images
 
 
 def patched(src: Path, dst: Path, patch) -> Path:
@@ -178,7 +169,9 @@ CASES: dict[str, tuple] = {
     ),
     "video-with-sound-track": (  # a camera recording: MPEG-4 video and an AAC track, made by FFmpeg (PyAV)
         "camera.mp4",
-        lambda r, t, g: write_mp4_with_sound(r / "camera.mp4", carphone_frames(20, start=30), fps=15, seconds=1.5),
+        lambda r, t, g: write_mp4_with_sound(
+            r / "camera.mp4", read_frames(CARPHONE, 20, start=30), fps=15, seconds=1.5
+        ),
         ("done", None),
     ),
     "one-frame": ("one.mp4", lambda r, t, g: clip(r / "one.mp4", 1, start=50), ("done", None)),
