@@ -232,7 +232,8 @@ def pipeline_env(
 ) -> Iterator[dict[str, str]]:
     """A fresh Faces topic and a fresh schema of the test database for one pipeline run, dropped afterwards.
 
-    Yields the environment that points crowd at them, at the video folder ``root`` and at ``results``.
+    Sets (and yields) the environment that points crowd at them, at the video folder ``root`` and at ``results``;
+    restored on exit.
     """
     from tests.conftest import create_topic
 
@@ -245,12 +246,16 @@ def pipeline_env(
         "login": "crowd", "password": os.environ.get("CROWD_PG_PASSWORD", "crowd"), "schema": "crowd_test",
         "extra": {"options": f"-csearch_path={schema}"},
     }  # fmt: skip
+    env = {
+        "AIRFLOW_CONN_CROWD_POSTGRES": json.dumps(conn_json), "CROWD_FACES_TOPIC": topic,
+        "CROWD_VIDEO_ROOTS": str(root), "CROWD_RESULTS_DIR": str(results), "CROWD_DETECTOR": "mtcnn",
+        "CROWD_PUBLISH_TIMEOUT_S": "10",
+    }  # fmt: skip
     try:
-        yield {
-            "AIRFLOW_CONN_CROWD_POSTGRES": json.dumps(conn_json), "CROWD_FACES_TOPIC": topic,
-            "CROWD_VIDEO_ROOTS": str(root), "CROWD_RESULTS_DIR": str(results), "CROWD_DETECTOR": "mtcnn",
-            "CROWD_PUBLISH_TIMEOUT_S": "10",
-        }  # fmt: skip
+        with pytest.MonkeyPatch.context() as mp:
+            for variable, value in env.items():
+                mp.setenv(variable, value)
+            yield env
     finally:
         kafka_admin.delete_topics([topic])
         with psycopg.connect(postgres_admin_dsn, autocommit=True) as conn:
@@ -266,49 +271,46 @@ def hostile_run(kafka_admin, postgres_admin_dsn: str, tmp_path_factory: pytest.T
     good = clip(root / "good.mp4", 30)
     paths = {name: build(root, tmp, good) for name, (_, build, _) in CASES.items()}
     with pipeline_env(kafka_admin, postgres_admin_dsn, root, tmp / "results", "hostile") as env:
-        with pytest.MonkeyPatch.context() as mp:
-            for variable, value in env.items():
-                mp.setenv(variable, value)
-            from crowd.config import load_settings
-            from crowd.jobs import DetectOptions, WorkItem, detect_and_publish, find_new_videos, finish_videos
+        from crowd.config import load_settings
+        from crowd.jobs import DetectOptions, WorkItem, detect_and_publish, find_new_videos, finish_videos
 
-            settings = load_settings()
-            scan: dict = {}
+        settings = load_settings()
+        scan: dict = {}
 
-            def run_scan() -> None:  # a FIFO or a loop must not hang the scan: bounded by a join timeout
+        def run_scan() -> None:  # a FIFO or a loop must not hang the scan: bounded by a join timeout
+            try:
+                scan["items"] = find_new_videos(settings)
+            except BaseException as exc:  # noqa: BLE001
+                scan["error"] = exc
+
+        thread = threading.Thread(target=run_scan, daemon=True)
+        thread.start()
+        thread.join(120)
+        assert not thread.is_alive(), "the scan hangs on one of the hostile files"
+        assert "error" not in scan, f"one hostile file broke the whole scan: {scan['error']!r}"
+        items = scan["items"]
+        outcomes: dict[str, object] = {}
+        results = []
+        for item in items:
+            try:
+                result = detect_and_publish(item, DetectOptions(), settings)
+                results.append(result)
+                outcomes[item.path] = result
+            except Exception as exc:  # noqa: BLE001 - each item fails on its own
+                results.append(None)
+                outcomes[item.path] = exc
+        finish = finish_videos(items, results, settings)
+        direct: dict[str, object] = {}  # unplanned files handed to a task directly (a crafted work item)
+        for name, (_, _, (kind, _)) in CASES.items():
+            if kind == "unplanned":
                 try:
-                    scan["items"] = find_new_videos(settings)
-                except BaseException as exc:  # noqa: BLE001
-                    scan["error"] = exc
-
-            thread = threading.Thread(target=run_scan, daemon=True)
-            thread.start()
-            thread.join(120)
-            assert not thread.is_alive(), "the scan hangs on one of the hostile files"
-            assert "error" not in scan, f"one hostile file broke the whole scan: {scan['error']!r}"
-            items = scan["items"]
-            outcomes: dict[str, object] = {}
-            results = []
-            for item in items:
-                try:
-                    result = detect_and_publish(item, DetectOptions(), settings)
-                    results.append(result)
-                    outcomes[item.path] = result
-                except Exception as exc:  # noqa: BLE001 - each item fails on its own
-                    results.append(None)
-                    outcomes[item.path] = exc
-            finish = finish_videos(items, results, settings)
-            direct: dict[str, object] = {}  # unplanned files handed to a task directly (a crafted work item)
-            for name, (_, _, (kind, _)) in CASES.items():
-                if kind == "unplanned":
-                    try:
-                        detect_and_publish(WorkItem(str(paths[name]), f"direct-{name}"), DetectOptions(), settings)
-                        direct[name] = "accepted"
-                    except Exception as exc:  # noqa: BLE001
-                        direct[name] = exc
-            with storage.connect("crowd_postgres") as conn:
-                rows = {r[0]: (r[1], r[2], r[3]) for r in conn.execute("SELECT path, status, error, id FROM videos")}
-                ids = {r[0]: r[1] for r in conn.execute("SELECT path, id FROM videos")}
+                    detect_and_publish(WorkItem(str(paths[name]), f"direct-{name}"), DetectOptions(), settings)
+                    direct[name] = "accepted"
+                except Exception as exc:  # noqa: BLE001
+                    direct[name] = exc
+        with storage.connect("crowd_postgres") as conn:
+            rows = {r[0]: (r[1], r[2], r[3]) for r in conn.execute("SELECT path, status, error, id FROM videos")}
+            ids = {r[0]: r[1] for r in conn.execute("SELECT path, id FROM videos")}
         from tests.dags.test_detection_dags import _consume_all
 
         bootstrap = json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]["bootstrap.servers"]
@@ -408,9 +410,6 @@ def scan_then_direct():
         assert "permission denied" in direct and str(locked) in direct, direct
 
         locked.chmod(0o644)
-        with pytest.MonkeyPatch.context() as mp:
-            for name, value in env.items():
-                mp.setenv(name, value)
-            from crowd.jobs import find_new_videos
+        from crowd.jobs import find_new_videos
 
-            assert {item.path for item in find_new_videos()} == {str(good), str(locked)}
+        assert {item.path for item in find_new_videos()} == {str(good), str(locked)}
