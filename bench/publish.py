@@ -11,9 +11,10 @@
   the flush), ``ours_callback_per_produce`` (the delivery callback passed to every ``produce`` call, as until
   the second pass of issue 9, instead of once in the producer's configuration), ``ours_poll100`` (``poll(0)``
   every 100 messages instead of every message), ``ours_no_lz4`` (``compression.type=none``),
-  ``ours_produce_batch`` (confluent-kafka's ``produce_batch`` with 100 messages a call instead of one ``produce``
-  each: the "async produce with batching" lever of issue 9; librdkafka partitions each message by its key, and
-  messages refused because the local queue is full are handed in again once there is room).
+  ``ours_produce_batch`` (confluent-kafka's ``produce_batch`` with ``--batch`` messages a call, 100 by default,
+  instead of one ``produce`` each: the "async produce with batching" lever of issue 9; librdkafka partitions each
+  message by its key, and messages refused because the local queue is full are handed in again once there is
+  room).
 
 The message type was a pydantic model until the second pass of issue 9 (encoding 2.0-2.6 us a message,
 ``build_message`` ~16 us); it is a msgspec ``Struct`` now (~0.65 us to encode, ``build_message`` ~7.6 us):
@@ -33,7 +34,7 @@ Each variant sends to its own fresh 3-partition topic. Per repetition all varian
 by one each repetition; the figures are medians of the per-repetition times and of the per-repetition ratios
 ``bare / variant`` (goal for ``ours``: >= 0.8).
 
-Usage: ``source dev/env.sh && python bench/publish.py [--messages 300000] [--repeat 5] [--cold] [--only ours ours_bytes]``
+Usage: ``source dev/env.sh && python bench/publish.py [--messages 300000] [--repeat 5] [--cold] [--only ours ours_bytes] [--batch 100]``
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def _encode_us(messages: list) -> dict[str, float]:
     }
 
 
-def run(n: int, repeat: int, pool: int, cold: bool, only: set[str] | None = None) -> dict:
+def run(n: int, repeat: int, pool: int, cold: bool, only: set[str] | None = None, batch: int = 100) -> dict:
     from confluent_kafka import Producer
     from services import Scratch
 
@@ -211,7 +212,7 @@ def run(n: int, repeat: int, pool: int, cold: bool, only: set[str] | None = None
         "ours_callback_per_produce": lambda: lever(callback_per_produce=True),
         "ours_poll100": lambda: lever(poll_every=100),
         "ours_no_lz4": lambda: lever(compression_type="none"),
-        "ours_produce_batch": produce_batch,
+        "ours_produce_batch": lambda: produce_batch(batch),
     }
     if cold:
         variants.update({"bare_cold": lambda: bare(False), "ours_cold": lambda: ours(False)})
@@ -257,9 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", type=int, default=20_000, help="distinct messages, cycled")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--cold", action="store_true", help="also time cold producers (start cost)")
+    parser.add_argument("--batch", type=int, default=100, help="messages per produce_batch call (ours_produce_batch)")
     parser.add_argument("--only", nargs="+", metavar="VARIANT", help="run these variants (and bare) only")
     args = parser.parse_args(argv)
-    report = run(args.messages, args.repeat, args.pool, args.cold, set(args.only or ()))
+    report = run(args.messages, args.repeat, args.pool, args.cold, set(args.only or ()), args.batch)
     print(f"{'variant':<27}{'seconds':>9}{'range':>12}{'msg/s':>9}{'bare/variant':>14}{'cpu s':>8}{'cpu bare/v':>12}")
     for k, v in report["seconds"].items():
         lo, hi = report["seconds_range"][k]
