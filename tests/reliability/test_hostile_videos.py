@@ -4,6 +4,7 @@ One folder holds a good video next to ~20 kinds of bad files. The scan (``crowd.
 ``crowd_video_scan`` runs) plans them, every work item runs ``crowd.jobs.detect_and_publish`` (what each mapped
 task runs) and ``finish_videos`` closes the run. Each bad file must fail its own item with a clear reason in
 ``videos.error`` (or be left out of the plan with a logged reason), and the good videos must be published.
+The same folder then goes through one ``dag.test()`` of ``crowd_video_scan`` (a mapped task per planned file).
 Reader-level behaviour is in tests/crowd/test_video.py; this checks what reaches the registry and Kafka.
 """
 
@@ -413,3 +414,58 @@ def scan_then_direct():
         from crowd.jobs import find_new_videos
 
         assert {item.path for item in find_new_videos()} == {str(good), str(locked)}
+
+
+@pytest.mark.airflow
+@pytest.mark.slow
+def test_the_scan_dag_over_the_hostile_folder(
+    kafka_admin, postgres_admin_dsn: str, airflow_db, tmp_path: Path
+) -> None:
+    """The same folder through one ``dag.test()`` of ``crowd_video_scan``: one mapped task per planned file.
+
+    Each bad file fails its own mapped task (no retry: ``AirflowFailException``), labelled with its file name,
+    while the good videos' tasks succeed; ``finish_videos`` still runs and fails the run naming the incomplete
+    videos; the registry and the topic hold what the ``crowd.jobs`` run above found.
+    """
+    import re
+
+    from tests.dags.test_detection_dags import _consume_all, _dag
+
+    root = tmp_path / "videos"
+    root.mkdir()
+    good = clip(root / "good.mp4", 30)
+    paths = {name: build(root, tmp_path, good) for name, (_, build, _) in CASES.items()}
+    expected = {name: kind for name, (_, _, (kind, _)) in CASES.items()}
+    with pipeline_env(kafka_admin, postgres_admin_dsn, root, tmp_path / "results", "scan-dag") as env:
+        try:
+            run = _dag("crowd_video_scan").test()
+        finally:
+            os.unlink(root / "fifo.mp4")
+        tasks = {(ti.task_id, ti.rendered_map_index): str(ti.state) for ti in run.get_task_instances()}
+        with storage.connect("crowd_postgres") as conn:
+            rows = {r[0]: (r[1], r[2], r[3]) for r in conn.execute("SELECT path, status, error, id FROM videos")}
+        bootstrap = json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]["bootstrap.servers"]
+        keys = [m.key().decode() for m in _consume_all(env["CROWD_FACES_TOPIC"], bootstrap)]
+
+    detect = {label: state for (task, label), state in tasks.items() if task == "detect_and_publish"}
+    planned = {name for name, kind in expected.items() if kind != "unplanned"}
+    want = {CASES[name][0]: ("failed" if expected[name] == "failed" else "success") for name in planned}
+    assert detect == {**want, "good.mp4": "success"}, detect  # labels are the file names: one task each
+    assert tasks[("finish_videos", None)] == "failed" and str(run.state) == "failed", tasks
+
+    for name in planned | {"good"}:
+        path = good if name == "good" else paths[name]
+        status, error, video_id = rows[str(path)]
+        if name == "good" or expected[name] == "done":
+            assert status == "done" and keys.count(video_id) >= 1, (name, status, error)
+        else:
+            assert status == "failed" and path.name in error, (name, status, error)
+            assert re.search(CASES[name][2][1], error.replace(str(path), ""), re.I), error
+            if "decoding stopped" not in error:  # refused when opened: nothing published (else the frames before)
+                assert video_id not in keys, (name, keys.count(video_id))
+    assert keys.count(rows[str(good)][2]) == 4  # frames 0, 9, 18, 27, once each
+    assert len(rows) == len(planned) + 1  # the unplanned files left no trace in the registry
+    report("hostile videos (scan DAG, dag.test)", {
+        "mapped_tasks": len(detect), "failed": sorted(k for k, v in detect.items() if v == "failed"),
+        "success": sorted(k for k, v in detect.items() if v == "success"), "messages": len(keys),
+    })  # fmt: skip
