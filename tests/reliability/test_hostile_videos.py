@@ -418,9 +418,7 @@ def scan_then_direct():
 
 @pytest.mark.airflow
 @pytest.mark.slow
-def test_the_scan_dag_over_the_hostile_folder(
-    kafka_admin, postgres_admin_dsn: str, airflow_db, tmp_path: Path
-) -> None:
+def test_the_scan_dag_over_the_hostile_folder(kafka_admin, postgres_admin_dsn: str, airflow_db, tmp_path: Path) -> None:
     """The same folder through one ``dag.test()`` of ``crowd_video_scan``: one mapped task per planned file.
 
     Each bad file fails its own mapped task (no retry: ``AirflowFailException``), labelled with its file name,
