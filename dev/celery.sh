@@ -8,12 +8,14 @@
 #   dev/celery.sh status    # what runs
 #   dev/celery.sh stop      # stop every process started (process groups), RabbitMQ and its epmd
 #   dev/celery.sh clean     # stop, drop the two databases and remove the state folder
+#   dev/celery.sh worker I  # (re)start worker I of the running profile (after it died or was killed)
 #
 # Kafka (dev/kafka.sh) and PostgreSQL (dev/postgres.sh) must run (started here when they do not answer).
 # Everything lives under $CROWD_CELERY_STATE (default .local/celery); $CROWD_CELERY_STATE/celery.env holds the
 # settings of the running profile (ports, databases, AIRFLOW_* and CROWD_*): `source` it to talk to it.
 # Settings read at start (all optional): CROWD_CELERY_WORKERS (2), CROWD_CELERY_API_PORT / CROWD_CELERY_AMQP_PORT
-# (free ports), CROWD_VIDEO_ROOTS, CROWD_FRAMES_PER_TASK, CROWD_SCAN_SCHEDULE, CROWD_FACES_TOPIC, CROWD_DETECTOR.
+# (free ports), CROWD_VIDEO_ROOTS, CROWD_FRAMES_PER_TASK, CROWD_SCAN_SCHEDULE, CROWD_FACES_TOPIC, CROWD_DETECTOR,
+# AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT (300: how long a task whose worker died stays "running").
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 STATE="${CROWD_CELERY_STATE:-$CROWD_STATE/celery}"
@@ -81,6 +83,7 @@ export AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=$(free_port)
 export AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=$(free_port)
 export AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC=2
 export AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC=2
+export AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT=${AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT:-300}
 export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL=5
 export AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES=1
 export AIRFLOW_CONN_CROWD_POSTGRES=postgresql://$pg/$results
@@ -143,6 +146,24 @@ CONF
   fi
 }
 
+# start_worker I: Celery worker I (worker<I>@host, concurrency 1), in a session and process group of its own.
+start_worker() {
+  # Task instances record "worker<i>@host" as their hostname (dev/celery/worker_hostname.py).
+  CROWD_CELERY_WORKER_NAME="worker$1" AIRFLOW__CORE__HOSTNAME_CALLABLE=worker_hostname.hostname \
+    PYTHONPATH="$CROWD_ROOT/dev/celery:$PYTHONPATH" \
+    spawn "worker$1" airflow celery worker -H "worker$1@%h" -c 1 --skip-serve-logs --without-gossip --without-mingle
+}
+
+# worker I: (re)start worker I of the running profile, e.g. after it was killed.
+worker() {
+  local i=${1:?usage: dev/celery.sh worker I}
+  load_env || die "the Celery profile is not running (no $ENVFILE)"
+  pid_alive "$STATE/pids/worker$i.pid" && { log "worker$i already runs"; return 0; }
+  start_worker "$i"
+  wait_for 180 "worker$i" worker_ready "$i" || { tail -30 "$STATE/logs/worker$i.log" >&2; die "worker$i did not get ready"; }
+  log "worker$i ready"
+}
+
 airflow_up() { curl -fsS "$CROWD_CELERY_API_URL/api/v2/monitor/health" >/dev/null 2>&1; }
 worker_ready() { grep -q "worker$1@.* ready" "$STATE/logs/worker$1.log" 2>/dev/null; }
 
@@ -171,12 +192,7 @@ start() {
 
   for c in "${COMPONENTS[@]}"; do spawn "$c" airflow "$c"; done
   local i
-  for i in $(seq 1 "$CROWD_CELERY_WORKERS"); do
-    # Task instances record "worker<i>@host" as their hostname (dev/celery/worker_hostname.py).
-    CROWD_CELERY_WORKER_NAME="worker$i" AIRFLOW__CORE__HOSTNAME_CALLABLE=worker_hostname.hostname \
-      PYTHONPATH="$CROWD_ROOT/dev/celery:$PYTHONPATH" \
-      spawn "worker$i" airflow celery worker -H "worker$i@%h" -c 1 --skip-serve-logs --without-gossip --without-mingle
-  done
+  for i in $(seq 1 "$CROWD_CELERY_WORKERS"); do start_worker "$i"; done
   log "waiting for the api-server at $CROWD_CELERY_API_URL and $CROWD_CELERY_WORKERS Celery workers"
   if ! wait_for 240 api-server airflow_up; then tail -30 "$STATE/logs/api-server.log" >&2; die "the api-server did not answer"; fi
   for i in $(seq 1 "$CROWD_CELERY_WORKERS"); do
@@ -226,5 +242,6 @@ case "${1:-}" in
   stop) stop ;;
   clean) clean ;;
   status) status ;;
-  *) echo "usage: $0 start|stop|status|clean" >&2; exit 2 ;;
+  worker) worker "${2:-}" ;;
+  *) echo "usage: $0 start|stop|status|clean|worker I" >&2; exit 2 ;;
 esac

@@ -4,31 +4,37 @@ Videos dropped into the watched folder are scanned by ``crowd_video_scan`` (sche
 starts when the DAG is unpaused), its mapped ``detect_and_publish`` tasks spread over both workers, the messages
 go to a fresh Kafka topic, ``crowd_faces_ingest`` fires by itself (asset watcher) and a fresh results database
 holds exactly one row per sampled frame. The acceptance test then follows one more video from the folder to
-``GET /crowd/videos/{id}`` on the running api-server and prints the time of each stage.
+``GET /crowd/videos/{id}`` on the running api-server and prints the time of each stage. Last, a worker is killed
+with ``-9`` half-way through a detection task (its whole session, then its process group only): the task is retried
+on the other worker and every frame is stored once.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import httpx
 import psycopg
 import pytest
 
 from crowd.video import content_hash, frame_interval_for, probe_video, sampled_frame_ids
 from dev.polling import wait_until
-from tests.crowd._helpers import CARPHONE, write_clip
+from tests.crowd._helpers import CARPHONE, read_frames, write_clip
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow, pytest.mark.services]
 
 ROOT = Path(__file__).resolve().parents[2]
 FRAMES_PER_TASK = 40  # 120 + 90 + 60 frames -> 3 + 3 + 2 mapped detection tasks
+HEARTBEAT_TIMEOUT_S = 30  # [scheduler] task_instance_heartbeat_timeout in the profile (Airflow's default: 300)
 
 
 def _expected_frames(path: Path) -> set[tuple[str, int]]:
@@ -111,6 +117,7 @@ def profile(tmp_path_factory: pytest.TempPathFactory, kafka_admin, postgres_admi
         "CROWD_PG_PORT": os.environ.get("CROWD_PG_PORT", "5433"),
         "CROWD_PG_PASSWORD": os.environ.get("CROWD_PG_PASSWORD", "crowd"),
         "AIRFLOW_CONN_KAFKA_DEFAULT": os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"],
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT_S),
     })  # fmt: skip
     started = time.monotonic()
     result = _script("start", env=env, timeout=360)
@@ -132,8 +139,9 @@ def profile(tmp_path_factory: pytest.TempPathFactory, kafka_admin, postgres_admi
         stopped = _script("clean", env=env, timeout=180)
         kafka_admin.delete_topics([env["CROWD_FACES_TOPIC"], env["CROWD_ALERTS_TOPIC"]])
         assert stopped.returncode == 0, stopped.stderr[-3000:]
-        # Nothing left behind: no process in the groups we started, no RabbitMQ node, no epmd of ours.
-        left = [g for g in pgids if subprocess.run(["pgrep", "-g", str(g)], capture_output=True).returncode == 0]
+        # Nothing left behind: no process in the sessions we started, no RabbitMQ node, no epmd of ours.
+        # Sessions, not process groups: a task process runs in a process group of its own inside its worker's.
+        left = [g for g in pgids if subprocess.run(["pgrep", "-s", str(g)], capture_output=True).returncode == 0]
         if node:
             beam = subprocess.run(["pgrep", "-f", node], capture_output=True, text=True).stdout.split()
             left += [int(p) for p in beam]
@@ -210,3 +218,123 @@ def test_acceptance_video_in_folder_to_results_in_the_api(profile: Profile) -> N
     assert summary["status"] == "done" and summary["frame_count"] == 100
     assert {(video_id, f["frame_id"]) for f in frames["items"]} == expected
     assert summary["total_faces"] >= 0.9 * len(expected)  # a face in every frame of carphone
+
+
+def _write_720p_clip(path: Path, frames: int, start: int) -> Path:
+    """Carphone's faces upscaled to 1280x720: ~0.15 s of MTCNN a frame, so a 40-frame task runs for seconds."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30, (1280, 720))
+    for frame in read_frames(CARPHONE, frames, start=start):
+        writer.write(cv2.resize(frame, (1280, 720)))
+    writer.release()
+    return path
+
+
+class _TopicReader:
+    """Reads the profile's Faces topic from the start as the test goes: the frame ids published per video."""
+
+    def __init__(self, profile: Profile) -> None:
+        from confluent_kafka import Consumer, TopicPartition
+
+        topic = profile.env["CROWD_FACES_TOPIC"]
+        bootstrap = json.loads(profile.env["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]["bootstrap.servers"]
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused", "enable.auto.commit": False})
+        partitions = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        self.consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        self.frames: dict[str, list[int]] = {}
+
+    def read(self) -> dict[str, list[int]]:
+        while batch := self.consumer.consume(1000, timeout=0.2):
+            for m in batch:
+                if m.error() is None:
+                    self.frames.setdefault(m.key().decode(), []).append(json.loads(m.value())["frame_id"])
+        return self.frames
+
+
+def _kill_worker1(profile: Profile, how: str) -> int:
+    """``host``: every process worker1 started (its session: the worker, its pool, the task supervisor and the
+    task), as when its machine or container dies; ``process``: worker1's process group only (the worker, its pool
+    and the supervisor), the task process (a process group of its own) is left running without them."""
+    leader = int((Path(profile.env["CROWD_CELERY_STATE_DIR"]) / "pids" / "worker1.pid").read_text())
+    if how == "host":
+        subprocess.run(["pkill", "-KILL", "-s", str(leader)], check=True)
+    else:
+        os.killpg(leader, signal.SIGKILL)
+    return leader
+
+
+@pytest.mark.parametrize("how", ["host", "process"])
+def test_a_worker_killed_mid_task_loses_nothing_and_stores_nothing_twice(profile: Profile, how: str) -> None:
+    """kill -9 of Celery worker1 half-way through a detection task (manual run, 80 frames of 720p, every frame).
+
+    The scheduler finds the try's heartbeat gone (``task_instance_heartbeat_timeout``, 30 s here), fails it and
+    retries it (the DAG's ``retries``) on worker2; the run succeeds. What the killed try published is in the topic
+    twice, the database holds every frame exactly once. worker1 is started again afterwards.
+    """
+    profile.unpause("crowd_faces_ingest")
+    profile.unpause("crowd_video_detect")
+    video = _write_720p_clip(profile.videos / f"long-task-{how}.mp4", 80, start={"host": 0, "process": 30}[how])
+    video_id, expected = content_hash(video), list(range(80))
+    topic = _TopicReader(profile)
+    resp = profile.api.post(
+        "/api/v2/dags/crowd_video_detect/dagRuns",
+        json={"logical_date": None, "conf": {"video_path": str(video), "frame_interval": 1}},
+    )
+    resp.raise_for_status()
+    run_id = resp.json()["dag_run_id"]
+
+    def worker1_half_way() -> tuple[int, int] | None:
+        published = topic.read().get(video_id, [])
+        for ti in profile.task_instances("crowd_video_detect", run_id):
+            if (
+                ti["task_id"] == "detect_and_publish"
+                and ti["state"] == "running"
+                and ti["hostname"].startswith("worker1@")
+            ):
+                first = ti["map_index"] * FRAMES_PER_TASK
+                done = sum(first <= f < first + FRAMES_PER_TASK for f in published)
+                if 5 <= done < FRAMES_PER_TASK - 10:
+                    return ti["map_index"], done
+        return None
+
+    map_index, published_before_kill = profile.wait("worker1 half-way through a task", worker1_half_way, 240, 0.3)
+    session = _kill_worker1(profile, how)
+    killed_at = time.monotonic()
+    try:
+        run = profile.finished_run("crowd_video_detect", run_id, 300 + 2 * HEARTBEAT_TIMEOUT_S)
+        tis = profile.task_instances("crowd_video_detect", run_id)
+        tries = profile.api.get(
+            f"/api/v2/dags/crowd_video_detect/dagRuns/{run_id}/taskInstances/detect_and_publish/{map_index}/tries"
+        ).json()["task_instances"]
+        print(
+            f"\n[stage] worker1 killed ({how}) with {published_before_kill} frames of part {map_index} published; "
+            f"run {run['state']} {time.monotonic() - killed_at:.1f} s later; tries of that part: "
+            f"{[(t['try_number'], t['state'], t['hostname']) for t in tries]}"
+        )
+        assert run["state"] == "success", [(ti["task_id"], ti["map_index"], ti["state"]) for ti in tis]
+        assert tries[0]["hostname"].startswith("worker1@") and tries[0]["state"] != "success", tries
+        assert tries[-1]["state"] == "success" and tries[-1]["hostname"].startswith("worker2@"), tries
+
+        profile.wait(
+            "every frame of the video stored", lambda: sorted(_stored_frame_ids(profile, video_id)) == expected, 120
+        )
+        published = topic.read()[video_id]
+        print(f"[stage] published {len(published)} messages for {len(expected)} frames; stored once each")
+        assert len(published) >= len(expected) + published_before_kill  # the killed try's messages came twice
+        assert profile.api.get(f"/crowd/videos/{video_id}").json()["status"] == "done"
+        with psycopg.connect(profile.results_dsn) as conn:
+            assert conn.execute("SELECT count(*) FROM rejected_messages").fetchone()[0] == 0
+        profile.wait(  # a task process that outlived its worker ends by itself (no supervisor to report to)
+            "no process left of the killed worker",
+            lambda: subprocess.run(["pgrep", "-s", str(session)], capture_output=True).returncode == 1,
+            120,
+        )
+    finally:
+        topic.consumer.close()
+        env = {**profile.env, "CROWD_CELERY_STATE": profile.env["CROWD_CELERY_STATE_DIR"]}
+        restarted = _script("worker", "1", env=env, timeout=240)
+        assert restarted.returncode == 0, restarted.stderr[-3000:]
+
+
+def _stored_frame_ids(profile: Profile, video_id: str) -> list[int]:
+    with psycopg.connect(profile.results_dsn) as conn:
+        return [r[0] for r in conn.execute("SELECT frame_id FROM frames WHERE video_id = %s", (video_id,))]
