@@ -9,6 +9,7 @@
 #   dev/celery.sh stop      # stop every process started (process groups), RabbitMQ and its epmd
 #   dev/celery.sh clean     # stop, drop the two databases and remove the state folder
 #   dev/celery.sh worker I  # (re)start worker I of the running profile (after it died or was killed)
+#   dev/celery.sh broker    # (re)start its RabbitMQ node, same data (after it died or was killed)
 #
 # Kafka (dev/kafka.sh) and PostgreSQL (dev/postgres.sh) must run (started here when they do not answer).
 # Everything lives under $CROWD_CELERY_STATE (default .local/celery); $CROWD_CELERY_STATE/celery.env holds the
@@ -164,6 +165,13 @@ worker() {
   log "worker$i ready"
 }
 
+# broker: (re)start the profile's RabbitMQ node (same node, port and data), e.g. after it was killed.
+broker() {
+  load_env || die "the Celery profile is not running (no $ENVFILE)"
+  pid_alive "$STATE/pids/rabbitmq.pid" && { log "RabbitMQ already runs"; return 0; }
+  start_rabbitmq
+}
+
 airflow_up() { curl -fsS "$CROWD_CELERY_API_URL/api/v2/monitor/health" >/dev/null 2>&1; }
 worker_ready() { grep -q "worker$1@.* ready" "$STATE/logs/worker$1.log" 2>/dev/null; }
 
@@ -243,5 +251,6 @@ case "${1:-}" in
   clean) clean ;;
   status) status ;;
   worker) worker "${2:-}" ;;
-  *) echo "usage: $0 start|stop|status|clean|worker I" >&2; exit 2 ;;
+  broker) broker ;;
+  *) echo "usage: $0 start|stop|status|clean|worker I|broker" >&2; exit 2 ;;
 esac

@@ -220,10 +220,10 @@ def test_acceptance_video_in_folder_to_results_in_the_api(profile: Profile) -> N
     assert summary["total_faces"] >= 0.9 * len(expected)  # a face in every frame of carphone
 
 
-def _write_720p_clip(path: Path, frames: int, start: int) -> Path:
-    """Carphone's faces upscaled to 1280x720: ~0.15 s of MTCNN a frame, so a 40-frame task runs for seconds."""
+def _write_720p_clip(path: Path, frames: list) -> Path:
+    """``frames`` upscaled to 1280x720: ~0.15 s of MTCNN a frame, so a 40-frame task runs for seconds."""
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30, (1280, 720))
-    for frame in read_frames(CARPHONE, frames, start=start):
+    for frame in frames:
         writer.write(cv2.resize(frame, (1280, 720)))
     writer.release()
     return path
@@ -262,6 +262,76 @@ def _kill_worker1(profile: Profile, how: str) -> int:
     return leader
 
 
+def _trigger_every_frame(profile: Profile, video: Path) -> str:
+    """A manual ``crowd_video_detect`` run on ``video`` with ``frame_interval`` 1; its run id."""
+    resp = profile.api.post(
+        "/api/v2/dags/crowd_video_detect/dagRuns",
+        json={"logical_date": None, "conf": {"video_path": str(video), "frame_interval": 1}},
+    )
+    resp.raise_for_status()
+    return resp.json()["dag_run_id"]
+
+
+def test_the_broker_killed_mid_run_loses_no_task_and_no_frame(profile: Profile) -> None:
+    """kill -9 of RabbitMQ (its whole session) while two detection tasks run and others wait, restarted 15 s later.
+
+    Checked: the run succeeds and every frame is stored once. Seen in every run so far (printed, not asserted,
+    as it depends on when the scheduler sends): running tasks do not need the broker and finish; tasks already
+    sent wait in RabbitMQ's durable queue and run after the restart with their first try; tasks the scheduler
+    tried to send during the outage fail to be sent, use up one try and run after the ``retry_delay``.
+    """
+    profile.unpause("crowd_faces_ingest")
+    profile.unpause("crowd_video_detect")
+    there_and_back = read_frames(CARPHONE, 120)
+    video = _write_720p_clip(profile.videos / "broker-outage.mp4", there_and_back + there_and_back[::-1])
+    video_id, expected = content_hash(video), list(range(240))  # 6 tasks of 40 frames
+    topic = _TopicReader(profile)
+    run_id = _trigger_every_frame(profile, video)
+
+    def two_running_and_more_waiting() -> dict[int, str] | None:
+        states = {
+            ti["map_index"]: ti["state"]
+            for ti in profile.task_instances("crowd_video_detect", run_id)
+            if ti["task_id"] == "detect_and_publish"
+        }
+        running = sum(s == "running" for s in states.values())
+        if running == 2 and len(states) == 6 and len(topic.read().get(video_id, [])) >= 5:
+            return states
+        return None
+
+    at_kill = profile.wait("two detection tasks running", two_running_and_more_waiting, 240, 0.3)
+    state = Path(profile.env["CROWD_CELERY_STATE_DIR"])
+    subprocess.run(["pkill", "-KILL", "-s", (state / "pids" / "rabbitmq.pid").read_text().strip()], check=True)
+    killed_at = time.monotonic()
+    try:
+        time.sleep(15)
+    finally:
+        env = {**profile.env, "CROWD_CELERY_STATE": str(state)}
+        restarted = _script("broker", env=env, timeout=240)
+        assert restarted.returncode == 0, restarted.stderr[-3000:]
+    restart_s = time.monotonic() - killed_at
+    try:
+        run = profile.finished_run("crowd_video_detect", run_id, 400)
+        tis = {
+            ti["map_index"]: (ti["state"], ti["try_number"])
+            for ti in profile.task_instances("crowd_video_detect", run_id)
+            if ti["task_id"] == "detect_and_publish"
+        }
+        print(
+            f"\n[stage] RabbitMQ killed with tasks {at_kill}, back {restart_s:.1f} s later; run {run['state']} "
+            f"{time.monotonic() - killed_at:.1f} s after the kill; (state, try) per task: {tis}"
+        )
+        assert run["state"] == "success", tis
+        profile.wait(
+            "every frame of the video stored", lambda: sorted(_stored_frame_ids(profile, video_id)) == expected, 120
+        )
+        published = topic.read()[video_id]
+        print(f"[stage] published {len(published)} messages for {len(expected)} frames; stored once each")
+        assert sorted(set(published)) == expected
+    finally:
+        topic.consumer.close()
+
+
 @pytest.mark.parametrize("how", ["host", "process"])
 def test_a_worker_killed_mid_task_loses_nothing_and_stores_nothing_twice(profile: Profile, how: str) -> None:
     """kill -9 of Celery worker1 half-way through a detection task (manual run, 80 frames of 720p, every frame).
@@ -272,15 +342,11 @@ def test_a_worker_killed_mid_task_loses_nothing_and_stores_nothing_twice(profile
     """
     profile.unpause("crowd_faces_ingest")
     profile.unpause("crowd_video_detect")
-    video = _write_720p_clip(profile.videos / f"long-task-{how}.mp4", 80, start={"host": 0, "process": 30}[how])
+    start = {"host": 0, "process": 30}[how]
+    video = _write_720p_clip(profile.videos / f"long-task-{how}.mp4", read_frames(CARPHONE, 80, start=start))
     video_id, expected = content_hash(video), list(range(80))
     topic = _TopicReader(profile)
-    resp = profile.api.post(
-        "/api/v2/dags/crowd_video_detect/dagRuns",
-        json={"logical_date": None, "conf": {"video_path": str(video), "frame_interval": 1}},
-    )
-    resp.raise_for_status()
-    run_id = resp.json()["dag_run_id"]
+    run_id = _trigger_every_frame(profile, video)
 
     def worker1_half_way() -> tuple[int, int] | None:
         published = topic.read().get(video_id, [])
