@@ -8,8 +8,7 @@
 #   dev/celery.sh status    # what runs
 #   dev/celery.sh stop      # stop every process started (process groups), RabbitMQ and its epmd
 #   dev/celery.sh clean     # stop, drop the two databases and remove the state folder
-#   dev/celery.sh worker I  # (re)start worker I of the running profile (after it died or was killed)
-#   dev/celery.sh broker    # (re)start its RabbitMQ node, same data (after it died or was killed)
+#   dev/celery.sh revive NAME  # start one process again after it died: rabbitmq, worker1, scheduler, triggerer...
 #
 # Kafka (dev/kafka.sh) and PostgreSQL (dev/postgres.sh) must run (started here when they do not answer).
 # Everything lives under $CROWD_CELERY_STATE (default .local/celery); $CROWD_CELERY_STATE/celery.env holds the
@@ -155,21 +154,21 @@ start_worker() {
     spawn "worker$1" airflow celery worker -H "worker$1@%h" -c 1 --skip-serve-logs --without-gossip --without-mingle
 }
 
-# worker I: (re)start worker I of the running profile, e.g. after it was killed.
-worker() {
-  local i=${1:?usage: dev/celery.sh worker I}
+# revive NAME: start one process of the running profile again (same settings and data) after it died or was
+# killed; NAME is rabbitmq, worker<I>, or one of the components (api-server, scheduler, dag-processor, triggerer).
+revive() {
+  local name=${1:?usage: dev/celery.sh revive rabbitmq|worker<I>|api-server|scheduler|dag-processor|triggerer}
   load_env || die "the Celery profile is not running (no $ENVFILE)"
-  pid_alive "$STATE/pids/worker$i.pid" && { log "worker$i already runs"; return 0; }
-  start_worker "$i"
-  wait_for 180 "worker$i" worker_ready "$i" || { tail -30 "$STATE/logs/worker$i.log" >&2; die "worker$i did not get ready"; }
-  log "worker$i ready"
-}
-
-# broker: (re)start the profile's RabbitMQ node (same node, port and data), e.g. after it was killed.
-broker() {
-  load_env || die "the Celery profile is not running (no $ENVFILE)"
-  pid_alive "$STATE/pids/rabbitmq.pid" && { log "RabbitMQ already runs"; return 0; }
-  start_rabbitmq
+  pid_alive "$STATE/pids/$name.pid" && { log "$name already runs"; return 0; }
+  case $name in
+    rabbitmq) start_rabbitmq ;;
+    worker[0-9]*)
+      start_worker "${name#worker}"
+      wait_for 180 "$name" worker_ready "${name#worker}" || { tail -30 "$STATE/logs/$name.log" >&2; die "$name did not get ready"; } ;;
+    api-server | scheduler | dag-processor | triggerer) spawn "$name" airflow "$name" ;;
+    *) die "unknown process $name (rabbitmq, worker<I>, ${COMPONENTS[*]})" ;;
+  esac
+  log "$name started again"
 }
 
 airflow_up() { curl -fsS "$CROWD_CELERY_API_URL/api/v2/monitor/health" >/dev/null 2>&1; }
@@ -250,7 +249,6 @@ case "${1:-}" in
   stop) stop ;;
   clean) clean ;;
   status) status ;;
-  worker) worker "${2:-}" ;;
-  broker) broker ;;
-  *) echo "usage: $0 start|stop|status|clean|worker I|broker" >&2; exit 2 ;;
+  revive) revive "${2:-}" ;;
+  *) echo "usage: $0 start|stop|status|clean|revive NAME" >&2; exit 2 ;;
 esac

@@ -272,6 +272,19 @@ def _trigger_every_frame(profile: Profile, video: Path) -> str:
     return resp.json()["dag_run_id"]
 
 
+def _kill_and_revive(profile: Profile, name: str, down_s: float) -> float:
+    """kill -9 every process of ``name``'s session, ``dev/celery.sh revive`` it ``down_s`` later; seconds taken."""
+    state = Path(profile.env["CROWD_CELERY_STATE_DIR"])
+    subprocess.run(["pkill", "-KILL", "-s", (state / "pids" / f"{name}.pid").read_text().strip()], check=True)
+    killed_at = time.monotonic()
+    try:
+        time.sleep(down_s)
+    finally:
+        revived = _script("revive", name, env={**profile.env, "CROWD_CELERY_STATE": str(state)}, timeout=240)
+        assert revived.returncode == 0, revived.stderr[-3000:]
+    return time.monotonic() - killed_at
+
+
 def test_the_broker_killed_mid_run_loses_no_task_and_no_frame(profile: Profile) -> None:
     """kill -9 of RabbitMQ (its whole session) while two detection tasks run and others wait, restarted 15 s later.
 
@@ -300,16 +313,8 @@ def test_the_broker_killed_mid_run_loses_no_task_and_no_frame(profile: Profile) 
         return None
 
     at_kill = profile.wait("two detection tasks running", two_running_and_more_waiting, 240, 0.3)
-    state = Path(profile.env["CROWD_CELERY_STATE_DIR"])
-    subprocess.run(["pkill", "-KILL", "-s", (state / "pids" / "rabbitmq.pid").read_text().strip()], check=True)
     killed_at = time.monotonic()
-    try:
-        time.sleep(15)
-    finally:
-        env = {**profile.env, "CROWD_CELERY_STATE": str(state)}
-        restarted = _script("broker", env=env, timeout=240)
-        assert restarted.returncode == 0, restarted.stderr[-3000:]
-    restart_s = time.monotonic() - killed_at
+    restart_s = _kill_and_revive(profile, "rabbitmq", 15)
     try:
         run = profile.finished_run("crowd_video_detect", run_id, 400)
         tis = {
@@ -330,6 +335,91 @@ def test_the_broker_killed_mid_run_loses_no_task_and_no_frame(profile: Profile) 
         assert sorted(set(published)) == expected
     finally:
         topic.consumer.close()
+
+
+def test_the_scheduler_killed_mid_run_loses_no_task_and_no_frame(profile: Profile) -> None:
+    """kill -9 of the scheduler while two detection tasks run and four wait; started again 10 s later.
+
+    The running tasks do not need it; the new scheduler takes the run over and schedules the rest: the run
+    succeeds and every frame is stored once (tries printed).
+    """
+    profile.unpause("crowd_faces_ingest")
+    profile.unpause("crowd_video_detect")
+    frames = read_frames(CARPHONE, 120, start=0)
+    video = _write_720p_clip(profile.videos / "scheduler-outage.mp4", frames[::-1] + frames)
+    video_id, expected = content_hash(video), list(range(240))
+    topic = _TopicReader(profile)
+    run_id = _trigger_every_frame(profile, video)
+
+    def two_running() -> bool:
+        running = [ti for ti in profile.task_instances("crowd_video_detect", run_id) if ti["state"] == "running"]
+        return len(running) == 2 and len(topic.read().get(video_id, [])) >= 5
+
+    try:
+        profile.wait("two detection tasks running", two_running, 240, 0.3)
+        down_s = _kill_and_revive(profile, "scheduler", 10)
+        run = profile.finished_run("crowd_video_detect", run_id, 400)
+        tries = {
+            ti["map_index"]: (ti["state"], ti["try_number"])
+            for ti in profile.task_instances("crowd_video_detect", run_id)
+            if ti["task_id"] == "detect_and_publish"
+        }
+        print(f"\n[stage] scheduler killed, back {down_s:.1f} s later; run {run['state']}; (state, try): {tries}")
+        assert run["state"] == "success", tries
+        profile.wait(
+            "every frame of the video stored", lambda: sorted(_stored_frame_ids(profile, video_id)) == expected, 120
+        )
+        assert sorted(set(topic.read()[video_id])) == expected
+    finally:
+        topic.consumer.close()
+
+
+def test_the_triggerer_killed_delays_the_ingest_and_loses_nothing(profile: Profile) -> None:
+    """kill -9 of the triggerer (the Kafka watcher of ``crowd_faces_ingest``), 200 messages published meanwhile.
+
+    Nothing is stored while it is down (with no ingest run active nor queued, only the watcher can start one);
+    once it is started again it takes the watcher over, an asset-triggered ingest run stores all 200, each once.
+    """
+    from confluent_kafka import Producer
+
+    from crowd.messages import build_message
+
+    profile.unpause("crowd_faces_ingest")
+    bootstrap = json.loads(profile.env["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]["bootstrap.servers"]
+    producer = Producer({"bootstrap.servers": bootstrap})
+
+    def publish(video_id: str, count: int) -> None:
+        for i in range(count):
+            message = build_message(video_id, "cam.mp4", i, i * 33.3, (720, 1280, 3), [], "test")
+            producer.produce(profile.env["CROWD_FACES_TOPIC"], key=video_id.encode(), value=message.to_json())
+        assert producer.flush(30) == 0
+
+    publish("before-the-outage", 1)
+    profile.wait("the watcher live", lambda: _stored_frame_ids(profile, "before-the-outage") == [0], 240, 0.5)
+
+    def ingest_idle() -> bool:  # no run active, and no asset event waiting for one (detection tasks emit them too)
+        queued = profile.api.get("/api/v2/dags/crowd_faces_ingest/assets/queuedEvents").json()["total_entries"]
+        return queued == 0 and all(r["state"] in ("success", "failed") for r in profile.runs("crowd_faces_ingest"))
+
+    profile.wait("the ingest idle", ingest_idle, 180)
+    runs_before = len(profile.runs("crowd_faces_ingest"))
+    state = Path(profile.env["CROWD_CELERY_STATE_DIR"])
+    subprocess.run(["pkill", "-KILL", "-s", (state / "pids" / "triggerer.pid").read_text().strip()], check=True)
+    killed_at = time.monotonic()
+    publish("during-the-outage", 200)
+    time.sleep(10)
+    stored_while_down = len(_stored_frame_ids(profile, "during-the-outage"))
+    revived = _script("revive", "triggerer", env={**profile.env, "CROWD_CELERY_STATE": str(state)}, timeout=240)
+    assert revived.returncode == 0, revived.stderr[-3000:]
+    profile.wait(
+        "the 200 messages stored", lambda: len(_stored_frame_ids(profile, "during-the-outage")) >= 200, 300, 1.0
+    )
+    print(f"\n[stage] triggerer down 10 s: stored meanwhile {stored_while_down}; all 200 stored "
+          f"{time.monotonic() - killed_at:.1f} s after the kill")  # fmt: skip
+    assert stored_while_down == 0
+    assert sorted(_stored_frame_ids(profile, "during-the-outage")) == list(range(200))  # each once
+    new_runs = profile.runs("crowd_faces_ingest")[runs_before:]
+    assert new_runs and all(r["run_type"] == "asset_triggered" for r in new_runs), new_runs
 
 
 @pytest.mark.parametrize("how", ["host", "process"])
@@ -397,7 +487,7 @@ def test_a_worker_killed_mid_task_loses_nothing_and_stores_nothing_twice(profile
     finally:
         topic.consumer.close()
         env = {**profile.env, "CROWD_CELERY_STATE": profile.env["CROWD_CELERY_STATE_DIR"]}
-        restarted = _script("worker", "1", env=env, timeout=240)
+        restarted = _script("revive", "worker1", env=env, timeout=240)
         assert restarted.returncode == 0, restarted.stderr[-3000:]
 
 
