@@ -151,6 +151,14 @@ class _Publisher:
         """Flush, raise :class:`~crowd.kafka.PublishError` unless every message was acknowledged; the count."""
         return self.tracker.wait(self.producer, timeout_s=timeout_s)
 
+    def __enter__(self) -> _Publisher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Release the producer (its threads and connections); anything still queued is delivered first, within
+        the message timeout. A failed task's producer would otherwise go on retrying its broker while it lives."""
+        self.producer.close()
+
 
 def list_videos(roots: Iterable[Path]) -> list[Path]:
     """Every ``*.mp4`` regular file under ``roots``, sorted; symlinks leading outside the roots are left out."""
@@ -270,46 +278,47 @@ def detect_and_publish(item: WorkItem, options: DetectOptions, settings: Setting
         item.part + 1, item.parts, item.start, item.stop if item.stop is not None else "end", detector.name,
         settings.faces_topic,
     )  # fmt: skip
-    publisher = _Publisher.create(settings.kafka_conn_id, settings.faces_topic, timeout_s=settings.publish_timeout_s)
     pictures_dir = settings.results_dir / item.video_id
     if item.parts > 1:
         pictures_dir = pictures_dir / f"part-{item.part:04d}"
     _check_results_folder(pictures_dir)
-    started = time.perf_counter()
-    try:
-        summary = process_video(
-            path, detector, frame_interval=options.frame_interval, frame_range=(item.start, item.stop),
-            on_message=publisher, pictures_dir=pictures_dir, video_id=item.video_id,
+    topic, timeout_s = settings.faces_topic, settings.publish_timeout_s
+    with _Publisher.create(settings.kafka_conn_id, topic, timeout_s=timeout_s) as publisher:
+        started = time.perf_counter()
+        try:
+            summary = process_video(
+                path, detector, frame_interval=options.frame_interval, frame_range=(item.start, item.stop),
+                on_message=publisher, pictures_dir=pictures_dir, video_id=item.video_id,
+            )  # fmt: skip
+        except OSError as exc:  # video errors are VideoError; an OSError here is the pictures' write
+            try:  # the frames' messages are good: deliver them before failing on the pictures
+                publisher.wait(timeout_s=settings.publish_timeout_s)
+            except PublishError as publish_error:
+                log.error("video %s: delivering its messages failed as well: %s", path.name, publish_error)
+            raise ResultsFolderError(
+                f"video {path.name} ({item.video_id}): writing results to {pictures_dir} failed ({exc}); fix "
+                "CROWD_RESULTS_DIR (permissions, free space) and retry"
+            ) from exc
+        delivered = publisher.wait(timeout_s=settings.publish_timeout_s)
+        log.info(
+            "summary %s part %d/%d: %d frames, %d faces, max %d at %.1f s (frame %s), %d messages delivered to %s, "
+            "%.1f s wall",
+            path.name, item.part + 1, item.parts, summary.frames_processed, summary.faces_total, summary.max_faces,
+            (summary.max_faces_ts_ms or 0) / 1000, summary.max_faces_frame_id, delivered, settings.faces_topic,
+            time.perf_counter() - started,
         )  # fmt: skip
-    except OSError as exc:  # video errors are VideoError; an OSError here is the pictures' write
-        try:  # the frames' messages are good: deliver them before failing on the pictures
-            publisher.wait(timeout_s=settings.publish_timeout_s)
-        except PublishError as publish_error:
-            log.error("video %s: delivering its messages failed as well: %s", path.name, publish_error)
-        raise ResultsFolderError(
-            f"video {path.name} ({item.video_id}): writing results to {pictures_dir} failed ({exc}); fix "
-            "CROWD_RESULTS_DIR (permissions, free space) and retry"
-        ) from exc
-    delivered = publisher.wait(timeout_s=settings.publish_timeout_s)
-    log.info(
-        "summary %s part %d/%d: %d frames, %d faces, max %d at %.1f s (frame %s), %d messages delivered to %s, "
-        "%.1f s wall",
-        path.name, item.part + 1, item.parts, summary.frames_processed, summary.faces_total, summary.max_faces,
-        (summary.max_faces_ts_ms or 0) / 1000, summary.max_faces_frame_id, delivered, settings.faces_topic,
-        time.perf_counter() - started,
-    )  # fmt: skip
-    for kind, picture in (summary.pictures or {}).items():
-        if picture:
-            log.info("picture %s: %s", kind, picture)
-    if summary.stopped_early:
-        with storage.connect(settings.postgres_conn_id) as conn:
-            storage.mark_video_failed(conn, item.video_id, str(path), summary.error or "stopped early")
-        raise BadVideoError(
-            f"video {path.name} ({item.video_id}) is corrupt after frame {summary.last_frame_id}: {summary.error}; "
-            f"the {delivered} frames before it were published"
-        )
-    return {**item.to_dict(), "frames": summary.frames_processed, "faces": summary.faces_total,
-            "max_faces": summary.max_faces, "messages": delivered}  # fmt: skip
+        for kind, picture in (summary.pictures or {}).items():
+            if picture:
+                log.info("picture %s: %s", kind, picture)
+        if summary.stopped_early:
+            with storage.connect(settings.postgres_conn_id) as conn:
+                storage.mark_video_failed(conn, item.video_id, str(path), summary.error or "stopped early")
+            raise BadVideoError(
+                f"video {path.name} ({item.video_id}) is corrupt after frame {summary.last_frame_id}: {summary.error}; "
+                f"the {delivered} frames before it were published"
+            )
+        return {**item.to_dict(), "frames": summary.frames_processed, "faces": summary.faces_total,
+                "max_faces": summary.max_faces, "messages": delivered}  # fmt: skip
 
 
 def finish_videos(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import string
 import uuid
+from pathlib import Path
 
 import pytest
 from confluent_kafka import TopicPartition
@@ -67,3 +70,32 @@ def test_a_message_the_broker_rejects_fails_the_publish(kind: str, kafka_admin, 
             publisher.wait(timeout_s=20)
     finally:
         kafka_admin.delete_topics([topic])
+
+
+def _librdkafka_threads() -> int:
+    """Threads of this process that librdkafka started (named ``rdk:main``, ``rdk:broker...``)."""
+    names = [Path(f"/proc/self/task/{t}/comm").read_text() for t in os.listdir("/proc/self/task")]
+    return sum(name.startswith("rdk:") for name in names)
+
+
+def test_a_task_that_fails_to_publish_releases_its_producer(pg_schema, video_root, monkeypatch) -> None:
+    """A dead broker fails the task with PublishError and leaves no producer behind.
+
+    Before, the failed task's producer lived on in the exception's traceback and went on retrying its broker (the
+    "Connect to 127.0.0.1:9 failed" lines for the rest of a test session); now its librdkafka threads are gone.
+    """
+    from crowd.config import load_settings
+    from crowd.jobs import DetectOptions, detect_and_publish, plan_requested_video
+    from tests.crowd._helpers import CARPHONE, write_clip
+
+    video = write_clip(CARPHONE, video_root / "dead-broker.mp4", 10)
+    dead = {"conn_type": "kafka", "extra": {"bootstrap.servers": "127.0.0.1:9", "socket.timeout.ms": 1000}}
+    monkeypatch.setenv("AIRFLOW_CONN_KAFKA_DEFAULT", json.dumps(dead))
+    monkeypatch.setenv("CROWD_PUBLISH_TIMEOUT_S", "2")
+    settings = load_settings()
+    (item,) = plan_requested_video(str(video), settings)
+    before = _librdkafka_threads()
+    with pytest.raises(PublishError) as failed:
+        detect_and_publish(item, DetectOptions(frame_interval=5, model="mtcnn"), settings)
+    assert failed.value.__traceback__ is not None  # still held here, as a caller of the task would
+    assert _librdkafka_threads() <= before, "the failed task's producer is still running"
