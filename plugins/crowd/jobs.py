@@ -292,19 +292,19 @@ def detect_and_publish(item: WorkItem, options: DetectOptions, settings: Setting
             )  # fmt: skip
         except OSError as exc:  # video errors are VideoError; an OSError here is the pictures' write
             try:  # the frames' messages are good: deliver them before failing on the pictures
-                publisher.wait(timeout_s=settings.publish_timeout_s)
+                publisher.wait(timeout_s=timeout_s)
             except PublishError as publish_error:
                 log.error("video %s: delivering its messages failed as well: %s", path.name, publish_error)
             raise ResultsFolderError(
                 f"video {path.name} ({item.video_id}): writing results to {pictures_dir} failed ({exc}); fix "
                 "CROWD_RESULTS_DIR (permissions, free space) and retry"
             ) from exc
-        delivered = publisher.wait(timeout_s=settings.publish_timeout_s)
+        delivered = publisher.wait(timeout_s=timeout_s)
         log.info(
             "summary %s part %d/%d: %d frames, %d faces, max %d at %.1f s (frame %s), %d messages delivered to %s, "
             "%.1f s wall",
             path.name, item.part + 1, item.parts, summary.frames_processed, summary.faces_total, summary.max_faces,
-            (summary.max_faces_ts_ms or 0) / 1000, summary.max_faces_frame_id, delivered, settings.faces_topic,
+            (summary.max_faces_ts_ms or 0) / 1000, summary.max_faces_frame_id, delivered, topic,
             time.perf_counter() - started,
         )  # fmt: skip
         for kind, picture in (summary.pictures or {}).items():
