@@ -422,8 +422,8 @@ def test_the_scan_dag_over_the_hostile_folder(kafka_admin, postgres_admin_dsn: s
     """The same folder through one ``dag.test()`` of ``crowd_video_scan``: one mapped task per planned file.
 
     Each bad file fails its own mapped task (no retry: ``AirflowFailException``), labelled with its file name,
-    while the good videos' tasks succeed; ``finish_videos`` still runs and fails the run naming the incomplete
-    videos; the registry and the topic hold what the ``crowd.jobs`` run above found.
+    while the good videos' tasks succeed; ``finish_videos`` still runs (the good videos are ``done``) and fails the
+    run; the registry and the topic hold what the ``crowd.jobs`` run above found.
     """
     import re
 
