@@ -165,7 +165,10 @@ revive() {
     worker[0-9]*)
       start_worker "${name#worker}"
       wait_for 180 "$name" worker_ready "${name#worker}" || { tail -30 "$STATE/logs/$name.log" >&2; die "$name did not get ready"; } ;;
-    api-server | scheduler | dag-processor | triggerer) spawn "$name" airflow "$name" ;;
+    api-server)
+      spawn api-server airflow api-server
+      wait_for 240 api-server airflow_up || { tail -30 "$STATE/logs/api-server.log" >&2; die "the api-server did not answer"; } ;;
+    scheduler | dag-processor | triggerer) spawn "$name" airflow "$name" ;;
     *) die "unknown process $name (rabbitmq, worker<I>, ${COMPONENTS[*]})" ;;
   esac
   log "$name started again"

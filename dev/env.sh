@@ -16,6 +16,11 @@ export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="${AIRFLOW__DAG_PROCESSOR__REFRE
 # An asset's Kafka watcher is registered by the next parse of its DAG file after an unpause (at most once per
 # min_file_process_interval, 30 s by default): 10 s bounds that wait for dev (bench/README.md, latency).
 export AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL="${AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL:-10}"
+# Workers reach the api-server (the Execution API) for every task start, heartbeat, XCom and end. Airflow's default
+# (5 tries, ~15 s) fails a task that ends while the api-server restarts, and the retry redoes its whole part: 30
+# tries at most 10 s apart ride out ~2 minutes (README, "The api-server restarted"; tests/deploy/test_celery.py).
+export AIRFLOW__WORKERS__EXECUTION_API_RETRIES="${AIRFLOW__WORKERS__EXECUTION_API_RETRIES:-30}"
+export AIRFLOW__WORKERS__EXECUTION_API_RETRY_WAIT_MAX="${AIRFLOW__WORKERS__EXECUTION_API_RETRY_WAIT_MAX:-10}"
 export PYTHONPATH="$CROWD_ROOT/plugins${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$CROWD_ROOT/.venv/bin:$PATH"   # airflow standalone starts its components as `airflow ...`
 
