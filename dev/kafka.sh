@@ -4,6 +4,8 @@
 # Data and logs: $CROWD_STATE/kafka. Broker: 127.0.0.1:9092, controller: 127.0.0.1:9093.
 # A second, private broker (fault-injection tests): CROWD_KAFKA_PORT, CROWD_KAFKA_CONTROLLER_PORT and
 # CROWD_KAFKA_DIR (state folder: data, log, pid file) choose its ports and folder; the jars stay shared.
+# CROWD_KAFKA_PROXIED_PORTS=LISTEN:ADVERTISED adds a listener on LISTEN that tells its clients to connect to
+# ADVERTISED: a TCP proxy there puts them behind it (the network-partition tests); other clients are not affected.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 KAFKA_DIR="${CROWD_KAFKA_DIR:-$CROWD_STATE/kafka}"
@@ -34,6 +36,11 @@ ensure_storage() {
       -e "s#127.0.0.1:9092#127.0.0.1:$KAFKA_PORT#g" -e "s#127.0.0.1:9093#127.0.0.1:$KAFKA_CONTROLLER_PORT#g" \
       "$CONF_SRC/server.properties" > "$KAFKA_DIR/server.properties"
   echo "log.dirs=$DATA" >> "$KAFKA_DIR/server.properties"
+  if [[ -n ${CROWD_KAFKA_PROXIED_PORTS:-} ]]; then
+    local listen=${CROWD_KAFKA_PROXIED_PORTS%%:*} advertised=${CROWD_KAFKA_PROXIED_PORTS##*:}
+    sed -i -e "s#^listeners=.*#&,PROXIED://127.0.0.1:$listen#" -e "s#^advertised.listeners=.*#&,PROXIED://127.0.0.1:$advertised#" \
+        -e "s#^listener.security.protocol.map=.*#&,PROXIED:PLAINTEXT#" "$KAFKA_DIR/server.properties"
+  fi
   [[ -f $DATA/meta.properties ]] && return 0
   log "formatting KRaft storage in $DATA"
   mkdir -p "$DATA"

@@ -84,11 +84,14 @@ class PrivateKafka:
     def __init__(self, folder: Path, port: int = KAFKA_PORT, controller_port: int = KAFKA_CONTROLLER_PORT) -> None:
         self.folder, self.port, self.controller_port = folder, port, controller_port
         self.bootstrap = f"127.0.0.1:{port}"
+        # A listener on port + 2 that sends its clients to port + 3, where a PartitionProxy may stand.
+        self.proxied_port, self.proxy_port = port + 2, port + 3
         self.env = {
             **os.environ,
             "CROWD_KAFKA_PORT": str(port),
             "CROWD_KAFKA_CONTROLLER_PORT": str(controller_port),
             "CROWD_KAFKA_DIR": str(folder),
+            "CROWD_KAFKA_PROXIED_PORTS": f"{self.proxied_port}:{self.proxy_port}",
         }
 
     def _script(self, action: str) -> None:
@@ -124,10 +127,11 @@ class PrivateKafka:
         if self.pid is not None and not _pid_gone(self.pid):
             self._script("stop")
 
-    def conn(self, group_id: str = "crowd-ingest", **more: object) -> str:
+    def conn(self, group_id: str = "crowd-ingest", *, bootstrap: str | None = None, **more: object) -> str:
+        """A ``kafka`` connection (JSON) to this broker, or to ``bootstrap`` (the proxy in front of it)."""
         extra = {
             **more,
-            "bootstrap.servers": self.bootstrap,
+            "bootstrap.servers": bootstrap or self.bootstrap,
             "group.id": group_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
@@ -164,9 +168,10 @@ class PrivateKafka:
 
 @pytest.fixture(scope="session")
 def private_kafka() -> Iterator[PrivateKafka]:
-    """A private broker on 127.0.0.1:19092 (controller 19093) in a temp folder; killed and removed at the end."""
-    if port_open(KAFKA_PORT) or port_open(KAFKA_CONTROLLER_PORT):
-        pytest.skip(f"port {KAFKA_PORT} or {KAFKA_CONTROLLER_PORT} is taken; set CROWD_REL_KAFKA_PORT")
+    """A private broker on 127.0.0.1:19092 (controller 19093, proxied listener 19094 for a proxy on 19095) in a
+    temp folder; killed and removed at the end."""
+    if any(port_open(p) for p in (KAFKA_PORT, KAFKA_CONTROLLER_PORT, KAFKA_PORT + 2, KAFKA_PORT + 3)):
+        pytest.skip(f"one of ports {KAFKA_PORT}-{KAFKA_PORT + 3} is taken; set CROWD_REL_KAFKA_PORT")
     folder = Path(tempfile.mkdtemp(prefix="crowd-rel-kafka-"))
     broker = PrivateKafka(folder)
     try:
