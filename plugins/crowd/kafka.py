@@ -156,8 +156,10 @@ class DeliveryTracker:
         if remaining:
             producer.purge()  # drop what the broker never took: the task fails and its retry re-publishes it
             producer.flush(0)
+            failures = f"; {self.failed} failed delivery: " + "; ".join(self.errors[:3]) if self.failed else ""
             raise PublishError(
-                f"{remaining} message(s) still unacknowledged after {timeout_s:.0f} s; is the broker up?"
+                f"{remaining} message(s) still unacknowledged after {timeout_s:.0f} s{failures}; "
+                "is the broker up and reachable?"
             )
         if self.failed:
             total = self.sent if self.errors_only else self.failed + self.delivered
