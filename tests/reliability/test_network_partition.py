@@ -137,3 +137,49 @@ def test_a_partition_outlasting_the_publish_timeout_fails_the_task_and_the_rerun
         "frames": FRAMES, "task_failed_after_cut_s": round(failed_after_s, 1), "error": str(out["error"])[:200],
         "in_topic_from_the_failed_try": in_topic_cut, "messages_in_topic": in_topic, "frames_stored": counts["frames"],
     })  # fmt: skip
+
+
+def test_a_partition_mid_drain_loses_nothing_and_doubles_nothing(
+    private_faces: str, kafka_up: PrivateKafka, proxy: PartitionProxy, pg_schema: str, monkeypatch,
+) -> None:  # fmt: skip
+    """The drain consumes through the proxy; cut for 20 s once a fifth of the backlog is stored, then healed.
+    The drain waits (its idle timeout is longer than the cut) and goes on: every message stored once."""
+    from tests.crowd.test_ingest import backlog_with_garbage
+    from tests.reliability.conftest import stored_offsets_sum
+    from tests.reliability.test_kafka_faults import publish_private
+
+    messages, items = backlog_with_garbage(4, 5000, faces_every=4, garbage_every=500, garbage=b"not json")
+    publish_private(private_faces, items)  # straight to the broker
+    total, n_bad = len(items), len(items) - len(messages)
+    small = {"queued.max.messages.kbytes": 256, "max.partition.fetch.bytes": 65536, "request.timeout.ms": 5000}
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_KAFKA_DEFAULT",
+        kafka_up.conn("crowd-ingest", bootstrap=f"127.0.0.1:{kafka_up.proxy_port}", **small),
+    )
+    thread, out = _in_thread(
+        drain, "kafka_default", "crowd_postgres", private_faces, GROUP,
+        batch_size=500, batch_wait_s=0.2, idle_timeout_s=40, max_seconds=150,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while stored_offsets_sum() < 0.2 * total and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert thread.is_alive(), f"drain ended before the cut: {out}"
+    proxy.partition()
+    time.sleep(20)
+    at_heal = stored_offsets_sum()
+    assert at_heal < total, "the drain had everything prefetched: the cut was not met"
+    proxy.heal()
+    thread.join(180)
+    assert not thread.is_alive(), "the drain hangs after the heal"
+    assert "error" not in out, out["error"]
+    summary = out["result"]
+    counts = pg_counts()
+    assert counts["frames"] == counts["distinct_frames"] == len(messages), counts
+    assert counts["rejected"] == n_bad
+    assert counts["offsets"] == total == counts["frames"] + counts["rejected"]
+    assert counts["faces"] == sum(m["total_faces"] for m in messages)
+    report("partition-3 20 s partition mid-drain, healed", {
+        "messages": total, "bad": n_bad, "stored_offsets_at_heal": at_heal, "drain": summary.stopped_because,
+        "drain_messages": summary.messages, "lag_left": summary.lag_left, "frames_stored": counts["frames"],
+        "rejected": counts["rejected"], "lost": 0, "duplicated": 0,
+    })  # fmt: skip
