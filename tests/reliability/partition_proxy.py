@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 
@@ -12,7 +13,7 @@ class PartitionProxy:
     :meth:`partition` stops every byte in both directions without closing anything, as a cut cable or a dropped
     route does: no reset, no end of stream, requests simply get no answer (new connections are accepted by the
     kernel and then hear nothing). :meth:`heal` lets traffic flow again; bytes sent meanwhile are delivered then,
-    as TCP would once its retransmissions get through. ``bytes_relayed`` counts what crossed, both ways.
+    as TCP would once its retransmissions get through.
     """
 
     def __init__(self, listen_port: int, target_port: int) -> None:
@@ -22,8 +23,7 @@ class PartitionProxy:
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
-        self.bytes_relayed = 0
-        self._server = socket.create_server(("127.0.0.1", listen_port), reuse_port=False)
+        self._server = socket.create_server(("127.0.0.1", listen_port))
         self._server.settimeout(0.2)
         self._acceptor = threading.Thread(target=self._accept, name="partition-proxy", daemon=True)
         self._acceptor.start()
@@ -71,27 +71,26 @@ class PartitionProxy:
         except OSError:
             client.close()
             return
+        upstream.settimeout(None)  # blocking, as the client side: see _pump
         with self._lock:
             self._sockets += [client, upstream]
         for src, dst in ((client, upstream), (upstream, client)):
             threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        src.settimeout(0.2)
+        # Blocking sockets, readiness polled: a socket timeout would also bound ``sendall`` to a slow reader and
+        # close the connection, which a partition never does.
         try:
             while self._wait_open():  # partitioned: read nothing, so the sender's buffers fill as on a dead link
-                try:
-                    data = src.recv(65536)
-                except TimeoutError:
+                if not select.select([src], [], [], 0.2)[0]:
                     continue
+                data = src.recv(65536)
                 if not data:
                     break
                 if not self._wait_open():  # cut while this chunk was in flight: it waits for the heal
                     break
                 dst.sendall(data)
-                with self._lock:
-                    self.bytes_relayed += len(data)
-        except OSError:
+        except (OSError, ValueError):  # closed by close(), or by the other direction's pump
             pass
         finally:
             for sock in (src, dst):

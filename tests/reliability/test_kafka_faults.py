@@ -68,6 +68,31 @@ def _in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:
     return thread, out
 
 
+def drain_in_background(topic: str, total: int, *, until: float, before: str) -> tuple[threading.Thread, dict]:
+    """The drain (batches of 500, idle timeout 40 s) in a thread, returned once ``until`` of the ``total`` offsets
+    are committed (the moment to inject a fault ``before`` names)."""
+    thread, out = _in_thread(
+        drain, "kafka_default", "crowd_postgres", topic, GROUP,
+        batch_size=500, batch_wait_s=0.2, idle_timeout_s=40, max_seconds=150,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while stored_offsets_sum() < until * total and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert thread.is_alive(), f"drain ended before the {before}: {out}"
+    return thread, out
+
+
+def assert_backlog_stored_once(messages: list[dict], n_bad: int, total: int) -> dict[str, int]:
+    """Every valid message of the backlog is one frame (faces exact), every bad one a rejection, every offset
+    stored; the counts."""
+    counts = pg_counts()
+    assert counts["frames"] == counts["distinct_frames"] == len(messages), counts
+    assert counts["rejected"] == n_bad
+    assert counts["offsets"] == total == counts["frames"] + counts["rejected"]
+    assert counts["faces"] == sum(m["total_faces"] for m in messages)
+    return counts
+
+
 # --- 1. broker killed while a detection task publishes ---------------------------------------------------------
 
 
@@ -141,14 +166,7 @@ def test_broker_restart_mid_drain_loses_nothing_and_doubles_nothing(
     small = {"queued.max.messages.kbytes": 256, "max.partition.fetch.bytes": 65536}
     monkeypatch.setenv("AIRFLOW_CONN_KAFKA_DEFAULT", kafka_up.conn("crowd-ingest", **small))
 
-    thread, out = _in_thread(
-        drain, "kafka_default", "crowd_postgres", private_faces, GROUP,
-        batch_size=500, batch_wait_s=0.2, idle_timeout_s=40, max_seconds=150,
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while stored_offsets_sum() < 0.2 * total and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert thread.is_alive(), f"drain ended before the restart: {out}"
+    thread, out = drain_in_background(private_faces, total, until=0.2, before="restart")
     at_kill = stored_offsets_sum()
     kafka_up.kill9()
     time.sleep(3)  # the drain sees a dead broker for a while
@@ -164,11 +182,7 @@ def test_broker_restart_mid_drain_loses_nothing_and_doubles_nothing(
         drain(
             "kafka_default", "crowd_postgres", private_faces, GROUP, batch_size=500, batch_wait_s=0.2, idle_timeout_s=5
         )
-    counts = pg_counts()
-    assert counts["frames"] == counts["distinct_frames"] == len(messages), counts
-    assert counts["rejected"] == n_bad
-    assert counts["offsets"] == total == counts["frames"] + counts["rejected"]
-    assert counts["faces"] == sum(m["total_faces"] for m in messages)
+    counts = assert_backlog_stored_once(messages, n_bad, total)
     figures = {
         "messages": total, "bad": n_bad, "stored_offsets_at_kill": at_kill, "stored_offsets_while_down": at_restart,
         "broker_restart_s": round(restart_s, 1), "first_drain": "error: " + repr(out["error"])[:200] if "error" in out

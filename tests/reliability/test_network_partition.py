@@ -34,7 +34,8 @@ def proxy(kafka_up: PrivateKafka) -> Iterator[PartitionProxy]:
 
 
 def _start_detection_behind(proxy: PartitionProxy, kafka_up: PrivateKafka, root, monkeypatch, publish_timeout_s: int):
-    """A detection task (600 frames, every frame, MTCNN) publishing through ``proxy``, in a thread; its parts."""
+    """A detection task (600 frames, every frame, MTCNN) publishing through ``proxy``, in a thread: the thread,
+    its outcome (``result`` or ``error``, ``seconds``), the work item, options and settings."""
     from crowd.config import load_settings
     from crowd.jobs import DetectOptions, detect_and_publish, plan_requested_video
 
@@ -146,7 +147,7 @@ def test_a_partition_mid_drain_loses_nothing_and_doubles_nothing(
     The drain waits (its idle timeout is longer than the cut) and goes on: every message stored once."""
     from tests.crowd.test_ingest import backlog_with_garbage
     from tests.reliability.conftest import stored_offsets_sum
-    from tests.reliability.test_kafka_faults import publish_private
+    from tests.reliability.test_kafka_faults import assert_backlog_stored_once, drain_in_background, publish_private
 
     messages, items = backlog_with_garbage(4, 5000, faces_every=4, garbage_every=500, garbage=b"not json")
     publish_private(private_faces, items)  # straight to the broker
@@ -156,14 +157,7 @@ def test_a_partition_mid_drain_loses_nothing_and_doubles_nothing(
         "AIRFLOW_CONN_KAFKA_DEFAULT",
         kafka_up.conn("crowd-ingest", bootstrap=f"127.0.0.1:{kafka_up.proxy_port}", **small),
     )
-    thread, out = _in_thread(
-        drain, "kafka_default", "crowd_postgres", private_faces, GROUP,
-        batch_size=500, batch_wait_s=0.2, idle_timeout_s=40, max_seconds=150,
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while stored_offsets_sum() < 0.2 * total and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert thread.is_alive(), f"drain ended before the cut: {out}"
+    thread, out = drain_in_background(private_faces, total, until=0.2, before="cut")  # idle timeout 40 s
     proxy.partition()
     time.sleep(20)
     at_heal = stored_offsets_sum()
@@ -173,11 +167,7 @@ def test_a_partition_mid_drain_loses_nothing_and_doubles_nothing(
     assert not thread.is_alive(), "the drain hangs after the heal"
     assert "error" not in out, out["error"]
     summary = out["result"]
-    counts = pg_counts()
-    assert counts["frames"] == counts["distinct_frames"] == len(messages), counts
-    assert counts["rejected"] == n_bad
-    assert counts["offsets"] == total == counts["frames"] + counts["rejected"]
-    assert counts["faces"] == sum(m["total_faces"] for m in messages)
+    counts = assert_backlog_stored_once(messages, n_bad, total)
     report("partition-3 20 s partition mid-drain, healed", {
         "messages": total, "bad": n_bad, "stored_offsets_at_heal": at_heal, "drain": summary.stopped_because,
         "drain_messages": summary.messages, "lag_left": summary.lag_left, "frames_stored": counts["frames"],
