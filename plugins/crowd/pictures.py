@@ -11,7 +11,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,14 +46,49 @@ def annotate(image: np.ndarray, detections: Sequence[Any], caption: str | None =
     return out
 
 
-def _write_image(path: Path, image: np.ndarray) -> None:
-    """``cv2.imwrite`` that raises: OpenCV only returns ``False`` when it cannot write the file."""
+def replace_file(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: into a hidden temporary file of the same folder, synced to disk, then
+    renamed over ``path``.
+
+    A reader (the API), or a second try of the same task writing the same picture, sees the old file or the new
+    one, never half of one; a process killed while writing leaves the old file (and at most a hidden ``.tmp``
+    file, which the API does not list).
+
+    Raises:
+        OSError: the file could not be written (no space left, no permission), naming it.
+    """
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")  # unique: other tries may write too
     try:
-        written = cv2.imwrite(str(path), image)
+        try:
+            with open(tmp, "xb") as out:  # mode 0666 less the umask, as any new file
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise OSError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    return target
+
+
+def save_image(path: str | os.PathLike[str], image: np.ndarray) -> Path:
+    """Encode ``image`` in the format of ``path``'s suffix (``.png``, ``.jpg``) and :func:`replace_file` it.
+
+    Raises:
+        OSError: the file could not be written, or OpenCV could not encode the image, naming the file.
+    """
+    target = Path(path)
+    try:
+        encoded, buffer = cv2.imencode(target.suffix, image)
     except cv2.error as exc:
-        raise OSError(f"cannot write {path}: {exc}") from None
-    if not written:
-        raise OSError(f"cannot write {path}: OpenCV could not save it (no space left on the device, or no permission?)")
+        raise OSError(f"cannot write {target}: {exc}") from None
+    if not encoded:
+        raise OSError(f"cannot write {target}: OpenCV could not encode it as {target.suffix}")
+    return replace_file(target, buffer.tobytes())
 
 
 @dataclass
@@ -104,9 +142,9 @@ class PictureAccumulator:
             return PicturePaths(None, None, None)
         n, frame_id, ts, image, dets = self._best
         annotated = out / f"{prefix}annotated.jpg"
-        _write_image(annotated, annotate(image, dets, f"frame {frame_id} ({ts / 1000:.1f} s): {n} faces"))
+        save_image(annotated, annotate(image, dets, f"frame {frame_id} ({ts / 1000:.1f} s): {n} faces"))
         heat = out / f"{prefix}heatmap.png"
-        _write_image(heat, self.heatmap())
+        save_image(heat, self.heatmap())
         timeline = out / f"{prefix}faces_over_time.png"
         self._plot(timeline)
         return PicturePaths(annotated, heat, timeline)
@@ -123,4 +161,6 @@ class PictureAccumulator:
         ax.set_title("faces per processed frame")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(str(path))
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
+        replace_file(path, png.getvalue())

@@ -140,7 +140,8 @@ def small_tmpfs(tmp_path: Path):
 
 
 def test_pictures_on_a_full_disk_fail_naming_the_file(small_tmpfs) -> None:
-    """cv2.imwrite only returns False on a full disk: the pictures raise instead of leaving a file out."""
+    """A full disk raises, naming the picture (``cv2.imwrite`` alone would only return False), and leaves no file
+    behind: neither a partial picture nor the temporary file it was written to."""
     from crowd.detection import Detection
     from crowd.pictures import PictureAccumulator
 
@@ -148,8 +149,66 @@ def test_pictures_on_a_full_disk_fail_naming_the_file(small_tmpfs) -> None:
     pictures = PictureAccumulator(width=176, height=144)
     (frame,) = read_frames(CARPHONE, 1)
     pictures.add(0, 0.0, frame, [Detection(60, 30, 50, 60, 0.9)])
-    with pytest.raises(OSError, match=r"annotated\.jpg.*no space left"):
+    with pytest.raises(OSError, match=r"(?i)cannot write .*annotated\.jpg.*no space left"):
         pictures.write(results)
+    assert list(results.iterdir()) == []
+
+
+_REWRITE_FOREVER = """
+import sys
+import numpy as np
+from crowd.pictures import save_image
+images = [np.random.default_rng(seed).integers(0, 256, (1500, 1500, 3), np.uint8) for seed in (1, 2)]
+save_image(sys.argv[1], images[0])
+print("written", flush=True)
+turn = 0
+while True:
+    turn += 1
+    save_image(sys.argv[1], images[turn % 2])
+"""
+
+
+def test_a_process_killed_while_writing_a_picture_leaves_a_whole_one(tmp_path: Path) -> None:
+    """kill -9 at random moments of a process rewriting a 6.75 MB PNG over and over (two pictures in turn):
+    each time the file decodes whole, as one of the two pictures, never a truncated one (written in place, it
+    would be truncated nearly all the time), and whatever temporary file is left is hidden from the API."""
+    import random
+    import re
+    import signal
+    import sys
+    import time
+
+    import cv2
+    import numpy as np
+
+    from crowd.api import IMAGE_NAME_PATTERN
+
+    images = [np.random.default_rng(seed).integers(0, 256, (1500, 1500, 3), np.uint8) for seed in (1, 2)]
+    picture = tmp_path / "heatmap.png"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "plugins")}
+    rng = random.Random(7)
+    seen = []
+    for _ in range(6):
+        writer = subprocess.Popen(
+            [sys.executable, "-c", _REWRITE_FOREVER, str(picture)], env=env, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert writer.stdout.readline().strip() == "written"
+            time.sleep(rng.uniform(0.05, 1.5))
+        finally:
+            writer.send_signal(signal.SIGKILL)
+            writer.wait(30)
+            writer.stdout.close()
+        on_disk = cv2.imread(str(picture), cv2.IMREAD_COLOR)
+        assert on_disk is not None, "the picture on disk is not a whole PNG"
+        matches = [i for i, image in enumerate(images) if np.array_equal(on_disk, image)]
+        assert len(matches) == 1, "the picture on disk is neither of the two written"
+        seen.append(matches[0])
+    left = sorted(p.name for p in tmp_path.iterdir() if p != picture)
+    assert all(name.startswith(".") and not re.match(IMAGE_NAME_PATTERN, name) for name in left), left
+    report(
+        "fault-6 picture writer killed", {"kills": len(seen), "picture_after_each": seen, "temporary_files_left": left}
+    )
 
 
 @pytest.mark.parametrize(
