@@ -7,7 +7,8 @@ holds exactly one row per sampled frame. The acceptance test then follows one mo
 ``GET /crowd/videos/{id}`` on the running api-server and prints the time of each stage. Then the profile's
 processes are killed with ``-9`` mid-run and started again (``dev/celery.sh revive``): RabbitMQ, the scheduler, the
 dag-processor, the api-server, the triggerer, and a worker half-way through a detection task (its whole session,
-then its process group only). Each time no frame is lost and none stored twice.
+then its process group only); last, a worker is frozen (SIGSTOP) past its task's heartbeat timeout and thawed
+while the retry runs. Each time no frame is lost and none stored twice.
 """
 
 from __future__ import annotations
@@ -466,6 +467,23 @@ def test_the_triggerer_killed_delays_the_ingest_and_loses_nothing(profile: Profi
     assert new_runs and all(r["run_type"] == "asset_triggered" for r in new_runs), new_runs
 
 
+def _a_worker_half_way(profile: Profile, topic: _TopicReader, run_id: str, video_id: str) -> tuple[str, int, int]:
+    """Wait for a detection task of ``run_id`` half-way through its frames; its worker, map index and frames
+    published so far."""
+
+    def half_way() -> tuple[str, int, int] | None:
+        published = topic.read().get(video_id, [])
+        for ti in profile.task_instances("crowd_video_detect", run_id):
+            if ti["task_id"] == "detect_and_publish" and ti["state"] == "running":
+                first = ti["map_index"] * FRAMES_PER_TASK
+                done = sum(first <= f < first + FRAMES_PER_TASK for f in published)
+                if 5 <= done < FRAMES_PER_TASK - 10:
+                    return ti["hostname"].split("@")[0], ti["map_index"], done
+        return None
+
+    return profile.wait("a worker half-way", half_way, 240, 0.3)
+
+
 @pytest.mark.parametrize("how", ["host", "process"])
 def test_a_worker_killed_mid_task_loses_nothing_and_stores_nothing_twice(profile: Profile, how: str) -> None:
     """kill -9 of a Celery worker half-way through a detection task (manual run, 80 frames of 720p, every frame).
@@ -482,20 +500,10 @@ def test_a_worker_killed_mid_task_loses_nothing_and_stores_nothing_twice(profile
     topic = _TopicReader(profile)
     run_id = _trigger_every_frame(profile, video)
 
-    def a_worker_half_way() -> tuple[str, int, int] | None:
-        published = topic.read().get(video_id, [])
-        for ti in profile.task_instances("crowd_video_detect", run_id):
-            if ti["task_id"] == "detect_and_publish" and ti["state"] == "running":
-                first = ti["map_index"] * FRAMES_PER_TASK
-                done = sum(first <= f < first + FRAMES_PER_TASK for f in published)
-                if 5 <= done < FRAMES_PER_TASK - 10:
-                    return ti["hostname"].split("@")[0], ti["map_index"], done
-        return None
-
     # Either worker: with concurrency 1, the other one may be busy with an ingest run for a while.
     victim = None
     try:
-        victim, map_index, published_before_kill = profile.wait("a worker half-way", a_worker_half_way, 240, 0.3)
+        victim, map_index, published_before_kill = _a_worker_half_way(profile, topic, run_id, video_id)
         session = _kill(profile, victim, whole_session=how == "host")
         killed_at = time.monotonic()
         run = profile.finished_run("crowd_video_detect", run_id, 300 + 2 * HEARTBEAT_TIMEOUT_S)
@@ -530,3 +538,91 @@ def test_a_worker_killed_mid_task_loses_nothing_and_stores_nothing_twice(profile
         topic.consumer.close()
         if victim:
             _revive(profile, victim)
+
+
+def test_a_frozen_worker_thawed_after_its_task_was_retried_stores_nothing_twice(profile: Profile) -> None:
+    """SIGSTOP of a Celery worker's whole session half-way through a detection task (its machine frozen, or cut
+    off and alive), longer than ``task_instance_heartbeat_timeout``: the scheduler fails the silent try and the
+    other worker retries it. Then SIGCONT while the retry runs: the stale try, a zombie, goes on where it stopped
+    until its supervisor's next heartbeat is refused, and is stopped. The run succeeds, every frame is stored once,
+    the video ends ``done``, the zombie's task process ends and the thawed worker answers again.
+    """
+    from celery import Celery
+
+    profile.unpause("crowd_faces_ingest")
+    profile.unpause("crowd_video_detect")
+    video, video_id = _new_720p_clip(profile, "frozen-worker.mp4", read_frames(CARPHONE, 80)[::-1])
+    expected = list(range(80))
+    topic = _TopicReader(profile)
+    run_id = _trigger_every_frame(profile, video)
+    tries_url = f"/api/v2/dags/crowd_video_detect/dagRuns/{run_id}/taskInstances/detect_and_publish/{{}}/tries"
+    session = None
+    try:
+        victim, map_index, published_before = _a_worker_half_way(profile, topic, run_id, video_id)
+        (stale,) = [
+            ti for ti in profile.task_instances("crowd_video_detect", run_id)
+            if ti["task_id"] == "detect_and_publish" and ti["map_index"] == map_index
+        ]  # fmt: skip
+        session = int((Path(profile.env["CROWD_CELERY_STATE_DIR"]) / "pids" / f"{victim}.pid").read_text())
+        subprocess.run(["pkill", "-STOP", "-s", str(session)], check=True)
+        frozen_at = time.monotonic()
+
+        def retry_running() -> list[dict] | None:
+            tries = profile.api.get(tries_url.format(map_index)).json()["task_instances"]
+            retried = [t for t in tries if t["try_number"] > 1 and t["state"] in ("running", "success")]
+            return tries if retried else None
+
+        tries = profile.wait("the frozen try retried elsewhere", retry_running, 300 + 2 * HEARTBEAT_TIMEOUT_S)
+        subprocess.run(["pkill", "-CONT", "-s", str(session)], check=True)
+        thawed_at = time.monotonic()
+        frozen_s, session = thawed_at - frozen_at, None
+        print(
+            f"\n[stage] {victim} frozen with {published_before} frames of part {map_index} published, for "
+            f"{frozen_s:.1f} s, until: {[(t['try_number'], t['state'], t['hostname']) for t in tries]}"
+        )
+
+        def zombie_gone() -> bool:  # the task process of the stale try (Airflow titles it with the try's id)
+            found = subprocess.run(["pgrep", "-f", f"airflow worker -- {stale['id']}"], capture_output=True)
+            return found.returncode == 1
+
+        profile.wait("the stale try's task process to end", zombie_gone, 120, 1)
+        state_dir = Path(profile.env["CROWD_CELERY_STATE_DIR"])
+        refused = [
+            line.strip()[:200]
+            for log in [state_dir / "logs" / f"{victim}.log", *(state_dir / "airflow" / "logs").rglob("*.log")]
+            for line in log.read_text(errors="replace").splitlines()
+            if "shouldn't be running anymore" in line
+        ]
+        print(f"[stage] stale try's task process ended {time.monotonic() - thawed_at:.1f} s after the thaw: {refused}")
+        assert refused, "the stale try was not stopped by its refused heartbeat"
+        run = profile.finished_run("crowd_video_detect", run_id, 300)
+        tries = profile.api.get(tries_url.format(map_index)).json()["task_instances"]
+        print(f"[stage] run {run['state']}; tries: {[(t['try_number'], t['state'], t['hostname']) for t in tries]}")
+        assert run["state"] == "success", profile.detection_tries(run_id)
+        assert tries[0]["hostname"].startswith(f"{victim}@") and tries[0]["state"] != "success", tries
+        assert tries[-1]["state"] == "success" and not tries[-1]["hostname"].startswith(f"{victim}@"), tries
+
+        profile.wait(
+            "every frame of the video stored", lambda: sorted(_stored_frame_ids(profile, video_id)) == expected, 120
+        )
+        published = topic.read(for_s=30)[video_id]
+        first = map_index * FRAMES_PER_TASK
+        part = [f for f in published if first <= f < first + FRAMES_PER_TASK]
+        print(f"[stage] published {len(published)} messages for {len(expected)} frames ({len(part)} for part "
+              f"{map_index}, {FRAMES_PER_TASK} frames); stored once each")  # fmt: skip
+        assert len(part) >= FRAMES_PER_TASK + published_before  # the stale try's messages came twice
+        assert profile.api.get(f"/crowd/videos/{video_id}").json()["status"] == "done"
+        with psycopg.connect(profile.results_dsn) as conn:
+            assert conn.execute("SELECT count(*) FROM rejected_messages").fetchone()[0] == 0
+
+        celery = Celery(broker=profile.env["AIRFLOW__CELERY__BROKER_URL"])
+        answered = profile.wait(
+            f"{victim} to answer a Celery ping",
+            lambda: [name for reply in celery.control.ping(timeout=2) for name in reply if name.startswith(victim)],
+            120,
+        )
+        print(f"[stage] thawed worker answers: {answered}")
+    finally:
+        topic.consumer.close()
+        if session is not None:  # never leave a stopped session behind
+            subprocess.run(["pkill", "-CONT", "-s", str(session)], check=False)
