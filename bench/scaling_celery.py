@@ -97,6 +97,7 @@ def run_round(workers: int, base_env: dict[str, str], videos: Path, tmp: Path, t
         "CROWD_CELERY_WORKERS": str(workers),
         "CROWD_VIDEO_ROOTS": str(videos),
         "CROWD_SCAN_SCHEDULE": "@once",
+        "CROWD_SCAN_MIN_AGE_S": "0",  # the clips were generated moments before
         "CROWD_FACES_TOPIC": topics[0],
         "CROWD_ALERTS_TOPIC": topics[1],
         "CROWD_PG_PORT": base_env.get("CROWD_PG_PORT", "5433"),

@@ -14,8 +14,9 @@
 # Everything lives under $CROWD_CELERY_STATE (default .local/celery); $CROWD_CELERY_STATE/celery.env holds the
 # settings of the running profile (ports, databases, AIRFLOW_* and CROWD_*): `source` it to talk to it.
 # Settings read at start (all optional): CROWD_CELERY_WORKERS (2), CROWD_CELERY_API_PORT / CROWD_CELERY_AMQP_PORT
-# (free ports), CROWD_VIDEO_ROOTS, CROWD_FRAMES_PER_TASK, CROWD_SCAN_SCHEDULE, CROWD_FACES_TOPIC, CROWD_DETECTOR,
-# AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT (300: how long a task whose worker died stays "running").
+# (free ports), CROWD_VIDEO_ROOTS, CROWD_FRAMES_PER_TASK, CROWD_SCAN_SCHEDULE, CROWD_SCAN_MIN_AGE_S, CROWD_FACES_TOPIC,
+# CROWD_DETECTOR, AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT (300: how long a task whose worker died stays
+# "running").
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 STATE="${CROWD_CELERY_STATE:-$CROWD_STATE/celery}"
@@ -93,6 +94,7 @@ export CROWD_VIDEO_ROOTS=${USER_VIDEO_ROOTS:-$STATE/videos}
 export CROWD_RESULTS_DIR=$STATE/results
 export CROWD_FRAMES_PER_TASK=${CROWD_FRAMES_PER_TASK:-3000}
 export CROWD_SCAN_SCHEDULE='${CROWD_SCAN_SCHEDULE:-*/5 * * * *}'
+export CROWD_SCAN_MIN_AGE_S=${CROWD_SCAN_MIN_AGE_S:-60}
 export CROWD_FACES_TOPIC=${CROWD_FACES_TOPIC:-Faces}
 export CROWD_ALERTS_TOPIC=${CROWD_ALERTS_TOPIC:-crowd-alerts}
 export CROWD_DETECTOR=${CROWD_DETECTOR:-auto}

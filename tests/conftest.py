@@ -148,4 +148,5 @@ def video_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("CROWD_RESULTS_DIR", str(tmp_path / "results"))
     monkeypatch.setenv("CROWD_DETECTOR", "mtcnn")
     monkeypatch.setenv("CROWD_PUBLISH_TIMEOUT_S", "10")
+    monkeypatch.setenv("CROWD_SCAN_MIN_AGE_S", "0")  # videos are written right before a scan
     return root

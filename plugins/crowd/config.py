@@ -68,6 +68,7 @@ class Settings:
     scan_schedule: str = "*/5 * * * *"
     frames_per_task: int = 3000
     publish_timeout_s: int = 30
+    scan_min_age_s: float = 60.0
 
     def check_video_path(self, path: str | os.PathLike[str]) -> Path:
         """Resolve ``path`` and return it if it is a file inside one of :attr:`video_roots`.
@@ -123,4 +124,5 @@ def load_settings() -> Settings:
         scan_schedule=_env("CROWD_SCAN_SCHEDULE", "*/5 * * * *"),
         frames_per_task=_env_number("CROWD_FRAMES_PER_TASK", 3000, minimum=1),
         publish_timeout_s=_env_number("CROWD_PUBLISH_TIMEOUT_S", 30, minimum=1),
+        scan_min_age_s=_env_number("CROWD_SCAN_MIN_AGE_S", 60.0, whole=False),
     )

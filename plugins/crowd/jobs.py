@@ -201,16 +201,28 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
     """Work items for every video under the roots whose content was not processed yet.
 
     Videos are known by content hash: a renamed copy of a processed (or failed) video is skipped, a changed
-    file is new. Two copies of the same content found in one scan are processed once.
+    file is new. Two copies of the same content found in one scan are processed once. A file modified less than
+    ``settings.scan_min_age_s`` ago (or in the future) may still be being written (an upload, a camera's
+    recording) and is left for a later scan: processed now, it would fail, or give a part of the video under a
+    content hash that is not the finished file's.
     """
     settings = settings or load_settings()
     items: list[WorkItem] = []
     seen: dict[str, Path] = {}
-    skipped = 0
+    skipped = young = 0
     with storage.connect(settings.postgres_conn_id) as conn:
         storage.migrate(conn)
         for path in list_videos(settings.video_roots):
             try:
+                age_s = time.time() - path.stat().st_mtime
+                if age_s < settings.scan_min_age_s:
+                    young += 1
+                    log.info(
+                        "leaving %s for a later scan: modified %.0f s ago, less than CROWD_SCAN_MIN_AGE_S=%g s (it may "
+                        "still be being written)%s", path, age_s, settings.scan_min_age_s,
+                        "; its modification time is in the future: check the clocks" if age_s < 0 else "",
+                    )  # fmt: skip
+                    continue
                 video_id = content_hash(path)
             except (OSError, VideoError) as exc:  # e.g. an empty file (an upload just created) must not fail the scan
                 log.warning("cannot read %s to hash it (%s); skipping it this time", path, exc)
@@ -226,8 +238,10 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
                 continue
             items.extend(plan_video(path, video_id, settings))
     log.info(
-        "scan of %s: %d new video(s) in %d task(s), %d already processed",
-        ", ".join(map(str, settings.video_roots)), len({i.video_id for i in items}), len(items), skipped,
+        "scan of %s: %d new video(s) in %d task(s), %d already processed, %d left for a later scan (modified "
+        "less than %g s ago)",
+        ", ".join(map(str, settings.video_roots)), len({i.video_id for i in items}), len(items), skipped, young,
+        settings.scan_min_age_s,
     )  # fmt: skip
     return items
 

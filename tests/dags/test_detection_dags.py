@@ -11,7 +11,7 @@ import pytest
 
 from crowd import storage
 from crowd.messages import FaceMessage
-from crowd.video import content_hash, frame_interval_for, sampled_frame_ids
+from crowd.video import content_hash, frame_interval_for, probe_video, sampled_frame_ids
 
 # CARPHONE: 176x144, 120 frames at 29.97 fps, a face in each
 from tests.crowd._helpers import CARPHONE, read_frames, write_clip, write_mp4_with_sound
@@ -173,6 +173,46 @@ def test_scan_dag_processes_new_videos_records_failures_and_skips_known_ones(pip
     assert str(again.state) == "success"
     assert _task_states(again).get("detect_and_publish", ["skipped"]) in (["skipped"], []), _task_states(again)
     assert json.dumps(_video_rows(), sort_keys=True) == json.dumps(rows, sort_keys=True)
+
+
+def test_scan_leaves_a_file_still_being_written_for_a_later_scan(pipeline_env, monkeypatch, caplog) -> None:
+    """``CROWD_SCAN_MIN_AGE_S``: an upload in progress (the first half of the file, modified now) and a file dated
+    in the future are left alone, without a failed task or a ``videos`` row; once the upload is complete and older
+    than the threshold, the next scan processes it like any video. Processed at once, the half file would fail
+    (no index) and stay recorded as a failed video."""
+    import logging
+    import os
+
+    monkeypatch.setenv("CROWD_SCAN_MIN_AGE_S", "60")
+    root, whole = pipeline_env["root"], CARPHONE.read_bytes()
+    settled = write_clip(CARPHONE, root / "settled.mp4", 30)
+    uploading = root / "uploading.mp4"
+    uploading.write_bytes(whole[: len(whole) // 2])
+    future = write_clip(CARPHONE, root / "future.mp4", 24)
+    now = time.time()
+    os.utime(settled, (now - 600, now - 600))
+    os.utime(future, (now + 3600, now + 3600))
+
+    with caplog.at_level(logging.INFO, logger="crowd.jobs"):
+        run = _dag("crowd_video_scan").test()
+    assert str(run.state) == "success", _task_states(run)
+    assert _task_states(run)["detect_and_publish"] == ["success"]
+    assert set(_video_rows()) == {content_hash(settled)}
+    assert f"leaving {uploading} for a later scan: modified" in caplog.text
+    assert "its modification time is in the future: check the clocks" in caplog.text
+
+    uploading.write_bytes(whole)  # the upload completes, and a minute passes
+    os.utime(uploading, (now - 90, now - 90))
+    run = _dag("crowd_video_scan").test()
+    assert str(run.state) == "success", _task_states(run)
+    assert _task_states(run)["detect_and_publish"] == ["success"]
+    rows = _video_rows()
+    assert set(rows) == {content_hash(settled), content_hash(uploading)} and rows[content_hash(uploading)][0] == "done"
+    keys = [m.key().decode() for m in _consume_all(pipeline_env["topic"], pipeline_env["bootstrap"])]
+    info = probe_video(uploading)
+    assert content_hash(future) not in keys and keys.count(content_hash(uploading)) == len(
+        list(sampled_frame_ids(info.frame_count, frame_interval_for(info.fps)))
+    )
 
 
 def test_publishing_to_a_dead_broker_fails_the_task_within_the_timeout(pipeline_env, monkeypatch) -> None:

@@ -124,6 +124,7 @@ def profile(tmp_path_factory: pytest.TempPathFactory, kafka_admin, postgres_admi
         "CROWD_VIDEO_ROOTS": str(videos),
         "CROWD_FRAMES_PER_TASK": str(FRAMES_PER_TASK),
         "CROWD_SCAN_SCHEDULE": "@once",
+        "CROWD_SCAN_MIN_AGE_S": "0",  # the clips are written right before the scan
         "CROWD_FACES_TOPIC": f"celery-faces-{suffix}",
         "CROWD_ALERTS_TOPIC": f"celery-alerts-{suffix}",
         "CROWD_DETECTOR": "mtcnn",

@@ -250,7 +250,7 @@ def pipeline_env(
     env = {
         "AIRFLOW_CONN_CROWD_POSTGRES": json.dumps(conn_json), "CROWD_FACES_TOPIC": topic,
         "CROWD_VIDEO_ROOTS": str(root), "CROWD_RESULTS_DIR": str(results), "CROWD_DETECTOR": "mtcnn",
-        "CROWD_PUBLISH_TIMEOUT_S": "10",
+        "CROWD_PUBLISH_TIMEOUT_S": "10", "CROWD_SCAN_MIN_AGE_S": "0",
     }  # fmt: skip
     try:
         with pytest.MonkeyPatch.context() as mp:
