@@ -204,29 +204,33 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
     file is new. Two copies of the same content found in one scan are processed once. A file modified less than
     ``settings.scan_min_age_s`` ago (or in the future) may still be being written (an upload, a camera's
     recording) and is left for a later scan: processed now, it would fail, or give a part of the video under a
-    content hash that is not the finished file's.
+    content hash that is not the finished file's. A file is read whole (hashed) once: its hash is kept in
+    ``scanned_files`` with its size, times and inode, and later scans reuse it while these stay the same.
     """
     settings = settings or load_settings()
     items: list[WorkItem] = []
     seen: dict[str, Path] = {}
-    skipped = young = 0
+    skipped = 0
     with storage.connect(settings.postgres_conn_id) as conn:
         storage.migrate(conn)
-        for path in list_videos(settings.video_roots):
-            try:
-                age_s = time.time() - path.stat().st_mtime
-                if age_s < settings.scan_min_age_s:
-                    young += 1
-                    log.info(
-                        "leaving %s for a later scan: modified %.0f s ago, less than CROWD_SCAN_MIN_AGE_S=%g s (it may "
-                        "still be being written)%s", path, age_s, settings.scan_min_age_s,
-                        "; its modification time is in the future: check the clocks" if age_s < 0 else "",
-                    )  # fmt: skip
+        listed = list_videos(settings.video_roots)
+        settled = _settled_files(listed, settings.scan_min_age_s)
+        known = storage.known_video_ids(conn, {key: signature for key, (_, signature) in settled.items()})
+        hashed: dict[str, tuple[storage.FileSignature, str]] = {}
+        for key, (path, signature) in settled.items():
+            video_id = known.get(key)
+            if video_id is None:  # a new or changed file: read it whole once
+                started = time.perf_counter()
+                try:
+                    video_id = content_hash(path)
+                except (OSError, VideoError) as exc:  # e.g. an empty file must not fail the scan
+                    log.warning("cannot read %s to hash it (%s); skipping it this time", path, exc)
                     continue
-                video_id = content_hash(path)
-            except (OSError, VideoError) as exc:  # e.g. an empty file (an upload just created) must not fail the scan
-                log.warning("cannot read %s to hash it (%s); skipping it this time", path, exc)
-                continue
+                hashed[key] = (signature, video_id)
+                log.info(
+                    "hashed %s (%.1f MB) in %.1f s: video %s", path, signature.size_bytes / 1e6,
+                    time.perf_counter() - started, video_id,
+                )  # fmt: skip
             if video_id in seen:
                 log.info("%s has the same content as %s; processing it once", path, seen[video_id])
                 continue
@@ -237,13 +241,36 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
                 log.info("skipping %s: video %s already %s", path.name, video_id, status)
                 continue
             items.extend(plan_video(path, video_id, settings))
+        storage.remember_video_ids(conn, hashed, listed=map(str, listed), roots=map(str, settings.video_roots))
+        conn.commit()
     log.info(
-        "scan of %s: %d new video(s) in %d task(s), %d already processed, %d left for a later scan (modified "
-        "less than %g s ago)",
-        ", ".join(map(str, settings.video_roots)), len({i.video_id for i in items}), len(items), skipped, young,
-        settings.scan_min_age_s,
+        "scan of %s: %d new video(s) in %d task(s), %d already processed; %d file(s) hashed (new or changed), %d "
+        "known by size and times; %d left for a later scan (modified less than %g s ago)",
+        ", ".join(map(str, settings.video_roots)), len({i.video_id for i in items}), len(items), skipped,
+        len(hashed), len(settled) - len(hashed), len(listed) - len(settled), settings.scan_min_age_s,
     )  # fmt: skip
     return items
+
+
+def _settled_files(paths: Iterable[Path], min_age_s: float) -> dict[str, tuple[Path, storage.FileSignature]]:
+    """The files of ``paths`` modified at least ``min_age_s`` ago, with their signature; the others are logged."""
+    settled: dict[str, tuple[Path, storage.FileSignature]] = {}
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError as exc:
+            log.warning("cannot read %s (%s); skipping it this time", path, exc)
+            continue
+        age_s = time.time() - st.st_mtime
+        if age_s < min_age_s:
+            log.info(
+                "leaving %s for a later scan: modified %.0f s ago, less than CROWD_SCAN_MIN_AGE_S=%g s (it may still "
+                "be being written)%s", path, age_s, min_age_s,
+                "; its modification time is in the future: check the clocks" if age_s < 0 else "",
+            )  # fmt: skip
+            continue
+        settled[str(path)] = (path, storage.FileSignature.of(st))
+    return settled
 
 
 def plan_requested_video(video_path: str, settings: Settings | None = None) -> list[WorkItem]:

@@ -23,7 +23,9 @@ Example:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import astuple, dataclass
 
 import psycopg
 
@@ -170,6 +172,21 @@ MIGRATIONS: tuple[Migration, ...] = (
         LEFT JOIN videos v ON v.id = p.video_id;
         """,
     ),
+    Migration(
+        4,
+        "scanned files: the content hash of each video file, known by its signature",
+        """
+        CREATE TABLE scanned_files (
+            path       text PRIMARY KEY,
+            size_bytes bigint NOT NULL,
+            mtime_ns   bigint NOT NULL,
+            ctime_ns   bigint NOT NULL,
+            inode      bigint NOT NULL,
+            video_id   text NOT NULL,
+            hashed_at  timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
 )
 
 _BOOTSTRAP_SQL = """
@@ -229,6 +246,70 @@ def schema_version(conn: psycopg.Connection) -> int:
     if not row or not row[0]:
         return 0
     return int(conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0])
+
+
+# --- scanned files (the scan's memory of content hashes) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileSignature:
+    """What ``stat`` says of a file: while all of it stays the same, the content is taken to be the same.
+
+    ``ctime_ns`` cannot be set back by a program (unlike the modification time), so a file rewritten in place
+    with the same size and its old modification time restored is still seen as changed.
+    """
+
+    size_bytes: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileSignature:
+        """The signature of a file from its ``os.stat`` result."""
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def known_video_ids(conn: psycopg.Connection, signatures: Mapping[str, FileSignature]) -> dict[str, str]:
+    """The video id hashed before for each path whose file still has the signature it had then."""
+    if not signatures:
+        return {}
+    rows = conn.execute(
+        "SELECT path, size_bytes, mtime_ns, ctime_ns, inode, video_id FROM scanned_files WHERE path = ANY(%s)",
+        (list(signatures),),
+    ).fetchall()
+    return {path: video_id for path, *sig, video_id in rows if FileSignature(*sig) == signatures[path]}
+
+
+def remember_video_ids(
+    conn: psycopg.Connection,
+    hashed: Mapping[str, tuple[FileSignature, str]],
+    *,
+    listed: Iterable[str],
+    roots: Iterable[str],
+) -> None:
+    """Record the video id and signature of each path just hashed, and forget the paths under ``roots`` that the
+    scan did not list (deleted or moved files)."""
+    with conn.transaction():
+        with conn.cursor() as cur:
+            cur.executemany(
+                """
+                INSERT INTO scanned_files (path, size_bytes, mtime_ns, ctime_ns, inode, video_id)
+                VALUES (%s, %s, %s, %s, %s, %s)
+                ON CONFLICT (path) DO UPDATE SET
+                    size_bytes = EXCLUDED.size_bytes, mtime_ns = EXCLUDED.mtime_ns, ctime_ns = EXCLUDED.ctime_ns,
+                    inode = EXCLUDED.inode, video_id = EXCLUDED.video_id, hashed_at = now()
+                """,
+                [(path, *astuple(sig), video_id) for path, (sig, video_id) in hashed.items()],
+            )
+        conn.execute(
+            """
+            DELETE FROM scanned_files
+            WHERE NOT (path = ANY(%(listed)s))
+              AND EXISTS (SELECT 1 FROM unnest(%(roots)s::text[]) AS root WHERE starts_with(path, root || '/'))
+            """,
+            {"listed": list(listed), "roots": [str(r).rstrip("/") for r in roots]},
+        )
 
 
 # --- video registry (called by the detection DAG) ---------------------------------------------------------

@@ -1,0 +1,87 @@
+"""crowd.jobs.find_new_videos reads each video file whole once: later scans know it by its size, times and inode."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from crowd import storage
+from crowd.video import content_hash
+from tests.crowd._helpers import CARPHONE, write_clip
+
+pytestmark = pytest.mark.services
+
+
+@pytest.fixture
+def scan(pg_schema, video_root: Path, monkeypatch: pytest.MonkeyPatch):
+    """``scan()``: run the scan; returns ({file name: video id planned}, [names of the files hashed])."""
+    from crowd import jobs
+
+    hashed: list[str] = []
+
+    def counting_hash(path, *args, **kwargs) -> str:
+        hashed.append(Path(path).name)
+        return content_hash(path, *args, **kwargs)
+
+    monkeypatch.setattr(jobs, "content_hash", counting_hash)
+
+    def run() -> tuple[dict[str, str], list[str]]:
+        hashed.clear()
+        planned = {Path(item.path).name: item.video_id for item in jobs.find_new_videos()}
+        return planned, sorted(hashed)
+
+    return run
+
+
+def _remembered() -> dict[str, str]:
+    with storage.connect("crowd_postgres") as conn:
+        return {Path(p).name: v for p, v in conn.execute("SELECT path, video_id FROM scanned_files")}
+
+
+def test_a_file_is_hashed_once_until_it_changes(scan, video_root: Path) -> None:
+    a = write_clip(CARPHONE, video_root / "a.mp4", 20)
+    b = write_clip(CARPHONE, video_root / "b.mp4", 30)
+    ids = {"a.mp4": content_hash(a), "b.mp4": content_hash(b)}
+
+    assert scan() == (ids, ["a.mp4", "b.mp4"])
+    assert scan() == (ids, []), "an unchanged file was read again"
+    assert _remembered() == ids
+
+    # b rewritten in place, same size, its modification time put back: the change time still tells
+    stat = b.stat()
+    data = bytearray(b.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    b.write_bytes(bytes(data))
+    os.utime(b, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert b.stat().st_size == stat.st_size and b.stat().st_mtime_ns == stat.st_mtime_ns
+    ids["b.mp4"] = content_hash(b)
+    assert scan() == (ids, ["b.mp4"])
+
+    # renamed: read once under its new name (same id), the old name forgotten; touched: read again, same id
+    a.rename(video_root / "renamed.mp4")
+    ids["renamed.mp4"] = ids.pop("a.mp4")
+    assert scan() == (ids, ["renamed.mp4"])
+    assert _remembered() == ids
+    os.utime(video_root / "renamed.mp4")
+    assert scan() == (ids, ["renamed.mp4"])
+
+    # deleted: forgotten; a copy of known content elsewhere under the root: read, same id as its original
+    b.unlink()
+    (video_root / "sub").mkdir()
+    shutil.copy(video_root / "renamed.mp4", video_root / "sub" / "copy.mp4")
+    del ids["b.mp4"]
+    planned, hashed = scan()
+    assert hashed == ["copy.mp4"] and set(planned.values()) == {ids["renamed.mp4"]}  # one content, planned once
+    assert _remembered() == {**ids, "copy.mp4": ids["renamed.mp4"]}
+
+
+def test_a_processed_video_is_skipped_without_reading_it(scan, video_root: Path) -> None:
+    video = write_clip(CARPHONE, video_root / "done.mp4", 20)
+    assert scan() == ({"done.mp4": content_hash(video)}, ["done.mp4"])
+    with storage.connect("crowd_postgres") as conn:
+        storage.mark_video_failed(conn, content_hash(video), str(video), "recorded by the test")
+        conn.commit()
+    assert scan() == ({}, [])
