@@ -76,8 +76,13 @@ class Settings:
         Symlinks and ``..`` are resolved first, so nothing can point outside the roots.
 
         Raises:
-            ConfigError: outside the roots, missing, or not a regular file.
+            ConfigError: not valid UTF-8, outside the roots, missing, or not a regular file.
         """
+        try:
+            os.fspath(path).encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: bytes that are not UTF-8 (OpenCV would crash on them)
+            shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+            raise ConfigError(f"video path {shown!r} is not valid UTF-8: rename the file") from None
         try:
             resolved = Path(path).expanduser().resolve()
         except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte

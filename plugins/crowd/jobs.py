@@ -27,7 +27,7 @@ from crowd.detection import build_detector
 from crowd.kafka import DeliveryTracker, PublishError, reliable_producer
 from crowd.messages import FaceMessage
 from crowd.pipeline import process_video
-from crowd.video import VideoError, check_file, content_hash, probe_video, split_ranges
+from crowd.video import BadFileNameError, VideoError, check_file, check_name, content_hash, probe_video, split_ranges
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,11 @@ def list_videos(roots: Iterable[Path]) -> list[Path]:
             continue
         for path in root.rglob(f"*{VIDEO_SUFFIX}"):
             try:
+                check_name(path)  # OpenCV would crash the scan on it, PostgreSQL refuse it
+            except BadFileNameError as exc:
+                log.warning("skipping it: %s", exc)
+                continue
+            try:
                 resolved = path.resolve()
             except (OSError, RuntimeError) as exc:  # a symlink loop must not break the scan of every video
                 log.warning("skipping %s: cannot resolve it (%s)", path, exc)
@@ -245,9 +250,9 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
         conn.commit()
     log.info(
         "scan of %s: %d new video(s) in %d task(s), %d already processed; %d file(s) hashed (new or changed), %d "
-        "known by size and times; %d left for a later scan (modified less than %g s ago)",
+        "known by size and times; %d left for a later scan (modified less than %g s ago, or not readable)",
         ", ".join(map(str, settings.video_roots)), len({i.video_id for i in items}), len(items), skipped,
-        len(hashed), len(settled) - len(hashed), len(listed) - len(settled), settings.scan_min_age_s,
+        len(hashed), len(known), len(listed) - len(settled), settings.scan_min_age_s,
     )  # fmt: skip
     return items
 

@@ -262,12 +262,13 @@ class FileSignature:
     size_bytes: int
     mtime_ns: int
     ctime_ns: int
-    inode: int
+    inode: int  # as a signed 64-bit number (PostgreSQL's bigint): some file systems give inodes above 2**63
 
     @classmethod
     def of(cls, st: os.stat_result) -> FileSignature:
         """The signature of a file from its ``os.stat`` result."""
-        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        inode = st.st_ino - (1 << 64) if st.st_ino >= 1 << 63 else st.st_ino
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, inode)
 
 
 def known_video_ids(conn: psycopg.Connection, signatures: Mapping[str, FileSignature]) -> dict[str, str]:

@@ -51,6 +51,7 @@ class VideoErrorReason(str, enum.Enum):
     BAD_SIZE = "bad_size"
     CORRUPT = "corrupt"
     BAD_ARGUMENT = "bad_argument"
+    BAD_NAME = "bad_name"
 
 
 class VideoError(Exception):
@@ -102,6 +103,29 @@ class CorruptVideoError(VideoError):
 
     reason = VideoErrorReason.CORRUPT
     verb = "cannot read"
+
+
+class BadFileNameError(VideoError):
+    """The file's name is not valid UTF-8 (Python keeps the odd bytes as lone surrogates); rename the file."""
+
+    reason = VideoErrorReason.BAD_NAME
+
+
+def check_name(path: str | os.PathLike[str]) -> str:
+    """``path`` as text, if it can be handed to OpenCV and stored as text: valid UTF-8.
+
+    OpenCV's Python binding crashes the whole process (segmentation fault) on a name that is not.
+
+    Raises:
+        BadFileNameError: the name holds bytes that are not UTF-8 (e.g. Latin-1 from an old camera or share).
+    """
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")  # the odd bytes as \xNN
+        raise BadFileNameError(shown, "its name is not valid UTF-8: rename the file (e.g. with convmv)") from None
+    return text
 
 
 class VideoArgumentError(VideoError, ValueError):
@@ -197,7 +221,7 @@ def _open_capture(source: str | os.PathLike[str] | int, *, threads: int | None =
     if isinstance(source, int) or (isinstance(source, str) and source.isdigit()):
         return cv2.VideoCapture(int(source))
     params = [] if threads is None else [cv2.CAP_PROP_N_THREADS, int(threads)]
-    return cv2.VideoCapture(str(source), cv2.CAP_FFMPEG, params)
+    return cv2.VideoCapture(check_name(source), cv2.CAP_FFMPEG, params)
 
 
 def _info_from_capture(source: str | os.PathLike[str] | int, cap: cv2.VideoCapture, live: bool) -> VideoInfo:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +88,45 @@ def test_a_processed_video_is_skipped_without_reading_it(scan, video_root: Path)
         storage.mark_video_failed(conn, content_hash(video), str(video), "recorded by the test")
         conn.commit()
     assert scan() == ({}, [])
+
+
+def _latin1_copy(folder: Path) -> Path:
+    """A copy of a video named ``latin1-café.mp4`` in Latin-1, as an old camera or share may write it."""
+    odd = Path(os.fsdecode(os.fsencode(folder) + b"/latin1-caf\xe9.mp4"))
+    shutil.copy(CARPHONE, odd)
+    return odd
+
+
+def test_a_file_name_that_is_not_utf8_is_left_out_with_a_warning(scan, video_root: Path, caplog) -> None:
+    """OpenCV's binding crashes the process (segmentation fault) on such a name and PostgreSQL text cannot hold
+    it: the scan leaves the file out, saying why, and goes on with the others."""
+    good = write_clip(CARPHONE, video_root / "good.mp4", 20)
+    _latin1_copy(video_root)
+    with caplog.at_level(logging.WARNING, logger="crowd.jobs"):
+        assert scan() == ({"good.mp4": content_hash(good)}, ["good.mp4"])
+    assert "latin1-caf\\\\xe9.mp4': its name is not valid UTF-8: rename the file" in caplog.text
+
+
+def test_a_manual_path_that_is_not_utf8_is_refused_with_the_reason(video_root: Path) -> None:
+    from crowd.config import ConfigError, load_settings
+
+    odd = _latin1_copy(video_root)
+    with pytest.raises(ConfigError, match=r"latin1-caf\\\\xe9\.mp4' is not valid UTF-8: rename the file"):
+        load_settings().check_video_path(odd)
+    with pytest.raises(ConfigError, match="not valid UTF-8"):
+        load_settings().check_video_path(str(odd))
+
+
+def test_opening_a_name_that_is_not_utf8_is_a_video_error_not_a_crash(tmp_path: Path) -> None:
+    """In a child process: a segmentation fault there fails this test instead of ending the test run."""
+    odd = _latin1_copy(tmp_path)
+    code = (
+        "import sys\nfrom crowd.video import BadFileNameError, probe_video\n"
+        "try:\n    probe_video(sys.argv[1])\nexcept BadFileNameError as exc:\n    print(exc)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "plugins")}
+    child = subprocess.run(
+        [sys.executable, "-c", code, os.fsencode(odd)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert child.returncode == 0, f"exit {child.returncode}: {child.stderr[-2000:]}"
+    assert "latin1-caf\\\\xe9.mp4': its name is not valid UTF-8" in child.stdout, child.stdout
