@@ -78,11 +78,12 @@ class Settings:
         Raises:
             ConfigError: not valid UTF-8, outside the roots, missing, or not a regular file.
         """
+        from crowd.video import BadFileNameError, check_name  # here: DAG files import this module, not OpenCV
+
         try:
-            os.fspath(path).encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates: bytes that are not UTF-8 (OpenCV would crash on them)
-            shown = os.fsencode(path).decode("utf-8", "backslashreplace")
-            raise ConfigError(f"video path {shown!r} is not valid UTF-8: rename the file") from None
+            check_name(path)
+        except BadFileNameError as exc:
+            raise ConfigError(f"video path {exc.path!r} is not valid UTF-8: rename the file") from None
         try:
             resolved = Path(path).expanduser().resolve()
         except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
