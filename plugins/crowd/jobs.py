@@ -291,8 +291,12 @@ def plan_requested_video(video_path: str, settings: Settings | None = None) -> l
     return plan_video(path, content_hash(path), settings)
 
 
-def detect_and_publish(item: WorkItem, options: DetectOptions, settings: Settings | None = None) -> dict[str, Any]:
+def detect_and_publish(
+    item: WorkItem, options: DetectOptions, settings: Settings | None = None, run: storage.RunStamp | None = None
+) -> dict[str, Any]:
     """Detect faces on the sampled frames of one work item and publish one message per frame to Kafka.
+
+    ``run`` (the Airflow run) is recorded with the video's status; a stale try cannot undo a later status.
 
     Every delivery is confirmed before this returns (a failed one raises :class:`~crowd.kafka.PublishError`).
     Re-running it publishes the same keys and ids, so the sink stays idempotent.
@@ -310,13 +314,16 @@ def detect_and_publish(item: WorkItem, options: DetectOptions, settings: Setting
             check_file(path)
             info = probe_video(path)
         except (ConfigError, VideoError) as exc:
-            storage.mark_video_failed(conn, item.video_id, str(path), str(exc))
+            storage.mark_video_failed(conn, item.video_id, str(path), str(exc), run)
             raise BadVideoError(f"video {path.name} ({item.video_id}) failed: {exc}") from exc
         detector = build_detector(options.model, settings, conf_threshold=options.confidence, tiles=options.tiles)
-        if item.part == 0:
-            storage.mark_video_processing(
-                conn, item.video_id, str(path), fps=info.fps, frame_count=info.frame_count, width=info.width,
-                height=info.height, size_bytes=path.stat().st_size, model=detector.name,
+        if item.part == 0 and not storage.mark_video_processing(
+            conn, item.video_id, str(path), fps=info.fps, frame_count=info.frame_count, width=info.width,
+            height=info.height, size_bytes=path.stat().st_size, model=detector.name, run=run,
+        ):  # fmt: skip
+            log.warning(
+                "video %s is already done by this run or a later one: its status is left as it is (this try is "
+                "stale, or a task of a finished run was cleared)", item.video_id,
             )  # fmt: skip
     log.info(
         "video %s: %.1f MB, %dx%d, %g fps, %s frames; part %d/%d = frames [%d, %s); model %s; topic %s",
@@ -358,7 +365,7 @@ def detect_and_publish(item: WorkItem, options: DetectOptions, settings: Setting
                 log.info("picture %s: %s", kind, picture)
         if summary.stopped_early:
             with storage.connect(settings.postgres_conn_id) as conn:
-                storage.mark_video_failed(conn, item.video_id, str(path), summary.error or "stopped early")
+                storage.mark_video_failed(conn, item.video_id, str(path), summary.error or "stopped early", run)
             raise BadVideoError(
                 f"video {path.name} ({item.video_id}) is corrupt after frame {summary.last_frame_id}: {summary.error}; "
                 f"the {delivered} frames before it were published"
@@ -368,9 +375,14 @@ def detect_and_publish(item: WorkItem, options: DetectOptions, settings: Setting
 
 
 def finish_videos(
-    items: Iterable[WorkItem], results: Iterable[dict[str, Any] | None], settings: Settings | None = None
+    items: Iterable[WorkItem],
+    results: Iterable[dict[str, Any] | None],
+    settings: Settings | None = None,
+    run: storage.RunStamp | None = None,
 ) -> dict[str, list[str]]:
     """Mark ``done`` every video all of whose parts succeeded; the others stay failed or in processing.
+
+    A video whose status belongs to a later run (``run`` is older) is left to that run.
 
     Returns:
         ``{"done": [...], "incomplete": [...]}`` video ids.
@@ -387,6 +399,7 @@ def finish_videos(
     incomplete = sorted(set(parts_needed) - set(done))
     with storage.connect(settings.postgres_conn_id) as conn:
         for video_id in done:
-            storage.mark_video_done(conn, video_id)
+            if not storage.mark_video_done(conn, video_id, run):
+                log.warning("video %s: a later run owns its status; left as it is", video_id)
     log.info("videos done: %d %s; incomplete or failed: %d %s", len(done), done, len(incomplete), incomplete)
     return {"done": done, "incomplete": incomplete}

@@ -26,6 +26,7 @@ import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import astuple, dataclass
+from datetime import datetime
 
 import psycopg
 
@@ -187,6 +188,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        5,
+        "videos: the Airflow run that owns the status (a stale try of an older run cannot turn it back)",
+        """
+        ALTER TABLE videos ADD COLUMN run_id text, ADD COLUMN run_started_at timestamptz;
+        """,
+    ),
 )
 
 _BOOTSTRAP_SQL = """
@@ -322,6 +330,19 @@ def get_video_status(conn: psycopg.Connection, video_id: str) -> str | None:
     return None if row is None else str(row[0])
 
 
+@dataclass(frozen=True)
+class RunStamp:
+    """The Airflow run writing a video's status: its id and when it started.
+
+    The run started last owns the status: a try of the same or an older run (a stale one, e.g. a worker thawed
+    or reconnected after its try was retried and the run finished) cannot turn a ``done`` back into
+    ``processing`` or ``failed``, and ``done`` is not written over the status of a run started later.
+    """
+
+    run_id: str
+    started_at: datetime
+
+
 def mark_video_processing(
     conn: psycopg.Connection,
     video_id: str,
@@ -333,53 +354,91 @@ def mark_video_processing(
     height: int | None,
     size_bytes: int | None,
     model: str | None,
-) -> None:
-    """Register ``video_id`` (or re-register it) as being processed; clears any previous error."""
+    run: RunStamp | None = None,
+) -> bool:
+    """Register ``video_id`` (or re-register it) as being processed by ``run``; clears any previous error.
+
+    Returns:
+        False when the video was left as it is: ``done`` by ``run`` itself or a later run (see :class:`RunStamp`).
+    """
     with conn.transaction():
-        conn.execute(
+        written = conn.execute(
             """
-            INSERT INTO videos (id, path, fps, frame_count, width, height, size_bytes, status, model)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, 'processing', %s)
+            INSERT INTO videos (id, path, fps, frame_count, width, height, size_bytes, status, model, run_id,
+                                run_started_at)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, 'processing', %s, %s, %s)
             ON CONFLICT (id) DO UPDATE SET
                 path = EXCLUDED.path, fps = EXCLUDED.fps, frame_count = EXCLUDED.frame_count,
                 width = EXCLUDED.width, height = EXCLUDED.height, size_bytes = EXCLUDED.size_bytes,
                 model = EXCLUDED.model, status = 'processing', error = NULL, finished_at = NULL,
-                updated_at = now()
+                run_id = EXCLUDED.run_id, run_started_at = EXCLUDED.run_started_at, updated_at = now()
+            WHERE NOT (videos.status = 'done' AND videos.run_started_at IS NOT NULL  -- done by this run or a later one
+                       AND EXCLUDED.run_started_at IS NOT NULL AND videos.run_started_at >= EXCLUDED.run_started_at)
+            RETURNING id
             """,
-            (video_id, str(path), fps, frame_count, width, height, size_bytes, model),
-        )
+            (video_id, str(path), fps, frame_count, width, height, size_bytes, model, *_run_columns(run)),
+        ).fetchone()
+    return written is not None
 
 
-def mark_video_done(conn: psycopg.Connection, video_id: str) -> None:
-    """Mark ``video_id`` done.
+def mark_video_done(conn: psycopg.Connection, video_id: str, run: RunStamp | None = None) -> bool:
+    """Mark ``video_id`` done by ``run``.
+
+    Returns:
+        False when the video was left as it is: a run started after ``run`` owns its status.
 
     Raises:
         VideoNotFoundError: the video was never registered with :func:`mark_video_processing`.
     """
+    run_id, started_at = _run_columns(run)
     with conn.transaction():
         cur = conn.execute(
-            "UPDATE videos SET status = 'done', error = NULL, finished_at = now(), updated_at = now() WHERE id = %s",
-            (video_id,),
+            """
+            UPDATE videos SET status = 'done', error = NULL, finished_at = now(), updated_at = now(),
+                              run_id = COALESCE(%(run_id)s, run_id),
+                              run_started_at = COALESCE(%(started_at)s, run_started_at)
+            WHERE id = %(id)s
+              AND NOT (run_started_at IS NOT NULL AND %(started_at)s::timestamptz IS NOT NULL
+                       AND run_started_at > %(started_at)s)
+            """,
+            {"id": video_id, "run_id": run_id, "started_at": started_at},
         )
-        if cur.rowcount == 0:
+        if cur.rowcount == 1:
+            return True
+        if conn.execute("SELECT 1 FROM videos WHERE id = %s", (video_id,)).fetchone() is None:
             raise VideoNotFoundError(
                 f"video {video_id!r} is not in the videos table; call mark_video_processing() for it first"
             )
+    return False
 
 
-def mark_video_failed(conn: psycopg.Connection, video_id: str, path: str, error: str) -> None:
-    """Mark ``video_id`` failed with ``error`` (registers it if it was unknown, e.g. unreadable files)."""
+def mark_video_failed(
+    conn: psycopg.Connection, video_id: str, path: str, error: str, run: RunStamp | None = None
+) -> bool:
+    """Mark ``video_id`` failed with ``error`` (registers it if it was unknown, e.g. unreadable files).
+
+    Returns:
+        False when the video was left as it is: ``done`` by ``run`` itself or a later run (see :class:`RunStamp`).
+    """
     with conn.transaction():
-        conn.execute(
+        written = conn.execute(
             """
-            INSERT INTO videos (id, path, status, error, finished_at)
-            VALUES (%s, %s, 'failed', %s, now())
+            INSERT INTO videos (id, path, status, error, finished_at, run_id, run_started_at)
+            VALUES (%s, %s, 'failed', %s, now(), %s, %s)
             ON CONFLICT (id) DO UPDATE SET
-                path = EXCLUDED.path, status = 'failed', error = EXCLUDED.error,
-                finished_at = now(), updated_at = now()
+                path = EXCLUDED.path, status = 'failed', error = EXCLUDED.error, finished_at = now(),
+                run_id = EXCLUDED.run_id, run_started_at = EXCLUDED.run_started_at, updated_at = now()
+            WHERE NOT (videos.status = 'done' AND videos.run_started_at IS NOT NULL  -- done by this run or a later one
+                       AND EXCLUDED.run_started_at IS NOT NULL AND videos.run_started_at >= EXCLUDED.run_started_at)
+            RETURNING id
             """,
-            (video_id, str(path), str(error)[:10_000]),
-        )
+            (video_id, str(path), str(error)[:10_000], *_run_columns(run)),
+        ).fetchone()
+    return written is not None
+
+
+def _run_columns(run: RunStamp | None) -> tuple[str | None, datetime | None]:
+    return (run.run_id, run.started_at) if run else (None, None)
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 from airflow.sdk import Param, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from crowd import jobs
+from crowd import jobs, storage
 from crowd.config import ConfigError, load_settings
 
 #: Trigger-form parameters shared by the detection DAGs (checked again by ``DetectOptions.from_params``).
@@ -25,6 +25,12 @@ DETECTION_PARAMS = {
                    description="Empty = the deployment's CROWD_DETECTOR (auto by default); auto = YOLOv3 face "
                                "weights if installed, else the offline MTCNN face model."),
 }  # fmt: skip
+
+
+def _run_stamp() -> storage.RunStamp:
+    """This task's DAG run, as the video registry records it."""
+    dag_run = get_current_context()["dag_run"]
+    return storage.RunStamp(dag_run.run_id, dag_run.start_date or dag_run.run_after)
 
 
 def _options() -> jobs.DetectOptions:
@@ -61,7 +67,7 @@ def detect_and_publish(item: dict[str, Any]) -> dict[str, Any]:
     label = name if item.get("parts", 1) == 1 else f"{name} part {item['part'] + 1}/{item['parts']}"
     get_current_context()["work_item_label"] = label  # type: ignore[typeddict-unknown-key]
     try:
-        return jobs.detect_and_publish(jobs.WorkItem(**item), _options(), load_settings())
+        return jobs.detect_and_publish(jobs.WorkItem(**item), _options(), load_settings(), _run_stamp())
     except jobs.BadVideoError as exc:
         raise AirflowFailException(str(exc)) from exc
 
@@ -69,7 +75,7 @@ def detect_and_publish(item: dict[str, Any]) -> dict[str, Any]:
 @task(trigger_rule="all_done")
 def finish_videos(items: list[dict[str, Any]], results: list[dict[str, Any] | None]) -> dict[str, list[str]]:
     """Mark done the videos whose every part was published; fail (so the run shows failed) if any is not."""
-    outcome = jobs.finish_videos([jobs.WorkItem(**i) for i in items], list(results), load_settings())
+    outcome = jobs.finish_videos([jobs.WorkItem(**i) for i in items], list(results), load_settings(), _run_stamp())
     if outcome["incomplete"]:
         raise AirflowFailException(
             f"{len(outcome['incomplete'])} video(s) not completed (see the failed detect_and_publish tasks): "

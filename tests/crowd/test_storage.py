@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
@@ -78,6 +79,37 @@ def test_video_registry_lifecycle(conn: psycopg.Connection) -> None:
     storage.mark_video_done(conn, "v1")
     row = conn.execute("SELECT status, error, finished_at IS NOT NULL, fps FROM videos WHERE id = 'v1'").fetchone()
     assert row == ("done", None, True, 25.0)
+
+
+def test_a_stale_try_cannot_turn_back_the_status_of_its_own_or_a_later_run(conn: psycopg.Connection) -> None:
+    """The run started last owns a video's status (``RunStamp``): a late try of a finished run (a worker thawed
+    or reconnected after its try was retried) leaves ``done`` alone, and an older run's ``done`` does not end a
+    newer run's processing; a newer run takes the video over."""
+    storage.migrate(conn)
+    older = storage.RunStamp("manual__older", datetime(2026, 11, 28, 10, 0, tzinfo=UTC))
+    newer = storage.RunStamp("manual__newer", datetime(2026, 11, 28, 10, 5, tzinfo=UTC))
+    meta = {"fps": 25.0, "frame_count": 250, "width": 640, "height": 480, "size_bytes": 99, "model": "m"}
+
+    def status() -> tuple:
+        return conn.execute("SELECT status, run_id, error FROM videos WHERE id = 'v1'").fetchone()
+
+    assert storage.mark_video_processing(conn, "v1", "/videos/a.mp4", **meta, run=older)
+    assert storage.mark_video_done(conn, "v1", older)
+    assert not storage.mark_video_processing(conn, "v1", "/videos/a.mp4", **meta, run=older)  # its own stale try
+    assert not storage.mark_video_failed(conn, "v1", "/videos/a.mp4", "stopped early", older)
+    assert status() == ("done", "manual__older", None)
+
+    assert storage.mark_video_processing(conn, "v1", "/videos/a.mp4", **meta, run=newer)  # a re-run takes over
+    assert not storage.mark_video_done(conn, "v1", older)  # the older run's late finish
+    assert status() == ("processing", "manual__newer", None)
+    assert storage.mark_video_done(conn, "v1", newer)
+    assert not storage.mark_video_processing(conn, "v1", "/videos/a.mp4", **meta, run=older)
+    assert status() == ("done", "manual__newer", None)
+
+    assert storage.mark_video_failed(conn, "v2", "/videos/b.mp4", "not a video", older)  # unknown: registered
+    assert storage.mark_video_processing(conn, "v2", "/videos/b.mp4", **meta, run=older)  # a retry of a failure
+    assert storage.mark_video_processing(conn, "v1", "/videos/a.mp4", **meta)  # no run (a direct call): as before
+    assert status() == ("processing", None, None)
 
 
 @pytest.mark.parametrize(

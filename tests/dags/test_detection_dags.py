@@ -99,6 +99,40 @@ def test_manual_dag_publishes_one_valid_message_per_sampled_frame(pipeline_env) 
     assert _video_rows()[video_id][0] == "done"
 
 
+def test_a_late_try_of_a_finished_run_leaves_the_video_done_and_a_new_run_takes_it_over(pipeline_env) -> None:
+    """A try of a run that goes on after the run finished (its worker frozen or cut off while Airflow retried it
+    elsewhere: tests/deploy/test_celery.py) publishes its frames again but leaves the video ``done``; the next
+    run of the same video owns its status."""
+    from crowd import jobs
+
+    video = shutil.copy(CARPHONE, pipeline_env["root"] / "late try.mp4")
+    video_id = content_hash(video)
+    dag = _dag("crowd_video_detect")
+
+    def registry() -> tuple:
+        with storage.connect("crowd_postgres") as conn:
+            return conn.execute(
+                "SELECT status, run_id, run_started_at FROM videos WHERE id = %s", (video_id,)
+            ).fetchone()
+
+    run = dag.test(run_conf={"video_path": str(video), "frame_interval": 40})
+    assert str(run.state) == "success", _task_states(run)
+    status, run_id, started_at = registry()
+    assert (status, run_id) == ("done", run.run_id) and started_at is not None
+
+    (item,) = jobs.plan_requested_video(str(video))  # the same part as the run's only task
+    late = jobs.detect_and_publish(
+        item, jobs.DetectOptions.from_params({"frame_interval": 40}), run=storage.RunStamp(run_id, started_at)
+    )
+    assert late["messages"] == 3
+    assert registry()[:2] == ("done", run.run_id)
+
+    rerun = dag.test(run_conf={"video_path": str(video), "frame_interval": 40})
+    assert str(rerun.state) == "success", _task_states(rerun)
+    assert registry()[:2] == ("done", rerun.run_id) and rerun.run_id != run.run_id
+    assert len(_consume_all(pipeline_env["topic"], pipeline_env["bootstrap"])) == 9  # 3 frames, 3 times
+
+
 def test_the_configured_detector_is_used_unless_the_run_names_one(pipeline_env, monkeypatch) -> None:
     from crowd.models import ModelError, install_tiny
 
