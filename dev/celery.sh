@@ -9,6 +9,7 @@
 #   dev/celery.sh stop      # stop every process started (process groups), RabbitMQ and its epmd
 #   dev/celery.sh clean     # stop, drop the two databases and remove the state folder
 #   dev/celery.sh revive NAME  # start one process again after it died: rabbitmq, worker1, scheduler, triggerer...
+#                              # (a worker with CROWD_CELERY_WORKER_API_URL set talks to the api-server there)
 #
 # Kafka (dev/kafka.sh) and PostgreSQL (dev/postgres.sh) must run (started here when they do not answer).
 # Everything lives under $CROWD_CELERY_STATE (default .local/celery); $CROWD_CELERY_STATE/celery.env holds the
@@ -149,9 +150,12 @@ CONF
 }
 
 # start_worker I: Celery worker I (worker<I>@host, concurrency 1), in a session and process group of its own.
+# CROWD_CELERY_WORKER_API_URL, when set, is the Execution API URL of this worker only (the tests send one worker
+# through tests/reliability/partition_proxy.py to cut it off the api-server).
 start_worker() {
   # Task instances record "worker<i>@host" as their hostname (dev/celery/worker_hostname.py).
   CROWD_CELERY_WORKER_NAME="worker$1" AIRFLOW__CORE__HOSTNAME_CALLABLE=worker_hostname.hostname \
+    AIRFLOW__CORE__EXECUTION_API_SERVER_URL="${CROWD_CELERY_WORKER_API_URL:-$AIRFLOW__CORE__EXECUTION_API_SERVER_URL}" \
     PYTHONPATH="$CROWD_ROOT/dev/celery:$PYTHONPATH" \
     spawn "worker$1" airflow celery worker -H "worker$1@%h" -c 1 --skip-serve-logs --without-gossip --without-mingle
 }

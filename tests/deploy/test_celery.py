@@ -7,8 +7,9 @@ holds exactly one row per sampled frame. The acceptance test then follows one mo
 ``GET /crowd/videos/{id}`` on the running api-server and prints the time of each stage. Then the profile's
 processes are killed with ``-9`` mid-run and started again (``dev/celery.sh revive``): RabbitMQ, the scheduler, the
 dag-processor, the api-server, the triggerer, and a worker half-way through a detection task (its whole session,
-then its process group only); last, a worker is frozen (SIGSTOP) past its task's heartbeat timeout and thawed
-while the retry runs. Each time no frame is lost and none stored twice.
+then its process group only); a worker is frozen (SIGSTOP) past its task's heartbeat timeout and thawed
+while the retry runs; last, a worker is cut off from the api-server (not from RabbitMQ, Kafka nor PostgreSQL)
+until the retried run is over. Each time no frame is lost and none stored twice.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -31,6 +33,7 @@ import pytest
 from crowd.video import content_hash, frame_interval_for, probe_video, sampled_frame_ids
 from dev.polling import wait_until
 from tests.crowd._helpers import CARPHONE, read_frames, write_clip
+from tests.reliability.partition_proxy import PartitionProxy
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow, pytest.mark.services]
 
@@ -485,6 +488,21 @@ def _a_worker_half_way(profile: Profile, topic: _TopicReader, run_id: str, video
     return profile.wait("a worker half-way", half_way, 240, 0.3)
 
 
+def _refused_heartbeats(profile: Profile, worker: str, stale: dict) -> list[str]:
+    """The log lines saying the api-server refused a heartbeat of the try ``stale`` (a task instance as the REST
+    API gives it, taken while it ran): its worker's lines naming the try's id, and its own task log's."""
+    logs = Path(profile.env["CROWD_CELERY_STATE_DIR"]) / "airflow" / "logs"
+    task_log = (
+        logs / f"dag_id={stale['dag_id']}" / f"run_id={stale['dag_run_id']}" / f"task_id={stale['task_id']}"
+        / f"map_index={stale['map_index']}" / f"attempt={stale['try_number']}.log"
+    )  # fmt: skip
+    worker_log = Path(profile.env["CROWD_CELERY_STATE_DIR"]) / "logs" / f"{worker}.log"
+    lines = [line for line in worker_log.read_text(errors="replace").splitlines() if stale["id"] in line]
+    if task_log.exists():
+        lines += task_log.read_text(errors="replace").splitlines()
+    return [line.strip()[:200] for line in lines if "shouldn't be running anymore" in line]
+
+
 @pytest.mark.parametrize("how", ["host", "process"])
 def test_a_worker_killed_mid_task_loses_nothing_and_stores_nothing_twice(profile: Profile, how: str) -> None:
     """kill -9 of a Celery worker half-way through a detection task (manual run, 80 frames of 720p, every frame).
@@ -542,10 +560,10 @@ def test_a_worker_killed_mid_task_loses_nothing_and_stores_nothing_twice(profile
 
 
 def test_a_frozen_worker_thawed_after_its_task_was_retried_stores_nothing_twice(profile: Profile) -> None:
-    """SIGSTOP of a Celery worker's whole session half-way through a detection task (its machine frozen, or cut
-    off and alive), longer than ``task_instance_heartbeat_timeout``: the scheduler fails the silent try and the
-    other worker retries it. Then SIGCONT while the retry runs: the stale try, a zombie, goes on where it stopped
-    until its supervisor's next heartbeat is refused, and is stopped. The run succeeds, every frame is stored once,
+    """SIGSTOP of a Celery worker's whole session half-way through a detection task (its machine frozen), longer
+    than ``task_instance_heartbeat_timeout``: the scheduler fails the silent try and the other worker retries it.
+    Then SIGCONT while the retry runs: the stale try, a zombie, goes on where it stopped until its supervisor's
+    next heartbeat is refused, and is stopped. The run succeeds, every frame is stored once,
     the video ends ``done``, the zombie's task process ends and the thawed worker answers again.
     """
     from celery import Celery
@@ -587,13 +605,7 @@ def test_a_frozen_worker_thawed_after_its_task_was_retried_stores_nothing_twice(
             return found.returncode == 1
 
         profile.wait("the stale try's task process to end", zombie_gone, 120, 1)
-        state_dir = Path(profile.env["CROWD_CELERY_STATE_DIR"])
-        refused = [
-            line.strip()[:200]
-            for log in [state_dir / "logs" / f"{victim}.log", *(state_dir / "airflow" / "logs").rglob("*.log")]
-            for line in log.read_text(errors="replace").splitlines()
-            if "shouldn't be running anymore" in line
-        ]
+        refused = _refused_heartbeats(profile, victim, stale)
         print(f"[stage] stale try's task process ended {time.monotonic() - thawed_at:.1f} s after the thaw: {refused}")
         assert refused, "the stale try was not stopped by its refused heartbeat"
         run = profile.finished_run("crowd_video_detect", run_id, 300)
@@ -627,3 +639,115 @@ def test_a_frozen_worker_thawed_after_its_task_was_retried_stores_nothing_twice(
         topic.consumer.close()
         if session is not None:  # never leave a stopped session behind
             subprocess.run(["pkill", "-CONT", "-s", str(session)], check=False)
+
+
+def _restart_worker(profile: Profile, name: str, execution_api_url: str | None) -> None:
+    """Stop worker ``name`` warmly (SIGTERM: a task it runs ends first) and start it again, talking to the
+    Execution API at ``execution_api_url`` (``None``: the api-server itself)."""
+    leader = int((Path(profile.env["CROWD_CELERY_STATE_DIR"]) / "pids" / f"{name}.pid").read_text())
+    os.kill(leader, signal.SIGTERM)
+    profile.wait(
+        f"{name} to stop",
+        lambda: subprocess.run(["pgrep", "-s", str(leader)], capture_output=True).returncode == 1,
+        240,
+        1,
+    )
+    env = {**profile.env, "CROWD_CELERY_STATE": profile.env["CROWD_CELERY_STATE_DIR"]}
+    if execution_api_url:
+        env["CROWD_CELERY_WORKER_API_URL"] = execution_api_url
+    revived = _script("revive", name, env=env, timeout=240)
+    assert revived.returncode == 0, revived.stderr[-3000:]
+
+
+@pytest.fixture
+def gated_workers(profile: Profile) -> Iterator[dict[str, PartitionProxy]]:
+    """Every worker restarted with its Execution API behind a :class:`PartitionProxy` of its own: worker name ->
+    its proxy (``partition()`` cuts that worker off the api-server, ``heal()`` reconnects it). Restored after."""
+    api = profile.env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"]  # http://127.0.0.1:PORT/execution/
+    api_port = int(api.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+    gates: dict[str, PartitionProxy] = {}
+    try:
+        for i in range(1, int(profile.env["CROWD_CELERY_WORKERS"]) + 1):
+            name = f"worker{i}"
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            gates[name] = PartitionProxy(port, api_port)
+            _restart_worker(profile, name, f"http://127.0.0.1:{port}/execution/")
+        yield gates
+    finally:
+        for gate in gates.values():
+            gate.heal()
+        for name in gates:
+            _restart_worker(profile, name, None)
+        for gate in gates.values():
+            gate.close()
+
+
+def test_a_worker_cut_off_from_the_api_server_loses_nothing_and_stores_nothing_twice(
+    profile: Profile, gated_workers: dict[str, PartitionProxy]
+) -> None:
+    """The network between a Celery worker and the api-server lost half-way through a detection task, while the
+    worker still reaches RabbitMQ, Kafka and PostgreSQL (its Execution API goes through a proxy that stops passing
+    anything: requests time out). The cut lasts until the run is over: the try's heartbeats time out, the
+    scheduler fails the silent try after ``task_instance_heartbeat_timeout`` and the other worker retries it and
+    the rest of the run. Then the network comes back: the stale try's next heartbeat is refused and its task
+    process is stopped. The run succeeds, every frame is stored once, the video ends ``done``.
+    """
+    profile.unpause("crowd_faces_ingest")
+    profile.unpause("crowd_video_detect")
+    video, video_id = _new_720p_clip(profile, "cut-off-worker.mp4", read_frames(CARPHONE, 80, start=20)[::-1])
+    expected = list(range(80))
+    topic = _TopicReader(profile)
+    run_id = _trigger_every_frame(profile, video)
+    tries_url = f"/api/v2/dags/crowd_video_detect/dagRuns/{run_id}/taskInstances/detect_and_publish/{{}}/tries"
+    gate = None
+    try:
+        victim, map_index, published_before = _a_worker_half_way(profile, topic, run_id, video_id)
+        (stale,) = [
+            ti for ti in profile.task_instances("crowd_video_detect", run_id)
+            if ti["task_id"] == "detect_and_publish" and ti["map_index"] == map_index
+        ]  # fmt: skip
+        gate = gated_workers[victim]
+        gate.partition()
+        cut_at = time.monotonic()
+        run = profile.finished_run("crowd_video_detect", run_id, 400 + 2 * HEARTBEAT_TIMEOUT_S)
+        tries = profile.api.get(tries_url.format(map_index)).json()["task_instances"]
+        gate.heal()
+        cut_s, gate = time.monotonic() - cut_at, None
+        print(
+            f"\n[stage] {victim} cut off with {published_before} frames of part {map_index} published; run "
+            f"{run['state']} {cut_s:.1f} s later, then the network back; tries: "
+            f"{[(t['try_number'], t['state'], t['hostname']) for t in tries]}"
+        )
+        assert run["state"] == "success", profile.detection_tries(run_id)
+        assert tries[0]["hostname"].startswith(f"{victim}@") and tries[0]["state"] != "success", tries
+        assert tries[-1]["state"] == "success" and not tries[-1]["hostname"].startswith(f"{victim}@"), tries
+
+        def stale_try_gone() -> bool:  # the task process of the stale try (Airflow titles it with the try's id)
+            found = subprocess.run(["pgrep", "-f", f"airflow worker -- {stale['id']}"], capture_output=True)
+            return found.returncode == 1
+
+        healed_at = time.monotonic()
+        profile.wait("the stale try's task process to end", stale_try_gone, 300, 1)
+        refused = _refused_heartbeats(profile, victim, stale)
+        print(f"[stage] stale try's task process ended {time.monotonic() - healed_at:.1f} s after the network came "
+              f"back: {refused}")  # fmt: skip
+        assert refused, "the stale try was not stopped by its refused heartbeat"
+
+        profile.wait(
+            "every frame of the video stored", lambda: sorted(_stored_frame_ids(profile, video_id)) == expected, 120
+        )
+        published = topic.read(for_s=30)[video_id]
+        first = map_index * FRAMES_PER_TASK
+        part = [f for f in published if first <= f < first + FRAMES_PER_TASK]
+        print(f"[stage] published {len(published)} messages for {len(expected)} frames ({len(part)} for part "
+              f"{map_index}, {FRAMES_PER_TASK} frames); stored once each")  # fmt: skip
+        assert len(part) >= FRAMES_PER_TASK + published_before  # the stale try's messages came twice
+        assert profile.api.get(f"/crowd/videos/{video_id}").json()["status"] == "done"
+        with psycopg.connect(profile.results_dsn) as conn:
+            assert conn.execute("SELECT count(*) FROM rejected_messages").fetchone()[0] == 0
+    finally:
+        topic.consumer.close()
+        if gate is not None:
+            gate.heal()
