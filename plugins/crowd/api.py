@@ -126,6 +126,7 @@ class VideoSummary(BaseModel):
     created_at: datetime | None = None
     updated_at: datetime | None = None
     finished_at: datetime | None = None
+    run_id: str | None = Field(None, description="the Airflow DAG run that owns the status (its task logs say more)")
 
 
 class VideoList(BaseModel):
@@ -350,6 +351,7 @@ _VIDEO_QUERY = """
 WITH ids AS (SELECT id AS video_id FROM videos UNION SELECT video_id FROM video_summary)
 SELECT i.video_id, v.path, v.status, v.error, COALESCE(v.model, s.model) AS model, v.fps, v.frame_count,
        v.width, v.height, COALESCE(v.created_at, s.last_ingested_at) AS created_at, v.updated_at, v.finished_at,
+       v.run_id,
        COALESCE(s.frames, 0) AS frames, COALESCE(s.total_faces, 0) AS total_faces, s.max_faces, s.mean_faces,
        s.peak_frame_id, s.peak_ts_ms
 FROM ids i

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -148,6 +149,7 @@ def wait_receiver_ready(client: Any, headers: dict[str, str], timeout_s: float =
 SEED_VIDEO = "seedvideo01"
 SEED_COUNTS = [0, 1, 3, 2, 5, 4, 1, 0, 2, 3]  # faces per frame; peak: frame 40 (5 faces)
 FRAME_STEP = 10
+SEED_RUN_ID = "scheduled__2026-11-28T10:00:00+00:00"  # the DAG run recorded as the owner of the video's status
 
 
 def seed_results(faces_topic: str, results_dir: Path, video_id: str = SEED_VIDEO) -> dict[str, Any]:
@@ -163,6 +165,7 @@ def seed_results(faces_topic: str, results_dir: Path, video_id: str = SEED_VIDEO
     from crowd.pictures import PictureAccumulator
 
     width, height, fps = 320, 240, 10.0
+    seed_run = storage.RunStamp(SEED_RUN_ID, datetime(2026, 11, 28, 10, 0, 1, tzinfo=UTC))
     with storage.connect("crowd_postgres") as conn:
         storage.migrate(conn)
         storage.mark_video_processing(
@@ -175,6 +178,7 @@ def seed_results(faces_topic: str, results_dir: Path, video_id: str = SEED_VIDEO
             height=height,
             size_bytes=12345,
             model="test-model",
+            run=seed_run,
         )
         conn.commit()
     producer = reliable_producer("kafka_default", timeout_s=20)
@@ -196,7 +200,7 @@ def seed_results(faces_topic: str, results_dir: Path, video_id: str = SEED_VIDEO
     summary = drain("kafka_default", "crowd_postgres", faces_topic, "crowd-ingest", idle_timeout_s=3, max_seconds=60)
     assert summary.frames == len(SEED_COUNTS), summary
     with storage.connect("crowd_postgres") as conn:
-        storage.mark_video_done(conn, video_id)
+        storage.mark_video_done(conn, video_id, seed_run)
         conn.commit()
     acc.write(results_dir / video_id)
     return {"video_id": video_id, "frames": len(SEED_COUNTS), "faces": sum(SEED_COUNTS), "summary": summary}

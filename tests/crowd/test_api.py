@@ -14,7 +14,15 @@ from typing import Any
 import pytest
 
 from tests.crowd.api_fixtures import *  # noqa: F403 - the fixtures
-from tests.crowd.api_fixtures import FRAME_STEP, SEED_COUNTS, SEED_VIDEO, auth, seed_results, wait_receiver_ready
+from tests.crowd.api_fixtures import (
+    FRAME_STEP,
+    SEED_COUNTS,
+    SEED_RUN_ID,
+    SEED_VIDEO,
+    auth,
+    seed_results,
+    wait_receiver_ready,
+)
 
 pytestmark = [pytest.mark.services]
 
@@ -229,6 +237,7 @@ def test_results_routes_return_what_the_ingest_stored(client: Any, faces_topic: 
     assert videos["total"] == 1
     video = videos["items"][0]
     assert video["video_id"] == V and video["status"] == "done" and video["frames"] == len(SEED_COUNTS)
+    assert video["run_id"] == SEED_RUN_ID
     assert video["max_faces"] == 5 and video["total_faces"] == seeded["faces"]
     assert video["mean_faces"] == pytest.approx(mean)
     assert video["peak_frame_id"] == 4 * FRAME_STEP and video["peak_ts_ms"] == pytest.approx(4000.0)

@@ -233,6 +233,7 @@ def test_acceptance_video_in_folder_to_results_in_the_api(profile: Profile) -> N
     print(f"[stage] ingest (detection done -> all frames visible in the API): {t2 - t1:.1f} s")
     print(f"[stage] API (GET /crowd/videos/{{id}}/frames): {(t3 - t2) * 1000:.0f} ms; total {t3 - t0:.1f} s")
     assert summary["status"] == "done" and summary["frame_count"] == 100
+    assert summary["run_id"] == run["dag_run_id"]  # the scan run owns the video's status
     assert {(video_id, f["frame_id"]) for f in frames["items"]} == expected
     assert summary["total_faces"] >= 0.9 * len(expected)  # a face in every frame of carphone
 
