@@ -322,8 +322,8 @@ def detect_and_publish(
             height=info.height, size_bytes=path.stat().st_size, model=detector.name, run=run,
         ):  # fmt: skip
             log.warning(
-                "video %s is already done by this run or a later one: its status is left as it is (this try is "
-                "stale, or a task of a finished run was cleared)", item.video_id,
+                "video %s: its status belongs to a later run, or this run is already done with it: left as it is "
+                "(this try is stale, or a task of a finished run was cleared)", item.video_id,
             )  # fmt: skip
     log.info(
         "video %s: %.1f MB, %dx%d, %g fps, %s frames; part %d/%d = frames [%d, %s); model %s; topic %s",

@@ -334,9 +334,9 @@ def get_video_status(conn: psycopg.Connection, video_id: str) -> str | None:
 class RunStamp:
     """The Airflow run writing a video's status: its id and when it started.
 
-    The run started last owns the status: a try of the same or an older run (a stale one, e.g. a worker thawed
-    or reconnected after its try was retried and the run finished) cannot turn a ``done`` back into
-    ``processing`` or ``failed``, and ``done`` is not written over the status of a run started later.
+    The run started last owns the status: nothing is written over the status of a run started later, and a try
+    of a run that is already done with the video (a stale one, e.g. a worker thawed or reconnected after its try
+    was retried and the run finished) cannot turn its ``done`` back into ``processing`` or ``failed``.
     """
 
     run_id: str
@@ -359,7 +359,7 @@ def mark_video_processing(
     """Register ``video_id`` (or re-register it) as being processed by ``run``; clears any previous error.
 
     Returns:
-        False when the video was left as it is: ``done`` by ``run`` itself or a later run (see :class:`RunStamp`).
+        False when the video was left as it is: owned by a later run, or ``done`` by ``run`` (see :class:`RunStamp`).
     """
     with conn.transaction():
         written = conn.execute(
@@ -372,8 +372,9 @@ def mark_video_processing(
                 width = EXCLUDED.width, height = EXCLUDED.height, size_bytes = EXCLUDED.size_bytes,
                 model = EXCLUDED.model, status = 'processing', error = NULL, finished_at = NULL,
                 run_id = EXCLUDED.run_id, run_started_at = EXCLUDED.run_started_at, updated_at = now()
-            WHERE NOT (videos.status = 'done' AND videos.run_started_at IS NOT NULL  -- done by this run or a later one
-                       AND EXCLUDED.run_started_at IS NOT NULL AND videos.run_started_at >= EXCLUDED.run_started_at)
+            WHERE NOT COALESCE(  -- owned by a later run, or done by this one: leave it
+                videos.run_started_at > EXCLUDED.run_started_at
+                OR (videos.run_started_at = EXCLUDED.run_started_at AND videos.status = 'done'), false)
             RETURNING id
             """,
             (video_id, str(path), fps, frame_count, width, height, size_bytes, model, *_run_columns(run)),
@@ -397,9 +398,7 @@ def mark_video_done(conn: psycopg.Connection, video_id: str, run: RunStamp | Non
             UPDATE videos SET status = 'done', error = NULL, finished_at = now(), updated_at = now(),
                               run_id = COALESCE(%(run_id)s, run_id),
                               run_started_at = COALESCE(%(started_at)s, run_started_at)
-            WHERE id = %(id)s
-              AND NOT (run_started_at IS NOT NULL AND %(started_at)s::timestamptz IS NOT NULL
-                       AND run_started_at > %(started_at)s)
+            WHERE id = %(id)s AND NOT COALESCE(run_started_at > %(started_at)s::timestamptz, false)
             """,
             {"id": video_id, "run_id": run_id, "started_at": started_at},
         )
@@ -418,7 +417,7 @@ def mark_video_failed(
     """Mark ``video_id`` failed with ``error`` (registers it if it was unknown, e.g. unreadable files).
 
     Returns:
-        False when the video was left as it is: ``done`` by ``run`` itself or a later run (see :class:`RunStamp`).
+        False when the video was left as it is: owned by a later run, or ``done`` by ``run`` (see :class:`RunStamp`).
     """
     with conn.transaction():
         written = conn.execute(
@@ -428,8 +427,9 @@ def mark_video_failed(
             ON CONFLICT (id) DO UPDATE SET
                 path = EXCLUDED.path, status = 'failed', error = EXCLUDED.error, finished_at = now(),
                 run_id = EXCLUDED.run_id, run_started_at = EXCLUDED.run_started_at, updated_at = now()
-            WHERE NOT (videos.status = 'done' AND videos.run_started_at IS NOT NULL  -- done by this run or a later one
-                       AND EXCLUDED.run_started_at IS NOT NULL AND videos.run_started_at >= EXCLUDED.run_started_at)
+            WHERE NOT COALESCE(  -- owned by a later run, or done by this one: leave it
+                videos.run_started_at > EXCLUDED.run_started_at
+                OR (videos.run_started_at = EXCLUDED.run_started_at AND videos.status = 'done'), false)
             RETURNING id
             """,
             (video_id, str(path), str(error)[:10_000], *_run_columns(run)),

@@ -83,8 +83,8 @@ def test_video_registry_lifecycle(conn: psycopg.Connection) -> None:
 
 def test_a_stale_try_cannot_turn_back_the_status_of_its_own_or_a_later_run(conn: psycopg.Connection) -> None:
     """The run started last owns a video's status (``RunStamp``): a late try of a finished run (a worker thawed
-    or reconnected after its try was retried) leaves ``done`` alone, and an older run's ``done`` does not end a
-    newer run's processing; a newer run takes the video over."""
+    or reconnected after its try was retried) leaves ``done`` alone, and nothing of an older run is written over
+    a newer run's status; a newer run takes the video over."""
     storage.migrate(conn)
     older = storage.RunStamp("manual__older", datetime(2026, 11, 28, 10, 0, tzinfo=UTC))
     newer = storage.RunStamp("manual__newer", datetime(2026, 11, 28, 10, 5, tzinfo=UTC))
@@ -101,6 +101,8 @@ def test_a_stale_try_cannot_turn_back_the_status_of_its_own_or_a_later_run(conn:
 
     assert storage.mark_video_processing(conn, "v1", "/videos/a.mp4", **meta, run=newer)  # a re-run takes over
     assert not storage.mark_video_done(conn, "v1", older)  # the older run's late finish
+    assert not storage.mark_video_processing(conn, "v1", "/videos/a.mp4", **meta, run=older)  # or late start
+    assert not storage.mark_video_failed(conn, "v1", "/videos/a.mp4", "stopped early", older)
     assert status() == ("processing", "manual__newer", None)
     assert storage.mark_video_done(conn, "v1", newer)
     assert not storage.mark_video_processing(conn, "v1", "/videos/a.mp4", **meta, run=older)
