@@ -489,6 +489,50 @@ def _a_worker_half_way(profile: Profile, topic: _TopicReader, run_id: str, video
     return profile.wait("a worker half-way", half_way, 240, 0.3)
 
 
+def _detection_try(profile: Profile, run_id: str, map_index: int) -> dict:
+    """The task instance (as the REST API gives it) of detection part ``map_index`` of ``run_id``, as it is now."""
+    (ti,) = [
+        ti for ti in profile.task_instances("crowd_video_detect", run_id)
+        if ti["task_id"] == "detect_and_publish" and ti["map_index"] == map_index
+    ]  # fmt: skip
+    return ti
+
+
+def _stale_try_stopped(profile: Profile, worker: str, stale: dict, timeout: float) -> list[str]:
+    """Wait for the task process of the try ``stale`` to end (Airflow titles it with the try's id); the log lines
+    saying the api-server refused its heartbeat."""
+    profile.wait(
+        "the stale try's task process to end",
+        lambda: (
+            subprocess.run(["pgrep", "-f", f"airflow worker -- {stale['id']}"], capture_output=True).returncode == 1
+        ),
+        timeout,
+        1,
+    )
+    return _refused_heartbeats(profile, worker, stale)
+
+
+def _check_stored_once_after_a_stale_try(
+    profile: Profile, topic: _TopicReader, video_id: str, frames: int, map_index: int, published_before: int
+) -> None:
+    """Frames 0..``frames``-1 of ``video_id`` stored once each although part ``map_index``, of which a stale try
+    published ``published_before`` frames or more, was published twice; the video ``done``, nothing rejected."""
+    profile.wait(
+        "every frame of the video stored",
+        lambda: sorted(_stored_frame_ids(profile, video_id)) == list(range(frames)),
+        120,
+    )
+    published = topic.read(for_s=30)[video_id]
+    first = map_index * FRAMES_PER_TASK
+    part = [f for f in published if first <= f < first + FRAMES_PER_TASK]
+    print(f"[stage] published {len(published)} messages for {frames} frames ({len(part)} for part {map_index}, "
+          f"{FRAMES_PER_TASK} frames); stored once each")  # fmt: skip
+    assert len(part) >= FRAMES_PER_TASK + published_before  # the stale try's messages came twice
+    assert profile.api.get(f"/crowd/videos/{video_id}").json()["status"] == "done"
+    with psycopg.connect(profile.results_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM rejected_messages").fetchone()[0] == 0
+
+
 def _refused_heartbeats(profile: Profile, worker: str, stale: dict) -> list[str]:
     """The log lines saying the api-server refused a heartbeat of the try ``stale`` (a task instance as the REST
     API gives it, taken while it ran): its worker's lines naming the try's id, and its own task log's."""
@@ -564,8 +608,8 @@ def test_a_frozen_worker_thawed_after_its_task_was_retried_stores_nothing_twice(
     """SIGSTOP of a Celery worker's whole session half-way through a detection task (its machine frozen), longer
     than ``task_instance_heartbeat_timeout``: the scheduler fails the silent try and the other worker retries it.
     Then SIGCONT while the retry runs: the stale try, a zombie, goes on where it stopped until its supervisor's
-    next heartbeat is refused, and is stopped. The run succeeds, every frame is stored once,
-    the video ends ``done``, the zombie's task process ends and the thawed worker answers again.
+    next heartbeat is refused, and is stopped. The run succeeds, every frame is stored once, the video ends
+    ``done``, the zombie's task process ends and the thawed worker answers again.
     """
     from celery import Celery
 
@@ -579,10 +623,7 @@ def test_a_frozen_worker_thawed_after_its_task_was_retried_stores_nothing_twice(
     session = None
     try:
         victim, map_index, published_before = _a_worker_half_way(profile, topic, run_id, video_id)
-        (stale,) = [
-            ti for ti in profile.task_instances("crowd_video_detect", run_id)
-            if ti["task_id"] == "detect_and_publish" and ti["map_index"] == map_index
-        ]  # fmt: skip
+        stale = _detection_try(profile, run_id, map_index)
         session = int((Path(profile.env["CROWD_CELERY_STATE_DIR"]) / "pids" / f"{victim}.pid").read_text())
         subprocess.run(["pkill", "-STOP", "-s", str(session)], check=True)
         frozen_at = time.monotonic()
@@ -601,12 +642,7 @@ def test_a_frozen_worker_thawed_after_its_task_was_retried_stores_nothing_twice(
             f"{frozen_s:.1f} s, until: {[(t['try_number'], t['state'], t['hostname']) for t in tries]}"
         )
 
-        def zombie_gone() -> bool:  # the task process of the stale try (Airflow titles it with the try's id)
-            found = subprocess.run(["pgrep", "-f", f"airflow worker -- {stale['id']}"], capture_output=True)
-            return found.returncode == 1
-
-        profile.wait("the stale try's task process to end", zombie_gone, 120, 1)
-        refused = _refused_heartbeats(profile, victim, stale)
+        refused = _stale_try_stopped(profile, victim, stale, 120)
         print(f"[stage] stale try's task process ended {time.monotonic() - thawed_at:.1f} s after the thaw: {refused}")
         assert refused, "the stale try was not stopped by its refused heartbeat"
         run = profile.finished_run("crowd_video_detect", run_id, 300)
@@ -616,18 +652,7 @@ def test_a_frozen_worker_thawed_after_its_task_was_retried_stores_nothing_twice(
         assert tries[0]["hostname"].startswith(f"{victim}@") and tries[0]["state"] != "success", tries
         assert tries[-1]["state"] == "success" and not tries[-1]["hostname"].startswith(f"{victim}@"), tries
 
-        profile.wait(
-            "every frame of the video stored", lambda: sorted(_stored_frame_ids(profile, video_id)) == expected, 120
-        )
-        published = topic.read(for_s=30)[video_id]
-        first = map_index * FRAMES_PER_TASK
-        part = [f for f in published if first <= f < first + FRAMES_PER_TASK]
-        print(f"[stage] published {len(published)} messages for {len(expected)} frames ({len(part)} for part "
-              f"{map_index}, {FRAMES_PER_TASK} frames); stored once each")  # fmt: skip
-        assert len(part) >= FRAMES_PER_TASK + published_before  # the stale try's messages came twice
-        assert profile.api.get(f"/crowd/videos/{video_id}").json()["status"] == "done"
-        with psycopg.connect(profile.results_dsn) as conn:
-            assert conn.execute("SELECT count(*) FROM rejected_messages").fetchone()[0] == 0
+        _check_stored_once_after_a_stale_try(profile, topic, video_id, len(expected), map_index, published_before)
 
         celery = Celery(broker=profile.env["AIRFLOW__CELERY__BROKER_URL"])
         answered = profile.wait(
@@ -705,10 +730,7 @@ def test_a_worker_cut_off_from_the_api_server_loses_nothing_and_stores_nothing_t
     gate = None
     try:
         victim, map_index, published_before = _a_worker_half_way(profile, topic, run_id, video_id)
-        (stale,) = [
-            ti for ti in profile.task_instances("crowd_video_detect", run_id)
-            if ti["task_id"] == "detect_and_publish" and ti["map_index"] == map_index
-        ]  # fmt: skip
+        stale = _detection_try(profile, run_id, map_index)
         gate = gated_workers[victim]
         gate.partition()
         cut_at = time.monotonic()
@@ -725,29 +747,13 @@ def test_a_worker_cut_off_from_the_api_server_loses_nothing_and_stores_nothing_t
         assert tries[0]["hostname"].startswith(f"{victim}@") and tries[0]["state"] != "success", tries
         assert tries[-1]["state"] == "success" and not tries[-1]["hostname"].startswith(f"{victim}@"), tries
 
-        def stale_try_gone() -> bool:  # the task process of the stale try (Airflow titles it with the try's id)
-            found = subprocess.run(["pgrep", "-f", f"airflow worker -- {stale['id']}"], capture_output=True)
-            return found.returncode == 1
-
         healed_at = time.monotonic()
-        profile.wait("the stale try's task process to end", stale_try_gone, 300, 1)
-        refused = _refused_heartbeats(profile, victim, stale)
+        refused = _stale_try_stopped(profile, victim, stale, 300)
         print(f"[stage] stale try's task process ended {time.monotonic() - healed_at:.1f} s after the network came "
               f"back: {refused}")  # fmt: skip
         assert refused, "the stale try was not stopped by its refused heartbeat"
 
-        profile.wait(
-            "every frame of the video stored", lambda: sorted(_stored_frame_ids(profile, video_id)) == expected, 120
-        )
-        published = topic.read(for_s=30)[video_id]
-        first = map_index * FRAMES_PER_TASK
-        part = [f for f in published if first <= f < first + FRAMES_PER_TASK]
-        print(f"[stage] published {len(published)} messages for {len(expected)} frames ({len(part)} for part "
-              f"{map_index}, {FRAMES_PER_TASK} frames); stored once each")  # fmt: skip
-        assert len(part) >= FRAMES_PER_TASK + published_before  # the stale try's messages came twice
-        assert profile.api.get(f"/crowd/videos/{video_id}").json()["status"] == "done"
-        with psycopg.connect(profile.results_dsn) as conn:
-            assert conn.execute("SELECT count(*) FROM rejected_messages").fetchone()[0] == 0
+        _check_stored_once_after_a_stale_try(profile, topic, video_id, len(expected), map_index, published_before)
     finally:
         topic.consumer.close()
         if gate is not None:
