@@ -289,6 +289,7 @@ BAD_MESSAGES = [
     pytest.param(_bad(frame_width=2**31), "out_of_range", id="frame-width-overflows-int"),
     pytest.param(_bad(frame_ts_ms=123.25).replace(b"123.25", b"1e400"), "schema", id="timestamp-overflows-float"),
     pytest.param(_bad(video_id="nul\x00byte"), "schema", id="nul-in-text"),
+    pytest.param(_bad(**{"nul\x00name": 1}), "schema", id="nul-in-field-name"),
 ]
 
 
