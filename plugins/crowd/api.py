@@ -38,13 +38,14 @@ from typing import Annotated, Any
 import psycopg
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crowd.config import Settings, load_settings
 from crowd.ingest import stored_offsets
-from crowd.receiver import MessageReceiver
+from crowd.receiver import MessageReceiver, kafka_python_security
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,6 @@ class ReceiveResponse(BaseModel):
     messages: list[ReceivedItem]
     count: int
     remaining: int = Field(description="messages still queued in this API server process")
-    dropped_total: int = Field(description="messages dropped because the queue was full, since start")
 
 
 class VideoSummary(BaseModel):
@@ -198,7 +198,8 @@ class ReceiverHealth(BaseModel):
     max_queue: int = 0
     consumed: int = 0
     delivered: int = 0
-    dropped: int = 0
+    requeued: int = Field(0, description="queued messages left to be read again (consumer rebuilt, partition moved)")
+    paused: bool = Field(False, description="the queue is full: reading waits for /receive to take messages")
     errors: int = 0
     lag: int | None = None
     assigned_partitions: list[int] = Field(default_factory=list)
@@ -420,12 +421,13 @@ def create_app(
             if kafka_log.level == logging.NOTSET:  # kafka-python logs every (re)connection at INFO
                 kafka_log.setLevel(logging.WARNING)
             try:
-                bootstrap = kafka_client_config(settings.kafka_conn_id)["bootstrap.servers"]
+                client_config = kafka_client_config(settings.kafka_conn_id)
                 receiver = MessageReceiver(
-                    bootstrap,
+                    client_config["bootstrap.servers"],
                     settings.messages_topic,
                     group_id=receiver_group_id or settings.receiver_group,
                     max_queue=max_queue or settings.receiver_max_queue,
+                    consumer_config=kafka_python_security(client_config),
                 )
                 receiver.start()
                 app.state.receiver = receiver
@@ -445,28 +447,56 @@ def create_app(
         description=__doc__.split("\n\n")[0] if __doc__ else "",
         version="1",
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,  # FastAPI's own docs routes skip the app's dependencies: served below, behind the login
         redoc_url=None,
-        openapi_url="/openapi.json",
+        openapi_url=None,
         dependencies=[Depends(requires_authenticated())],
     )
     app.state.settings_factory = settings_factory
     app.add_exception_handler(psycopg.Error, _database_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     _add_message_routes(app, send_timeout_s, settings_factory)
     _add_result_routes(app, settings_factory)
     _add_ops_routes(app, settings_factory)
+    _add_docs_routes(app)
     return app
 
 
+def _add_docs_routes(app: FastAPI) -> None:
+    """The OpenAPI document and Swagger UI, as ordinary routes so that they need the login like every other."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_document() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        prefix = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{prefix}/openapi.json", title=f"{app.title} - docs")
+
+
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
-    """psycopg errors become 503 with the reason (missing schema, server gone), never a bare 500."""
+    """psycopg errors become 503 with the reason (missing schema, server gone), never a bare 500; a value
+    PostgreSQL refuses (SQLSTATE class 22, e.g. a NUL in a query parameter) is the caller's: 400."""
+    code = status.HTTP_503_SERVICE_UNAVAILABLE
     if isinstance(exc, psycopg.errors.UndefinedTable):
         detail = f"results schema missing in PostgreSQL ({exc}); run the ingest DAG once, it migrates the schema"
+    elif isinstance(exc, psycopg.DataError):
+        code, detail = status.HTTP_400_BAD_REQUEST, f"a parameter's value cannot be used: {str(exc).strip()[:200]}"
     else:
         detail = f"PostgreSQL error: {type(exc).__name__}: {str(exc).strip()[:300]}"
     log.warning("crowd API %s %s: %s", request.method, request.url.path, detail)
-    return JSONResponse({"detail": detail}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+    return JSONResponse({"detail": detail}, status_code=code)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's 422, rendered ASCII-only: its default echoes the input and fails (500) on a lone surrogate."""
+    from fastapi.encoders import jsonable_encoder
+
+    body = json.dumps({"detail": jsonable_encoder(exc.errors())}, ensure_ascii=True)  # type: ignore[attr-defined]
+    return Response(body, status_code=status.HTTP_422_UNPROCESSABLE_ENTITY, media_type="application/json")
 
 
 def requires_dag_run_trigger() -> Callable[..., None]:
@@ -567,7 +597,6 @@ def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: C
             messages=[ReceivedItem(**vars(m)) for m in items],
             count=len(items),
             remaining=stats.queued,
-            dropped_total=stats.dropped,
         )
 
 
@@ -731,7 +760,8 @@ def _add_ops_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -> N
             max_queue=s.max_queue,
             consumed=s.consumed,
             delivered=s.delivered,
-            dropped=s.dropped,
+            requeued=s.requeued,
+            paused=s.paused,
             errors=s.errors,
             lag=s.lag,
             assigned_partitions=s.assigned_partitions,
@@ -822,8 +852,9 @@ def render_metrics(health: Health, counts: dict[str, Any]) -> str:
                 "crowd_receiver_messages_delivered", "messages handed out by /receive", value=r.delivered
             )
             yield CounterMetricFamily(
-                "crowd_receiver_messages_dropped", "messages dropped because the queue was full", value=r.dropped
+                "crowd_receiver_messages_requeued", "queued messages left to be read again", value=r.requeued
             )
+            yield GaugeMetricFamily("crowd_receiver_paused", "1 while the queue is full", value=int(r.paused))
             yield GaugeMetricFamily("crowd_receiver_queue_depth", "messages waiting in the queue", value=r.queued)
             if r.lag is not None:
                 yield GaugeMetricFamily("crowd_receiver_lag", "receiver consumer lag (messages)", value=r.lag)

@@ -6,18 +6,21 @@ what is already there (optionally waiting a little), so a slow or dead broker ne
 
 Design decisions:
 
-* **Full queue: the oldest message is dropped** (and counted in :attr:`ReceiverStats.dropped`). The consumer
-  never pauses, so it cannot fall behind the topic indefinitely; a reader that comes back late gets the newest
-  ``max_queue`` messages. Pausing would instead keep old messages and let lag grow without bound.
+* **At-least-once, nothing dropped**: offsets are committed (by the consumer thread, about every
+  ``commit_every_s``) only up to the messages a ``/receive`` call has taken. Messages still queued when the
+  process stops, or when its consumer is rebuilt after an error, are read again from there. A message taken
+  by a call whose process dies before the next commit comes again (that is the "at least": a reader that
+  needs exactly-once keeps the ``(topic, partition, offset)`` of what it got).
+* **Full queue: reading pauses** (:attr:`ReceiverStats.paused`) until ``/receive`` takes messages; the
+  backlog waits in Kafka (its retention), not in memory, and nothing is dropped.
 * **Delivered messages are removed**: :meth:`MessageReceiver.take` pops what it returns, so a message is handed
   to at most one ``/receive`` call of this process.
-* **At-most-once, in memory**: offsets are auto-committed by kafka-python after they are polled, so messages
-  still queued when the process stops are not read again by the group. This is the seed's chat-style API, not
-  the pipeline's data path (that one, ``Faces`` -> PostgreSQL, commits offsets with the rows).
 * **Several API server workers**: each worker process runs its own receiver in the same consumer group, so the
   topic's partitions are split between workers and a ``/receive`` call sees the messages of the partitions its
-  worker owns. With one partition, one worker gets all messages. Use one worker (the default) for the seed's
-  behaviour.
+  worker owns. When a partition moves to another worker, this one commits what it delivered and forgets what
+  it had queued from it (the new owner reads it again). With one partition, one worker gets all messages.
+* **Any bytes**: a value is JSON when it parses as JSON nested at most :data:`MAX_VALUE_DEPTH` deep, else text;
+  no value stops the consumer or fails a response.
 * **Compression**: producers here use lz4 (:data:`crowd.kafka.PRODUCER_RELIABILITY`), so kafka-python needs the
   ``lz4`` package to decode; without it every poll fails and the receiver keeps retrying (``last_error`` says so).
 * **Broker restarts**: kafka-python reconnects by itself; any other error closes the consumer and a new one is
@@ -45,7 +48,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GROUP_ID = "crowd-api-receiver"
 DEFAULT_MAX_QUEUE = 1000
+MAX_VALUE_DEPTH = 64
 _LAG_EVERY_S = 2.0
+
+Partition = tuple[str, int]
 
 
 @dataclass
@@ -66,12 +72,14 @@ class ReceiverStats:
 
     consumed: int = 0
     delivered: int = 0
-    dropped: int = 0
+    committed: int = 0
+    requeued: int = 0
     errors: int = 0
     reconnects: int = 0
     queued: int = 0
     max_queue: int = 0
     lag: int | None = None
+    paused: bool = False
     connected: bool = False
     running: bool = False
     last_error: str | None = None
@@ -79,25 +87,80 @@ class ReceiverStats:
 
 
 def decode_value(raw: bytes | None) -> Any:
-    """JSON if the bytes are JSON, else the text (invalid UTF-8 replaced), else ``None``."""
+    """JSON if the bytes are JSON nested at most :data:`MAX_VALUE_DEPTH` deep, else the text (invalid UTF-8
+    replaced), else ``None``."""
     if raw is None:
         return None
     text = raw.decode("utf-8", "replace")
     try:
-        return json.loads(text)
-    except ValueError:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
         return text
+    if text.count("[") + text.count("{") > MAX_VALUE_DEPTH and _deeper_than(value, MAX_VALUE_DEPTH):
+        return text
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether containers in ``value`` nest more than ``limit`` deep (iterative: no recursion limit)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+# librdkafka connection settings (the Airflow connection's extra) that kafka-python spells differently
+_KAFKA_PYTHON_NAMES = {
+    "security.protocol": "security_protocol",
+    "sasl.mechanism": "sasl_mechanism",
+    "sasl.mechanisms": "sasl_mechanism",
+    "sasl.username": "sasl_plain_username",
+    "sasl.password": "sasl_plain_password",
+    "ssl.ca.location": "ssl_cafile",
+    "ssl.certificate.location": "ssl_certfile",
+    "ssl.key.location": "ssl_keyfile",
+    "ssl.key.password": "ssl_password",
+    "ssl.crl.location": "ssl_crlfile",
+}
+
+
+def kafka_python_security(librdkafka_config: dict[str, Any]) -> dict[str, Any]:
+    """The security settings of a librdkafka configuration as ``KafkaConsumer`` keyword arguments.
+
+    Raises:
+        ValueError: a ``sasl.*``/``ssl.*`` setting kafka-python has no equivalent for (the receiver would
+            otherwise connect without it).
+    """
+    out: dict[str, Any] = {}
+    for key, value in librdkafka_config.items():
+        if key in _KAFKA_PYTHON_NAMES:
+            out[_KAFKA_PYTHON_NAMES[key]] = value
+        elif key == "ssl.endpoint.identification.algorithm":
+            out["ssl_check_hostname"] = str(value).lower() != "none"
+        elif key.startswith(("sasl.", "ssl.")):
+            raise ValueError(
+                f"Kafka connection setting {key!r} has no kafka-python equivalent for the /receive consumer; "
+                f"supported: {sorted(_KAFKA_PYTHON_NAMES)} and ssl.endpoint.identification.algorithm"
+            )
+    return out
 
 
 class MessageReceiver:
-    """A kafka-python consumer thread feeding a bounded, drop-oldest queue.
+    """A kafka-python consumer thread feeding a bounded queue, committing what has been delivered.
 
     Args:
         bootstrap_servers: ``host:port[,host:port]`` of the brokers.
         topic: topic to read.
         group_id: consumer group shared by all API server processes.
-        max_queue: queue bound; when full the oldest message is dropped.
-        consumer_config: further ``KafkaConsumer`` keyword arguments (tests shorten timeouts).
+        max_queue: queue bound; when full, reading pauses until messages are taken.
+        consumer_config: further ``KafkaConsumer`` keyword arguments (security settings; tests shorten timeouts).
+        commit_every_s: how often the consumer thread commits the offsets of delivered messages.
     """
 
     def __init__(
@@ -108,6 +171,7 @@ class MessageReceiver:
         group_id: str = DEFAULT_GROUP_ID,
         max_queue: int = DEFAULT_MAX_QUEUE,
         consumer_config: dict[str, Any] | None = None,
+        commit_every_s: float = 0.5,
     ) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue={max_queue} must be >= 1")
@@ -115,8 +179,11 @@ class MessageReceiver:
         self.topic = topic
         self.group_id = group_id
         self.max_queue = max_queue
+        self.commit_every_s = commit_every_s
         self._consumer_config = dict(consumer_config or {})
         self._queue: deque[ReceivedMessage] = deque()
+        # next offset after the last message taken per partition, not yet known to be committed
+        self._delivered: dict[Partition, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -133,7 +200,7 @@ class MessageReceiver:
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Ask the thread to stop and wait for it to close the consumer (commits the offsets read)."""
+        """Ask the thread to stop and wait for it to commit what was delivered and close the consumer."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
@@ -149,21 +216,28 @@ class MessageReceiver:
     # ---- queue -----------------------------------------------------------------------------------------------
 
     def offer(self, message: ReceivedMessage) -> None:
-        """Append ``message``; when the queue is full drop the oldest one and count it."""
+        """Append ``message`` (the consumer thread keeps the queue within ``max_queue`` by pausing)."""
         with self._lock:
-            if len(self._queue) >= self.max_queue:
-                self._queue.popleft()
-                self._stats.dropped += 1
             self._queue.append(message)
             self._stats.consumed += 1
 
     def take(self, limit: int) -> list[ReceivedMessage]:
-        """Remove and return up to ``limit`` of the oldest queued messages (never blocks on Kafka)."""
+        """Remove and return up to ``limit`` of the oldest queued messages (never blocks on Kafka).
+
+        Their offsets are committed by the consumer thread within ``commit_every_s``.
+        """
         with self._lock:
             count = min(limit, len(self._queue))
             items = [self._queue.popleft() for _ in range(count)]
+            for m in items:  # the queue is in offset order per partition: the last one taken is the highest
+                self._delivered[(m.topic, m.partition)] = m.offset + 1
             self._stats.delivered += count
             return items
+
+    def room(self) -> int:
+        """How many more messages the queue takes before reading pauses."""
+        with self._lock:
+            return self.max_queue - len(self._queue)
 
     def __len__(self) -> int:
         with self._lock:
@@ -177,25 +251,90 @@ class MessageReceiver:
         snapshot.running = self.running
         return snapshot
 
+    def _forget_queued(self, partitions: set[Partition] | None = None) -> dict[Partition, int]:
+        """Drop the undelivered messages of ``partitions`` (all when None), to be read again (by this process's
+        next consumer, or by the partition's new owner); returns the first dropped offset per partition."""
+        with self._lock:
+            kept: deque[ReceivedMessage] = deque()
+            first: dict[Partition, int] = {}
+            for m in self._queue:
+                if partitions is None or (m.topic, m.partition) in partitions:
+                    first.setdefault((m.topic, m.partition), m.offset)
+                else:
+                    kept.append(m)
+            self._stats.requeued += len(self._queue) - len(kept)
+            self._queue = kept
+        return first
+
     # ---- thread ----------------------------------------------------------------------------------------------
 
     def _make_consumer(self) -> Any:
-        from kafka import KafkaConsumer
+        from kafka import ConsumerRebalanceListener, KafkaConsumer
+
+        receiver = self
+
+        class _Rebalance(ConsumerRebalanceListener):
+            restart_at: dict[Partition, int] = {}
+
+            def on_partitions_revoked(self, revoked: Any) -> None:
+                partitions = {(tp.topic, tp.partition) for tp in revoked}
+                if partitions:
+                    receiver._commit(consumer, only=partitions)
+                    self.restart_at = receiver._forget_queued(partitions)
+
+            def on_partitions_assigned(self, assigned: Any) -> None:
+                receiver._seek_assigned(consumer, {(tp.topic, tp.partition) for tp in assigned}, self.restart_at)
 
         config: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap_servers.split(","),
             "group_id": self.group_id,
-            "enable_auto_commit": True,
-            "auto_commit_interval_ms": 1000,
+            "enable_auto_commit": False,
             "auto_offset_reset": "earliest",
             "client_id": f"crowd-api-receiver-{threading.get_native_id()}",
             "request_timeout_ms": 30000,
             "reconnect_backoff_max_ms": 5000,
         }
         config.update(self._consumer_config)
+        config["enable_auto_commit"] = False  # offsets follow deliveries, not polls
         consumer = KafkaConsumer(**config)
-        consumer.subscribe([self.topic])
+        consumer.subscribe([self.topic], listener=_Rebalance())
         return consumer
+
+    def _seek_assigned(self, consumer: Any, assigned: set[Partition], restart_at: dict[Partition, int]) -> None:
+        """After a rebalance, start each partition of ours at its first message not delivered yet: the first one
+        that was queued when it was revoked, or past the delivered ones whose commit failed (else the library
+        goes on from its position or the committed offset, which are then that same place)."""
+        from kafka import TopicPartition
+
+        with self._lock:
+            delivered = dict(self._delivered)
+        for partition in assigned:
+            position = restart_at.get(partition, delivered.get(partition))
+            if position is not None:
+                consumer.seek(TopicPartition(*partition), position)
+
+    def _commit(self, consumer: Any, only: set[Partition] | None = None) -> bool:
+        """Commit the offsets of delivered messages; a failure is kept for the next try (and counted)."""
+        from kafka import OffsetAndMetadata, TopicPartition
+
+        with self._lock:
+            pending = {p: o for p, o in self._delivered.items() if only is None or p in only}
+        if not pending:
+            return True
+        try:
+            consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in pending.items()})
+        except Exception as exc:  # noqa: BLE001 - kept pending: retried at the next commit or by the next consumer
+            with self._lock:
+                self._stats.errors += 1
+                self._stats.last_error = f"commit failed: {type(exc).__name__}: {exc}"
+            log.warning("receiver could not commit %s (%s); will retry", pending, exc)
+            return False
+        with self._lock:
+            for p, o in pending.items():
+                if self._delivered.get(p) == o:  # nothing taken meanwhile
+                    del self._delivered[p]
+            self._stats.committed += 1
+        return True
 
     def _run(self) -> None:
         backoff = 1.0
@@ -214,11 +353,13 @@ class MessageReceiver:
                 log.warning("receiver for %s failed (%s); retrying in %.0f s", self.topic, exc, backoff)
             finally:
                 if consumer is not None:
+                    self._commit(consumer)
                     try:
-                        consumer.close(timeout_ms=5000)
+                        consumer.close(autocommit=False, timeout_ms=5000)
                     except Exception:  # noqa: BLE001
                         log.debug("closing the receiver consumer failed", exc_info=True)
-            if self._stop.wait(backoff):
+                    self._forget_queued()
+            if self._stop.is_set() or self._stop.wait(backoff):
                 break
             backoff = min(backoff * 2, 30.0)
             with self._lock:
@@ -228,10 +369,12 @@ class MessageReceiver:
 
     def _consume(self, consumer: Any) -> bool:
         """Poll until stopped; returns whether at least one poll succeeded (errors propagate)."""
-        next_lag = 0.0
+        next_lag = next_commit = 0.0
         polled = False
         while not self._stop.is_set():
-            batches = consumer.poll(timeout_ms=300, max_records=500)
+            room = self.room()
+            self._pause(consumer, room <= 0)
+            batches = consumer.poll(timeout_ms=300, max_records=max(1, min(room, 500)))
             polled = True
             for records in batches.values():
                 for record in records:
@@ -246,10 +389,23 @@ class MessageReceiver:
                         )
                     )
             now = time.monotonic()
+            if now >= next_commit:
+                next_commit = now + self.commit_every_s
+                self._commit(consumer)
             if now >= next_lag:
                 next_lag = now + _LAG_EVERY_S
                 self._update_lag(consumer)
         return polled
+
+    def _pause(self, consumer: Any, full: bool) -> None:
+        """Pause every assigned partition while the queue is full, resume once there is room."""
+        assigned = consumer.assignment()
+        if full:
+            consumer.pause(*assigned)
+        elif consumer.paused():
+            consumer.resume(*consumer.paused())
+        with self._lock:
+            self._stats.paused = full
 
     def _update_lag(self, consumer: Any) -> None:
         """Lag = end offset - position, summed over the assigned partitions; a failed broker call = disconnected."""

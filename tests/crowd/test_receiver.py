@@ -1,0 +1,200 @@
+"""The ``/receive`` background consumer (:mod:`crowd.receiver`) against the real Kafka broker: nothing dropped,
+nothing lost across a restart or a partition moving to another receiver, no value that stops it."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from crowd.receiver import MAX_VALUE_DEPTH, MessageReceiver, decode_value, kafka_python_security
+from tests.conftest import create_topic
+
+# --- pure parts ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        pytest.param(b'{"content": "hi"}', {"content": "hi"}, id="json"),
+        pytest.param(b"plain text", "plain text", id="text"),
+        pytest.param(b"\xff\xfe", "\ufffd\ufffd", id="not-utf8"),
+        pytest.param(None, None, id="tombstone"),
+        pytest.param(b"[" * 5000, "[" * 5000, id="too-deep-for-json-loads"),
+        pytest.param(b"[" * 300 + b"]" * 300, "[" * 300 + "]" * 300, id="too-deep-to-serialise"),
+        pytest.param(
+            b"[" * MAX_VALUE_DEPTH + b"]" * MAX_VALUE_DEPTH,
+            json.loads("[" * MAX_VALUE_DEPTH + "]" * MAX_VALUE_DEPTH),
+            id="at-the-depth-limit",
+        ),
+        pytest.param(b'[{"a": [1, 2]}, {"b": {}}]' * 1, [{"a": [1, 2]}, {"b": {}}], id="nested-within-limit"),
+    ],
+)
+def test_decode_value(raw: bytes | None, expected: Any) -> None:
+    assert decode_value(raw) == expected
+
+
+def test_a_value_at_the_depth_limit_serialises_in_a_response() -> None:
+    from pydantic import BaseModel
+
+    class Item(BaseModel):
+        value: Any
+
+    deep = decode_value(b"[" * MAX_VALUE_DEPTH + b"]" * MAX_VALUE_DEPTH)
+    assert isinstance(deep, list)
+    Item(value=deep).model_dump_json()  # raises past pydantic's serialisation depth
+
+
+def test_connection_security_settings_reach_the_kafka_python_consumer() -> None:
+    config = {
+        "bootstrap.servers": "b:9093",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "PLAIN",
+        "sasl.username": "u",
+        "sasl.password": "p",
+        "ssl.ca.location": "/ca.pem",
+        "ssl.endpoint.identification.algorithm": "none",
+        "linger.ms": 5,
+    }
+    assert kafka_python_security(config) == {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "PLAIN",
+        "sasl_plain_username": "u",
+        "sasl_plain_password": "p",
+        "ssl_cafile": "/ca.pem",
+        "ssl_check_hostname": False,
+    }
+    with pytest.raises(ValueError, match="sasl.oauthbearer.config"):
+        kafka_python_security({"sasl.oauthbearer.config": "x"})
+
+
+# --- against the broker ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def topic_factory(kafka_admin: Any) -> Iterator[Callable[[int], str]]:
+    made: list[str] = []
+
+    def make(partitions: int = 1) -> str:
+        made.append(create_topic(kafka_admin, f"test-recv-{uuid.uuid4().hex[:10]}", partitions=partitions))
+        return made[-1]
+
+    yield make
+    if made:
+        kafka_admin.delete_topics(made)
+
+
+@pytest.fixture
+def receivers(kafka_bootstrap: str) -> Iterator[Callable[..., MessageReceiver]]:
+    """Start receivers; all are stopped at the end."""
+    started: list[MessageReceiver] = []
+
+    def start(topic: str, group_id: str, **kwargs: Any) -> MessageReceiver:
+        receiver = MessageReceiver(
+            kafka_bootstrap, topic, group_id=group_id, consumer_config={"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}, **kwargs
+        )
+        receiver.start()
+        started.append(receiver)
+        return receiver
+
+    yield start
+    for receiver in started:
+        receiver.stop()
+
+
+def _send(bootstrap: str, topic: str, values: list[bytes], partitions: int = 1) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "compression.type": "lz4", "acks": "all"})
+    for i, value in enumerate(values):
+        producer.produce(topic, value=value, partition=i % partitions)
+    assert producer.flush(30) == 0
+
+
+def _numbers(n: int, start: int = 0) -> list[bytes]:
+    return [json.dumps({"n": i}).encode() for i in range(start, start + n)]
+
+
+def _wait(condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _take_until(receivers: list[MessageReceiver], count: int, timeout_s: float = 60) -> list[Any]:
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < count and time.monotonic() < deadline:
+        for receiver in receivers:
+            got += [m.value for m in receiver.take(1000)]
+        time.sleep(0.1)
+    time.sleep(1.5)  # anything more (a duplicate) would come now
+    for receiver in receivers:
+        got += [m.value for m in receiver.take(1000)]
+    return got
+
+
+@pytest.mark.services
+def test_a_full_queue_pauses_reading_and_drops_nothing(
+    kafka_bootstrap: str, topic_factory: Callable[[int], str], receivers: Callable[..., MessageReceiver]
+) -> None:
+    bound = 20
+    topic = topic_factory(1)
+    receiver = receivers(topic, f"test-recv-{uuid.uuid4().hex[:8]}", max_queue=bound)
+    _send(kafka_bootstrap, topic, _numbers(5 * bound))
+    _wait(lambda: receiver.stats().paused, "the receiver to pause on a full queue")
+    time.sleep(1.0)  # paused: no more is read
+    stats = receiver.stats()
+    assert stats.queued == bound and stats.consumed == bound, stats
+    got = _take_until([receiver], 5 * bound)
+    assert got == [{"n": i} for i in range(5 * bound)], "lost, duplicated or out of order"
+    _wait(lambda: not receiver.stats().paused and receiver.stats().lag == 0, "the receiver to catch up")
+
+
+@pytest.mark.services
+def test_after_a_restart_undelivered_messages_come_again_and_delivered_ones_do_not(
+    kafka_bootstrap: str, topic_factory: Callable[[int], str], receivers: Callable[..., MessageReceiver]
+) -> None:
+    topic, group = topic_factory(1), f"test-recv-{uuid.uuid4().hex[:8]}"
+    first = receivers(topic, group)
+    _send(kafka_bootstrap, topic, _numbers(10))
+    _wait(lambda: len(first) == 10, "10 queued messages")
+    assert [m.value["n"] for m in first.take(4)] == [0, 1, 2, 3]
+    first.stop()  # the API server stops with 6 messages queued
+    second = receivers(topic, group)
+    assert _take_until([second], 6) == [{"n": i} for i in range(4, 10)]
+
+
+@pytest.mark.services
+def test_a_partition_moving_to_another_receiver_loses_and_duplicates_nothing(
+    kafka_bootstrap: str, topic_factory: Callable[[int], str], receivers: Callable[..., MessageReceiver]
+) -> None:
+    topic, group = topic_factory(2), f"test-recv-{uuid.uuid4().hex[:8]}"
+    first = receivers(topic, group)
+    _send(kafka_bootstrap, topic, _numbers(40), partitions=2)
+    _wait(lambda: len(first) == 40, "40 queued messages")
+    delivered = [m.value for m in first.take(10)]
+    second = receivers(topic, group)  # the group rebalances: one partition moves to the second receiver
+    _wait(lambda: bool(second.stats().assigned_partitions), "the second receiver to get a partition")
+    assert len(first.stats().assigned_partitions) == 1
+    delivered += _take_until([first, second], 30)
+    assert sorted(v["n"] for v in delivered) == list(range(40)), "lost or duplicated across the rebalance"
+    assert first.stats().requeued > 0, "the moved partition's queued messages were not handed over"
+
+
+@pytest.mark.services
+def test_values_that_are_not_plain_json_neither_stop_the_consumer_nor_skip_others(
+    kafka_bootstrap: str, topic_factory: Callable[[int], str], receivers: Callable[..., MessageReceiver]
+) -> None:
+    topic = topic_factory(1)
+    receiver = receivers(topic, f"test-recv-{uuid.uuid4().hex[:8]}")
+    values = [b'{"n": 0}', b"[" * 5000, b"[" * 300 + b"]" * 300, b"\xff not utf-8", b'{"n": 4}']
+    _send(kafka_bootstrap, topic, values)
+    got = _take_until([receiver], len(values))
+    assert got == [{"n": 0}, "[" * 5000, "[" * 300 + "]" * 300, "\ufffd not utf-8", {"n": 4}]
+    assert receiver.stats().errors == 0
