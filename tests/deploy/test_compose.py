@@ -226,7 +226,7 @@ def test_every_compose_variable_is_in_env_example() -> None:
 def test_image_matches_the_python_and_airflow_of_constraints() -> None:
     """constraints.txt was frozen on this venv's Python with Airflow 3.3.2: the base image must have both."""
     base = re.search(r"ARG AIRFLOW_IMAGE=(\S+)", DOCKERFILE.read_text()).group(1)
-    assert base == _raw()["x-airflow-common"]["build"]["args"]["AIRFLOW_IMAGE"].split(":-", 1)[1].rstrip("}")
+    assert base == _raw()["services"]["airflow-init"]["build"]["args"]["AIRFLOW_IMAGE"].split(":-", 1)[1].rstrip("}")
     tag = base.split(":", 1)[1]
     python = re.search(r"python(\d+\.\d+)", tag).group(1)
     assert python == f"{sys.version_info.major}.{sys.version_info.minor}" == "3.11"
@@ -272,3 +272,164 @@ def test_requirements_resolve_as_wheels_for_the_image(platform: str, tmp_path: P
     assert result.returncode == 0, result.stderr[-3000:]
     resolved_pins = (tmp_path / "resolved.txt").read_text()
     assert "apache-airflow==3.3.2" in resolved_pins and "opencv-python-headless==4.14.0.94" in resolved_pins
+
+
+# --- review findings (one test each; every one fails on the file as it was before the fix) ---
+
+
+def _default_of(value: str) -> str:
+    """``${VAR:-default}`` -> ``default``."""
+    match = re.fullmatch(r"\$\{[A-Z0-9_]+:-([^}]*)\}", value)
+    assert match, f"{value!r} is not ${{VAR:-default}}"
+    return match.group(1)
+
+
+def _readme_docker_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("### Docker Compose")
+    return text[start : text.index("\n## ", start)]
+
+
+def test_the_airflow_image_is_built_by_one_service_only() -> None:
+    """Services that all build one tag are built in parallel by Compose (buildx bake) and clash on a first build
+    ("image ... already exists"): airflow-init builds, the others only use the tag and never pull it."""
+    services = _raw()["services"]
+    assert [name for name, service in services.items() if "build" in service] == ["airflow-init"]
+    image = services["airflow-init"]["image"]
+    for name in AIRFLOW_SERVICES[1:]:
+        assert services[name]["image"] == image, name
+        assert services[name].get("pull_policy") == "never", name
+        assert services[name]["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
+
+
+def test_rabbitmq_permits_the_transient_queues_of_the_pinned_celery() -> None:
+    """RabbitMQ 4.3 denies transient non-exclusive queues by default; the pinned Celery declares its pidbox and reply
+    queues that way unless ``control_queue_exclusive`` is set (celery#10287, kombu#2531)."""
+    from celery.app.defaults import DEFAULTS
+
+    if DEFAULTS["control_queue_exclusive"]:
+        pytest.skip("this Celery declares its control queues exclusive: any RabbitMQ 4.x accepts them")
+    rabbitmq = _raw()["services"]["rabbitmq"]
+    tag = _default_of(rabbitmq["image"]).split(":", 1)[1]
+    version = re.match(r"(\d+)\.(\d+)", tag)
+    assert version, f"rabbitmq tag {tag!r} floats over minor versions (4.3 denies Celery's queues)"
+    assert (int(version.group(1)), int(version.group(2))) <= (4, 2), tag
+    # And permitted explicitly, so that RABBITMQ_IMAGE may name a 4.3 image.
+    mounts = {v.split(":")[1]: ROOT / v.split(":")[0] for v in rabbitmq["volumes"] if v.startswith("./")}
+    conf = mounts.get("/etc/rabbitmq/conf.d/20-crowd.conf")
+    assert conf is not None and conf.is_file()
+    assert "deprecated_features.permit.transient_nonexcl_queues = true" in conf.read_text().splitlines()
+
+
+def test_postgres_is_healthy_only_when_it_listens_on_tcp() -> None:
+    """Without -h, pg_isready asks the Unix socket, which the image's temporary init server answers before the crowd
+    database exists (docker-library/postgres#146); airflow-init's own entrypoint does not wait for the DB."""
+    test = _raw()["services"]["postgres"]["healthcheck"]["test"]
+    command = shlex.split(test[1] if test[0] == "CMD-SHELL" else " ".join(test[1:]))
+    assert command[0] == "pg_isready"
+    host = command[command.index("-h") + 1] if "-h" in command else None
+    assert host in {"127.0.0.1", "localhost"}, command
+
+
+def test_weights_install_where_compose_and_the_model_code_look() -> None:
+    """crowd.models reads cfg, names and weights from one folder, CROWD_MODEL_DIR: in compose that is the mounted
+    ./include/yolov3 (with the cfg), and the README sends the weights there, not to the crowd-models volume."""
+    init = _raw()["services"]["airflow-init"]
+    model_dir = _env_of(init)["CROWD_MODEL_DIR"]
+    host_dir = None
+    for volume in init["volumes"]:
+        source, target = volume.split(":")[:2]
+        if source.startswith("./") and (model_dir == target or model_dir.startswith(target + "/")):
+            host_dir = ROOT / source / model_dir[len(target) :].lstrip("/")
+    assert host_dir is not None, f"CROWD_MODEL_DIR {model_dir} is not on a host mount"
+    assert (host_dir / "yolov3-face.cfg").is_file() and (host_dir / "face.names").is_file()
+    section = _readme_docker_section()
+    install = section[section.index("YOLOv3 face weights") :]
+    install = install[: install.index("\n\n")]
+    assert "crowd.models install" in install and "crowd-models` volume with" not in install
+    assert str(host_dir.relative_to(ROOT)) in install
+
+
+def test_env_example_as_is_makes_airflow_init_refuse(tmp_path: Path) -> None:
+    """change-me passes compose's ${VAR:?} checks: airflow-init's script stops first, naming every placeholder."""
+    init = resolved()["services"]["airflow-init"]
+    script = init["command"][1].replace("$$", "$")
+    assert "airflow db migrate" in script
+    check = script.split("airflow db migrate", 1)[0] + "echo CHECKS-PASSED\n"
+    secrets = [line.split("=", 1)[0] for line in ENV_EXAMPLE.read_text().splitlines()
+               if not line.startswith("#") and SECRET_WORDS.search(line.split("=", 1)[0])]  # fmt: skip
+    env = {k: str(v) for k, v in init["environment"].items()}
+    run = dict(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    result = subprocess.run(["bash", "-c", check], env={**env, **run}, capture_output=True, text=True)
+    assert result.returncode != 0 and "CHECKS-PASSED" not in result.stdout, "airflow-init runs with change-me"
+    assert all(name in result.stderr for name in secrets), result.stderr
+    assert set(secrets) <= set(env["CROWD_INIT_CHECK_VARS"].split()), "some .env secret is not checked"
+    assert "secrets.token_urlsafe" in result.stderr and "down -v" in result.stderr
+    from cryptography.fernet import Fernet
+
+    filled = {**env, **{name: "s3cret-value" for name in secrets}}
+    filled["AIRFLOW_FERNET_KEY"] = filled["AIRFLOW__CORE__FERNET_KEY"] = Fernet.generate_key().decode()
+    result = subprocess.run(["bash", "-c", check], env={**filled, **run}, capture_output=True, text=True)
+    assert result.returncode == 0 and "CHECKS-PASSED" in result.stdout, result.stderr
+    assert "down -v" in _readme_docker_section()  # changing passwords after the first start
+
+
+def test_published_ports_listen_on_localhost_unless_configured() -> None:
+    for name, service in _raw()["services"].items():
+        for port in service.get("ports") or []:
+            assert str(port).startswith("${CROWD_PUBLISH_ADDRESS:-127.0.0.1}:"), f"{name}: {port}"
+
+
+def test_execution_api_url_comes_from_env(tmp_path: Path) -> None:
+    """Workers on other machines reach the api-server by another address than the compose service name."""
+    raw = _env_of(_raw()["services"]["airflow-worker"])["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"]
+    assert _default_of(raw) == "http://airflow-api-server:8080/execution/"
+    resolved()  # skips without a tool
+    url = "http://airflow.example:8080/execution/"
+    env_file = tmp_path / ".env"
+    env_file.write_text(ENV_EXAMPLE.read_text() + f"\nAIRFLOW_EXECUTION_API_SERVER_URL={url}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "CROWD_", "KAFKA", "RABBITMQ"))}
+    out = subprocess.run([*_compose_cmd(), "-f", str(COMPOSE), "--env-file", str(env_file), "config"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, check=True).stdout  # fmt: skip
+    assert _env_of(yaml.safe_load(out)["services"]["airflow-worker"])["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == url
+    section = _readme_docker_section()
+    assert "AIRFLOW_EXECUTION_API_SERVER_URL" in section and "remote logging" in section
+
+
+def _dockerignored(path: str, patterns: list[str]) -> bool:
+    """Whether a top-level path of the build context is excluded (Docker's rule: the last matching pattern wins)."""
+    from fnmatch import fnmatchcase
+
+    excluded = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        if fnmatchcase(path, pattern) or path.startswith(pattern + "/"):
+            excluded = not negate
+    return excluded
+
+
+def test_dockerignore_keeps_local_state_out_and_what_the_dockerfile_copies_in() -> None:
+    build = _raw()["services"]["airflow-init"]["build"]
+    assert build["context"] == "."
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    for path in (".venv", ".local", ".env", "videos", "test-artifacts", ".git", ".hypothesis"):
+        assert _dockerignored(path, patterns), path
+    copied = []
+    for line in (ROOT / build["dockerfile"]).read_text().splitlines():
+        if line.startswith(("COPY ", "ADD ")):
+            args = [a for a in shlex.split(line)[1:] if not a.startswith("--")]
+            copied.extend(args[:-1])
+    assert copied
+    assert [path for path in copied if _dockerignored(path, patterns)] == []
+
+
+def test_stop_script_stops_every_dev_service_with_a_stop_command() -> None:
+    """dev/stop.sh says it stops everything the dev scripts started: every dev/*.sh with a `stop` command."""
+    stop = (ROOT / "dev" / "stop.sh").read_text()
+    with_stop = sorted(p.name for p in (ROOT / "dev").glob("*.sh") if re.search(r"^\s*stop\)", p.read_text(), re.M))
+    assert {"celery.sh", "kafka.sh", "postgres.sh"} <= set(with_stop)
+    missing = [name for name in with_stop if not re.search(rf"dev/{re.escape(name)}\"?\s+stop\b", stop)]
+    assert not missing, missing
+    assert subprocess.run(["bash", "-n", str(ROOT / "dev" / "stop.sh")]).returncode == 0
