@@ -89,6 +89,10 @@ ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET next_offset = EXCLU
 """
 
 
+# One drain per (schema, group, topic); a topic name cannot contain ":", so "group:topic" names one pair only.
+DRAIN_LOCK_KEY_SQL = "hashtext(current_schema()), hashtext(%s || ':' || %s)"  # parameters: group id, topic
+
+
 class IngestError(RuntimeError):
     """The drain cannot run (missing topic, unreachable broker); the message says what to fix."""
 
@@ -123,6 +127,7 @@ class DrainSummary:
     new_alerts: int = 0
     alerts_published: int = 0
     lag_left: int = 0
+    alerts_error: str | None = None
     seconds: float = 0.0
     stopped_because: str = ""
     next_offsets: dict[int, int] = field(default_factory=dict)
@@ -277,6 +282,16 @@ def write_batch(
 # --- the drain ------------------------------------------------------------------------------------------------
 
 
+def _publish_alerts(conn: psycopg.Connection, kafka_conn_id: str, topic: str, summary: DrainSummary) -> None:
+    """Publish pending alerts; a failure is kept in the summary, not raised: the frames go on being stored and
+    the alert rows stay pending (:func:`drain_task` fails the task at the end so that the retry publishes them)."""
+    try:
+        summary.alerts_published += publish_pending_alerts(conn, kafka_conn_id, topic)
+    except Exception as exc:  # noqa: BLE001 - PublishError, KafkaException: either way the rows stay pending
+        summary.alerts_error = f"{type(exc).__name__}: {exc}"
+        log.error("crowd alerts not published to %s (%s); draining goes on, they stay pending", topic, exc)
+
+
 def stored_offsets(conn: psycopg.Connection, group_id: str, topic: str) -> dict[int, int]:
     """Next offset to read per partition, as stored by the last committed batch."""
     with conn.transaction():
@@ -360,10 +375,7 @@ def drain(
     with storage.connect(postgres_conn_id) as conn:
         storage.migrate(conn)
         with conn.transaction():
-            locked = conn.execute(
-                "SELECT pg_try_advisory_lock(hashtext('crowd.drain:' || current_schema() || %s || %s))",
-                (group_id, topic),
-            ).fetchone()[0]
+            locked = conn.execute(f"SELECT pg_try_advisory_lock({DRAIN_LOCK_KEY_SQL})", (group_id, topic)).fetchone()[0]
         if not locked:
             log.warning("another drain of %s for group %s is running; nothing to do", topic, group_id)
             summary.stopped_because = "another drain is running"
@@ -371,7 +383,7 @@ def drain(
         conn.execute(_STAGING_SQL)
         conn.commit()
         if alert_rule is not None and alerts_topic:
-            summary.alerts_published += publish_pending_alerts(conn, kafka_conn_id, alerts_topic)
+            _publish_alerts(conn, kafka_conn_id, alerts_topic, summary)
 
         consumer = manual_commit_consumer(kafka_conn_id, group_id=group_id, fetch_wait_max_ms=100)
         try:
@@ -494,7 +506,7 @@ def _run(
             if commit_to_kafka:
                 _commit_to_kafka(consumer, topic, batch.next_offsets)
             if new_alerts and alerts_topic:
-                summary.alerts_published += publish_pending_alerts(conn, kafka_conn_id, alerts_topic)
+                _publish_alerts(conn, kafka_conn_id, alerts_topic, summary)
         now = time.monotonic()
         if now - last_log >= log_every_s:
             last_log = now
@@ -557,6 +569,17 @@ def drain_task(
         alert_rule=rule,
         alerts_topic=settings.alerts_topic if rule else None,
     )
+    if summary.stopped_because == "another drain is running":
+        raise IngestError(
+            f"another drain of {summary.topic!r} for group {group_id!r} holds its lock (a drain run elsewhere, or "
+            "a dead one whose database session is still open: see pg_locks / pg_stat_activity); nothing was "
+            "drained, the retry will try again"
+        )
+    if summary.alerts_error:
+        raise IngestError(
+            f"{summary.frames} frames stored, but crowd alerts could not be published ({summary.alerts_error}); "
+            "they stay pending in the alerts table and the next run publishes them"
+        )
     return summary.as_dict()
 
 

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from crowd.alerts import AlertRule
-from crowd.ingest import drain
+from crowd.ingest import DRAIN_LOCK_KEY_SQL, IngestError, drain, drain_task
 from crowd.messages import FaceMessage
 
 pytestmark = pytest.mark.services
@@ -238,15 +238,27 @@ def test_a_second_drain_of_the_same_group_backs_off(faces_topic: str, pg_schema:
     publish_frames(faces_topic, [frame_dict("video-l", 0, 1)])
     quick_drain(faces_topic)  # creates the schema
     with psycopg.connect(os.environ["CROWD_PG_DSN_FOR_TESTS"], autocommit=True) as holder:
-        holder.execute(
-            "SELECT pg_advisory_lock(hashtext('crowd.drain:' || current_schema() || %s || %s))", (GROUP, faces_topic)
-        )
+        holder.execute(f"SELECT pg_advisory_lock({DRAIN_LOCK_KEY_SQL})", (GROUP, faces_topic))
         summary = quick_drain(faces_topic)
+        with pytest.raises(IngestError, match="holds its lock"):  # the DAG's task fails (and retries)
+            drain_task(topic=faces_topic, group_id=GROUP, idle_timeout_s=1)
     assert summary.stopped_because == "another drain is running" and summary.messages == 0
 
 
+def test_a_drain_of_another_group_and_topic_is_not_held_by_one_that_spells_alike(
+    faces_topic: str, pg_schema: str
+) -> None:
+    publish_frames(faces_topic, [frame_dict("video-l2", 0, 1)])
+    quick_drain(faces_topic)  # creates the schema
+    publish_frames(faces_topic, [frame_dict("video-l2", 1, 1)])
+    with psycopg.connect(os.environ["CROWD_PG_DSN_FOR_TESTS"], autocommit=True) as holder:
+        # the drain of topic "st-faces-..." by group GROUP + "te": the same characters in a row as this pair
+        holder.execute(f"SELECT pg_advisory_lock({DRAIN_LOCK_KEY_SQL})", (GROUP + faces_topic[:2], faces_topic[2:]))
+        summary = quick_drain(faces_topic)
+    assert summary.messages == 1 and summary.stopped_because != "another drain is running", summary
+
+
 def test_missing_topic_names_the_topic(pg_schema: str, kafka_bootstrap: str) -> None:
-    from crowd.ingest import IngestError
 
     with pytest.raises(IngestError, match="no-such-topic"):
         drain("kafka_default", "crowd_postgres", f"no-such-topic-{uuid.uuid4().hex[:6]}", GROUP)
@@ -414,6 +426,28 @@ def test_crowd_alert_once_per_episode_even_on_replay(faces_topic: str, pg_schema
         ("video-crowd", 100, 7),
     ]
     kafka_admin.delete_topics([alerts_topic])
+
+
+def test_alerts_that_cannot_be_published_stop_neither_the_frames_nor_the_next_run(
+    faces_topic: str, pg_schema: str, kafka_admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counts = [1] * 10 + [6] * 30 + [1] * 60  # one episode of 3 s at 10 fps
+    publish_frames(faces_topic, [frame_dict("video-alert", i, n) for i, n in enumerate(counts)])
+    rule = AlertRule(threshold=5, min_duration_s=2.0)
+    # a name the broker refuses: every alert publish fails
+    failed = quick_drain(faces_topic, batch_size=20, alert_rule=rule, alerts_topic="no such topic!")
+    assert failed.frames == len(counts), "frames not stored because of the alerts"
+    assert failed.alerts_error and failed.alerts_published == 0, failed
+    assert scalar("SELECT count(*) FROM alerts WHERE published_at IS NULL") == 1
+    monkeypatch.setenv("CROWD_ALERTS_TOPIC", "no such topic!")
+    with pytest.raises(IngestError, match="frames stored, but crowd alerts could not be published"):
+        drain_task(topic=faces_topic, group_id=GROUP, idle_timeout_s=1, alert_threshold=5, alert_min_duration_s=2)
+
+    alerts_topic = new_topic(kafka_admin, "test-alerts", partitions=1)
+    retried = quick_drain(faces_topic, alert_rule=rule, alerts_topic=alerts_topic)
+    assert retried.alerts_error is None and retried.alerts_published == 1, retried
+    assert scalar("SELECT count(*) FROM alerts WHERE published_at IS NULL") == 0
+    assert [a["peak_count"] for a in _consume_all(alerts_topic, expect=1)] == [6]
 
 
 def test_alert_rule_rejects_nonsense() -> None:
