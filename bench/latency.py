@@ -83,6 +83,7 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
         home,
         ROOT / "dags",
         CROWD_INGEST_LINGER_S=f"{linger:g}",
+        CROWD_INGEST_SWEEP_SCHEDULE="none",
         CROWD_FACES_TOPIC=topic,
         CROWD_INGEST_GROUP=f"latency-ingest-{tag}",
         AIRFLOW_CONN_KAFKA_WATCH=json.dumps(

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from airflow.sdk import Param, dag, task
 
-from crowd.assets import faces_topic_asset
+from crowd.assets import faces_ingest_schedule
 from crowd.config import load_settings
 
 settings = load_settings()
@@ -26,7 +26,9 @@ group, e.g. `crowd-ingest-watch`). Its `apply_function` (`crowd.ingest.faces_pen
 the drain has not stored yet (offset >= the drain's stored offset), so a backlog being drained does not queue a
 run per message. Chosen over a continuous DAG with a deferrable `AwaitMessageSensor` because no run sits open
 while the topic is quiet, the asset shows in the UI as the link between the publish DAG and this one, and
-asset events queued during a run collapse into one follow-up run (`max_active_runs=1`). A caught-up run keeps
+asset events queued during a run collapse into one follow-up run (`max_active_runs=1`). A sweep run on
+`{settings.ingest_sweep_schedule}` (`CROWD_INGEST_SWEEP_SCHEDULE`, UTC; `none` turns it off) drains whatever a
+failed run left behind once its asset events were used up. A caught-up run keeps
 reading until nothing new came for `linger_s` (`CROWD_INGEST_LINGER_S`), so a detection job's stream of messages
 is stored by one run instead of one run per message.
 
@@ -42,7 +44,7 @@ Manual runs are always safe (idempotent) and take the params below.
 
 @dag(
     dag_id="crowd_faces_ingest",
-    schedule=[faces_topic_asset(settings)],
+    schedule=faces_ingest_schedule(settings),
     catchup=False,
     max_active_runs=1,
     tags=["crowd", "kafka", "postgres", "ingest"],

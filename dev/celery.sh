@@ -16,6 +16,7 @@
 # settings of the running profile (ports, databases, AIRFLOW_* and CROWD_*): `source` it to talk to it.
 # Settings read at start (all optional): CROWD_CELERY_WORKERS (2), CROWD_CELERY_API_PORT / CROWD_CELERY_AMQP_PORT
 # (free ports), CROWD_VIDEO_ROOTS, CROWD_FRAMES_PER_TASK, CROWD_SCAN_SCHEDULE, CROWD_SCAN_MIN_AGE_S, CROWD_FACES_TOPIC,
+# CROWD_INGEST_SWEEP_SCHEDULE,
 # CROWD_DETECTOR, AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT (300: how long a task whose worker died stays
 # "running").
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -96,6 +97,7 @@ export CROWD_RESULTS_DIR=$STATE/results
 export CROWD_FRAMES_PER_TASK=${CROWD_FRAMES_PER_TASK:-3000}
 export CROWD_SCAN_SCHEDULE='${CROWD_SCAN_SCHEDULE:-*/5 * * * *}'
 export CROWD_SCAN_MIN_AGE_S=${CROWD_SCAN_MIN_AGE_S:-60}
+export CROWD_INGEST_SWEEP_SCHEDULE='${CROWD_INGEST_SWEEP_SCHEDULE:-*/15 * * * *}'
 export CROWD_FACES_TOPIC=${CROWD_FACES_TOPIC:-Faces}
 export CROWD_ALERTS_TOPIC=${CROWD_ALERTS_TOPIC:-crowd-alerts}
 export CROWD_DETECTOR=${CROWD_DETECTOR:-auto}

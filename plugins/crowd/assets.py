@@ -7,7 +7,7 @@ Kafka trigger (in the triggerer) fires when a message the drain has not stored y
 from __future__ import annotations
 
 from airflow.providers.common.messaging.triggers.msg_queue import MessageQueueTrigger
-from airflow.sdk import Asset, AssetWatcher
+from airflow.sdk import Asset, AssetOrTimeSchedule, AssetWatcher, CronTriggerTimetable
 
 from crowd.config import Settings
 
@@ -41,4 +41,19 @@ def faces_topic_asset(settings: Settings) -> Asset:
         uri=f"kafka://{settings.kafka_conn_id}/{settings.faces_topic}",
         group="crowd",
         watchers=[watcher],
+    )
+
+
+def faces_ingest_schedule(settings: Settings) -> list[Asset] | AssetOrTimeSchedule:
+    """The ingest DAG's schedule: the Faces asset, and a sweep on ``settings.ingest_sweep_schedule`` too.
+
+    The watcher reads each message once and fires for it once. A run that uses up those events and then fails
+    (PostgreSQL down past its retries) would leave the messages in Kafka until another message arrives, which
+    may be never; the sweep's run drains them (a run with nothing to drain takes well under a second of work).
+    """
+    asset = faces_topic_asset(settings)
+    if settings.ingest_sweep_schedule is None:
+        return [asset]
+    return AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(settings.ingest_sweep_schedule, timezone="UTC"), assets=[asset]
     )

@@ -56,6 +56,7 @@ class Settings:
     messages_topic: str = "messages"
     ingest_group: str = "crowd-ingest"
     ingest_linger_s: float = 5.0
+    ingest_sweep_schedule: str | None = "*/15 * * * *"
     receiver_group: str = "crowd-api-receiver"
     receiver_max_queue: int = 1000
     alert_threshold: int | None = 10
@@ -104,6 +105,11 @@ class Settings:
         return resolved
 
 
+def _optional(value: str) -> str | None:
+    """``none``/``off`` (any case) or empty: None."""
+    return None if value.strip().lower() in {"", "none", "off"} else value
+
+
 def load_settings() -> Settings:
     """Read every ``CROWD_*`` variable once and validate it."""
     backend = _env("CROWD_DETECTOR", "auto")
@@ -118,6 +124,7 @@ def load_settings() -> Settings:
         messages_topic=_env("CROWD_MESSAGES_TOPIC", "messages"),
         ingest_group=_env("CROWD_INGEST_GROUP", "crowd-ingest"),
         ingest_linger_s=_env_number("CROWD_INGEST_LINGER_S", 5.0, whole=False),
+        ingest_sweep_schedule=_optional(_env("CROWD_INGEST_SWEEP_SCHEDULE", "*/15 * * * *")),
         receiver_group=_env("CROWD_RECEIVER_GROUP", "crowd-api-receiver"),
         receiver_max_queue=_env_number("CROWD_RECEIVER_MAX_QUEUE", 1000, minimum=1),
         alert_threshold=_env_number("CROWD_ALERT_THRESHOLD", 10, minimum=0) or None,

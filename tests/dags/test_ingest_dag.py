@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from dev.standalone import airflow, dag_runs, running_standalone, standalone_env, wait_for_dag
+from dev.standalone import airflow, dag_runs, free_port, running_standalone, standalone_env, wait_for_dag
 from tests.crowd.test_ingest import encode, frame_dict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,15 +92,26 @@ def test_dag_test_drains_a_fresh_topic_into_a_fresh_schema(airflow_db: Path, fac
 
 
 @pytest.fixture
-def airflow_services(tmp_path: Path, faces_topic: str, pg_schema: str) -> Iterator[dict[str, str]]:
-    """Airflow standalone (scheduler, triggerer, dag-processor, api-server) in a temp home, torn down by group."""
+def airflow_services(
+    request: pytest.FixtureRequest, tmp_path: Path, faces_topic: str, pg_schema: str
+) -> Iterator[dict[str, str]]:
+    """Airflow standalone (scheduler, triggerer, dag-processor, api-server) in a temp home, torn down by group.
+
+    Param ``"watcher"`` (default): the asset watcher alone starts runs (no sweep). ``"sweep"``: a sweep every
+    minute, and a watcher whose connection reaches no broker, so that only the sweep can start a run.
+    """
+    mode = getattr(request, "param", "watcher")
     kafka_extra = json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]
+    watch_extra = {**kafka_extra, "group.id": f"crowd-ingest-watch-{uuid.uuid4().hex[:6]}"}
+    sweep = "none"
+    if mode == "sweep":
+        watch_extra["bootstrap.servers"] = f"127.0.0.1:{free_port()}"
+        sweep = "* * * * *"
     env = standalone_env(
         tmp_path / "airflow",
         ROOT / "dags",
-        AIRFLOW_CONN_KAFKA_WATCH=json.dumps(
-            {"conn_type": "kafka", "extra": {**kafka_extra, "group.id": f"crowd-ingest-watch-{uuid.uuid4().hex[:6]}"}}
-        ),
+        AIRFLOW_CONN_KAFKA_WATCH=json.dumps({"conn_type": "kafka", "extra": watch_extra}),
+        CROWD_INGEST_SWEEP_SCHEDULE=sweep,
     )
     with running_standalone(env, tmp_path / "standalone.log"):
         yield env
@@ -127,3 +138,23 @@ def test_a_published_message_reaches_postgres_without_a_manual_trigger(
     assert _frames(dsn) == 25, f"frames never arrived; runs: {runs}"
     # nobody triggered it by hand: every run id says what created it
     assert runs and all(r["run_id"].startswith("asset_triggered__") for r in runs), runs
+
+
+@pytest.mark.slow
+@pytest.mark.services
+@pytest.mark.airflow
+@pytest.mark.parametrize("airflow_services", ["sweep"], indirect=True)
+def test_the_sweep_drains_messages_no_asset_event_announced(airflow_services: dict[str, str], faces_topic: str) -> None:
+    """What a failed run leaves behind once its asset events are used up: no event will come for it."""
+    env = airflow_services
+    wait_for_dag(env, DAG_ID, timeout_s=120)
+    _publish(faces_topic, 10, video_id="swept-video")
+    airflow(env, "dags", "unpause", DAG_ID)
+
+    dsn = os.environ["CROWD_PG_DSN_FOR_TESTS"]
+    deadline = time.monotonic() + 180  # the next minute, the scheduler's loop, the task's start
+    while time.monotonic() < deadline and _frames(dsn) < 10:
+        time.sleep(2)
+    runs = dag_runs(env, DAG_ID)
+    assert _frames(dsn) == 10, f"the sweep did not drain; runs: {runs}"
+    assert runs and all(r["run_id"].startswith("scheduled__") for r in runs), runs
