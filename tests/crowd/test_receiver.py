@@ -95,7 +95,11 @@ def receivers(kafka_bootstrap: str) -> Iterator[Callable[..., MessageReceiver]]:
 
     def start(topic: str, group_id: str, **kwargs: Any) -> MessageReceiver:
         receiver = MessageReceiver(
-            kafka_bootstrap, topic, group_id=group_id, consumer_config={"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}, **kwargs
+            kafka_bootstrap,
+            topic,
+            group_id=group_id,
+            consumer_config={"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
+            **kwargs,
         )
         receiver.start()
         started.append(receiver)
