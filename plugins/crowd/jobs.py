@@ -189,14 +189,23 @@ def list_videos(roots: Iterable[Path]) -> list[Path]:
 def plan_video(path: Path, video_id: str, settings: Settings) -> list[WorkItem]:
     """Split one video into work items of at most ``settings.frames_per_task`` frames.
 
-    A video whose metadata cannot be read gets one item: its task fails with the reason and records it.
+    Only a video whose frame n is shown at n / fps (``VideoInfo.constant_rate``, from its MP4 index) is split: a
+    part seeks to its first frame, and OpenCV seeks by time. A variable-frame-rate video, or one of unknown length,
+    gets one item that reads it whole. A video whose metadata cannot be read (or that vanished since it was
+    hashed) gets one item too: its task fails with the reason and records it.
     """
     try:
         info = probe_video(path)
-    except VideoError as exc:
+    except (VideoError, OSError) as exc:
         log.warning("%s cannot be probed (%s); its detection task will record the failure", path, exc)
         return [WorkItem(str(path), video_id)]
     if not info.frame_count:
+        return [WorkItem(str(path), video_id)]
+    if not info.constant_rate and info.frame_count > settings.frames_per_task:
+        log.info(
+            "%s: frame rate not constant (or not known to be: not an MP4 index), so it is read whole in one task "
+            "instead of %d", path, -(-info.frame_count // settings.frames_per_task),
+        )  # fmt: skip
         return [WorkItem(str(path), video_id)]
     ranges = split_ranges(info.frame_count, settings.frames_per_task)
     return [WorkItem(str(path), video_id, a, b, i, len(ranges)) for i, (a, b) in enumerate(ranges)]
@@ -283,12 +292,17 @@ def plan_requested_video(video_path: str, settings: Settings | None = None) -> l
 
     Raises:
         ConfigError: outside the roots, missing, not a file, or not ``.mp4``.
+        BadVideoError: the file cannot be read to identify it (empty, unreadable): retrying cannot help.
     """
     settings = settings or load_settings()
     path = settings.check_video_path(video_path)
     if path.suffix.lower() != VIDEO_SUFFIX:
         raise ConfigError(f"video path {video_path!r} is not an .mp4 file")
-    return plan_video(path, content_hash(path), settings)
+    try:
+        video_id = content_hash(path)
+    except (VideoError, OSError) as exc:
+        raise BadVideoError(f"video {path.name} cannot be read to identify it: {exc}; fix or replace the file") from exc
+    return plan_video(path, video_id, settings)
 
 
 def detect_and_publish(

@@ -55,6 +55,8 @@ def plan_requested_video() -> list[dict[str, Any]]:
         return [item.to_dict() for item in jobs.plan_requested_video(params["video_path"], load_settings())]
     except ConfigError as exc:
         raise AirflowFailException(f"invalid video_path: {exc}") from exc
+    except jobs.BadVideoError as exc:  # an empty or unreadable file: retrying cannot help
+        raise AirflowFailException(str(exc)) from exc
 
 
 @task(map_index_template="{{ work_item_label }}")

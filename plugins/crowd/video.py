@@ -1,9 +1,13 @@
 """Video reading: probe a file, sample frames by interval or target fps, decode in a background thread.
 
-Sampled frame ids are the multiples of ``frame_interval`` (0, n, 2n, ...), independent of how the video is
+A frame id is a decode index: the n-th frame the decoder gives is frame n, and ``ts_ms`` is its presentation
+time. Sampled frame ids are the multiples of ``frame_interval`` (0, n, 2n, ...), independent of how the video is
 split into ranges, so ranges ``[a, b)`` that tile ``[0, frame_count)`` process every sampled frame exactly once.
-Frames in between are skipped with sequential ``grab()`` (no per-frame seeking); one seek to the range start
-is allowed.
+Frames in between are skipped with sequential ``grab()`` (no per-frame seeking). A range may seek once, to its
+start, and only in a video whose frame n is shown at n / fps (``VideoInfo.constant_rate``, from the MP4 index):
+OpenCV seeks by time, so in a variable-frame-rate video it would land on another frame. Other ranges walk from
+frame 0. The container's frame count is an estimate: decoding that ends cleanly near the container's duration is
+the end of the video, not an error.
 
 Example:
     >>> from crowd.video import FrameReader
@@ -16,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import logging
@@ -135,7 +140,13 @@ class VideoArgumentError(VideoError, ValueError):
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What the container says about a source. ``frame_count`` is ``None`` for live sources."""
+    """What the container says about a source.
+
+    ``frame_count`` is an estimate (the MP4 index's count of shown frames, else what FFmpeg reports, which may
+    be the duration times the frame rate); ``None`` for live sources and streams that do not say (a raw H.264
+    stream). ``constant_rate`` is True when the MP4 index shows frame n at n / fps for every n: only then can a
+    frame range seek to its start. ``index_duration_s`` is the duration from the MP4 index, when read.
+    """
 
     source: str
     fps: float
@@ -143,16 +154,24 @@ class VideoInfo:
     width: int
     height: int
     is_live: bool = False
+    constant_rate: bool = False
+    index_duration_s: float | None = None
 
     @property
     def duration_s(self) -> float | None:
         """Duration in seconds, or ``None`` when the frame count is unknown."""
+        if self.index_duration_s is not None:
+            return self.index_duration_s
         return None if self.frame_count is None else self.frame_count / self.fps
 
 
 @dataclass(frozen=True)
 class Frame:
-    """One sampled frame: ``frame_id`` is its index in the video, ``ts_ms`` = ``frame_id * 1000 / fps``."""
+    """One sampled frame: ``frame_id`` is its decode index in the video, ``ts_ms`` its presentation time.
+
+    ``ts_ms`` comes from the container (relative to the video's start); a stream without timestamps (raw H.264)
+    gets the nominal ``frame_id * 1000 / fps``.
+    """
 
     frame_id: int
     ts_ms: float
@@ -259,8 +278,11 @@ _IMAGE_MAGIC = {
 
 
 def _image_kind(path: str | os.PathLike[str] | int) -> str | None:
-    with open(path, "rb") as handle:
-        head = handle.read(8)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError:  # gone or unreadable since it was checked: no diagnosis
+        return None
     for magic, kind in _IMAGE_MAGIC.items():
         if head.startswith(magic):
             return f"it is {kind}, not a video"
@@ -276,19 +298,27 @@ _MAX_INDEX_BYTES = 64 << 20  # a moov box (the index) is kilobytes to a few MB; 
 _MAX_BOXES = 100_000
 
 
-def _mp4_problem(path: str | os.PathLike[str]) -> str | None:
-    """Why an MP4 file OpenCV cannot play has no video to read, from its boxes (ISO/IEC 14496-12).
+class _DamagedBoxes(ValueError):
+    """A box of an MP4 file has an impossible size."""
 
-    Only a diagnosis for the error message: walks the top-level boxes to the index (``moov``) and lists its
-    tracks' handler types. ``None`` when the file is not MP4 (no ``ftyp`` box first), cannot be read, or has a
-    video track (the cause is then in the data or the codec).
+
+def _mp4_index(path: str | os.PathLike[str] | int) -> bytes | None:
+    """The index (``moov`` box) of an ISO base media file (MP4, MOV), ``b""`` if it has none.
+
+    ``None`` when the file is not MP4 (no ``ftyp`` box first) or cannot be read. Walks the top-level boxes only,
+    reading no more than ``_MAX_INDEX_BYTES`` of the index.
+
+    Raises:
+        _DamagedBoxes: a top-level box is smaller than its header.
     """
+    if isinstance(path, int):
+        return None
     try:
         with open(path, "rb") as handle:
             end = os.fstat(handle.fileno()).st_size
             if handle.read(8)[4:8] != b"ftyp":
                 return None
-            pos, index = 0, None
+            pos = 0
             for _ in range(_MAX_BOXES):
                 if pos + 8 > end:
                     break
@@ -300,15 +330,30 @@ def _mp4_problem(path: str | os.PathLike[str]) -> str | None:
                 elif size == 0:  # the box runs to the end of the file
                     size = end - pos
                 if size < 8:
-                    return "an MP4 file whose box structure is damaged"
+                    raise _DamagedBoxes(f"box {kind!r} at byte {pos} has size {size}")
                 if kind == b"moov":
                     handle.seek(pos)
-                    index = handle.read(min(size, _MAX_INDEX_BYTES))
-                    break
+                    return handle.read(min(size, _MAX_INDEX_BYTES))
                 pos += size
-    except OSError:  # gone or unreadable since it was checked: no diagnosis
+    except OSError:  # gone or unreadable since it was checked
         return None
+    return b""
+
+
+def _mp4_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why an MP4 file OpenCV cannot play has no video to read, from its boxes (ISO/IEC 14496-12).
+
+    Only a diagnosis for the error message: walks the top-level boxes to the index (``moov``) and lists its
+    tracks' handler types. ``None`` when the file is not MP4 (no ``ftyp`` box first), cannot be read, or has a
+    video track (the cause is then in the data or the codec).
+    """
+    try:
+        index = _mp4_index(path)
+    except _DamagedBoxes:
+        return "an MP4 file whose box structure is damaged"
     if index is None:
+        return None
+    if not index:
         return "an MP4 file without its index (the moov box): truncated, or still being written"
     tracks: list[str] = []
     at = index.find(b"hdlr")
@@ -322,11 +367,125 @@ def _mp4_problem(path: str | os.PathLike[str]) -> str | None:
     return f"an MP4 file with no video track (its tracks: {', '.join(tracks) or 'none'})"
 
 
+def _boxes(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[bytes, bytes]]:
+    """The ``(type, payload)`` of the boxes in ``data[start:end]``; stops at the first one that does not fit."""
+    end = len(data) if end is None else end
+    pos = start
+    while pos + 8 <= end:
+        size, kind = struct.unpack_from(">I4s", data, pos)
+        header = 8
+        if size == 1 and pos + 16 <= end:
+            size, header = struct.unpack_from(">Q", data, pos + 8)[0], 16
+        elif size == 0:
+            size = end - pos
+        if size < header or pos + size > end:
+            return
+        yield kind, data[pos + header : pos + size]
+        pos += size
+
+
+def _child(payload: bytes, *path: bytes) -> bytes | None:
+    """The payload of the first box along ``path`` (e.g. ``b"mdia", b"minf"``) inside ``payload``."""
+    for kind in path:
+        payload = next((p for k, p in _boxes(payload) if k == kind), None)  # type: ignore[assignment]
+        if payload is None:
+            return None
+    return payload
+
+
+def _timescale(header_box: bytes) -> int:
+    """The timescale of an ``mvhd`` or ``mdhd`` payload (version 0: 32-bit times, version 1: 64-bit)."""
+    return struct.unpack_from(">I", header_box, 20 if header_box[0] == 1 else 12)[0]
+
+
+@dataclass(frozen=True)
+class _Timing:
+    """When the frames of an MP4 video track are shown, from its index: no decoding needed."""
+
+    frames: int  # frames presented (inside the edit list), in presentation order
+    duration_s: float  # from the first presented frame to the end of the last one
+    constant_rate_at: Callable[[float], bool]  # fps -> is frame n shown at n / fps for every n
+
+
+def _mp4_timing(path: str | os.PathLike[str] | int) -> _Timing | None:
+    """Frame count, duration and frame-rate regularity of the first video track, from its sample tables.
+
+    Reads ``stts`` (decoding times), ``ctts`` (presentation offsets) and ``elst`` (the edit list of a trimmed
+    file: samples outside it are decoded but not shown). ``None`` when the file is not MP4, is fragmented (the
+    samples are listed in ``moof`` boxes, not in the index), has more than one edit, or its tables do not agree.
+    """
+    try:
+        index = _mp4_index(path)
+    except _DamagedBoxes:
+        return None
+    if not index:
+        return None
+    moov = next((p for k, p in _boxes(index) if k == b"moov"), None)
+    mvhd = moov and _child(moov, b"mvhd")
+    if not moov or not mvhd or len(mvhd) < 24:
+        return None
+    for kind, trak in _boxes(moov):
+        hdlr = _child(trak, b"mdia", b"hdlr") if kind == b"trak" else None
+        if hdlr is None or hdlr[8:12] != b"vide":
+            continue
+        try:
+            return _track_timing(trak, _timescale(mvhd))
+        except (struct.error, ValueError, ZeroDivisionError):  # tables that do not fit: no timing
+            return None
+    return None
+
+
+def _track_timing(trak: bytes, movie_scale: int) -> _Timing | None:
+    mdhd, stbl = _child(trak, b"mdia", b"mdhd"), _child(trak, b"mdia", b"minf", b"stbl")
+    stts = stbl and _child(stbl, b"stts")
+    if not mdhd or not stts:
+        return None
+    scale = _timescale(mdhd)
+    table = np.frombuffer(stts, ">u4", count=2 * struct.unpack_from(">I", stts, 4)[0], offset=8).reshape(-1, 2)
+    deltas = np.repeat(table[:, 1].astype(np.int64), table[:, 0].astype(np.int64))
+    if not len(deltas) or not scale:
+        return None  # fragmented: the samples are in moof boxes
+    pts = np.concatenate(([0], np.cumsum(deltas)[:-1]))
+    ctts = _child(stbl, b"ctts")
+    if ctts:
+        table = np.frombuffer(ctts, ">i4", count=2 * struct.unpack_from(">I", ctts, 4)[0], offset=8).reshape(-1, 2)
+        offsets = np.repeat(table[:, 1].astype(np.int64), table[:, 0].astype(np.int64))
+        if len(offsets) != len(pts):
+            return None
+        pts = pts + offsets
+    elst = _child(trak, b"edts", b"elst")
+    if elst:
+        wide = elst[0] == 1
+        entry = struct.Struct(">Qq" if wide else ">Ii")
+        step = entry.size + 4  # + media rate
+        edits = [entry.unpack_from(elst, 8 + i * step) for i in range(struct.unpack_from(">I", elst, 4)[0])]
+        edits = [(length, start) for length, start in edits if start != -1]  # -1: an empty edit (a delay)
+        if len(edits) > 1:
+            return None
+        if edits:
+            length, start = edits[0]
+            stop = start + length * scale / movie_scale if length else np.inf
+            pts = pts[(pts >= start) & (pts < stop)]
+    if not len(pts):
+        return None
+    pts = np.sort(pts)
+    end = pts[-1] + (deltas[-1] if len(deltas) else 0)
+    seconds = (pts - pts[0]) / scale
+
+    def constant_rate_at(fps: float) -> bool:
+        # OpenCV seeks to frame n at time n / fps: exact when every frame is within a quarter frame of it
+        return bool(np.abs(seconds * fps - np.arange(len(seconds))).max() <= 0.25)
+
+    return _Timing(frames=len(pts), duration_s=float(end - pts[0]) / scale, constant_rate_at=constant_rate_at)
+
+
 def probe_video(source: str | os.PathLike[str] | int) -> VideoInfo:
     """Open ``source``, check it and return its :class:`VideoInfo`; the file is closed again.
 
     Checks, in order: exists, not a directory, readable, not empty, OpenCV can open it, fps in (0, 1000],
-    size in 1..8192 per side, and the first frame decodes.
+    size in 1..8192 per side, and the first frame decodes. An MP4 file's frame count, duration and frame-rate
+    regularity come from its index (see :func:`_mp4_timing`); a stream whose length is unknown (a raw H.264 or
+    MPEG-4 stream named ``.mp4``) has ``frame_count=None`` and is read to its end.
 
     Raises:
         VideoError: a subclass naming the file and the cause (see :class:`VideoErrorReason`).
@@ -342,13 +501,20 @@ def probe_video(source: str | os.PathLike[str] | int) -> VideoInfo:
                 (not live and _mp4_problem(source)) or "not a video container (OpenCV cannot open it, read 0 frames)",
             )
         info = _info_from_capture(source, cap, live)
-        if not live and info.frame_count is None:
-            raise NotAVideoError(
-                source,
-                _mp4_problem(source)
-                or f"not a video container ({_image_kind(source) or 'container reports 0 frames'})",
-            )
-        if not live and not cap.grab():
+        if live:
+            return info
+        if info.frame_count is None:  # unknown length (a raw stream says none), or not a video at all
+            problem = _mp4_problem(source)
+            kind = _image_kind(source)
+            if problem or kind:
+                raise NotAVideoError(source, problem or f"not a video container ({kind})")
+        timing = _mp4_timing(source)
+        if timing is not None:
+            info = dataclasses.replace(
+                info, frame_count=timing.frames, index_duration_s=timing.duration_s,
+                constant_rate=timing.constant_rate_at(info.fps),
+            )  # fmt: skip
+        if not cap.grab():
             raise NotAVideoError(source, "not a video container (read 0 frames)")
         return info
     finally:
@@ -423,7 +589,8 @@ _END = object()
 class FrameReader:
     """Iterate the sampled frames of a video, decoding in a background thread.
 
-    After iteration ends, ``error`` is ``None`` if every frame of the range was read, else a
+    After iteration ends, ``error`` is ``None`` if the range was read to its end (or to the video's: decoding
+    that ends cleanly at the container's duration is complete, whatever the frame count said), else a
     :class:`CorruptVideoError` saying where decoding stopped (the good frames before it were yielded);
     ``stopped_early`` is the same as ``error is not None``. Opening problems raise at construction.
     With ``raise_on_error=True`` the error is raised after the last good frame instead.
@@ -432,7 +599,8 @@ class FrameReader:
         source: a file path, a camera index or a stream URL.
         frame_interval: process every n-th frame (default: seed rule ``int(fps/3)``).
         target_fps: alternative to ``frame_interval``: about this many frames per second of video.
-        frame_range: ``(start, stop)`` frame ids, stop exclusive (``None`` = to the end).
+        frame_range: ``(start, stop)`` frame ids, stop exclusive (``None`` = to the end). A range seeks to its
+            start when ``info.constant_rate`` (and checks where it landed), else it decodes from frame 0.
         queue_size: decoded frames buffered ahead of the consumer.
         prepare: optional per-frame pre-processing run on the decoding thread, overlapped with the consumer's
             work (e.g. :meth:`crowd.detection.Detector.prepare`); its result is ``Frame.prepared``. If it
@@ -488,45 +656,88 @@ class FrameReader:
         return False
 
     def _run(self) -> None:
-        cap = _open_capture(self.source, threads=DECODER_THREADS)
+        cap: cv2.VideoCapture | None = None
         try:
-            if not cap.isOpened():
-                why = (
-                    not self.info.is_live and _mp4_problem(self.source)
-                ) or "not a video container (OpenCV cannot open it)"
-                self._put(NotAVideoError(self.source, why))
+            cap = self._open()
+            if cap is None:
                 return
-            pos = 0
             first = -(-self.start // self.frame_interval) * self.frame_interval
-            if first > 0 and not self.info.is_live:
+            pos = 0  # decode index of the frame the next grab() gives
+            landing: float | None = None  # after a seek: the time of frame 0, to check where the seek landed
+            if first > 0 and self.info.constant_rate and not self.info.is_live and cap.grab():
+                landing = self._ms(cap) or 0.0
                 cap.set(cv2.CAP_PROP_POS_FRAMES, float(first))
-                pos = int(cap.get(cv2.CAP_PROP_POS_FRAMES))
-                if pos != first:  # inexact seek: rewind and walk
-                    cap.set(cv2.CAP_PROP_POS_FRAMES, 0.0)
-                    pos = 0
+                pos = first
+            elif first > 0 and not self.info.is_live:
+                logger.info(
+                    "%s: frame rate not known to be constant: walking to frame %d from the start (no seek)",
+                    self.source, first,
+                )  # fmt: skip
             fps = self.info.fps
             target = first
+            last_ms: float | None = None  # time of the last frame grabbed
+            gap_ms = 1000.0 / fps  # between the last two frames grabbed
             while target < self.stop and not self._stop_event.is_set():
-                while pos < target:
-                    if not cap.grab():
-                        self._put(self._early_end(pos))
+                if not cap.grab():
+                    self._put(self._early_end(pos, last_ms, gap_ms))
+                    return
+                ms = self._ms(cap)
+                if landing is not None:
+                    if not self._landed_at(pos, None if ms is None else ms - landing):
+                        cap.release()  # read from the start instead: slower, but the right frames
+                        cap, pos, last_ms, landing = self._open(), 0, None, None
+                        if cap is None:
+                            return
+                        continue
+                    landing = None
+                if ms is not None and last_ms is not None and ms > last_ms:
+                    gap_ms = ms - last_ms
+                last_ms = ms if ms is not None else last_ms
+                if pos == target:
+                    ok, image = cap.retrieve()
+                    if not ok or image is None:
+                        self._put(self._early_end(pos, last_ms, gap_ms))
                         return
-                    pos += 1
-                ok, image = cap.read()
-                if not ok or image is None:
-                    self._put(self._early_end(pos))
-                    return
+                    prepared = self._prepare(image) if self.prepare is not None else None
+                    ts_ms = round(ms if ms is not None else target * 1000.0 / fps, 3)
+                    if not self._put(Frame(frame_id=target, ts_ms=ts_ms, image=image, prepared=prepared)):
+                        return
+                    target += self.frame_interval
                 pos += 1
-                prepared = self._prepare(image) if self.prepare is not None else None
-                frame = Frame(frame_id=target, ts_ms=round(target * 1000.0 / fps, 3), image=image, prepared=prepared)
-                if not self._put(frame):
-                    return
-                target += self.frame_interval
         except Exception as exc:  # noqa: BLE001 - surface any decoder failure to the consumer
             self._put(CorruptVideoError(self.source, f"decoder failed: {exc}"))
         finally:
-            cap.release()
+            if cap is not None:
+                cap.release()
             self._put(_END)
+
+    def _open(self) -> cv2.VideoCapture | None:
+        """The capture the frames are read from, or ``None`` after queueing why it cannot be opened."""
+        cap = _open_capture(self.source, threads=DECODER_THREADS)
+        if cap.isOpened():
+            return cap
+        cap.release()
+        why = (not self.info.is_live and _mp4_problem(self.source)) or "not a video container (OpenCV cannot open it)"
+        self._put(NotAVideoError(self.source, why))
+        return None
+
+    def _ms(self, cap: cv2.VideoCapture) -> float | None:
+        """Presentation time of the frame just grabbed, or ``None`` where the stream has none (raw H.264 says 0)."""
+        if self.info.is_live:
+            return None
+        ms = float(cap.get(cv2.CAP_PROP_POS_MSEC))
+        return ms if ms > 0 else None  # frame 0 is at 0 either way
+
+    def _landed_at(self, first: int, ms_after_frame0: float | None) -> bool:
+        """True if the frame a seek to ``first`` gave is frame ``first``; else log why the range walks instead."""
+        at = None if ms_after_frame0 is None else ms_after_frame0 * self.info.fps / 1000.0
+        if at is not None and abs(at - first) < 0.5:
+            return True
+        logger.warning(
+            "%s: seeking to frame %d landed at %s ms, frame %s by time: reading from the start instead",
+            self.source, first, ms_after_frame0, "?" if at is None else f"{at:.2f}",
+        )  # fmt: skip
+        return False
 
     def _prepare(self, image: np.ndarray) -> Any:
         assert self.prepare is not None
@@ -536,16 +747,28 @@ class FrameReader:
             logger.debug("prepare failed on the decoding thread; the consumer will redo it", exc_info=True)
             return None
 
-    def _early_end(self, pos: int) -> VideoError | object:
-        if self.info.is_live:
+    def _early_end(self, pos: int, last_ms: float | None, gap_ms: float) -> VideoError | object:
+        """End of the range or an error, when frame ``pos`` cannot be read.
+
+        The frame count is an estimate: the decoder running out of frames is the end of the video when it stopped
+        within a frame of the count, or when the last frame read ends within a frame of the container's duration
+        (a trimmed MP4, or a variable-frame-rate stream whose count is its duration times the frame rate). A
+        video of unknown length ends where decoding ends. Else the data is truncated or corrupt.
+        """
+        count, duration_s, fps = self.info.frame_count, self.info.duration_s, self.info.fps
+        if self.info.is_live or count is None:
             return _END
-        count = self.info.frame_count
-        if count is not None and pos >= count - 1 and pos >= self.start:
+        if pos >= count - 1 and pos >= self.start:
             # containers sometimes over-count by one frame; reading to within one frame of the end is complete
             return _END
+        reached_s = None if last_ms is None else (last_ms + gap_ms) / 1000.0
+        if reached_s is not None and duration_s is not None and reached_s + 1.0 / fps >= duration_s:
+            return _END
+        at = "" if reached_s is None else f" ({reached_s:.2f} s of {duration_s:.2f} s)"
         return CorruptVideoError(
             self.source,
-            f"decoding stopped at frame {pos} of {count} (truncated or corrupt data); frames before it were read",
+            f"decoding stopped at frame {pos} of about {count}{at} (truncated or corrupt data); frames before it "
+            "were read. Repair or re-encode the file (e.g. ffmpeg -i in.mp4 -c:v libx264 out.mp4) to process the rest",
             frame_id=pos,
         )
 

@@ -215,3 +215,58 @@ def call_where_file_modes_apply(setup: str, call: str, *, env: dict[str, str] | 
     lines = [line for line in done.stdout.splitlines() if line.startswith("OUTCOME ")]
     assert done.returncode == 0 and lines, f"the child failed (rc {done.returncode}):\n{done.stderr[-3000:]}"
     return {**json.loads(lines[-1].removeprefix("OUTCOME ")), "log": done.stderr}
+
+
+def write_numbered(
+    path: Path, pts_ms: Sequence[int], *, fmt: str | None = None, codec: str = "libx264", gop: int = 30
+) -> Path:
+    """Encode with FFmpeg (PyAV) one frame per entry of ``pts_ms``, shown at that time (ms): frame i shows i as
+    the stripes :func:`frame_index` reads. Uneven ``pts_ms`` make a variable-frame-rate video; ``fmt`` picks the
+    container (``"matroska"``, or ``"h264"``: a raw stream, which has no timestamps). Keyframe every ``gop``.
+    """
+    import fractions
+
+    import av  # FFmpeg's encoders; a test dependency only
+
+    ms = fractions.Fraction(1, 1000)
+    raw = fmt in ("h264", "m4v")
+    with av.open(str(path), "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=30, options={"g": str(gop)} if codec == "libx264" else {})
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        if not raw:
+            stream.time_base = stream.codec_context.time_base = ms
+        for i, pts in enumerate(pts_ms):
+            frame = av.VideoFrame.from_ndarray(_numbered(i, 160, 120), format="bgr24")
+            if not raw:
+                frame.pts, frame.time_base = int(pts), ms
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+def trim_mp4(src: Path, dst: Path, skip_ms: int) -> Path:
+    """Cut the first ``skip_ms`` of an MP4 without re-encoding, as ``ffmpeg -ss 2 -i in.mp4 -c copy`` does: the
+    packets are kept (a decoder needs their keyframe) with negative times, and the MP4 muxer writes an edit list
+    that hides them, so the index counts more frames than a player shows."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w", format="mp4") as out:
+        source = inp.streams.video[0]
+        target = out.add_stream_from_template(source)
+        shift = int(skip_ms / (source.time_base * 1000))
+        for packet in inp.demux(source):
+            if packet.dts is None:  # the demuxer's end-of-stream marker
+                continue
+            packet.pts -= shift
+            packet.dts -= shift
+            packet.stream = target
+            out.mux(packet)
+    return dst
+
+
+def _numbered(i: int, w: int, h: int) -> np.ndarray:
+    img = np.zeros((h, w, 3), np.uint8)
+    for bit in range(8):
+        if (i >> bit) & 1:
+            img[: h // 2, bit * w // 8 : (bit + 1) * w // 8] = 255
+    return img

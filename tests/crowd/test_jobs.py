@@ -99,3 +99,56 @@ def test_a_task_that_fails_to_publish_releases_its_producer(pg_schema, video_roo
         detect_and_publish(item, DetectOptions(frame_interval=5, model="mtcnn"), settings)
     assert failed.value.__traceback__ is not None  # still held here, as a caller of the task would
     assert _librdkafka_threads() <= before, "the failed task's producer is still running"
+
+
+def test_an_empty_requested_video_fails_at_once(pg_schema, video_root, monkeypatch) -> None:
+    """An empty .mp4 given to the manual DAG: BadVideoError, and the task fails without its useless retries."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from crowd import tasks
+    from crowd.config import load_settings
+    from crowd.jobs import BadVideoError, plan_requested_video
+
+    empty = video_root / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(BadVideoError, match=r"empty\.mp4 cannot be read to identify it: .*0 bytes"):
+        plan_requested_video(str(empty), load_settings())
+    context = {"params": {"video_path": str(empty)}}
+    monkeypatch.setattr(tasks, "get_current_context", lambda: context)
+    with pytest.raises(AirflowFailException, match="0 bytes"):
+        tasks.plan_requested_video.function()
+
+
+def test_a_video_that_vanishes_before_its_probe_does_not_fail_the_scan(video_root, monkeypatch) -> None:
+    """Deleted between hashing and probing: one work item whose task records the failure, not a failed scan."""
+    import crowd.jobs
+    from crowd.config import load_settings
+    from crowd.jobs import WorkItem, plan_video
+    from crowd.video import _image_kind
+
+    gone = video_root / "gone.mp4"
+    assert _image_kind(gone) is None  # the probe's diagnosis of a file that is not there any more
+
+    def vanished(path: object) -> None:
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(crowd.jobs, "probe_video", vanished)
+    assert plan_video(gone, "v1", load_settings()) == [WorkItem(str(gone), "v1")]
+
+
+def test_only_constant_rate_videos_are_split(video_root) -> None:
+    """A part seeks to its start; OpenCV seeks by time, so a variable-frame-rate video is read whole."""
+    import dataclasses
+
+    import numpy as np
+
+    from crowd.config import load_settings
+    from crowd.jobs import plan_video
+    from tests.crowd._helpers import write_numbered
+
+    settings = dataclasses.replace(load_settings(), frames_per_task=40)
+    cfr = write_numbered(video_root / "cfr.mp4", [round(i * 1000 / 30) for i in range(100)])
+    steps = np.where(np.random.default_rng(1).random(100) < 0.3, 66, 33)
+    vfr = write_numbered(video_root / "vfr.mp4", [0, *np.cumsum(steps[:-1]).tolist()])
+    assert [(i.start, i.stop) for i in plan_video(cfr, "c", settings)] == [(0, 40), (40, 80), (80, 100)]
+    assert [(i.start, i.stop, i.parts) for i in plan_video(vfr, "v", settings)] == [(0, None, 1)]

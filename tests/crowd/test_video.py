@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 import struct
+import threading
 from pathlib import Path
 
 import cv2
@@ -31,7 +32,9 @@ from tests.crowd._helpers import (
     call_where_file_modes_apply,
     frame_index,
     read_frames,
+    trim_mp4,
     write_mp4_with_sound,
+    write_numbered,
     write_video,
 )
 
@@ -265,3 +268,121 @@ def test_reader_prepare_failure_leaves_prepared_empty(clip: Path) -> None:
     frames = list(FrameReader(clip, frame_interval=7, prepare=prepare))
     assert [f.frame_id for f in frames] == list(range(0, 60, 7))  # a failing prepare loses no frame
     assert [f.prepared for f in frames] == [None if f.frame_id == 14 else 1 for f in frames]
+
+
+def _phone_like_pts(n: int, seed: int = 0) -> list[int]:
+    """Presentation times (ms) of a phone recording at 30 fps that drops to 15 fps now and then (VFR)."""
+    steps = np.where(np.random.default_rng(seed).random(n) < 0.3, 66, 33)
+    return [0, *np.cumsum(steps[:-1]).tolist()]
+
+
+@pytest.fixture(scope="module")
+def vfr_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
+    pts = _phone_like_pts(240)
+    return write_numbered(tmp_path_factory.mktemp("vfr") / "phone-vfr.mp4", pts), pts
+
+
+def test_split_vfr_video_parts_carry_the_right_pictures(vfr_clip: tuple[Path, list[int]]) -> None:
+    """OpenCV seeks by time (frame n -> n / average fps): in a VFR video a part would start on another frame."""
+    path, pts = vfr_clip
+    parts = [FrameReader(path, frame_interval=10, frame_range=r) for r in split_ranges(240, 60)]
+    got = [f for part in parts for f in part]
+    assert all(part.error is None for part in parts)
+    assert [f.frame_id for f in got] == list(range(0, 240, 10))
+    assert [frame_index(f.image) for f in got] == [f.frame_id for f in got]  # the picture of that decode index
+    assert [f.ts_ms for f in got] == [pytest.approx(pts[f.frame_id], abs=1) for f in got]  # real times
+    assert not probe_video(path).constant_rate  # so the scan does not split it
+
+
+def test_cfr_h264_parts_seek_and_match_the_whole_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_numbered(tmp_path / "cfr.mp4", [round(i * 1000 / 30) for i in range(150)])
+    assert probe_video(path).constant_rate
+    whole = [(f.frame_id, frame_index(f.image), f.ts_ms) for f in FrameReader(path, frame_interval=7)]
+    with caplog.at_level("INFO", logger="crowd.video"):
+        parts = [(f.frame_id, frame_index(f.image), f.ts_ms)
+                 for r in split_ranges(150, 40) for f in FrameReader(path, frame_interval=7, frame_range=r)]  # fmt: skip
+    assert parts == whole and [w[1] for w in whole] == list(range(0, 150, 7))
+    assert "walking" not in caplog.text and "reading from the start" not in caplog.text  # the seek fast path
+
+
+def test_vfr_timestamps_are_presentation_times(vfr_clip: tuple[Path, list[int]]) -> None:
+    path, pts = vfr_clip
+    frames = list(FrameReader(path, frame_interval=30))
+    assert [f.ts_ms for f in frames] == [pytest.approx(pts[i], abs=1) for i in range(0, 240, 30)]
+    assert frames[3].ts_ms > 90 * 1000 / 30 + 500  # the nominal time would be 3000 ms
+
+
+def test_trimmed_mp4_with_an_edit_list_is_read_to_its_end(tmp_path: Path) -> None:
+    """``ffmpeg -ss 2 -c copy`` (or a phone's Trim) keeps hidden frames: the container counts 150, 90 are shown."""
+    full = write_numbered(tmp_path / "full.mp4", [round(i * 1000 / 30) for i in range(150)])
+    path = trim_mp4(full, tmp_path / "trimmed.mp4", 2000)
+    reader = FrameReader(path, frame_interval=10)
+    frames = list(reader)
+    assert reader.error is None, reader.error
+    assert reader.info.frame_count == 90  # from the index's edit list: parts are planned over shown frames only
+    assert [f.frame_id for f in frames] == list(range(0, 90, 10))
+    assert [frame_index(f.image) for f in frames] == [60 + f.frame_id for f in frames]  # decode index 0 = shown first
+    assert frames[1].ts_ms == pytest.approx(333, abs=1)
+
+
+def test_vfr_matroska_named_mp4_ends_cleanly(tmp_path: Path) -> None:
+    """Matroska has no frame count: FFmpeg's duration x the 30 fps rate says 238 frames; 120 exist."""
+    pts = [round(i * 1000 / 30) for i in range(60)] + [2000 + 100 * k for k in range(60)]
+    path = write_numbered(tmp_path / "vfr-mkv.mp4", pts, fmt="matroska")
+    reader = FrameReader(path, frame_interval=1)
+    frames = list(reader)
+    assert reader.error is None, reader.error
+    assert [frame_index(f.image) for f in frames] == list(range(120))
+    assert frames[-1].ts_ms == pytest.approx(7900, abs=1)
+    assert reader.info.frame_count > 150 and not reader.info.constant_rate  # an estimate; not split
+
+
+def test_raw_h264_stream_named_mp4_is_read_to_its_end(tmp_path: Path) -> None:
+    """A DVR export: an H.264 elementary stream, no container; FFmpeg gives a nonsense count (about -1.9e14)."""
+    path = write_numbered(tmp_path / "dvr.mp4", range(80), fmt="h264")
+    info = probe_video(path)
+    assert info.frame_count is None
+    reader = FrameReader(path, frame_interval=10)
+    frames = list(reader)
+    assert reader.error is None and reader.expected_frames is None
+    assert [frame_index(f.image) for f in frames] == [f.frame_id for f in frames] == list(range(0, 80, 10))
+    assert [f.ts_ms for f in frames] == [pytest.approx(i * 1000 / info.fps) for i in range(0, 80, 10)]  # nominal
+
+
+def test_truncated_h264_mp4_still_reports_where_it_stopped(tmp_path: Path) -> None:
+    """The index is first (faststart) and complete, the data is cut: a real truncation, not a loose count."""
+    path = write_numbered(tmp_path / "full.mp4", [round(i * 1000 / 30) for i in range(150)])
+    import av
+
+    fast = tmp_path / "fast.mp4"
+    with av.open(str(path)) as inp, av.open(str(fast), "w", format="mp4", options={"movflags": "faststart"}) as out:
+        target = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = target
+                out.mux(packet)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(fast.read_bytes()[: fast.stat().st_size * 2 // 3])
+    reader = FrameReader(cut, frame_interval=1)
+    frames = list(reader)
+    assert 20 < len(frames) < 140
+    assert isinstance(reader.error, CorruptVideoError) and reader.error.frame_id == len(frames)
+    assert "decoding stopped at frame" in str(reader.error)  # a guard: the loose count must not hide this
+
+
+def test_decode_thread_that_cannot_open_the_video_ends_the_iteration(clip: Path, monkeypatch) -> None:
+    """An exception opening the capture on the decoding thread reaches the consumer instead of hanging it."""
+    import crowd.video
+
+    reader = FrameReader(clip, frame_interval=10)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("FFmpeg backend failed to initialise")
+
+    monkeypatch.setattr(crowd.video, "_open_capture", broken)
+    done: list[list] = []
+    consumer = threading.Thread(target=lambda: done.append(list(reader)), daemon=True)
+    consumer.start()
+    consumer.join(timeout=10)
+    assert not consumer.is_alive(), "the consumer is blocked waiting for frames that never come"
+    assert done == [[]] and isinstance(reader.error, CorruptVideoError) and "failed to initialise" in str(reader.error)
