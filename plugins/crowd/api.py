@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import psycopg
+from confluent_kafka import KafkaException
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -528,6 +529,14 @@ def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: C
                 state.producer = reliable_producer(settings.kafka_conn_id, timeout_s=send_timeout_s, linger_ms=0)
             return state.producer
 
+    def drop_producer(request: Request, producer: Any) -> None:
+        """Forget a producer that hit a fatal error (it refuses every message from then on)."""
+        state = request.app.state
+        with state.producer_lock:
+            if state.producer is producer:
+                state.producer = None
+        log.error("crowd API: Kafka producer failed fatally; a new one is made for the next /send")
+
     @app.post(
         "/send",
         response_model=SendResponse,
@@ -555,6 +564,12 @@ def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: C
             producer.produce(settings.messages_topic, key=body.sender.encode(), value=value, on_delivery=on_delivery)
         except BufferError as exc:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Kafka producer queue is full: {exc}") from exc
+        except (
+            KafkaException
+        ) as exc:  # after a fatal error (e.g. of the idempotent producer), the next call makes a new one
+            if exc.args and exc.args[0].fatal():
+                drop_producer(request, producer)
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Kafka producer failed: {exc}") from exc
         deadline = time.monotonic() + send_timeout_s + 1.0
         while not done.is_set() and time.monotonic() < deadline:
             producer.poll(0.05)
@@ -564,6 +579,8 @@ def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: C
                 f"Kafka did not acknowledge the message within {send_timeout_s:.0f} s; is the broker up?",
             )
         if report["err"] is not None:
+            if report["err"].fatal():
+                drop_producer(request, producer)
             raise HTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE, f"Kafka rejected the message: {report['err'].str()}"
             )
@@ -604,6 +621,14 @@ async def _sleep(seconds: float) -> None:
     import asyncio
 
     await asyncio.sleep(seconds)
+
+
+def _spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run as a formula: text starting with ``= + - @``, tab or CR gets a
+    leading ``'`` (OWASP, CSV injection). Text comes from any producer of the Faces topic (the ``model`` field)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -> None:
@@ -676,7 +701,7 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
             with closing(pg_connect(settings)) as conn, closing(conn.cursor(f"crowd_csv_{uuid.uuid4().hex}")) as cur:
                 cur.execute(sql, (video_id,))
                 while batch := cur.fetchmany(2000):
-                    writer.writerows(batch)
+                    writer.writerows([[_spreadsheet_safe(v) for v in row] for row in batch])
                     yield buffer.getvalue()
                     buffer.seek(0)
                     buffer.truncate()

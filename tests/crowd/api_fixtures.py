@@ -152,7 +152,9 @@ FRAME_STEP = 10
 SEED_RUN_ID = "scheduled__2026-11-28T10:00:00+00:00"  # the DAG run recorded as the owner of the video's status
 
 
-def seed_results(faces_topic: str, results_dir: Path, video_id: str = SEED_VIDEO) -> dict[str, Any]:
+def seed_results(
+    faces_topic: str, results_dir: Path, video_id: str = SEED_VIDEO, model: str = "test-model"
+) -> dict[str, Any]:
     """Register a video, publish one FaceMessage per frame to ``faces_topic``, drain it into PostgreSQL.
 
     Also writes the video's pictures (heatmap.png, annotated.jpg, faces_over_time.png) with the detection
@@ -192,7 +194,7 @@ def seed_results(faces_topic: str, results_dir: Path, video_id: str = SEED_VIDEO
             for k in range(count)
         ]
         message = build_message(
-            video_id, f"/videos/{video_id}.mp4", frame_id, frame_id * 1000 / fps, image.shape, boxes, "test-model"
+            video_id, f"/videos/{video_id}.mp4", frame_id, frame_id * 1000 / fps, image.shape, boxes, model
         )
         producer.produce(faces_topic, key=video_id.encode(), value=message.to_json(), on_delivery=tracker.callback)
         acc.add(frame_id, frame_id * 1000 / fps, image, boxes)

@@ -292,6 +292,16 @@ def test_results_routes_return_what_the_ingest_stored(client: Any, faces_topic: 
     assert 'crowd_videos{status="done"} 1.0' in text
 
 
+def test_csv_cells_that_a_spreadsheet_would_run_are_quoted(client: Any, faces_topic: str, results_dir: Path) -> None:
+    model = '=HYPERLINK("http://evil.example","x")'
+    seed_results(faces_topic, results_dir, video_id="csvformula01", model=model)
+    response = client.get("/crowd/videos/csvformula01/frames.csv", headers=auth(client, "viewer"))
+    assert response.status_code == 200, response.text
+    rows = list(csv.DictReader(io.StringIO(response.text)))
+    assert rows and {r["model"] for r in rows} == {"'" + model}
+    assert rows[0]["frame_id"] == "0"  # numbers untouched
+
+
 def test_results_routes_answer_503_without_the_schema(
     airflow_app: Any, messages_topic: str, pg_schema: str, results_dir: Path
 ) -> None:
