@@ -57,7 +57,9 @@ Manual runs are always safe (idempotent) and take the params below.
     },
     params={
         "batch_size": Param(2000, type="integer", minimum=1, maximum=100_000, description="messages per transaction"),
-        "max_seconds": Param(600, type="number", minimum=1, description="stop after this long; the next run goes on"),
+        "max_seconds": Param(
+            600, type="number", minimum=1, maximum=1080, description="stop after this long; the next run goes on"
+        ),
         "idle_timeout_s": Param(10, type="number", minimum=0.5, description="stop after this long without messages"),
         "linger_s": Param(
             settings.ingest_linger_s, type="number", minimum=0, description="once caught up, wait this long for more"
@@ -71,7 +73,7 @@ Manual runs are always safe (idempotent) and take the params below.
     },
 )
 def crowd_faces_ingest():
-    @task(execution_timeout=timedelta(minutes=20), multiple_outputs=False)
+    @task(execution_timeout=timedelta(minutes=20), multiple_outputs=False)  # > max_seconds' maximum + start
     def drain_faces(params: dict | None = None) -> dict:
         """Drain the Faces topic into PostgreSQL; returns the drain summary."""
         from crowd.ingest import drain_task

@@ -81,7 +81,8 @@ DELETE FROM faces f USING crowd_stage_frames s WHERE f.video_id = s.video_id AND
 """
 _REJECT_SQL = """
 INSERT INTO rejected_messages (topic, partition, "offset", key, raw, reason) VALUES (%s, %s, %s, %s, %s, %s)
-ON CONFLICT (topic, partition, "offset") DO UPDATE SET reason = EXCLUDED.reason, rejected_at = now()
+ON CONFLICT (topic, partition, "offset") DO UPDATE SET
+    key = EXCLUDED.key, raw = EXCLUDED.raw, reason = EXCLUDED.reason, rejected_at = now()
 """
 _STORE_OFFSET_SQL = """
 INSERT INTO kafka_offsets (consumer_group, topic, partition, next_offset) VALUES (%s, %s, %s, %s)

@@ -234,6 +234,20 @@ def test_replayed_frame_with_fewer_faces_replaces_its_faces(faces_topic: str, pg
     assert scalar("SELECT total_faces FROM frames WHERE video_id = 'video-r'") == 2
 
 
+def test_a_rejection_stored_again_at_its_offset_keeps_the_new_bytes(faces_topic: str, pg_schema: str) -> None:
+    """A row at the same (topic, partition, offset) with other bytes (a topic deleted and made again under the
+    same name, with the old rows kept) is replaced whole, not only its reason."""
+    publish(faces_topic, [(b"new-key", b"new bytes")])
+    quick_drain(faces_topic)
+    with pg() as conn:
+        conn.execute("UPDATE rejected_messages SET key = 'old-key', raw = 'old bytes', reason = 'not_json: old'")
+        conn.execute("DELETE FROM kafka_offsets")  # read the topic again from its start
+    quick_drain(faces_topic)
+    with pg() as conn:
+        rows = conn.execute("SELECT key, raw, reason FROM rejected_messages").fetchall()
+    assert [(bytes(k), bytes(r), reason[:9]) for k, r, reason in rows] == [(b"new-key", b"new bytes", "not_json:")]
+
+
 def test_a_second_drain_of_the_same_group_backs_off(faces_topic: str, pg_schema: str) -> None:
     publish_frames(faces_topic, [frame_dict("video-l", 0, 1)])
     quick_drain(faces_topic)  # creates the schema
