@@ -85,8 +85,9 @@ ON CONFLICT (topic, partition, "offset") DO UPDATE SET
     key = EXCLUDED.key, raw = EXCLUDED.raw, reason = EXCLUDED.reason, rejected_at = now()
 """
 _STORE_OFFSET_SQL = """
-INSERT INTO kafka_offsets (consumer_group, topic, partition, next_offset) VALUES (%s, %s, %s, %s)
-ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()
+INSERT INTO kafka_offsets (consumer_group, topic, partition, next_offset, topic_id) VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET
+    next_offset = EXCLUDED.next_offset, topic_id = coalesce(EXCLUDED.topic_id, kafka_offsets.topic_id), updated_at = now()
 """
 
 
@@ -119,6 +120,7 @@ class DrainSummary:
 
     topic: str
     group_id: str
+    topic_id: str | None = None
     messages: int = 0
     frames: int = 0
     faces: int = 0
@@ -193,6 +195,7 @@ class Batch:
     """Rows of one batch, deduplicated by frame key (last message wins), and the offsets it consumed."""
 
     topic: str
+    topic_id: str | None = None
     frames: dict[tuple[str, int], tuple[tuple, list[tuple]]] = field(default_factory=dict)
     rejected: list[tuple] = field(default_factory=list)
     next_offsets: dict[int, int] = field(default_factory=dict)
@@ -273,7 +276,8 @@ def write_batch(
         if batch.rejected:
             cur.executemany(_REJECT_SQL, batch.rejected)
         cur.executemany(
-            _STORE_OFFSET_SQL, [(group_id, batch.topic, p, o) for p, o in sorted(batch.next_offsets.items())]
+            _STORE_OFFSET_SQL,
+            [(group_id, batch.topic, p, o, batch.topic_id) for p, o in sorted(batch.next_offsets.items())],
         )
         if alert_rule is not None and batch.hot_videos:
             new_alerts = update_alerts(conn, batch.hot_videos, alert_rule)
@@ -293,9 +297,25 @@ def _publish_alerts(conn: psycopg.Connection, kafka_conn_id: str, topic: str, su
         log.error("crowd alerts not published to %s (%s); draining goes on, they stay pending", topic, exc)
 
 
-def stored_offsets(conn: psycopg.Connection, group_id: str, topic: str) -> dict[int, int]:
-    """Next offset to read per partition, as stored by the last committed batch."""
+def stored_offsets(conn: psycopg.Connection, group_id: str, topic: str, topic_id: str | None = None) -> dict[int, int]:
+    """Next offset to read per partition, as stored by the last committed batch.
+
+    With ``topic_id``, offsets stored for another topic of the same name (deleted and made again) are deleted
+    first: they would skip as many messages of the new topic.
+    """
     with conn.transaction():
+        if topic_id is not None:
+            stale = conn.execute(
+                "DELETE FROM kafka_offsets WHERE consumer_group = %s AND topic = %s AND topic_id <> %s "
+                "RETURNING partition, next_offset, topic_id",
+                (group_id, topic, topic_id),
+            ).fetchall()
+            if stale:
+                log.warning(
+                    "topic %s was made again (id %s, offsets stored for id %s): reading it from its start, not "
+                    "from the old offsets %s",
+                    topic, topic_id, stale[0][2], {int(p): int(o) for p, o, _ in stale},
+                )  # fmt: skip
         rows = conn.execute(
             "SELECT partition, next_offset FROM kafka_offsets WHERE consumer_group = %s AND topic = %s",
             (group_id, topic),
@@ -369,7 +389,7 @@ def drain(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be >= 1")
-    from crowd.kafka import manual_commit_consumer
+    from crowd.kafka import manual_commit_consumer, topic_id
 
     started = time.monotonic()
     summary = DrainSummary(topic=topic, group_id=group_id)
@@ -389,7 +409,8 @@ def drain(
         consumer = manual_commit_consumer(kafka_conn_id, group_id=group_id, fetch_wait_max_ms=100)
         try:
             partitions = _partitions(consumer, topic)
-            offsets = stored_offsets(conn, group_id, topic)
+            summary.topic_id = topic_id(kafka_conn_id, topic)
+            offsets = stored_offsets(conn, group_id, topic, summary.topic_id)
             consumer.assign([TopicPartition(topic, p, offsets.get(p, OFFSET_BEGINNING)) for p in partitions])
             log.info(
                 "draining %s (%d partitions) for group %s from stored offsets %s",
@@ -470,7 +491,7 @@ def _run(
         if deadline is not None and time.monotonic() >= deadline:
             summary.stopped_because = "max_seconds"
             return
-        batch = Batch(topic=topic)
+        batch = Batch(topic=topic, topic_id=summary.topic_id)
         fill_until = time.monotonic() + batch_wait_s
         while batch.messages < batch_size:
             # consume() blocks until it has num_messages or the timeout passes, even when every partition

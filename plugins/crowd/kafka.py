@@ -177,6 +177,22 @@ def ensure_topics(kafka_conn_id: str, topics: list[str], *, partitions: int = 3)
     KafkaAdminClientHook(kafka_config_id=kafka_conn_id).create_topic([(t, partitions, -1) for t in topics])
 
 
+def topic_id(kafka_conn_id: str, topic: str, *, timeout_s: float = 15) -> str | None:
+    """The broker's id of ``topic`` (a topic deleted and made again under the same name gets a new one), or
+    ``None`` when it cannot be told (no DESCRIBE right, an old broker): callers then go on without the check."""
+    from confluent_kafka import TopicCollection
+
+    try:
+        admin = KafkaAdminClientHook(kafka_config_id=kafka_conn_id).get_conn
+        description = admin.describe_topics(TopicCollection([topic]), request_timeout=timeout_s)[topic].result(
+            timeout_s
+        )
+    except Exception as exc:  # noqa: BLE001 - informational: the offsets are then trusted as they are
+        log.warning("cannot read the id of topic %s (%s); stored offsets are used without checking it", topic, exc)
+        return None
+    return str(description.topic_id) if description.topic_id is not None else None
+
+
 def _main(argv: list[str] | None = None) -> int:
     import argparse
 

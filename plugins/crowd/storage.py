@@ -195,6 +195,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE videos ADD COLUMN run_id text, ADD COLUMN run_started_at timestamptz;
         """,
     ),
+    Migration(
+        6,
+        "kafka_offsets: the broker's id of the topic the offsets belong to (a topic made again starts over)",
+        """
+        ALTER TABLE kafka_offsets ADD COLUMN topic_id text;
+        """,
+    ),
 )
 
 _BOOTSTRAP_SQL = """

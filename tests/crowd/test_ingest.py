@@ -248,6 +248,30 @@ def test_a_rejection_stored_again_at_its_offset_keeps_the_new_bytes(faces_topic:
     assert [(bytes(k), bytes(r), reason[:9]) for k, r, reason in rows] == [(b"new-key", b"new bytes", "not_json:")]
 
 
+def test_a_topic_made_again_under_the_same_name_is_read_from_its_start(
+    faces_topic: str, pg_schema: str, kafka_admin
+) -> None:
+    from confluent_kafka.admin import NewTopic
+
+    publish_frames(faces_topic, [frame_dict("video-old", i, 1) for i in range(30)])
+    assert quick_drain(faces_topic).frames == 30
+    for future in kafka_admin.delete_topics([faces_topic]).values():
+        future.result(timeout=30)
+    deadline = time.monotonic() + 60
+    while True:  # the broker may still be deleting it
+        try:
+            for future in kafka_admin.create_topics([NewTopic(faces_topic, 3, 1)]).values():
+                future.result(timeout=30)
+            break
+        except Exception:
+            assert time.monotonic() < deadline, "the topic could not be made again"
+            time.sleep(1)
+    publish_frames(faces_topic, [frame_dict("video-new", i, 1) for i in range(60)])  # more than the old offsets
+    summary = quick_drain(faces_topic)
+    assert scalar("SELECT count(*) FROM frames WHERE video_id = 'video-new'") == 60, summary
+    assert scalar("SELECT count(DISTINCT topic_id) FROM kafka_offsets") == 1
+
+
 def test_a_second_drain_of_the_same_group_backs_off(faces_topic: str, pg_schema: str) -> None:
     publish_frames(faces_topic, [frame_dict("video-l", 0, 1)])
     quick_drain(faces_topic)  # creates the schema
