@@ -146,6 +146,10 @@ class YoloInput:
     pad_y: int
 
 
+# OpenCV's Darknet YOLO layer sets objectness * class scores below its "thresh" (0.2 unless the cfg says) to 0
+YOLO_LAYER_SCORE_FLOOR = 0.2
+
+
 class YoloV3Detector(Detector):
     """Darknet YOLOv3 (or -tiny) through ``cv2.dnn.readNetFromDarknet``.
 
@@ -153,7 +157,8 @@ class YoloV3Detector(Detector):
         cfg, weights, names: the Darknet files (``names`` = one class name per line).
         input_size: network input side in pixels, multiple of 32 (416 default).
         classes: class names to keep (default: all); e.g. ``["person"]`` for COCO.
-        conf_threshold: minimum ``objectness * class probability``.
+        conf_threshold: minimum ``objectness * class probability``; at least :data:`YOLO_LAYER_SCORE_FLOOR`
+            (a lower value is raised to it, with a warning).
         nms_threshold: IoU above which the weaker overlapping box is dropped.
         name: model id for messages (default ``"<cfg stem>@<input_size>"``).
     """
@@ -192,7 +197,13 @@ class YoloV3Detector(Detector):
                 raise ValueError(f"classes {unknown} are not in {names} ({len(self.class_names)} names)")
             self.class_ids = [self.class_names.index(c) for c in classes]
         self.input_size = input_size
-        self.conf_threshold = conf_threshold
+        if conf_threshold < YOLO_LAYER_SCORE_FLOOR:
+            logger.warning(
+                "confidence threshold %.3g is below %.1f, under which OpenCV's YOLO layer already zeroes every "
+                "score: %.1f is what applies",
+                conf_threshold, YOLO_LAYER_SCORE_FLOOR, YOLO_LAYER_SCORE_FLOOR,
+            )  # fmt: skip
+        self.conf_threshold = max(conf_threshold, YOLO_LAYER_SCORE_FLOOR)
         self.nms_threshold = nms_threshold
         self.name = name or f"{Path(cfg).stem}@{input_size}"
 

@@ -42,6 +42,20 @@ def test_yolov3_prepared_ahead_gives_the_same_boxes(tiny_files: YoloFiles) -> No
     assert det.detect_prepared(image, None) == det.detect(image)
 
 
+def test_a_confidence_below_the_yolo_layer_floor_is_raised_to_it(
+    tiny_files: YoloFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    from crowd.detection import YOLO_LAYER_SCORE_FLOOR
+
+    det = YoloV3Detector(tiny_files.cfg, tiny_files.weights, tiny_files.names, conf_threshold=0.05)
+    assert det.conf_threshold == YOLO_LAYER_SCORE_FLOOR
+    assert "is what applies" in caplog.text
+    # the floor is OpenCV's: no score between 0 and it ever comes out of the network
+    outs, *_ = det.forward(bgr(data.camera()))
+    scores = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs])[:, 5:]
+    assert scores.max() > 0 and scores[scores > 0].min() >= YOLO_LAYER_SCORE_FLOOR - 1e-6
+
+
 def test_yolov3_tiny_finds_no_person_in_texture(tiny_files: YoloFiles) -> None:
     det = YoloV3Detector(tiny_files.cfg, tiny_files.weights, tiny_files.names, classes=["person"])
     assert det.detect(bgr(data.brick())) == []
