@@ -135,7 +135,7 @@ def process_video(
     logger.info(
         "processing %s (id %s) with %s: %s fps, %s frames, every %d-th frame, range %s..%s, %s to process",
         source, video_id, detector.name, f"{info.fps:g}", info.frame_count, reader.frame_interval,
-        reader.start, reader.stop if info.frame_count is not None else "live", total if total is not None else "?",
+        reader.start, reader.stop if info.frame_count is not None else "live" if info.is_live else "end", total if total is not None else "?",
     )  # fmt: skip
     for frame in reader:
         detections = detector.detect_prepared(frame.image, frame.prepared)
