@@ -12,7 +12,9 @@ Routes (every one needs an authenticated Airflow user; ``/send`` needs the right
   Airflow UI). OpenAPI: ``/crowd/openapi.json`` and ``/crowd/docs``.
 
 Nothing connects at import time: the app object is cheap to build, and Kafka and PostgreSQL are reached only
-from the lifespan and from requests. Blocking work runs in sync routes (FastAPI's thread pool).
+from the lifespan and from requests. Blocking work runs in sync routes (FastAPI's thread pool), except the wait
+for Kafka's acknowledgement: ``/send`` is async and awaits it, so that sends stalled by a broker that is down hold
+none of the pool's threads, which the whole Airflow API server shares.
 
 Example:
     >>> from crowd.api import create_app
@@ -21,6 +23,8 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -42,6 +46,7 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crowd.config import Settings, load_settings
@@ -307,11 +312,17 @@ class KafkaProbe:
         self._value: tuple[bool, str | None, dict[int, int] | None] = (False, "not probed", None)
 
     def check(self, conn_id: str, topic: str) -> tuple[bool, str | None, dict[int, int] | None]:
-        """Return ``(reachable, error, {partition: end_offset} or None)``."""
+        """Return ``(reachable, error, {partition: end_offset} or None)``; never raises: errors are the answer.
+
+        One probe at a time (the lock): callers that arrive meanwhile get its answer instead of probing again.
+        """
         with self._lock:
             if self._key == (conn_id, topic) and time.monotonic() - self._at < self.ttl_s:
                 return self._value
-            self._value = self._probe(conn_id, topic)
+            try:
+                self._value = self._probe(conn_id, topic)
+            except Exception as exc:
+                self._value = (False, f"Kafka probe failed: {type(exc).__name__}: {exc}", None)
             self._key, self._at = (conn_id, topic), time.monotonic()
             return self._value
 
@@ -321,9 +332,9 @@ class KafkaProbe:
 
         try:
             config = kafka_client_config(conn_id)
-        except Exception as exc:
-            return False, f"{type(exc).__name__}: {exc}", None
-        consumer = Consumer({**config, "group.id": "crowd-api-probe", "enable.auto.commit": False})
+            consumer = Consumer({**config, "group.id": "crowd-api-probe", "enable.auto.commit": False})
+        except Exception as exc:  # e.g. a librdkafka property the client does not know, in the connection's extra
+            return False, f"Kafka connection {conn_id!r} unusable: {type(exc).__name__}: {exc}", None
         try:
             metadata = consumer.list_topics(topic, timeout=2.0)
             info = metadata.topics.get(topic)
@@ -338,6 +349,52 @@ class KafkaProbe:
             return False, f"Kafka unreachable: {exc}", None
         finally:
             consumer.close()
+
+
+class PolledProducer:
+    """A confluent-kafka producer with a daemon thread of its own that serves its delivery reports.
+
+    confluent-kafka calls ``on_delivery`` only from ``poll()`` or ``flush()`` (its Python binding has no librdkafka
+    background queue for producers): this thread polls, so that an async route awaits its acknowledgement while
+    holding no thread of the server's pool. The callbacks run in this thread.
+
+    Example:
+        >>> polled = PolledProducer(reliable_producer("kafka_default"))  # doctest: +SKIP
+        >>> polled.producer.produce("messages", b"hi", on_delivery=report)  # doctest: +SKIP
+        >>> polled.close(2.0)  # doctest: +SKIP
+    """
+
+    def __init__(self, producer: Any, *, drain_s: float = 2.0) -> None:
+        self.producer = producer
+        self.drain_s = drain_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="crowd-api-producer-poll", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.producer.poll(0.1)
+            except Exception:  # a callback that raised: the others must still be served
+                log.exception("crowd API: a Kafka delivery callback failed")
+        try:  # messages still in flight get their reports (success or failure) before the thread ends
+            self.producer.flush(self.drain_s)
+        except Exception:
+            log.exception("crowd API: flushing the Kafka producer failed")
+
+    def retire(self) -> None:
+        """Stop polling once the queued messages are reported (at most ``drain_s``); returns at once."""
+        self._stop.set()
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Retire the producer and wait for its thread (blocking: call it from a worker thread)."""
+        self.retire()
+        self._thread.join((timeout_s if timeout_s is not None else self.drain_s) + 1.0)
+
+
+def _settle(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():  # the request may have given up (and the future with it) already
+        future.set_result(value)
 
 
 def _rows(conn: Any, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[dict[str, Any]]:
@@ -441,7 +498,7 @@ def create_app(
             if app.state.receiver is not None:
                 app.state.receiver.stop()
             if app.state.producer is not None:
-                app.state.producer.flush(2.0)
+                await run_in_threadpool(app.state.producer.close, 2.0)
 
     app = FastAPI(
         title="crowd API",
@@ -520,21 +577,23 @@ def requires_dag_run_trigger() -> Callable[..., None]:
 
 
 def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: Callable[[], Settings]) -> None:
-    def producer_for(request: Request, settings: Settings) -> Any:
+    def producer_for(request: Request, settings: Settings) -> PolledProducer:
         state = request.app.state
         with state.producer_lock:
             if state.producer is None:
                 from crowd.kafka import reliable_producer
 
-                state.producer = reliable_producer(settings.kafka_conn_id, timeout_s=send_timeout_s, linger_ms=0)
+                producer = reliable_producer(settings.kafka_conn_id, timeout_s=send_timeout_s, linger_ms=0)
+                state.producer = PolledProducer(producer)
             return state.producer
 
-    def drop_producer(request: Request, producer: Any) -> None:
+    def drop_producer(request: Request, polled: PolledProducer) -> None:
         """Forget a producer that hit a fatal error (it refuses every message from then on)."""
         state = request.app.state
         with state.producer_lock:
-            if state.producer is producer:
+            if state.producer is polled:
                 state.producer = None
+                polled.retire()
         log.error("crowd API: Kafka producer failed fatally; a new one is made for the next /send")
 
     @app.post(
@@ -544,47 +603,45 @@ def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: C
         responses={503: {"description": "Kafka did not acknowledge the message in time"}, 413: {}},
         summary="Publish a message to Kafka and wait for the broker's acknowledgement",
     )
-    def send(body: SendRequest, request: Request) -> SendResponse:
+    async def send(body: SendRequest, request: Request) -> SendResponse:
+        # Async: the wait for the acknowledgement (up to send_timeout_s) holds no thread of the server's pool.
         settings = settings_factory()
-        try:
-            producer = producer_for(request, settings)
+        try:  # making the producer reads the Airflow connection (maybe from the database): in the pool
+            polled = request.app.state.producer or await run_in_threadpool(producer_for, request, settings)
         except Exception as exc:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Kafka producer unavailable: {exc}") from exc
-        done = threading.Event()
-        report: dict[str, Any] = {}
+        loop = asyncio.get_running_loop()
+        delivered: asyncio.Future[tuple[Any, Any]] = loop.create_future()
 
-        def on_delivery(err: Any, msg: Any) -> None:
-            report["err"], report["msg"] = err, msg
-            done.set()
+        def on_delivery(err: Any, msg: Any) -> None:  # in the producer's poll thread
+            with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody waits for this report
+                loop.call_soon_threadsafe(_settle, delivered, (err, msg))
 
         value = json.dumps(
             {"content": body.content, "sender": body.sender, "sent_at": datetime.now(timezone.utc).isoformat()}
         ).encode()
         try:
-            producer.produce(settings.messages_topic, key=body.sender.encode(), value=value, on_delivery=on_delivery)
+            polled.producer.produce(
+                settings.messages_topic, key=body.sender.encode(), value=value, on_delivery=on_delivery
+            )
         except BufferError as exc:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Kafka producer queue is full: {exc}") from exc
-        except (
-            KafkaException
-        ) as exc:  # after a fatal error (e.g. of the idempotent producer), the next call makes a new one
+        except KafkaException as exc:
+            # after a fatal error (e.g. of the idempotent producer), the next call makes a new one
             if exc.args and exc.args[0].fatal():
-                drop_producer(request, producer)
+                await run_in_threadpool(drop_producer, request, polled)
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Kafka producer failed: {exc}") from exc
-        deadline = time.monotonic() + send_timeout_s + 1.0
-        while not done.is_set() and time.monotonic() < deadline:
-            producer.poll(0.05)
-        if not done.is_set():
+        await asyncio.wait({delivered}, timeout=send_timeout_s + 1.0)
+        if not delivered.done():
             raise HTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE,
                 f"Kafka did not acknowledge the message within {send_timeout_s:.0f} s; is the broker up?",
             )
-        if report["err"] is not None:
-            if report["err"].fatal():
-                drop_producer(request, producer)
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE, f"Kafka rejected the message: {report['err'].str()}"
-            )
-        msg = report["msg"]
+        err, msg = delivered.result()
+        if err is not None:
+            if err.fatal():
+                await run_in_threadpool(drop_producer, request, polled)
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Kafka rejected the message: {err.str()}")
         ts_type, ts = msg.timestamp()
         return SendResponse(
             topic=msg.topic(), partition=msg.partition(), offset=msg.offset(), timestamp_ms=ts if ts_type else None

@@ -7,6 +7,7 @@ import io
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,54 @@ def test_send_answers_503_quickly_when_the_broker_is_down(
         assert elapsed < 10
         health = c.get("/crowd/health", headers=auth(c, "viewer")).json()
         assert health["kafka"] is False and health["status"] == "degraded"
+
+
+def test_sends_waiting_for_the_broker_hold_no_server_thread(
+    airflow_app: Any, messages_topic: str, pg_schema: str, results_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the broker down, /send calls waiting for their acknowledgement (~6 s each) hold none of the threads
+    that serve the sync routes of the whole API server: with 3 times more of them in flight than the pool has
+    threads, the crowd dashboard and Airflow's own /api/v2/version still answer before any send gives up."""
+    from anyio import to_thread
+
+    dead = {"conn_type": "kafka", "extra": {"bootstrap.servers": "127.0.0.1:1", "group.id": "x"}}
+    monkeypatch.setenv("AIRFLOW_CONN_KAFKA_DEFAULT", json.dumps(dead))
+    pool_threads = 4
+    with open_client(airflow_app) as c:
+        user, viewer = auth(c, "user"), auth(c, "viewer")
+        limiter = c.portal.call(to_thread.current_default_thread_limiter)  # the pool of the app's event loop
+        c.portal.call(setattr, limiter, "total_tokens", pool_threads)
+        finished: list[float] = []
+
+        def send(i: int) -> Any:
+            response = c.post("/crowd/send", json={"content": f"x{i}", "sender": "a"}, headers=user)
+            finished.append(time.monotonic())
+            return response
+
+        with ThreadPoolExecutor(3 * pool_threads) as pool:
+            sends = [pool.submit(send, i) for i in range(3 * pool_threads)]
+            time.sleep(1.0)  # every send is now waiting for the broker
+            dashboard = c.get("/crowd/dashboard", headers=viewer)
+            version = c.get("/api/v2/version", headers=viewer)
+            answered = time.monotonic()
+            responses = [s.result() for s in sends]
+    assert dashboard.status_code == 200 and version.status_code == 200, (dashboard.text, version.text)
+    assert answered < min(finished), "sync routes waited for /send calls to give up: they held the thread pool"
+    assert [r.status_code for r in responses] == [503] * len(responses), [r.text for r in responses]
+    assert all("Kafka" in r.json()["detail"] for r in responses)
+
+
+def test_health_reports_a_kafka_setting_the_client_rejects(
+    airflow_app: Any, messages_topic: str, pg_schema: str, results_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra = {"bootstrap.servers": "127.0.0.1:9092", "group.id": "x", "no.such.property": "1"}
+    monkeypatch.setenv("AIRFLOW_CONN_KAFKA_DEFAULT", json.dumps({"conn_type": "kafka", "extra": extra}))
+    with open_client(airflow_app) as c:
+        response = c.get("/crowd/health", headers=auth(c, "viewer"))
+    assert response.status_code == 200, response.text
+    health = response.json()
+    assert health["kafka"] is False and health["status"] == "degraded", health
+    assert "no.such.property" in health["kafka_error"], health
 
 
 @pytest.mark.parametrize(
