@@ -284,6 +284,7 @@ class MessageReceiver:
 
             def on_partitions_assigned(self, assigned: Any) -> None:
                 receiver._seek_assigned(consumer, {(tp.topic, tp.partition) for tp in assigned}, self.restart_at)
+                self.restart_at = {}  # used once: a later assignment must not seek back to it
 
         config: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap_servers.split(","),
@@ -308,6 +309,7 @@ class MessageReceiver:
 
         with self._lock:
             delivered = dict(self._delivered)
+            self._stats.assigned_partitions = sorted(p for _, p in assigned)
         for partition in assigned:
             position = restart_at.get(partition, delivered.get(partition))
             if position is not None:

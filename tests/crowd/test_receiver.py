@@ -184,8 +184,10 @@ def test_a_partition_moving_to_another_receiver_loses_and_duplicates_nothing(
     _wait(lambda: len(first) == 40, "40 queued messages")
     delivered = [m.value for m in first.take(10)]
     second = receivers(topic, group)  # the group rebalances: one partition moves to the second receiver
-    _wait(lambda: bool(second.stats().assigned_partitions), "the second receiver to get a partition")
-    assert len(first.stats().assigned_partitions) == 1
+    _wait(
+        lambda: len(first.stats().assigned_partitions) == len(second.stats().assigned_partitions) == 1,
+        "each receiver to hold one partition",
+    )
     delivered += _take_until([first, second], 30)
     assert sorted(v["n"] for v in delivered) == list(range(40)), "lost or duplicated across the rebalance"
     assert first.stats().requeued > 0, "the moved partition's queued messages were not handed over"
