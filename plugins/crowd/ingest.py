@@ -289,7 +289,10 @@ def write_batch(
 
 def _publish_alerts(conn: psycopg.Connection, kafka_conn_id: str, topic: str, summary: DrainSummary) -> None:
     """Publish pending alerts; a failure is kept in the summary, not raised: the frames go on being stored and
-    the alert rows stay pending (:func:`drain_task` fails the task at the end so that the retry publishes them)."""
+    the alert rows stay pending (:func:`drain_task` fails the task at the end so that the retry publishes them).
+    After a failure this drain tries no more (each try may wait out the publish timeout)."""
+    if summary.alerts_error:
+        return
     try:
         summary.alerts_published += publish_pending_alerts(conn, kafka_conn_id, topic)
     except Exception as exc:  # noqa: BLE001 - PublishError, KafkaException: either way the rows stay pending
