@@ -16,6 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+import crowd.ingest
 from crowd.alerts import AlertRule
 from crowd.ingest import DRAIN_LOCK_KEY_SQL, IngestError, drain, drain_task
 from crowd.messages import FaceMessage
@@ -486,6 +487,34 @@ def test_alerts_that_cannot_be_published_stop_neither_the_frames_nor_the_next_ru
     assert retried.alerts_error is None and retried.alerts_published == 1, retried
     assert scalar("SELECT count(*) FROM alerts WHERE published_at IS NULL") == 0
     assert [a["peak_count"] for a in _consume_all(alerts_topic, expect=1)] == [6]
+
+
+def test_after_one_failed_alert_publish_a_drain_tries_no_more(
+    faces_topic: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each try may wait out the publish timeout: one failure per drain, the next episodes' alerts stay pending."""
+    counts = [1] * 10 + [6] * 30 + [1] * 60 + [7] * 30 + [1] * 60  # two episodes, batches apart
+    publish_frames(faces_topic, [frame_dict("video-alerts", i, n) for i, n in enumerate(counts)])
+    tries: list[str] = []
+    publish = crowd.ingest.publish_pending_alerts
+
+    def counting(*args, **kwargs):
+        try:
+            published = publish(*args, **kwargs)
+        except Exception as exc:
+            tries.append(type(exc).__name__)
+            raise
+        tries.append(f"published {published}")
+        return published
+
+    monkeypatch.setattr(crowd.ingest, "publish_pending_alerts", counting)
+    summary = quick_drain(
+        faces_topic, batch_size=20, alert_rule=AlertRule(threshold=5, min_duration_s=2.0), alerts_topic="no such topic!"
+    )
+    assert summary.frames == len(counts) and summary.new_alerts == 2, summary
+    failures = [t for t in tries if not t.startswith("published")]
+    assert len(failures) == 1 and tries[-1] == failures[0], tries  # the first failure was the last try
+    assert scalar("SELECT count(*) FROM alerts WHERE published_at IS NULL") == 2
 
 
 def test_alert_rule_rejects_nonsense() -> None:
