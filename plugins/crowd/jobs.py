@@ -161,14 +161,17 @@ class _Publisher:
 
 
 def list_videos(roots: Iterable[Path]) -> list[Path]:
-    """Every ``*.mp4`` regular file under ``roots``, sorted; symlinks leading outside the roots are left out."""
+    """Every ``*.mp4`` regular file under ``roots`` (``.MP4`` and any other case too: cameras write them), sorted;
+    symlinks leading outside the roots are left out."""
     roots = [Path(r) for r in roots]
     found: set[Path] = set()
     for root in roots:
         if not root.is_dir():
             log.warning("video root %s does not exist or is not a folder; skipping it", root)
             continue
-        for path in root.rglob(f"*{VIDEO_SUFFIX}"):
+        for path in root.rglob("*"):
+            if path.suffix.lower() != VIDEO_SUFFIX:
+                continue
             try:
                 check_name(path)  # OpenCV would crash the scan on it, PostgreSQL refuse it
             except BadFileNameError as exc:
@@ -228,6 +231,8 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
     with storage.connect(settings.postgres_conn_id) as conn:
         storage.migrate(conn)
         listed = list_videos(settings.video_roots)
+        # a root that is not there now (an unmounted share) keeps the hashes remembered under it for its return
+        listed_roots = [root for root in settings.video_roots if root.is_dir()]
         settled = _settled_files(listed, settings.scan_min_age_s)
         known = storage.known_video_ids(conn, {key: signature for key, (_, signature) in settled.items()})
         hashed: dict[str, tuple[storage.FileSignature, str]] = {}
@@ -255,7 +260,7 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
                 log.info("skipping %s: video %s already %s", path.name, video_id, status)
                 continue
             items.extend(plan_video(path, video_id, settings))
-        storage.remember_video_ids(conn, hashed, listed=map(str, listed), roots=map(str, settings.video_roots))
+        storage.remember_video_ids(conn, hashed, listed=map(str, listed), roots=map(str, listed_roots))
         conn.commit()
     log.info(
         "scan of %s: %d new video(s) in %d task(s), %d already processed; %d file(s) hashed (new or changed), %d "

@@ -81,6 +81,27 @@ def test_a_file_is_hashed_once_until_it_changes(scan, video_root: Path) -> None:
     assert _remembered() == {**ids, "copy.mp4": ids["renamed.mp4"]}
 
 
+def test_video_files_are_found_whatever_the_case_of_their_suffix(scan, video_root: Path) -> None:
+    names = ["a.mp4", "GOPR0001.MP4", "phone.Mp4"]  # cameras write .MP4
+    for n, name in enumerate(names):
+        write_clip(CARPHONE, video_root / name, 20 + n)
+    (video_root / "notes.txt").write_text("not a video")
+    (video_root / "mp4").mkdir()
+    planned, hashed = scan()
+    assert sorted(planned) == sorted(hashed) == sorted(names)
+
+
+def test_a_root_that_is_gone_for_a_while_keeps_what_was_remembered_under_it(scan, video_root: Path) -> None:
+    write_clip(CARPHONE, video_root / "a.mp4", 20)
+    assert scan()[1] == ["a.mp4"]
+    away = video_root.with_name(video_root.name + "-unmounted")
+    video_root.rename(away)  # a share that is not mounted for one scan
+    assert scan() == ({}, [])
+    away.rename(video_root)
+    planned, hashed = scan()
+    assert list(planned) == ["a.mp4"] and hashed == [], "the file was read whole again after its root came back"
+
+
 def test_a_processed_video_is_skipped_without_reading_it(scan, video_root: Path) -> None:
     video = write_clip(CARPHONE, video_root / "done.mp4", 20)
     assert scan() == ({"done.mp4": content_hash(video)}, ["done.mp4"])
