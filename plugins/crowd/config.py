@@ -71,6 +71,14 @@ class Settings:
     publish_timeout_s: int = 30
     scan_min_age_s: float = 60.0
 
+    @property
+    def max_tasks_per_run(self) -> int:
+        """Airflow's ``[core] max_map_length``: a task returning a longer list to map over fails. Read when asked
+        (importing Airflow's configuration costs seconds and sets up its logging)."""
+        from airflow.sdk.configuration import conf
+
+        return max(1, conf.getint("core", "max_map_length", fallback=1024))
+
     def check_video_path(self, path: str | os.PathLike[str]) -> Path:
         """Resolve ``path`` and return it if it is a file inside one of :attr:`video_roots`.
 

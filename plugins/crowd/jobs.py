@@ -189,8 +189,9 @@ def list_videos(roots: Iterable[Path]) -> list[Path]:
     return sorted(found)
 
 
-def plan_video(path: Path, video_id: str, settings: Settings) -> list[WorkItem]:
-    """Split one video into work items of at most ``settings.frames_per_task`` frames.
+def plan_video(path: Path, video_id: str, settings: Settings, max_items: int | None = None) -> list[WorkItem]:
+    """Split one video into work items of at most ``settings.frames_per_task`` frames, or into ``max_items``
+    longer ones when that would make more (Airflow maps at most ``[core] max_map_length`` items in a run).
 
     Only a video whose frame n is shown at n / fps (``VideoInfo.constant_rate``, from its MP4 index) is split: a
     part seeks to its first frame, and OpenCV seeks by time. A variable-frame-rate video, or one of unknown length,
@@ -210,7 +211,14 @@ def plan_video(path: Path, video_id: str, settings: Settings) -> list[WorkItem]:
             "instead of %d", path, -(-info.frame_count // settings.frames_per_task),
         )  # fmt: skip
         return [WorkItem(str(path), video_id)]
-    ranges = split_ranges(info.frame_count, settings.frames_per_task)
+    frames_per_task = settings.frames_per_task
+    if max_items and -(-info.frame_count // frames_per_task) > max_items:
+        frames_per_task = -(-info.frame_count // max_items)
+        log.info(
+            "%s: %d frames in at most %d tasks (Airflow's [core] max_map_length): %d frames a task instead of "
+            "CROWD_FRAMES_PER_TASK=%d", path, info.frame_count, max_items, frames_per_task, settings.frames_per_task,
+        )  # fmt: skip
+    ranges = split_ranges(info.frame_count, frames_per_task)
     return [WorkItem(str(path), video_id, a, b, i, len(ranges)) for i, (a, b) in enumerate(ranges)]
 
 
@@ -223,11 +231,14 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
     recording) and is left for a later scan: processed now, it would fail, or give a part of the video under a
     content hash that is not the finished file's. A file is read whole (hashed) once: its hash is kept in
     ``scanned_files`` with its size, times and inode, and later scans reuse it while these stay the same.
+    At most ``settings.max_tasks_per_run`` items are returned (Airflow maps no longer list): whole videos up to
+    that many, the others are left for the next scans (a video too long alone gets that many longer parts).
     """
     settings = settings or load_settings()
     items: list[WorkItem] = []
     seen: dict[str, Path] = {}
-    skipped = 0
+    skipped = deferred = 0
+    max_items = settings.max_tasks_per_run
     with storage.connect(settings.postgres_conn_id) as conn:
         storage.migrate(conn)
         listed = list_videos(settings.video_roots)
@@ -259,7 +270,11 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
                 skipped += 1
                 log.info("skipping %s: video %s already %s", path.name, video_id, status)
                 continue
-            items.extend(plan_video(path, video_id, settings))
+            planned = plan_video(path, video_id, settings, max_items=None if items else max_items)
+            if len(items) + len(planned) > max_items:
+                deferred += 1
+                continue
+            items.extend(planned)
         storage.remember_video_ids(conn, hashed, listed=map(str, listed), roots=map(str, listed_roots))
         conn.commit()
     log.info(
@@ -268,6 +283,11 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
         ", ".join(map(str, settings.video_roots)), len({i.video_id for i in items}), len(items), skipped,
         len(hashed), len(known), len(listed) - len(settled), settings.scan_min_age_s,
     )  # fmt: skip
+    if deferred:
+        log.warning(
+            "%d more new video(s) left for the next scan: this one has %d tasks, the most a run maps (Airflow's "
+            "[core] max_map_length=%d)", deferred, len(items), max_items,
+        )  # fmt: skip
     return items
 
 
@@ -307,7 +327,7 @@ def plan_requested_video(video_path: str, settings: Settings | None = None) -> l
         video_id = content_hash(path)
     except (VideoError, OSError) as exc:
         raise BadVideoError(f"video {path.name} cannot be read to identify it: {exc}; fix or replace the file") from exc
-    return plan_video(path, video_id, settings)
+    return plan_video(path, video_id, settings, max_items=settings.max_tasks_per_run)
 
 
 def detect_and_publish(

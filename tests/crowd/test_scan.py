@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from crowd import storage
+from crowd.config import load_settings
 from crowd.video import content_hash
 from tests.crowd._helpers import CARPHONE, write_clip
 
@@ -100,6 +101,42 @@ def test_a_root_that_is_gone_for_a_while_keeps_what_was_remembered_under_it(scan
     away.rename(video_root)
     planned, hashed = scan()
     assert list(planned) == ["a.mp4"] and hashed == [], "the file was read whole again after its root came back"
+
+
+def test_a_scan_maps_no_more_tasks_than_airflow_allows(
+    pg_schema, video_root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Airflow fails a task returning more than ``[core] max_map_length`` items: a backlog must not stop every scan."""
+    from crowd import jobs
+
+    monkeypatch.setenv("AIRFLOW__CORE__MAX_MAP_LENGTH", "7")
+    monkeypatch.setenv("CROWD_FRAMES_PER_TASK", "10")
+    assert load_settings().max_tasks_per_run == 7  # (Airflow's configuration loaded before the logs are caught)
+    clips = {
+        name: write_clip(CARPHONE, video_root / name, frames)
+        for name, frames in [("a.mp4", 28), ("b.mp4", 29), ("c.mp4", 30)]
+    }
+
+    def parts(items) -> dict[str, list[tuple[int, int]]]:
+        out: dict[str, list[tuple[int, int]]] = {}
+        for item in items:
+            out.setdefault(Path(item.path).name, []).append((item.start, item.stop))
+        return out
+
+    with caplog.at_level(logging.WARNING, logger="crowd.jobs"):
+        first = jobs.find_new_videos()
+    assert parts(first) == {"a.mp4": [(0, 10), (10, 20), (20, 28)], "b.mp4": [(0, 10), (10, 20), (20, 29)]}
+    assert "1 more new video(s) left for the next scan" in caplog.text
+    with storage.connect("crowd_postgres") as conn:  # the first run's videos are over
+        for item in first:
+            storage.mark_video_failed(conn, item.video_id, item.path, "over")
+    assert parts(jobs.find_new_videos()) == {"c.mp4": [(0, 10), (10, 20), (20, 30)]}
+
+    # one video longer than 7 tasks alone: 7 longer parts, every frame in one of them
+    monkeypatch.setenv("CROWD_FRAMES_PER_TASK", "4")
+    assert parts(jobs.find_new_videos()) == {"c.mp4": [(0, 5), (5, 10), (10, 15), (15, 20), (20, 25), (25, 30)]}
+    manual = jobs.plan_requested_video(str(clips["c.mp4"]))
+    assert [(i.start, i.stop, i.part, i.parts) for i in manual][-1] == (25, 30, 5, 6)
 
 
 def test_a_processed_video_is_skipped_without_reading_it(scan, video_root: Path) -> None:
