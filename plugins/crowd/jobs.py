@@ -27,7 +27,17 @@ from crowd.detection import build_detector
 from crowd.kafka import DeliveryTracker, PublishError, reliable_producer
 from crowd.messages import FaceMessage
 from crowd.pipeline import process_video
-from crowd.video import BadFileNameError, VideoError, check_file, check_name, content_hash, probe_video, split_ranges
+from crowd.video import (
+    BadFileNameError,
+    VideoError,
+    VideoNotFoundError,
+    VideoPermissionError,
+    check_file,
+    check_name,
+    content_hash,
+    probe_video,
+    split_ranges,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +45,13 @@ VIDEO_SUFFIX = ".mp4"
 
 
 class BadVideoError(RuntimeError):
-    """The video itself is unusable (missing, corrupt, outside the roots): retrying cannot help."""
+    """The video itself is unusable (not a video, corrupt): retrying cannot help."""
+
+
+class VideoUnreachableError(RuntimeError):
+    """The work item's file cannot be reached now (moved, outside this worker's roots, not readable): not a fault
+    of the video, so it is not recorded as failed; the task fails (after its retries) and the next scan takes the
+    video wherever it is then."""
 
 
 class ResultsFolderError(RuntimeError):
@@ -342,6 +358,7 @@ def detect_and_publish(
 
     Raises:
         BadVideoError: the video cannot be read (recorded as failed in the registry first).
+        VideoUnreachableError: the file is not where the item says, or not readable (nothing recorded).
         PublishError: Kafka did not acknowledge every message (retry the task).
     """
     settings = settings or load_settings()
@@ -351,8 +368,17 @@ def detect_and_publish(
         try:
             settings.check_video_path(path)
             check_file(path)
+        except (ConfigError, VideoNotFoundError, VideoPermissionError) as exc:
+            raise VideoUnreachableError(
+                f"video {path.name} ({item.video_id}) cannot be reached: {exc}; not recorded as failed, the next "
+                "scan takes it where it is then"
+            ) from exc
+        except VideoError as exc:  # a directory, an empty file, ...: the scan lists none of these
+            storage.mark_video_failed(conn, item.video_id, str(path), str(exc), run)
+            raise BadVideoError(f"video {path.name} ({item.video_id}) failed: {exc}") from exc
+        try:
             info = probe_video(path)
-        except (ConfigError, VideoError) as exc:
+        except VideoError as exc:
             storage.mark_video_failed(conn, item.video_id, str(path), str(exc), run)
             raise BadVideoError(f"video {path.name} ({item.video_id}) failed: {exc}") from exc
         detector = build_detector(options.model, settings, conf_threshold=options.confidence, tiles=options.tiles)

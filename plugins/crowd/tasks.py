@@ -1,7 +1,8 @@
 """Airflow tasks of the detection DAGs: thin wrappers that turn job results and errors into task outcomes.
 
-A bad video (missing, corrupt, outside the roots) fails its own task at once, without retries, after the
-registry recorded why; a Kafka delivery failure fails the task so that Airflow retries it.
+A bad video (not a video, corrupt) fails its own task at once, without retries, after the registry recorded
+why; a Kafka delivery failure, or a file not reachable now (moved since the scan, unreadable), fails the task so
+that Airflow retries it, and the video is not recorded as failed.
 """
 
 from __future__ import annotations

@@ -119,6 +119,31 @@ def test_an_empty_requested_video_fails_at_once(pg_schema, video_root, monkeypat
         tasks.plan_requested_video.function()
 
 
+def test_a_video_moved_after_the_scan_is_not_recorded_as_failed(pg_schema, video_root, monkeypatch) -> None:
+    """Moved (archived, renamed) between the scan and its task: the task fails, but the content is not marked
+    failed (that would skip it under every name for good), and the next scan takes it at its new place."""
+    from crowd import storage, tasks
+    from crowd.jobs import DetectOptions, VideoUnreachableError, detect_and_publish, find_new_videos
+    from tests.crowd._helpers import CARPHONE, write_clip
+
+    video = write_clip(CARPHONE, video_root / "a.mp4", 12)
+    (item,) = find_new_videos()
+    (video_root / "archive").mkdir()
+    moved = video.rename(video_root / "archive" / "a.mp4")
+    with pytest.raises(VideoUnreachableError, match="a.mp4 .* does not exist"):
+        detect_and_publish(item, DetectOptions(frame_interval=5, model="mtcnn"))
+    with storage.connect("crowd_postgres") as conn:
+        assert storage.get_video_status(conn, item.video_id) is None
+    assert [(i.path, i.video_id) for i in find_new_videos()] == [(str(moved), item.video_id)]
+
+    # in Airflow: an ordinary failure, retried (not AirflowFailException, which skips the retries)
+    context = {"params": {}, "dag_run": None}
+    monkeypatch.setattr(tasks, "get_current_context", lambda: context)
+    monkeypatch.setattr(tasks, "_run_stamp", lambda: None)
+    with pytest.raises(VideoUnreachableError):
+        tasks.detect_and_publish.function(item.to_dict())
+
+
 def test_a_video_that_vanishes_before_its_probe_does_not_fail_the_scan(video_root, monkeypatch) -> None:
     """Deleted between hashing and probing: one work item whose task records the failure, not a failed scan."""
     import crowd.jobs
