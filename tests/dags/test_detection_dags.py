@@ -52,6 +52,8 @@ def _consume_all(topic: str, kafka_bootstrap: str) -> list:
             messages.append(msg)
     finally:
         consumer.close()
+    if not partitions or eof < partitions:  # or "nothing published" would pass on a topic never read
+        raise AssertionError(f"{topic}: not read to its end in 30 s (partitions {partitions}, at the end: {eof})")
     return messages
 
 

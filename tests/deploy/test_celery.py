@@ -269,17 +269,27 @@ class _TopicReader:
         bootstrap = json.loads(profile.env["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]["bootstrap.servers"]
         self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused", "enable.auto.commit": False})
         partitions = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        self.consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        self.partitions = [TopicPartition(topic, p, 0) for p in partitions]
+        self.consumer.assign(self.partitions)
         self.frames: dict[str, list[int]] = {}
 
+    def _caught_up(self) -> bool:
+        """Every partition read up to its end as the broker reports it now."""
+        positions = self.consumer.position(self.partitions)
+        ends = [self.consumer.get_watermark_offsets(p, timeout=10)[1] for p in self.partitions]
+        return all(pos.offset >= end or (pos.offset < 0 and end == 0) for pos, end in zip(positions, ends, strict=True))
+
     def read(self, for_s: float = 0.5) -> dict[str, list[int]]:
-        """What has arrived so far: read until the topic is quiet, for at most ``for_s`` (messages may keep
-        flowing while tasks run; once they are done, pass a longer time to read everything)."""
+        """What has arrived so far: read until every partition is read to its current end, for at most ``for_s``
+        (messages may keep flowing while tasks run; once they are done, pass a longer time to read everything)."""
         deadline = time.monotonic() + for_s
-        while time.monotonic() < deadline and (batch := self.consumer.consume(1000, timeout=0.1)):
+        while time.monotonic() < deadline:
+            batch = self.consumer.consume(1000, timeout=0.1)
             for m in batch:
                 if m.error() is None:
                     self.frames.setdefault(m.key().decode(), []).append(json.loads(m.value())["frame_id"])
+            if not batch and self._caught_up():
+                break
         return self.frames
 
 

@@ -92,6 +92,7 @@ def test_video_changed_while_read_fails_alone_and_the_next_one_finishes(env: dic
         assert status == "failed" and "victim.mp4" in error and "decoding stopped at frame" in error, error
         assert 20 <= published_victim < 480
     else:  # the open file keeps its data on Linux: the whole video is read and published
+        assert not victim.exists(), "the file was not deleted during the read"
         assert not isinstance(outcome, Exception) and outcome["messages"] == 480, outcome
         assert status == "done" and published_victim == 480
     report(f"fault-5 video {change}d while read", {
