@@ -397,8 +397,8 @@ def detect_and_publish(
         settings.faces_topic,
     )  # fmt: skip
     pictures_dir = settings.results_dir / item.video_id
-    if item.parts > 1:
-        pictures_dir = pictures_dir / f"part-{item.part:04d}"
+    # the API and dashboard list a video's folder: a part's pictures go there too, named after the part
+    pictures_prefix = f"part-{item.part + 1:04d}-" if item.parts > 1 else ""
     _check_results_folder(pictures_dir)
     topic, timeout_s = settings.faces_topic, settings.publish_timeout_s
     with _Publisher.create(settings.kafka_conn_id, topic, timeout_s=timeout_s) as publisher:
@@ -406,7 +406,8 @@ def detect_and_publish(
         try:
             summary = process_video(
                 path, detector, frame_interval=options.frame_interval, frame_range=(item.start, item.stop),
-                on_message=publisher, pictures_dir=pictures_dir, video_id=item.video_id,
+                on_message=publisher, pictures_dir=pictures_dir, pictures_prefix=pictures_prefix,
+                video_id=item.video_id,
             )  # fmt: skip
         except OSError as exc:  # video errors are VideoError; an OSError here is the pictures' write
             try:  # the frames' messages are good: deliver them before failing on the pictures

@@ -99,6 +99,7 @@ def process_video(
     pictures_dir: str | os.PathLike[str] | None = None,
     video_id: str | None = None,
     max_frames: int | None = None,
+    pictures_prefix: str = "",
 ) -> VideoSummary:
     """Detect faces on the sampled frames of ``source`` and hand one message per frame to ``on_message``.
 
@@ -114,6 +115,7 @@ def process_video(
         progress: a callable receiving :class:`Progress`, or a logger (default ``crowd.pipeline``).
         progress_every_s: seconds between progress reports.
         pictures_dir: if given, write the annotated frame, heatmap and timeline there.
+        pictures_prefix: put before their file names (a part of a split video: ``part-0002-``).
         video_id: id recorded in messages (default: :func:`~crowd.video.content_hash` of the file, or the
             source string for live sources).
         max_frames: stop after this many processed frames (useful for live sources).
@@ -162,7 +164,7 @@ def process_video(
     wall = time.perf_counter() - started
     pictures: dict[str, str | None] | None = None
     if acc is not None and pictures_dir is not None:
-        paths: PicturePaths = acc.write(Path(pictures_dir))
+        paths: PicturePaths = acc.write(Path(pictures_dir), prefix=pictures_prefix)
         pictures = {k: (str(v) if v is not None else None) for k, v in asdict(paths).items()}
     err = reader.error
     summary = VideoSummary(

@@ -144,6 +144,30 @@ def test_a_video_moved_after_the_scan_is_not_recorded_as_failed(pg_schema, video
         tasks.detect_and_publish.function(item.to_dict())
 
 
+def test_the_pictures_of_a_split_video_are_where_the_api_lists_them(pg_schema, faces_topic, video_root) -> None:
+    """Each part writes its own set, named after it, into the video's folder (the API lists no sub-folder)."""
+    import dataclasses
+    import re
+
+    from crowd.api import IMAGE_NAME_PATTERN
+    from crowd.config import load_settings
+    from crowd.jobs import DetectOptions, detect_and_publish, plan_video
+    from crowd.video import content_hash
+    from tests.crowd._helpers import CARPHONE, write_clip
+
+    settings = dataclasses.replace(load_settings(), frames_per_task=30)
+    video = write_clip(CARPHONE, video_root / "split.mp4", 60)
+    items = plan_video(video, content_hash(video), settings)
+    assert [(i.start, i.stop) for i in items] == [(0, 30), (30, 60)]
+    for item in items:
+        detect_and_publish(item, DetectOptions(frame_interval=10, model="mtcnn"), settings)
+    folder = settings.results_dir / items[0].video_id
+    listed = sorted(p.name for p in folder.iterdir() if p.is_file() and re.match(IMAGE_NAME_PATTERN, p.name))
+    assert listed == sorted(
+        f"part-{n:04d}-{kind}" for n in (1, 2) for kind in ("annotated.jpg", "faces_over_time.png", "heatmap.png")
+    ), sorted(p.name for p in folder.rglob("*"))
+
+
 def test_a_video_that_vanishes_before_its_probe_does_not_fail_the_scan(video_root, monkeypatch) -> None:
     """Deleted between hashing and probing: one work item whose task records the failure, not a failed scan."""
     import crowd.jobs
