@@ -15,14 +15,16 @@ settings = load_settings()
 DOC = """
 ### Scan the video folders and detect faces in new videos
 
-Every run lists the `.mp4` files under `CROWD_VIDEO_ROOTS`, skips the ones already processed (known by
-content hash, so a renamed copy is skipped and a changed file is new), splits each new video into frame
-ranges of `CROWD_FRAMES_PER_TASK` frames, and runs one **mapped** detection task per range. Each task
-publishes one message per sampled frame to the Kafka topic `Faces` (key = video id), and the
-`crowd_faces_ingest` DAG stores them in PostgreSQL.
+Every run lists the `.mp4` files (any case) under `CROWD_VIDEO_ROOTS`, skips the ones already processed (known
+by content hash, so a renamed copy is skipped and a changed file is new), splits each new video into frame
+ranges of `CROWD_FRAMES_PER_TASK` frames, and runs one **mapped** detection task per range (at most Airflow's
+`[core] max_map_length` in a run: the rest waits for the next scans). Each task publishes one message per
+sampled frame to the Kafka topic `Faces` (key = video id), and the `crowd_faces_ingest` DAG stores them in
+PostgreSQL.
 
-A corrupt or unreadable video fails its own mapped task (no retries: the log says why) and is recorded as
-failed in the `videos` table; the other videos go on. `finish_videos` marks a video done when all its parts
+A corrupt video fails its own mapped task (no retries: the log says why) and is recorded as failed in the
+`videos` table; the other videos go on. A file moved or unreadable since the scan fails its task after the
+retries and is not recorded: the next scan takes it where it is then. `finish_videos` marks a video done when all its parts
 were published. Schedule: `CROWD_SCAN_SCHEDULE` (default every 5 minutes).
 """
 
