@@ -171,7 +171,11 @@ def private_kafka() -> Iterator[PrivateKafka]:
     """A private broker on 127.0.0.1:19092 (controller 19093, proxied listener 19094 for a proxy on 19095) in a
     temp folder; killed and removed at the end."""
     if any(port_open(p) for p in (KAFKA_PORT, KAFKA_CONTROLLER_PORT, KAFKA_PORT + 2, KAFKA_PORT + 3)):
-        pytest.skip(f"one of ports {KAFKA_PORT}-{KAFKA_PORT + 3} is taken; set CROWD_REL_KAFKA_PORT")
+        # a failure, not a skip: a broker left by an aborted run would otherwise skip every Kafka fault case
+        pytest.fail(
+            f"one of ports {KAFKA_PORT}-{KAFKA_PORT + 3} is taken (a private broker left by an aborted run? "
+            f"`pkill -f crowd-rel-kafka-`), or set CROWD_REL_KAFKA_PORT"
+        )
     folder = Path(tempfile.mkdtemp(prefix="crowd-rel-kafka-"))
     broker = PrivateKafka(folder)
     try:
@@ -271,7 +275,10 @@ class PrivatePostgres:
 def private_postgres() -> Iterator[PrivatePostgres]:
     """A private cluster on 127.0.0.1:15433 in a temp folder (postgres-owned when root); removed at the end."""
     if port_open(PG_PORT):
-        pytest.skip(f"port {PG_PORT} is taken; set CROWD_REL_PG_PORT")
+        pytest.fail(  # not a skip: a cluster left by an aborted run would otherwise skip every PostgreSQL fault case
+            f"port {PG_PORT} is taken (a private cluster left by an aborted run? `pkill -f crowd-rel-pg-`), or set "
+            "CROWD_REL_PG_PORT"
+        )
     folder = Path(tempfile.mkdtemp(prefix="crowd-rel-pg-"))  # under /tmp: the postgres user can reach it
     cluster = PrivatePostgres(folder)
     try:
@@ -306,14 +313,19 @@ def private_pg_schema(private_postgres: PrivatePostgres, monkeypatch: pytest.Mon
 
 
 def pg_counts(dsn: str | None = None) -> dict[str, int]:
-    """Frames (all and distinct keys), faces, rejections and the sum of stored next offsets."""
+    """Frames (all, and those whose face rows number their ``total_faces``: a frame stored in part, or its faces
+    twice under other ids, is not), faces, rejections and the sum of stored next offsets. (A frame cannot be stored
+    twice: ``(video_id, frame_id)`` is the table's primary key.)"""
     dsn = dsn or os.environ["CROWD_PG_DSN_FOR_TESTS"]
     with psycopg.connect(dsn, autocommit=True) as conn:
-        frames, distinct = conn.execute("SELECT count(*), count(DISTINCT (video_id, frame_id)) FROM frames").fetchone()
+        frames, consistent = conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE total_faces = (SELECT count(*) FROM faces x "
+            "WHERE x.video_id = f.video_id AND x.frame_id = f.frame_id)) FROM frames f"
+        ).fetchone()
         faces = conn.execute("SELECT count(*) FROM faces").fetchone()[0]
         rejected = conn.execute("SELECT count(*) FROM rejected_messages").fetchone()[0]
         offsets = conn.execute("SELECT coalesce(sum(next_offset), 0)::bigint FROM kafka_offsets").fetchone()[0]
-    return {"frames": frames, "distinct_frames": distinct, "faces": faces, "rejected": rejected, "offsets": offsets}
+    return {"frames": frames, "consistent_frames": consistent, "faces": faces, "rejected": rejected, "offsets": offsets}
 
 
 def report(case: str, figures: dict) -> None:

@@ -74,7 +74,7 @@ def test_drain_killed_at_random_points_stores_exactly_once(faces_topic: str, pg_
     final, _ = _run_worker(faces_topic, 250)
     assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
     counts = pg_counts()
-    assert counts["frames"] == counts["distinct_frames"] == len(messages), counts
+    assert counts["frames"] == counts["consistent_frames"] == len(messages), counts
     assert counts["rejected"] == n_bad
     assert counts["offsets"] == total == counts["frames"] + counts["rejected"]
     assert counts["faces"] == sum(m["total_faces"] for m in messages)
@@ -109,7 +109,7 @@ def test_ten_percent_bad_messages_in_a_10k_backlog_every_offset_accounted_for(fa
 
     with psycopg.connect(os.environ["CROWD_PG_DSN_FOR_TESTS"], autocommit=True) as conn:
         codes = dict(conn.execute("SELECT split_part(reason, ':', 1), count(*) FROM rejected_messages GROUP BY 1"))
-    assert counts["frames"] == counts["distinct_frames"] == good == 9000
+    assert counts["frames"] == counts["consistent_frames"] == good == 9000
     assert counts["rejected"] == 1000 and codes == expected_codes, (codes, expected_codes)
     assert counts["frames"] + counts["rejected"] == counts["offsets"] == summary.messages == 10_000
     report("bad messages at volume (10% of 10k)", {
@@ -144,7 +144,7 @@ def test_backlog_drains_with_flat_memory_and_exact_counts(faces_topic: str, pg_s
         result, peak2 = _run_worker(faces_topic, 2000, timeout_s=600)
         peak_kib = max(peak_kib, peak2)
     counts = pg_counts()
-    assert counts["frames"] == counts["distinct_frames"] == counts["offsets"] == n, counts
+    assert counts["frames"] == counts["consistent_frames"] == counts["offsets"] == n, counts
     assert counts["faces"] == faces
     report(f"load: {n} message backlog drain", {
         "messages": n, "frames_stored": counts["frames"], "faces_stored": counts["faces"], "lost": 0,

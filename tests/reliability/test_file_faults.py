@@ -252,7 +252,7 @@ def test_unusable_results_folder_fails_the_task_clearly_and_leaves_kafka_and_pos
     assert finish_videos([item], [rerun], settings)["done"] == [item.video_id]
     summary = drain("kafka_default", "crowd_postgres", env["topic"], "rel-results", batch_wait_s=0.2, idle_timeout_s=3)
     counts = pg_counts()
-    assert counts["frames"] == counts["distinct_frames"] == 40 and counts["rejected"] == 0, counts
+    assert counts["frames"] == counts["consistent_frames"] == 40 and counts["rejected"] == 0, counts
     if kind == "enospc-late":  # the failed task had published every frame (delivered before it failed)
         assert summary.messages == 80, "the failed task's messages were not all delivered before it failed"
     else:
@@ -261,5 +261,5 @@ def test_unusable_results_folder_fails_the_task_clearly_and_leaves_kafka_and_pos
     report(f"fault-6 results folder {kind}", {
         "task_error": f"{type(error).__name__}: {str(error)[:240]}", "status_after_failure": status,
         "messages_in_topic": summary.messages, "frames_stored": counts["frames"], "expected_frames": 40,
-        "lost": 40 - counts["distinct_frames"], "duplicated": counts["frames"] - counts["distinct_frames"],
+        "lost": 40 - counts["frames"], "inconsistent": counts["frames"] - counts["consistent_frames"],
     })  # fmt: skip

@@ -86,7 +86,7 @@ def assert_backlog_stored_once(messages: list[dict], n_bad: int, total: int) -> 
     """Every valid message of the backlog is one frame (faces exact), every bad one a rejection, every offset
     stored; the counts."""
     counts = pg_counts()
-    assert counts["frames"] == counts["distinct_frames"] == len(messages), counts
+    assert counts["frames"] == counts["consistent_frames"] == len(messages), counts
     assert counts["rejected"] == n_bad
     assert counts["offsets"] == total == counts["frames"] + counts["rejected"]
     assert counts["faces"] == sum(m["total_faces"] for m in messages)
@@ -137,7 +137,7 @@ def test_broker_killed_mid_publish_fails_the_task_and_the_rerun_stores_each_fram
 
     summary = drain("kafka_default", "crowd_postgres", private_faces, GROUP, batch_wait_s=0.2, idle_timeout_s=5)
     counts = pg_counts()
-    assert counts["frames"] == counts["distinct_frames"] == expected, counts
+    assert counts["frames"] == counts["consistent_frames"] == expected, counts
     assert counts["rejected"] == 0 and counts["offsets"] == in_topic == summary.messages
     with storage.connect("crowd_postgres") as conn:
         ids = [r[0] for r in conn.execute("SELECT frame_id FROM frames ORDER BY frame_id")]
@@ -146,7 +146,7 @@ def test_broker_killed_mid_publish_fails_the_task_and_the_rerun_stores_each_fram
         "frames_expected": expected, "in_topic_before_kill": published_before_kill,
         "task_failed_after_kill_s": round(failed_after_s, 1), "error": str(out["error"])[:200],
         "broker_restart_s": round(restart_s, 1), "messages_in_topic": in_topic, "frames_stored": counts["frames"],
-        "lost": expected - counts["distinct_frames"], "duplicates_in_topic_absorbed": in_topic - expected,
+        "lost": expected - counts["frames"], "duplicates_in_topic_absorbed": in_topic - expected,
     }  # fmt: skip
     report("fault-1 broker kill -9 mid-publish", figures)
 

@@ -133,7 +133,7 @@ def test_a_partition_outlasting_the_publish_timeout_fails_the_task_and_the_rerun
     assert finish_videos([item], [rerun], settings)["done"] == [item.video_id]
     in_topic = kafka_up.high_watermarks(private_faces)
     counts = _drain_and_count(kafka_up, private_faces, monkeypatch)
-    assert counts["frames"] == counts["distinct_frames"] == FRAMES
+    assert counts["frames"] == counts["consistent_frames"] == FRAMES
     report("partition-2 partition outlasting the publish timeout", {
         "frames": FRAMES, "task_failed_after_cut_s": round(failed_after_s, 1), "error": str(out["error"])[:200],
         "in_topic_from_the_failed_try": in_topic_cut, "messages_in_topic": in_topic, "frames_stored": counts["frames"],

@@ -30,7 +30,7 @@ def backlog(n_videos: int, per_video: int, bad_every: int) -> tuple[list[dict], 
 def consistent() -> dict[str, int]:
     """Counts of the committed state, checking that offsets moved only with their rows."""
     counts = pg_counts()
-    assert counts["frames"] == counts["distinct_frames"], counts
+    assert counts["frames"] == counts["consistent_frames"], counts
     assert counts["offsets"] == counts["frames"] + counts["rejected"], f"offsets moved without their rows: {counts}"
     return counts
 
