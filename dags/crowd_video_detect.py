@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from airflow.sdk import Param, dag
 
 from crowd.assets import faces_topic_asset
 from crowd.config import load_settings
-from crowd.tasks import DETECTION_PARAMS, detect_and_publish, finish_videos, plan_requested_video
+from crowd.tasks import (
+    DETECTION_PARAMS,
+    detect_and_publish,
+    detection_default_args,
+    finish_videos,
+    plan_requested_video,
+)
+
+settings = load_settings()
 
 DOC = """
 ### Detect faces in one video
@@ -37,11 +45,11 @@ The video is processed even if it was processed before (the sink is idempotent).
         ),
         **DETECTION_PARAMS,
     },  # fmt: skip
-    default_args={"owner": "crowd", "retries": 2, "retry_delay": timedelta(seconds=30)},
+    default_args=detection_default_args(settings),
 )
 def crowd_video_detect():
     work_items = plan_requested_video()
-    published = detect_and_publish.override(outlets=[faces_topic_asset(load_settings())]).expand(item=work_items)
+    published = detect_and_publish.override(outlets=[faces_topic_asset(settings)]).expand(item=work_items)
     finish_videos(work_items, published)
 
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from airflow.sdk import dag
 
 from crowd.assets import faces_topic_asset
 from crowd.config import load_settings
-from crowd.tasks import DETECTION_PARAMS, detect_and_publish, finish_videos, scan_video_folders
+from crowd.tasks import (
+    DETECTION_PARAMS,
+    detect_and_publish,
+    detection_default_args,
+    finish_videos,
+    scan_video_folders,
+)
 
 settings = load_settings()
 
@@ -38,7 +44,7 @@ were published. Schedule: `CROWD_SCAN_SCHEDULE` (default every 5 minutes).
     tags=["crowd", "detection"],
     doc_md=DOC,
     params=DETECTION_PARAMS,
-    default_args={"owner": "crowd", "retries": 2, "retry_delay": timedelta(seconds=30)},
+    default_args=detection_default_args(settings),
 )
 def crowd_video_scan():
     work_items = scan_video_folders()

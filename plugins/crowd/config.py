@@ -68,6 +68,7 @@ class Settings:
     detector_backend: str = "auto"
     scan_schedule: str = "*/5 * * * *"
     frames_per_task: int = 3000
+    detect_task_timeout_s: int = 6 * 3600
     publish_timeout_s: int = 30
     scan_min_age_s: float = 60.0
 
@@ -144,6 +145,7 @@ def load_settings() -> Settings:
         detector_backend=backend,
         scan_schedule=_env("CROWD_SCAN_SCHEDULE", "*/5 * * * *"),
         frames_per_task=_env_number("CROWD_FRAMES_PER_TASK", 3000, minimum=1),
+        detect_task_timeout_s=_env_number("CROWD_DETECT_TASK_TIMEOUT_S", 6 * 3600, minimum=1),
         publish_timeout_s=_env_number("CROWD_PUBLISH_TIMEOUT_S", 30, minimum=1),
         scan_min_age_s=_env_number("CROWD_SCAN_MIN_AGE_S", 60.0, whole=False),
     )

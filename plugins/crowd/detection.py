@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from crowd.config import Settings, load_settings
-from crowd.models import ModelError, YoloFiles, face_files, mtcnn_dir, tiny_files
+from crowd.models import ModelError, YoloFiles, face_files, mtcnn_dir, require_model, tiny_files
 
 logger = logging.getLogger(__name__)
 
@@ -577,27 +577,15 @@ def build_detector(
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: use one of {', '.join(BACKENDS)}")
     detector: Detector
-    faces = face_files(settings)
-    if backend == "auto":
-        backend = "yolov3" if not faces.missing() else "mtcnn"
-        if backend == "mtcnn":
-            logger.info("YOLOv3 face weights not installed (%s): using MTCNN", faces.weights)
+    requested, backend = backend, require_model(backend, settings)
+    if requested == "auto" and backend == "mtcnn":
+        logger.info("YOLOv3 face weights not installed (%s): using MTCNN", face_files(settings).weights)
     if backend == "yolov3":
-        if faces.missing():
-            raise ModelError(
-                f"YOLOv3 face model incomplete, missing {', '.join(map(str, faces.missing()))}; install weights with "
-                "`python -m crowd.models install --weights PATH_OR_URL --sha256 HEX` or use backend 'mtcnn'"
-            )
         kwargs = {} if conf_threshold is None else {"conf_threshold": conf_threshold}
-        detector = yolo_face_detector(faces, input_size=input_size, **kwargs)
+        detector = yolo_face_detector(face_files(settings), input_size=input_size, **kwargs)
     elif backend == "yolov3-tiny":
-        tiny = tiny_files(settings)
-        if tiny.missing():
-            raise ModelError(
-                f"YOLOv3-tiny not installed in {tiny.weights.parent}; run `python -m crowd.models install-tiny`"
-            )
         kwargs = {} if conf_threshold is None else {"conf_threshold": conf_threshold}
-        detector = yolo_tiny_person_detector(tiny, input_size=input_size, **kwargs)
+        detector = yolo_tiny_person_detector(tiny_files(settings), input_size=input_size, **kwargs)
     else:
         kwargs = {} if conf_threshold is None else {"conf_threshold": conf_threshold}
         detector = MtcnnDetector(max_side=mtcnn_max_side, **kwargs)

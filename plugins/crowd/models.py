@@ -199,6 +199,30 @@ def install_tiny(
     return files
 
 
+def require_model(backend: str, settings: Settings | None = None) -> str:
+    """The backend a detection task will run (``auto`` resolved), once its files are found installed.
+
+    Raises:
+        ModelError: its files are missing (the message says how to install them).
+    """
+    settings = settings or load_settings()
+    faces = face_files(settings)
+    if backend == "auto":
+        backend = "yolov3" if not faces.missing() else "mtcnn"
+    if backend == "yolov3" and faces.missing():
+        raise ModelError(
+            f"YOLOv3 face model incomplete, missing {', '.join(map(str, faces.missing()))}; install weights with "
+            "`python -m crowd.models install --weights PATH_OR_URL --sha256 HEX` or use backend 'mtcnn'"
+        )
+    if backend == "yolov3-tiny" and (tiny := tiny_files(settings)).missing():
+        raise ModelError(
+            f"YOLOv3-tiny not installed in {tiny.weights.parent}; run `python -m crowd.models install-tiny`"
+        )
+    if backend == "mtcnn":
+        mtcnn_dir()
+    return backend
+
+
 def status(settings: Settings | None = None) -> dict[str, dict[str, object]]:
     """What is installed: one entry per model with ``installed`` and the file paths."""
     settings = settings or load_settings()

@@ -7,13 +7,15 @@ that Airflow retries it, and the video is not recorded as failed.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import Param, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from crowd import jobs, storage
-from crowd.config import ConfigError, load_settings
+from crowd.config import ConfigError, Settings, load_settings
+from crowd.models import ModelError, require_model
 
 #: Trigger-form parameters shared by the detection DAGs (checked again by ``DetectOptions.from_params``).
 DETECTION_PARAMS = {
@@ -28,6 +30,18 @@ DETECTION_PARAMS = {
 }  # fmt: skip
 
 
+def detection_default_args(settings: Settings) -> dict[str, Any]:
+    """``default_args`` of the detection DAGs: two retries 30 s apart, and no try longer than
+    ``CROWD_DETECT_TASK_TIMEOUT_S`` (a read stalled on a share would otherwise hold the scan's one active run, and
+    so every later video, for ever)."""
+    return {
+        "owner": "crowd",
+        "retries": 2,
+        "retry_delay": timedelta(seconds=30),
+        "execution_timeout": timedelta(seconds=settings.detect_task_timeout_s),
+    }
+
+
 def _run_stamp() -> storage.RunStamp:
     """This task's DAG run, as the video registry records it."""
     dag_run = get_current_context()["dag_run"]
@@ -35,15 +49,23 @@ def _run_stamp() -> storage.RunStamp:
 
 
 def _options() -> jobs.DetectOptions:
+    """The run's detection params, checked, with their model's files found installed; else the task fails at once
+    (a retry cannot help)."""
     try:
-        return jobs.DetectOptions.from_params(dict(get_current_context()["params"]))
+        options = jobs.DetectOptions.from_params(dict(get_current_context()["params"]))
+        settings = load_settings()
+        require_model(options.model or settings.detector_backend, settings)
     except ConfigError as exc:
         raise AirflowFailException(f"invalid parameter: {exc}") from exc
+    except ModelError as exc:
+        raise AirflowFailException(f"model not usable: {exc}") from exc
+    return options
 
 
 @task
 def scan_video_folders() -> list[dict[str, Any]]:
     """List the new videos under the configured roots and split them into work items."""
+    _options()  # refuse bad params or a model not installed before any work
     return [item.to_dict() for item in jobs.find_new_videos(load_settings())]
 
 

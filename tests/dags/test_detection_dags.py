@@ -79,6 +79,11 @@ def _task_states(run) -> dict[str, list[str]]:
     return states
 
 
+def _try_numbers(run, task_id: str) -> list[int]:
+    """The try each instance of ``task_id`` ended on: 1 = failed without its retries."""
+    return [ti.try_number for ti in run.get_task_instances() if ti.task_id == task_id]
+
+
 def _video_rows() -> dict[str, tuple]:
     with storage.connect("crowd_postgres") as conn:
         return {r[0]: (r[1], r[2]) for r in conn.execute("SELECT id, status, error FROM videos").fetchall()}
@@ -267,6 +272,30 @@ def test_publishing_to_a_dead_broker_fails_the_task_within_the_timeout(pipeline_
     assert _video_rows()[content_hash(video)][0] == "processing"  # not done: the next run retries it
 
 
+def test_a_stalled_detection_task_is_stopped_by_its_timeout(pipeline_env, monkeypatch) -> None:
+    """A read stalled for ever (a dead share) would hold the scan's one active run, and every later video."""
+    from crowd import jobs
+
+    monkeypatch.setenv("CROWD_DETECT_TASK_TIMEOUT_S", "3")
+    woke: list[bool] = []
+
+    def stalled(*args, **kwargs):
+        time.sleep(300)
+        woke.append(True)
+
+    monkeypatch.setattr(jobs, "process_video", stalled)
+    video = shutil.copy(CARPHONE, pipeline_env["root"] / "stalled.mp4")
+    dag = _dag("crowd_video_detect")  # parsed with the timeout set
+    assert {t.task_id: t.execution_timeout.total_seconds() for t in dag.tasks} == dict.fromkeys(
+        ("plan_requested_video", "detect_and_publish", "finish_videos"), 3
+    )
+    for t in dag.tasks:
+        t.retries = 0
+    run = dag.test(run_conf={"video_path": str(video)})
+    assert str(run.state) == "failed"
+    assert _task_states(run)["detect_and_publish"] == ["failed"] and woke == [], "the stalled task was not stopped"
+
+
 @pytest.mark.parametrize(
     "make_path, reason",
     [
@@ -287,9 +316,7 @@ def test_manual_dag_refuses_bad_video_paths(pipeline_env, tmp_path, make_path, r
     with pytest.raises(ConfigError, match=reason):
         plan_requested_video(str(path), load_settings())
 
-    dag = _dag("crowd_video_detect")
-    for t in dag.tasks:
-        t.retries = 0
+    dag = _dag("crowd_video_detect")  # with its retries: a bad path must not use them
     if path.suffix != ".mp4":  # the trigger form refuses it before a run is created
         from airflow.sdk.exceptions import ParamValidationError
 
@@ -299,6 +326,7 @@ def test_manual_dag_refuses_bad_video_paths(pipeline_env, tmp_path, make_path, r
         run = dag.test(run_conf={"video_path": str(path)})
         assert str(run.state) == "failed"
         assert _task_states(run)["plan_requested_video"] == ["failed"]
+        assert _try_numbers(run, "plan_requested_video") == [1], "a bad path was retried"
     assert _consume_all(pipeline_env["topic"], pipeline_env["bootstrap"]) == []
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dags.test_detection_dags import CARPHONE, _consume_all, _dag, _task_states
+from tests.dags.test_detection_dags import CARPHONE, _consume_all, _dag, _task_states, _try_numbers
 from tests.reliability.conftest import report
 
 pytestmark = [pytest.mark.services, pytest.mark.airflow, pytest.mark.reliability]
@@ -83,11 +83,26 @@ def test_first_task_refuses_bad_paths_with_the_reason(env: dict, make_path, reas
     path = make_path(env["root"])
     with pytest.raises(ConfigError, match=reason):
         plan_requested_video(path, load_settings())
-    dag = _dag("crowd_video_detect")
-    for t in dag.tasks:
-        t.retries = 0
-    run = dag.test(run_conf={"video_path": path})
+    run = _dag("crowd_video_detect").test(run_conf={"video_path": path})  # with the DAG's retries
     assert str(run.state) == "failed"
     assert _task_states(run)["plan_requested_video"] == ["failed"]
+    assert _try_numbers(run, "plan_requested_video") == [1], "a bad path was retried"
     assert _consume_all(env["topic"], env["bootstrap"]) == []
     OUTCOMES[repr(path[-40:])] = f"first task failed: ConfigError matching {reason!r}"
+
+
+@pytest.mark.parametrize("dag_id", ["crowd_video_detect", "crowd_video_scan"])
+def test_a_model_that_is_not_installed_fails_the_first_task_once(
+    env: dict, dag_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its files missing, every detection task would fail three times each: the first task says so, once."""
+    monkeypatch.setenv("CROWD_MODEL_DIR", str(tmp_path / "no-models"))
+    first = "plan_requested_video" if dag_id == "crowd_video_detect" else "scan_video_folders"
+    conf = {"video_path": env["video"], "model": "yolov3"} if first == "plan_requested_video" else {"model": "yolov3"}
+    run = _dag(dag_id).test(run_conf=conf)
+    assert str(run.state) == "failed"
+    states = _task_states(run)
+    assert states[first] == ["failed"] and _try_numbers(run, first) == [1], states
+    assert "success" not in states.get("detect_and_publish", []), states
+    assert _consume_all(env["topic"], env["bootstrap"]) == []
+    OUTCOMES[f"{dag_id} model=yolov3 not installed"] = f"{first} failed once"
