@@ -204,6 +204,7 @@ def test_linger_keeps_a_caught_up_drain_reading_a_trickle(faces_topic: str, pg_s
     deadline = time.monotonic() + 60
     while stored() < 6 and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert stored() == 6, "the drain did not catch up with the first messages"
     assert runner.is_alive(), "the drain stopped at the end of the partitions despite linger_s"
     publish_frames(faces_topic, messages[6:])  # arrives while the drain lingers: the same run stores it
     runner.join(timeout=60)

@@ -167,7 +167,8 @@ def any_client(request: pytest.FixtureRequest) -> Iterator[Any]:
         yield http
 
 
-def test_concurrent_send_and_receive_no_error_bounded_memory(any_client: Any, messages_topic: str) -> None:
+def test_concurrent_send_and_receive_no_error_nothing_lost_or_doubled(any_client: Any, messages_topic: str) -> None:
+    """(Peak RSS is reported, not asserted; the queue bound under load is tested in tests/crowd/test_receiver.py.)"""
     client = any_client
     transport = "in-process" if type(client).__name__ == "TestClient" else "socket"
     headers = auth(client, "user")
@@ -203,8 +204,6 @@ def test_concurrent_send_and_receive_no_error_bounded_memory(any_client: Any, me
     assert all(status == 200 for status, _ in receives)
     mine = [g for g in got if g.startswith(f"{run}-")]
     assert sorted(mine) == sorted(f"{run}-{i}" for i in range(n)), "lost or duplicated messages"
-    health = client.get("/crowd/health", headers=headers).json()["receiver"]
-    assert health["queued"] <= health["max_queue"]
     report(f"api concurrent /send + /receive ({transport})", {
         "sends": n, "receives": n, "threads": workers, "send_200": send_codes.count(200), "received": len(mine),
         "duplicates": len(mine) - len(set(mine)), "seconds": round(seconds, 1),

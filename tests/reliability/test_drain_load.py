@@ -55,12 +55,19 @@ def test_drain_killed_at_random_points_stores_exactly_once(faces_topic: str, pg_
 
     kills, points = 0, []
     for target in targets:
+        at_spawn = stored_offsets_sum()
         worker = subprocess.Popen(
             [sys.executable, str(WORKER), faces_topic, GROUP, "250"], stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + 90
-        while stored_offsets_sum() < target * total and worker.poll() is None and time.monotonic() < deadline:
+        while (
+            (
+                (progress := stored_offsets_sum()) < target * total or progress <= at_spawn  # mid-drain, not start-up
+            )
+            and worker.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.005)
         time.sleep(rng.uniform(0, 0.05))  # anywhere inside a batch
         if worker.poll() is None:
@@ -70,6 +77,7 @@ def test_drain_killed_at_random_points_stores_exactly_once(faces_topic: str, pg_
         points.append(stored_offsets_sum())
         assert stored_offsets_sum() < total, "the drain finished before it could be killed"
     assert kills == kills_wanted
+    assert points == sorted(set(points)), f"a kill landed before the worker committed a batch: {points}"
 
     final, _ = _run_worker(faces_topic, 250)
     assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
