@@ -97,7 +97,13 @@ def test_forged_and_expired_tokens_are_refused_on_every_route(client: Any) -> No
     )
 
 
-def test_sql_looking_strings_in_every_parameter_change_nothing(client: Any, faces_topic: str, results_dir) -> None:
+def test_sql_looking_strings_in_every_parameter_change_nothing(
+    client: Any, faces_topic: str, results_dir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an injected pg_sleep(5) would run into the API's statement timeout: a 5xx, caught below (no timing asserted)
+    conn = json.loads(os.environ["AIRFLOW_CONN_CROWD_POSTGRES"])
+    conn["extra"]["options"] += " -cstatement_timeout=2000"
+    monkeypatch.setenv("AIRFLOW_CONN_CROWD_POSTGRES", json.dumps(conn))
     seed_results(faces_topic, results_dir)
     headers = auth(client, "user")
     before = _table_counts(client)
@@ -111,9 +117,7 @@ def test_sql_looking_strings_in_every_parameter_change_nothing(client: Any, face
             f"/crowd/videos/{V}/images/{q}", f"/crowd/receive?limit={q}", f"/crowd/receive?wait_s={q}",
         ]  # fmt: skip
         for url in urls:
-            started = time.monotonic()
             status = client.get(url, headers=headers).status_code
-            assert time.monotonic() - started < 3, f"{url} took long (pg_sleep injected?)"
             assert status < 500, (url, status)
             codes[status] = codes.get(status, 0) + 1
             calls += 1
