@@ -66,7 +66,7 @@ class Settings:
     model_dir: Path = PROJECT_ROOT / "include" / "yolov3"
     model_cache: Path = Path.home() / ".cache" / "crowd" / "models"
     detector_backend: str = "auto"
-    scan_schedule: str = "*/5 * * * *"
+    scan_schedule: str | None = "*/5 * * * *"
     frames_per_task: int = 3000
     detect_task_timeout_s: int = 6 * 3600
     publish_timeout_s: int = 30
@@ -143,7 +143,7 @@ def load_settings() -> Settings:
         model_dir=Path(_env("CROWD_MODEL_DIR", str(PROJECT_ROOT / "include" / "yolov3"))).resolve(),
         model_cache=Path(_env("CROWD_MODEL_CACHE", str(Path.home() / ".cache" / "crowd" / "models"))).resolve(),
         detector_backend=backend,
-        scan_schedule=_env("CROWD_SCAN_SCHEDULE", "*/5 * * * *"),
+        scan_schedule=_optional(_env("CROWD_SCAN_SCHEDULE", "*/5 * * * *")),
         frames_per_task=_env_number("CROWD_FRAMES_PER_TASK", 3000, minimum=1),
         detect_task_timeout_s=_env_number("CROWD_DETECT_TASK_TIMEOUT_S", 6 * 3600, minimum=1),
         publish_timeout_s=_env_number("CROWD_PUBLISH_TIMEOUT_S", 30, minimum=1),

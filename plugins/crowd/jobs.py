@@ -253,7 +253,8 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
     settings = settings or load_settings()
     items: list[WorkItem] = []
     seen: dict[str, Path] = {}
-    skipped = deferred = 0
+    already: dict[str, int] = {"done": 0, "failed": 0}
+    deferred = 0
     max_items = settings.max_tasks_per_run
     with storage.connect(settings.postgres_conn_id) as conn:
         storage.migrate(conn)
@@ -282,9 +283,12 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
                 continue
             seen[video_id] = path
             status = storage.get_video_status(conn, video_id)
-            if status in ("done", "failed"):
-                skipped += 1
+            if status in already:
+                already[status] += 1
                 log.info("skipping %s: video %s already %s", path.name, video_id, status)
+                continue
+            if len(items) >= max_items:  # full: not even probed (a backlog of thousands would be, every scan)
+                deferred += 1
                 continue
             planned = plan_video(path, video_id, settings, max_items=None if items else max_items)
             if len(items) + len(planned) > max_items:
@@ -294,9 +298,10 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
         storage.remember_video_ids(conn, hashed, listed=map(str, listed), roots=map(str, listed_roots))
         conn.commit()
     log.info(
-        "scan of %s: %d new video(s) in %d task(s), %d already processed; %d file(s) hashed (new or changed), %d "
-        "known by size and times; %d left for a later scan (modified less than %g s ago, or not readable)",
-        ", ".join(map(str, settings.video_roots)), len({i.video_id for i in items}), len(items), skipped,
+        "scan of %s: %d new video(s) in %d task(s), %d already done, %d failed before; %d file(s) hashed (new or "
+        "changed), %d known by size and times; %d left for a later scan (modified less than %g s ago, or not readable)",
+        ", ".join(map(str, settings.video_roots)), len({i.video_id for i in items}), len(items), already["done"],
+        already["failed"],
         len(hashed), len(known), len(listed) - len(settled), settings.scan_min_age_s,
     )  # fmt: skip
     if deferred:

@@ -272,6 +272,17 @@ def test_publishing_to_a_dead_broker_fails_the_task_within_the_timeout(pipeline_
     assert _video_rows()[content_hash(video)][0] == "processing"  # not done: the next run retries it
 
 
+@pytest.mark.parametrize(("value", "timetable"), [(None, "*/5 * * * *"), ("none", None), ("@hourly", "@hourly")])
+def test_the_scan_schedule_comes_from_the_settings_and_can_be_turned_off(monkeypatch, value, timetable) -> None:
+    if value is None:
+        monkeypatch.delenv("CROWD_SCAN_SCHEDULE", raising=False)
+    else:
+        monkeypatch.setenv("CROWD_SCAN_SCHEDULE", value)
+    dag = _dag("crowd_video_scan")
+    assert dag.schedule == timetable  # None: triggered by hand only
+    assert (type(dag.timetable).__name__ == "NullTimetable") == (timetable is None), dag.timetable
+
+
 def test_a_stalled_detection_task_is_stopped_by_its_timeout(pipeline_env, monkeypatch) -> None:
     """A read stalled for ever (a dead share) would hold the scan's one active run, and every later video."""
     from crowd import jobs
