@@ -25,7 +25,9 @@ Trigger with **`video_path`**: an existing `.mp4` file inside `CROWD_VIDEO_ROOTS
 symlinks that lead outside the roots are refused). Optional: `frame_interval`, `confidence`, `tiles`, `model`.
 The first task checks the parameters and fails with the reason when they are wrong. Long videos are split
 into frame ranges processed by parallel mapped tasks; every frame's result goes to the Kafka topic `Faces`.
-The video is processed even if it was processed before (the sink is idempotent).
+The video is processed even if it was processed before: with the same settings the same rows are stored
+again (the sink is idempotent); with another `frame_interval` or model the new frames are stored beside the
+earlier ones.
 """
 
 
