@@ -373,16 +373,12 @@ def detect_and_publish(
         try:
             settings.check_video_path(path)
             check_file(path)
-        except (ConfigError, VideoNotFoundError, VideoPermissionError) as exc:
+            info = probe_video(path)
+        except (ConfigError, VideoNotFoundError, VideoPermissionError) as exc:  # where it is, not what it holds
             raise VideoUnreachableError(
                 f"video {path.name} ({item.video_id}) cannot be reached: {exc}; not recorded as failed, the next "
                 "scan takes it where it is then"
             ) from exc
-        except VideoError as exc:  # a directory, an empty file, ...: the scan lists none of these
-            storage.mark_video_failed(conn, item.video_id, str(path), str(exc), run)
-            raise BadVideoError(f"video {path.name} ({item.video_id}) failed: {exc}") from exc
-        try:
-            info = probe_video(path)
         except VideoError as exc:
             storage.mark_video_failed(conn, item.video_id, str(path), str(exc), run)
             raise BadVideoError(f"video {path.name} ({item.video_id}) failed: {exc}") from exc
