@@ -71,6 +71,8 @@ class Settings:
     detect_task_timeout_s: int = 6 * 3600
     publish_timeout_s: int = 30
     scan_min_age_s: float = 60.0
+    video_claim_timeout_s: float = 600.0
+    max_silent_runs: int = 3
 
     @property
     def max_tasks_per_run(self) -> int:
@@ -148,4 +150,6 @@ def load_settings() -> Settings:
         detect_task_timeout_s=_env_number("CROWD_DETECT_TASK_TIMEOUT_S", 6 * 3600, minimum=1),
         publish_timeout_s=_env_number("CROWD_PUBLISH_TIMEOUT_S", 30, minimum=1),
         scan_min_age_s=_env_number("CROWD_SCAN_MIN_AGE_S", 60.0, whole=False),
+        video_claim_timeout_s=_env_number("CROWD_VIDEO_CLAIM_TIMEOUT_S", 600.0, minimum=1, whole=False),
+        max_silent_runs=_env_number("CROWD_MAX_SILENT_RUNS", 3, minimum=1),
     )

@@ -23,13 +23,14 @@ from typing import Any
 
 from crowd import storage
 from crowd.config import ConfigError, Settings, load_settings
-from crowd.detection import build_detector
+from crowd.detection import Detector, build_detector
 from crowd.kafka import DeliveryTracker, PublishError, reliable_producer
 from crowd.messages import FaceMessage
 from crowd.pipeline import process_video
 from crowd.video import (
     BadFileNameError,
     VideoError,
+    VideoInfo,
     VideoNotFoundError,
     VideoPermissionError,
     check_file,
@@ -176,6 +177,49 @@ class _Publisher:
         self.producer.close()
 
 
+class _ClaimKeeper:
+    """Hands each message on to ``on_message`` and, every ``interval_s``, renews the run's claim on the video (see
+    :class:`~crowd.storage.VideoState`), so that a scan leaves the video to this run while it makes progress.
+
+    The claim is renewed from the frame loop, not from a timer: a task stalled in a read lets it lapse. A
+    database that cannot be reached is logged and does not stop the task (publishing does not need it).
+    """
+
+    def __init__(
+        self, on_message: Any, settings: Settings, video_id: str, run: storage.RunStamp | None, interval_s: float
+    ) -> None:
+        self.on_message, self.settings, self.video_id, self.run = on_message, settings, video_id, run
+        self.interval_s, self.renewed_at = interval_s, time.monotonic()
+
+    def __call__(self, message: FaceMessage) -> None:
+        self.on_message(message)
+        if time.monotonic() - self.renewed_at >= self.interval_s:
+            self.renew()
+
+    def renew(self) -> None:
+        """Give a sign of life now."""
+        import psycopg
+
+        self.renewed_at = time.monotonic()
+        try:
+            with storage.connect(self.settings.postgres_conn_id) as conn:
+                storage.keep_video_claim(conn, self.video_id, self.run)
+        except psycopg.Error as exc:
+            log.warning("video %s: could not renew this run's claim on it (%s); going on", self.video_id, exc)
+
+
+def _note_reason(settings: Settings, video_id: str, run: storage.RunStamp | None) -> None:
+    """Record that this try failed for a reason the video is not to blame for (best effort: the error is raised
+    anyway, and a database that cannot be reached only makes the run count as one that ended silently)."""
+    import psycopg
+
+    try:
+        with storage.connect(settings.postgres_conn_id) as conn:
+            storage.note_video_reason(conn, video_id, run)
+    except psycopg.Error as exc:
+        log.warning("video %s: could not record why this try failed (%s)", video_id, exc)
+
+
 def list_videos(roots: Iterable[Path]) -> list[Path]:
     """Every ``*.mp4`` regular file under ``roots`` (``.MP4`` and any other case too: cameras write them), sorted;
     symlinks leading outside the roots are left out."""
@@ -242,7 +286,8 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
     """Work items for every video under the roots whose content was not processed yet.
 
     Videos are known by content hash: a renamed copy of a processed (or failed) video is skipped, a changed
-    file is new. Two copies of the same content found in one scan are processed once. A file modified less than
+    file is new. A video another run is processing (its claim alive, see :class:`~crowd.storage.VideoState`) is
+    left to it; one whose runs ended silently ``settings.max_silent_runs`` times in a row is marked failed. Two copies of the same content found in one scan are processed once. A file modified less than
     ``settings.scan_min_age_s`` ago (or in the future) may still be being written (an upload, a camera's
     recording) and is left for a later scan: processed now, it would fail, or give a part of the video under a
     content hash that is not the finished file's. A file is read whole (hashed) once: its hash is kept in
@@ -254,7 +299,7 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
     items: list[WorkItem] = []
     seen: dict[str, Path] = {}
     already: dict[str, int] = {"done": 0, "failed": 0}
-    deferred = 0
+    deferred = in_progress = 0
     max_items = settings.max_tasks_per_run
     with storage.connect(settings.postgres_conn_id) as conn:
         storage.migrate(conn)
@@ -282,10 +327,29 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
                 log.info("%s has the same content as %s; processing it once", path, seen[video_id])
                 continue
             seen[video_id] = path
-            status = storage.get_video_status(conn, video_id)
-            if status in already:
-                already[status] += 1
-                log.info("skipping %s: video %s already %s", path.name, video_id, status)
+            state = storage.get_video_state(conn, video_id)
+            if state and state.status in already:
+                already[state.status] += 1
+                log.info("skipping %s: video %s already %s", path.name, video_id, state.status)
+                continue
+            if state and state.claimed(settings.video_claim_timeout_s):
+                in_progress += 1
+                log.info(
+                    "skipping %s: video %s is being processed by run %s (last sign of life %.0f s ago)", path.name,
+                    video_id, state.run_id, state.alive_s_ago,
+                )  # fmt: skip
+                continue
+            given_up = state and state.runs_ended_silently() >= settings.max_silent_runs
+            if given_up and storage.fail_abandoned_video(
+                conn, video_id, claim_timeout_s=settings.video_claim_timeout_s, max_silent_runs=settings.max_silent_runs
+            ):
+                already["failed"] += 1
+                log.error(
+                    "video %s (%s) marked failed: %d runs in a row ended without finishing it or giving a reason, the "
+                    "last one %s (CROWD_MAX_SILENT_RUNS=%d); see their task logs, and trigger crowd_video_detect with "
+                    "its path to try again", path, video_id, state.runs_ended_silently(), state.run_id,
+                    settings.max_silent_runs,
+                )  # fmt: skip
                 continue
             if len(items) >= max_items:  # full: not even probed (a backlog of thousands would be, every scan)
                 deferred += 1
@@ -298,10 +362,11 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
         storage.remember_video_ids(conn, hashed, listed=map(str, listed), roots=map(str, listed_roots))
         conn.commit()
     log.info(
-        "scan of %s: %d new video(s) in %d task(s), %d already done, %d failed before; %d file(s) hashed (new or "
-        "changed), %d known by size and times; %d left for a later scan (modified less than %g s ago, or not readable)",
+        "scan of %s: %d new video(s) in %d task(s), %d already done, %d failed, %d being processed by another run; "
+        "%d file(s) hashed (new or changed), %d known by size and times; %d left for a later scan (modified less "
+        "than %g s ago, or not readable)",
         ", ".join(map(str, settings.video_roots)), len({i.video_id for i in items}), len(items), already["done"],
-        already["failed"],
+        already["failed"], in_progress,
         len(hashed), len(known), len(listed) - len(settled), settings.scan_min_age_s,
     )  # fmt: skip
     if deferred:
@@ -356,7 +421,10 @@ def detect_and_publish(
 ) -> dict[str, Any]:
     """Detect faces on the sampled frames of one work item and publish one message per frame to Kafka.
 
-    ``run`` (the Airflow run) is recorded with the video's status; a stale try cannot undo a later status.
+    ``run`` (the Airflow run) is recorded with the video's status; a stale try cannot undo a later status. The
+    run claims the video (part 0) and renews the claim while frames are processed (every part), so scans leave it
+    to the run; a try failing on Kafka or the results folder records that it gave a reason (see
+    :class:`~crowd.storage.VideoState`).
 
     Every delivery is confirmed before this returns (a failed one raises :class:`~crowd.kafka.PublishError`).
     Re-running it publishes the same keys and ids, so the sink stays idempotent.
@@ -397,6 +465,23 @@ def detect_and_publish(
         item.part + 1, item.parts, item.start, item.stop if item.stop is not None else "end", detector.name,
         settings.faces_topic,
     )  # fmt: skip
+    try:
+        return _detect_and_publish(item, options, settings, run, path, info, detector)
+    except (PublishError, ResultsFolderError):  # Kafka, the results folder: the video is not to blame
+        _note_reason(settings, item.video_id, run)
+        raise
+
+
+def _detect_and_publish(
+    item: WorkItem,
+    options: DetectOptions,
+    settings: Settings,
+    run: storage.RunStamp | None,
+    path: Path,
+    info: VideoInfo,
+    detector: Detector,
+) -> dict[str, Any]:
+    """:func:`detect_and_publish` once the video is checked and claimed."""
     pictures_dir = settings.results_dir / item.video_id
     # the API and dashboard list a video's folder: a part's pictures go there too, named after the part
     pictures_prefix = f"part-{item.part + 1:04d}-" if item.parts > 1 else ""
@@ -404,10 +489,13 @@ def detect_and_publish(
     topic, timeout_s = settings.faces_topic, settings.publish_timeout_s
     with _Publisher.create(settings.kafka_conn_id, topic, timeout_s=timeout_s) as publisher:
         started = time.perf_counter()
+        on_message = _ClaimKeeper(publisher, settings, item.video_id, run, settings.video_claim_timeout_s / 4)
+        if item.part:  # part 0 claimed the video above; a later part (maybe on another worker) renews the claim
+            on_message.renew()
         try:
             summary = process_video(
                 path, detector, frame_interval=options.frame_interval, frame_range=(item.start, item.stop),
-                on_message=publisher, pictures_dir=pictures_dir, pictures_prefix=pictures_prefix,
+                on_message=on_message, pictures_dir=pictures_dir, pictures_prefix=pictures_prefix,
                 video_id=item.video_id,
             )  # fmt: skip
         except OSError as exc:  # video errors are VideoError; an OSError here is the pictures' write
@@ -447,7 +535,8 @@ def finish_videos(
     settings: Settings | None = None,
     run: storage.RunStamp | None = None,
 ) -> dict[str, list[str]]:
-    """Mark ``done`` every video all of whose parts succeeded; the others stay failed or in processing.
+    """Mark ``done`` every video all of whose parts succeeded; the others stay failed or in processing, the
+    run's claim on them released.
 
     A video whose status belongs to a later run (``run`` is older) is left to that run.
 
@@ -468,5 +557,7 @@ def finish_videos(
         for video_id in done:
             if not storage.mark_video_done(conn, video_id, run):
                 log.warning("video %s: a later run owns its status; left as it is", video_id)
+        for video_id in incomplete:  # still processing by this run: the next scan plans it again at once
+            storage.release_video_claim(conn, video_id, run)
     log.info("videos done: %d %s; incomplete or failed: %d %s", len(done), done, len(incomplete), incomplete)
     return {"done": done, "incomplete": incomplete}

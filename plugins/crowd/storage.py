@@ -202,6 +202,15 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE kafka_offsets ADD COLUMN topic_id text;
         """,
     ),
+    Migration(
+        7,
+        "videos: the claim of the run processing a video (its last sign of life) and the runs that died silently",
+        """
+        ALTER TABLE videos ADD COLUMN alive_at timestamptz,
+                           ADD COLUMN silent_runs integer NOT NULL DEFAULT 0 CHECK (silent_runs >= 0),
+                           ADD COLUMN reason_given boolean NOT NULL DEFAULT false;
+        """,
+    ),
 )
 
 _BOOTSTRAP_SQL = """
@@ -338,6 +347,112 @@ def get_video_status(conn: psycopg.Connection, video_id: str) -> str | None:
 
 
 @dataclass(frozen=True)
+class VideoState:
+    """A registered video's status and, while ``processing``, the claim of the run processing it.
+
+    A run claims a video when its first part starts (:func:`mark_video_processing`) and keeps the claim alive
+    while frames are processed (:func:`keep_video_claim`). A run that ends with a reason the video is not to
+    blame for (Kafka, the results folder) says so (:func:`note_video_reason`); one that ends without a word (its
+    process killed: out of memory, a crash, a lost worker, its execution timeout) leaves the claim to lapse, and
+    the next run to claim the video counts it in ``silent_runs``.
+    """
+
+    status: str
+    run_id: str | None
+    alive_s_ago: float | None  # seconds since the claim's last sign of life (None: never, or before migration 7)
+    silent_runs: int  # runs before the current one that ended without finishing the video or giving a reason
+    reason_given: bool  # the current run's last try ended with a reason the video is not to blame for
+
+    def claimed(self, timeout_s: float) -> bool:
+        """Whether a run is processing the video now: ``processing`` with a sign of life within ``timeout_s``."""
+        return self.status == "processing" and self.alive_s_ago is not None and self.alive_s_ago < timeout_s
+
+    def runs_ended_silently(self) -> int:
+        """Runs that ended without a word, the current one included once its claim has lapsed."""
+        return self.silent_runs + (self.status == "processing" and not self.reason_given)
+
+
+def get_video_state(conn: psycopg.Connection, video_id: str) -> VideoState | None:
+    """The :class:`VideoState` of ``video_id``, or None if unknown (times from the database's clock)."""
+    row = conn.execute(
+        """
+        SELECT status, run_id, EXTRACT(EPOCH FROM clock_timestamp() - alive_at)::float8, silent_runs, reason_given
+        FROM videos WHERE id = %s
+        """,
+        (video_id,),
+    ).fetchone()
+    return None if row is None else VideoState(*row)
+
+
+def keep_video_claim(conn: psycopg.Connection, video_id: str, run: RunStamp | None = None) -> bool:
+    """A sign of life of ``run`` processing ``video_id``; False if the video is no longer ``processing`` by it."""
+    with conn.transaction():
+        cur = conn.execute(
+            """
+            UPDATE videos SET alive_at = clock_timestamp()
+            WHERE id = %s AND status = 'processing' AND run_id IS NOT DISTINCT FROM %s
+            """,
+            (video_id, _run_columns(run)[0]),
+        )
+    return cur.rowcount == 1
+
+
+def note_video_reason(conn: psycopg.Connection, video_id: str, run: RunStamp | None = None) -> bool:
+    """Record that ``run``'s try on ``video_id`` ended with a reason the video is not to blame for (and logged
+    it): the run does not count among the runs that ended silently, and its claim is released (a retry of the try
+    claims it again). False if ``run`` does not own the status."""
+    with conn.transaction():
+        cur = conn.execute(
+            """
+            UPDATE videos SET reason_given = true, alive_at = NULL, updated_at = now()
+            WHERE id = %s AND status = 'processing' AND run_id IS NOT DISTINCT FROM %s
+            """,
+            (video_id, _run_columns(run)[0]),
+        )
+    return cur.rowcount == 1
+
+
+def release_video_claim(conn: psycopg.Connection, video_id: str, run: RunStamp | None = None) -> bool:
+    """``run`` is over without finishing ``video_id``: the next scan need not wait for its claim to lapse. False if
+    ``run`` does not own the status."""
+    with conn.transaction():
+        cur = conn.execute(
+            """
+            UPDATE videos SET alive_at = NULL, updated_at = now()
+            WHERE id = %s AND status = 'processing' AND run_id IS NOT DISTINCT FROM %s
+            """,
+            (video_id, _run_columns(run)[0]),
+        )
+    return cur.rowcount == 1
+
+
+def fail_abandoned_video(
+    conn: psycopg.Connection, video_id: str, *, claim_timeout_s: float, max_silent_runs: int
+) -> bool:
+    """Mark ``video_id`` failed if ``max_silent_runs`` runs in a row (the current one included) ended without
+    finishing it or giving a reason, the current one's claim having lapsed (no sign of life for
+    ``claim_timeout_s``). Checked and written in one statement, so a run claiming it meanwhile keeps it.
+
+    Returns:
+        True if the video was marked failed.
+    """
+    with conn.transaction():
+        cur = conn.execute(
+            """
+            UPDATE videos SET status = 'failed', finished_at = now(), updated_at = now(),
+                error = format('%%s runs in a row ended without finishing this video or giving a reason (the task '
+                               'process killed: out of memory, a crash, a lost worker, or its execution timeout), '
+                               'the last one %%s; their task logs tell more. Trigger crowd_video_detect with '
+                               'its path to try again', silent_runs + 1, coalesce(run_id, '(not recorded)'))
+            WHERE id = %s AND status = 'processing' AND NOT reason_given AND silent_runs + 1 >= %s
+              AND (alive_at IS NULL OR alive_at < clock_timestamp() - make_interval(secs => %s))
+            """,
+            (video_id, max_silent_runs, claim_timeout_s),
+        )
+    return cur.rowcount == 1
+
+
+@dataclass(frozen=True)
 class RunStamp:
     """The Airflow run writing a video's status: its id and when it started.
 
@@ -363,7 +478,8 @@ def mark_video_processing(
     model: str | None,
     run: RunStamp | None = None,
 ) -> bool:
-    """Register ``video_id`` (or re-register it) as being processed by ``run``; clears any previous error.
+    """Register ``video_id`` (or re-register it) as being processed by ``run``, its claim alive (see
+    :class:`VideoState`); clears any previous error.
 
     Returns:
         False when the video was left as it is: owned by a later run, or ``done`` by ``run`` (see :class:`RunStamp`).
@@ -372,13 +488,19 @@ def mark_video_processing(
         written = conn.execute(
             """
             INSERT INTO videos (id, path, fps, frame_count, width, height, size_bytes, status, model, run_id,
-                                run_started_at)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, 'processing', %s, %s, %s)
+                                run_started_at, alive_at)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, 'processing', %s, %s, %s, clock_timestamp())
             ON CONFLICT (id) DO UPDATE SET
                 path = EXCLUDED.path, fps = EXCLUDED.fps, frame_count = EXCLUDED.frame_count,
                 width = EXCLUDED.width, height = EXCLUDED.height, size_bytes = EXCLUDED.size_bytes,
                 model = EXCLUDED.model, status = 'processing', error = NULL, finished_at = NULL,
-                run_id = EXCLUDED.run_id, run_started_at = EXCLUDED.run_started_at, updated_at = now()
+                run_id = EXCLUDED.run_id, run_started_at = EXCLUDED.run_started_at, updated_at = now(),
+                alive_at = clock_timestamp(), reason_given = false,
+                silent_runs = CASE  -- the run it takes over from ended silently: count it (not a retry of itself)
+                    WHEN videos.status <> 'processing' THEN 0
+                    WHEN videos.run_id IS NOT DISTINCT FROM EXCLUDED.run_id OR videos.reason_given
+                        THEN videos.silent_runs
+                    ELSE videos.silent_runs + 1 END
             WHERE NOT COALESCE(  -- owned by a later run, or done by this one: leave it
                 videos.run_started_at > EXCLUDED.run_started_at
                 OR (videos.run_started_at = EXCLUDED.run_started_at AND videos.status = 'done'), false)

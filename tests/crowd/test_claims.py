@@ -1,0 +1,212 @@
+"""A run's claim on the video it processes: scans leave a claimed video alone, and a video whose runs keep ending
+without a word (the task process killed) is failed after ``CROWD_MAX_SILENT_RUNS`` runs instead of every scan
+planning it again for ever."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from crowd import storage
+from crowd.jobs import DetectOptions, WorkItem, detect_and_publish, find_new_videos
+from tests.crowd._helpers import CARPHONE, write_clip
+
+pytestmark = pytest.mark.services
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# detect_and_publish in a child process, as a Celery worker's task process runs it: killed there, it ends silently
+_CHILD = """
+import json, sys
+from datetime import datetime
+from crowd import storage
+from crowd.jobs import DetectOptions, WorkItem, detect_and_publish
+run = storage.RunStamp(sys.argv[2], datetime.fromisoformat(sys.argv[3]))
+detect_and_publish(WorkItem(**json.loads(sys.argv[1])), DetectOptions(frame_interval=1, model="mtcnn"), run=run)
+"""
+
+
+def _state(video_id: str) -> storage.VideoState | None:
+    with storage.connect("crowd_postgres") as conn:
+        return storage.get_video_state(conn, video_id)
+
+
+def _planned() -> list[str]:
+    return [item.video_id for item in find_new_videos()]
+
+
+def _run(run_id: str) -> storage.RunStamp:
+    return storage.RunStamp(run_id, datetime.now(UTC))
+
+
+def _wait_lapsed(video_id: str, timeout_s: float) -> None:
+    """Until the claim on ``video_id`` has had no sign of life for ``timeout_s``."""
+    deadline = time.monotonic() + 30
+    while (state := _state(video_id)) and state.alive_s_ago is not None and state.alive_s_ago < timeout_s:
+        assert time.monotonic() < deadline, f"the claim was still renewed: {state}"
+        time.sleep(0.1)
+
+
+def _kill_mid_run(item: WorkItem, run: storage.RunStamp) -> None:
+    """Start the task for ``item`` in a child process and ``kill -9`` it once it has claimed the video and is
+    processing frames (it must still be running then)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), str(ROOT)])}
+    args = [json.dumps(item.to_dict()), run.run_id, run.started_at.isoformat()]
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, *args], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((state := _state(item.video_id)) and state.run_id == run.run_id):
+            assert child.poll() is None, f"the task ended before it claimed the video: {child.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "the task did not claim the video within 120 s"
+            time.sleep(0.1)
+        time.sleep(0.3)  # into the frames
+        assert child.poll() is None, f"the task ended before the kill (exit {child.returncode}): use a longer clip"
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        child.kill()
+        child.wait()
+        child.stderr.close()
+
+
+def test_a_video_another_run_is_processing_is_left_to_it(pg_schema, video_root, monkeypatch, caplog) -> None:
+    """A manual run has claimed the video: the scan leaves it (planning it would compute it twice); once that claim
+    has had no sign of life for CROWD_VIDEO_CLAIM_TIMEOUT_S, the scan plans it again."""
+    monkeypatch.setenv("CROWD_VIDEO_CLAIM_TIMEOUT_S", "1")
+    video = write_clip(CARPHONE, video_root / "a.mp4", 12)
+    (video_id,) = _planned()
+    with storage.connect("crowd_postgres") as conn:
+        storage.mark_video_processing(conn, video_id, str(video), fps=None, frame_count=None, width=None,
+                                      height=None, size_bytes=None, model="m", run=_run("manual__1"))  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="crowd.jobs"):
+        assert _planned() == []
+    assert f"video {video_id} is being processed by run manual__1" in caplog.text
+    assert "0 failed, 1 being processed by another run" in caplog.text
+
+    _wait_lapsed(video_id, 1)
+    assert _planned() == [video_id]
+    assert _state(video_id).runs_ended_silently() == 1
+
+
+def test_a_run_keeps_its_claim_while_it_makes_progress(pg_schema, faces_topic, video_root, monkeypatch) -> None:
+    """A task running longer than the claim timeout renews the claim from its frame loop: a scan in the middle
+    leaves the video to it. (The timeout is 3 s here, not 1 s as in the other tests: the pictures, made after the
+    last frame, take 1-2 s on a busy machine; in a deployment the timeout is minutes.)"""
+    from crowd import jobs
+    from crowd.detection import build_detector
+
+    monkeypatch.setenv("CROWD_VIDEO_CLAIM_TIMEOUT_S", "3")  # renewed every 0.75 s
+
+    class Slow:  # the real detector, 0.1 s slower a frame: a 60-frame run lasts over 2 claim timeouts
+        def __init__(self, detector) -> None:
+            self.detector, self.name = detector, detector.name
+
+        def prepare(self, frame):
+            return self.detector.prepare(frame)
+
+        def detect_prepared(self, frame, prepared):
+            time.sleep(0.1)
+            return self.detector.detect_prepared(frame, prepared)
+
+    monkeypatch.setattr(jobs, "build_detector", lambda *a, **k: Slow(build_detector(*a, **k)))
+    write_clip(CARPHONE, video_root / "long.mp4", 60)
+    (item,) = find_new_videos()
+    result: dict = {}
+    worker = threading.Thread(
+        target=lambda: result.update(
+            detect_and_publish(item, DetectOptions(frame_interval=1, model="mtcnn"), run=_run("scheduled__1"))
+        ),  # fmt: skip
+    )
+    started = time.monotonic()
+    worker.start()
+    oldest_sign, scans = 0.0, []
+    while worker.is_alive():
+        state = _state(item.video_id)
+        if state is not None and time.monotonic() - started > 3.5:
+            oldest_sign = max(oldest_sign, state.alive_s_ago)
+            scans.append(_planned())
+        time.sleep(0.2)
+    worker.join()
+    assert result.get("frames") == 60, result
+    assert time.monotonic() - started > 6, "the run was too short to outlast the claim timeout twice"
+    assert scans and all(planned == [] for planned in scans), scans
+    assert oldest_sign < 3, f"the claim went {oldest_sign:.2f} s without a sign of life"
+
+
+def test_a_video_whose_runs_are_killed_is_failed_after_the_limit(pg_schema, faces_topic, video_root, monkeypatch,
+                                                                 caplog) -> None:  # fmt: skip
+    """The task process killed (kill -9) in three runs in a row: the first two lapsed claims are planned again,
+    the third makes the scan mark the video failed with the reason. A run of the manual DAG starts it over."""
+    monkeypatch.setenv("CROWD_VIDEO_CLAIM_TIMEOUT_S", "1")
+    monkeypatch.setenv("CROWD_MAX_SILENT_RUNS", "3")
+    video = write_clip(CARPHONE, video_root / "crashes.mp4", 120)
+    (item,) = find_new_videos()
+    for n in (1, 2, 3):
+        _kill_mid_run(item, _run(f"scheduled__{n}"))
+        state = _state(item.video_id)
+        assert (state.status, state.run_id, state.silent_runs) == ("processing", f"scheduled__{n}", n - 1)
+        _wait_lapsed(item.video_id, 1)
+        with caplog.at_level(logging.INFO, logger="crowd.jobs"):
+            planned = _planned()
+        if n < 3:
+            assert planned == [item.video_id]
+    assert planned == []
+    state = _state(item.video_id)
+    assert state.status == "failed"
+    with storage.connect("crowd_postgres") as conn:
+        (error,) = conn.execute("SELECT error FROM videos WHERE id = %s", (item.video_id,)).fetchone()
+    assert error.startswith("3 runs in a row ended without finishing this video or giving a reason"), error
+    assert "the last one scheduled__3" in error
+    assert f"video {video} ({item.video_id}) marked failed: 3 runs in a row" in caplog.text
+    assert _planned() == [], "a failed video is planned again"
+
+    with storage.connect("crowd_postgres") as conn:  # the manual DAG: its run claims it afresh
+        storage.mark_video_processing(conn, item.video_id, str(video), fps=None, frame_count=None, width=None,
+                                      height=None, size_bytes=None, model="m", run=_run("manual__1"))  # fmt: skip
+    assert _state(item.video_id).silent_runs == 0
+
+
+def test_runs_that_fail_on_kafka_are_not_counted_as_silent(pg_schema, video_root, monkeypatch) -> None:
+    """Kafka down for longer than three runs: each try fails with PublishError and says so (releasing its claim), so
+    the video is planned again by the next scan, never failed for it (it would be lost to the outage)."""
+    from crowd.kafka import PublishError
+
+    monkeypatch.setenv("CROWD_MAX_SILENT_RUNS", "2")
+    dead = {"conn_type": "kafka", "extra": {"bootstrap.servers": "127.0.0.1:9", "socket.timeout.ms": 1000}}
+    monkeypatch.setenv("AIRFLOW_CONN_KAFKA_DEFAULT", json.dumps(dead))
+    monkeypatch.setenv("CROWD_PUBLISH_TIMEOUT_S", "1")
+    write_clip(CARPHONE, video_root / "outage.mp4", 10)
+    (item,) = find_new_videos()
+    for n in (1, 2, 3):
+        with pytest.raises(PublishError):
+            detect_and_publish(item, DetectOptions(frame_interval=5, model="mtcnn"), run=_run(f"scheduled__{n}"))
+        state = _state(item.video_id)
+        assert (state.status, state.reason_given, state.silent_runs) == ("processing", True, 0)
+        assert state.alive_s_ago is None, "the failed try still holds its claim"
+        assert _planned() == [item.video_id]
+
+
+def test_a_run_that_ends_without_finishing_the_video_releases_it(pg_schema, video_root) -> None:
+    """A part failed (or its task was lost): the run's last task releases the claim, so the next scan plans the
+    video at once instead of waiting CROWD_VIDEO_CLAIM_TIMEOUT_S (10 minutes) for it to lapse."""
+    from crowd.jobs import finish_videos
+
+    video = write_clip(CARPHONE, video_root / "a.mp4", 12)
+    (item,) = find_new_videos()
+    run = _run("scheduled__1")
+    with storage.connect("crowd_postgres") as conn:
+        storage.mark_video_processing(conn, item.video_id, str(video), fps=None, frame_count=None, width=None,
+                                      height=None, size_bytes=None, model="m", run=run)  # fmt: skip
+    assert _planned() == []
+    assert finish_videos([item], [None], run=run) == {"done": [], "incomplete": [item.video_id]}
+    assert _planned() == [item.video_id]
