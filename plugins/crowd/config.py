@@ -16,6 +16,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from crowd.video import PinnedFile
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,6 +118,27 @@ class Settings:
         if not is_file:
             raise ConfigError(f"video path {str(path)!r} is not a regular file")
         return resolved
+
+    def open_video(self, path: str | os.PathLike[str]) -> PinnedFile:
+        """:meth:`check_video_path`, then open the file and check again what was opened: read through the returned
+        :class:`~crowd.video.PinnedFile`, nothing outside the roots can be read, even with a symlink swapped
+        between the check and the open (by someone who can write in a video root). Close it when done.
+
+        Raises:
+            ConfigError: as :meth:`check_video_path`, or the file opened is outside the roots.
+            VideoError: the file cannot be opened, or is not a regular file.
+        """
+        from crowd.video import PinnedFile
+
+        self.check_video_path(path)
+        pinned = PinnedFile(Path(path).expanduser())  # by the name given: messages and logs show it
+        if not any(pinned.real.is_relative_to(root) for root in self.video_roots):
+            pinned.close()
+            raise ConfigError(
+                f"video path {str(path)!r} led to {str(pinned.real)!r} when it was opened, outside the video roots "
+                "(it changed after it was checked); not read"
+            )
+        return pinned
 
 
 def _optional(value: str) -> str | None:

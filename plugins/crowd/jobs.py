@@ -29,6 +29,7 @@ from crowd.messages import FaceMessage
 from crowd.pipeline import process_video
 from crowd.video import (
     BadFileNameError,
+    PinnedFile,
     VideoError,
     VideoInfo,
     VideoNotFoundError,
@@ -436,40 +437,43 @@ def detect_and_publish(
     """
     settings = settings or load_settings()
     path = Path(item.path)
-    with storage.connect(settings.postgres_conn_id) as conn:
-        storage.migrate(conn)  # a no-op once the schema is current; the manual DAG may run first
+    with contextlib.ExitStack() as closing:
+        with storage.connect(settings.postgres_conn_id) as conn:
+            storage.migrate(conn)  # a no-op once the schema is current; the manual DAG may run first
+            try:
+                # read through the descriptor opened and checked here: a symlink swapped later cannot lead elsewhere
+                video = closing.enter_context(settings.open_video(path))
+                check_file(video)
+                info = probe_video(video)
+            except (ConfigError, VideoNotFoundError, VideoPermissionError) as exc:  # where it is, not what it holds
+                raise VideoUnreachableError(
+                    f"video {path.name} ({item.video_id}) cannot be reached: {exc}; not recorded as failed, the next "
+                    "scan takes it where it is then"
+                ) from exc
+            except VideoError as exc:
+                storage.mark_video_failed(conn, item.video_id, str(path), str(exc), run)
+                raise BadVideoError(f"video {path.name} ({item.video_id}) failed: {exc}") from exc
+            size_bytes = os.fstat(video.fd).st_size
+            detector = build_detector(options.model, settings, conf_threshold=options.confidence, tiles=options.tiles)
+            if item.part == 0 and not storage.mark_video_processing(
+                conn, item.video_id, str(path), fps=info.fps, frame_count=info.frame_count, width=info.width,
+                height=info.height, size_bytes=size_bytes, model=detector.name, run=run,
+            ):  # fmt: skip
+                log.warning(
+                    "video %s: its status belongs to a later run, or this run is already done with it: left as it is "
+                    "(this try is stale, or a task of a finished run was cleared)", item.video_id,
+                )  # fmt: skip
+        log.info(
+            "video %s: %.1f MB, %dx%d, %g fps, %s frames; part %d/%d = frames [%d, %s); model %s; topic %s",
+            path.name, size_bytes / 1e6, info.width, info.height, info.fps, info.frame_count,
+            item.part + 1, item.parts, item.start, item.stop if item.stop is not None else "end", detector.name,
+            settings.faces_topic,
+        )  # fmt: skip
         try:
-            settings.check_video_path(path)
-            check_file(path)
-            info = probe_video(path)
-        except (ConfigError, VideoNotFoundError, VideoPermissionError) as exc:  # where it is, not what it holds
-            raise VideoUnreachableError(
-                f"video {path.name} ({item.video_id}) cannot be reached: {exc}; not recorded as failed, the next "
-                "scan takes it where it is then"
-            ) from exc
-        except VideoError as exc:
-            storage.mark_video_failed(conn, item.video_id, str(path), str(exc), run)
-            raise BadVideoError(f"video {path.name} ({item.video_id}) failed: {exc}") from exc
-        detector = build_detector(options.model, settings, conf_threshold=options.confidence, tiles=options.tiles)
-        if item.part == 0 and not storage.mark_video_processing(
-            conn, item.video_id, str(path), fps=info.fps, frame_count=info.frame_count, width=info.width,
-            height=info.height, size_bytes=path.stat().st_size, model=detector.name, run=run,
-        ):  # fmt: skip
-            log.warning(
-                "video %s: its status belongs to a later run, or this run is already done with it: left as it is "
-                "(this try is stale, or a task of a finished run was cleared)", item.video_id,
-            )  # fmt: skip
-    log.info(
-        "video %s: %.1f MB, %dx%d, %g fps, %s frames; part %d/%d = frames [%d, %s); model %s; topic %s",
-        path.name, path.stat().st_size / 1e6, info.width, info.height, info.fps, info.frame_count,
-        item.part + 1, item.parts, item.start, item.stop if item.stop is not None else "end", detector.name,
-        settings.faces_topic,
-    )  # fmt: skip
-    try:
-        return _detect_and_publish(item, options, settings, run, path, info, detector)
-    except (PublishError, ResultsFolderError):  # Kafka, the results folder: the video is not to blame
-        _note_reason(settings, item.video_id, run)
-        raise
+            return _detect_and_publish(item, options, settings, run, video, info, detector)
+        except (PublishError, ResultsFolderError):  # Kafka, the results folder: the video is not to blame
+            _note_reason(settings, item.video_id, run)
+            raise
 
 
 def _detect_and_publish(
@@ -477,11 +481,12 @@ def _detect_and_publish(
     options: DetectOptions,
     settings: Settings,
     run: storage.RunStamp | None,
-    path: Path,
+    video: PinnedFile,
     info: VideoInfo,
     detector: Detector,
 ) -> dict[str, Any]:
-    """:func:`detect_and_publish` once the video is checked and claimed."""
+    """:func:`detect_and_publish` once the video is opened, checked and claimed."""
+    path = Path(str(video))  # the name, for logs and errors (``video`` is read through its descriptor)
     pictures_dir = settings.results_dir / item.video_id
     # the API and dashboard list a video's folder: a part's pictures go there too, named after the part
     pictures_prefix = f"part-{item.part + 1:04d}-" if item.parts > 1 else ""
@@ -494,7 +499,7 @@ def _detect_and_publish(
             on_message.renew()
         try:
             summary = process_video(
-                path, detector, frame_interval=options.frame_interval, frame_range=(item.start, item.stop),
+                video, detector, frame_interval=options.frame_interval, frame_range=(item.start, item.stop),
                 on_message=on_message, pictures_dir=pictures_dir, pictures_prefix=pictures_prefix,
                 video_id=item.video_id,
             )  # fmt: skip

@@ -205,6 +205,53 @@ def content_hash(path: str | os.PathLike[str], *, length: int = 32, chunk_size: 
     return digest.hexdigest()[:length]
 
 
+class PinnedFile(os.PathLike):
+    """A video file opened once and then read through its descriptor (``/proc/self/fd/N``, Linux): every later
+    open (OpenCV, the MP4 index) reads the file that was opened and checked, even if its name is made to point
+    elsewhere meanwhile (a symlink swapped). ``os.fspath()`` gives the descriptor's path, ``str()`` the name it
+    was opened by (what messages, logs and errors show), :attr:`real` where that name led when it was opened.
+    """
+
+    def __init__(self, name: str | os.PathLike[str]) -> None:
+        self.name = str(name)
+        try:  # O_NONBLOCK: a FIFO put in the file's place must not hang the open
+            self.fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise VideoNotFoundError(name, "no such file") from None
+        except PermissionError:
+            raise VideoPermissionError(name, "permission denied (cannot open the file)") from None
+        except OSError as exc:
+            raise VideoPermissionError(name, f"cannot open the file: {exc.strerror or exc}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                raise NotAVideoError(name, "not a regular file")
+            self.real = Path(os.readlink(os.fspath(self)))
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def __fspath__(self) -> str:
+        return f"/proc/self/fd/{self.fd}"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"PinnedFile({self.name!r}, fd={self.fd}, real={str(self.real)!r})"
+
+    def close(self) -> None:
+        """Close the descriptor (once)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> PinnedFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 def check_file(path: str | os.PathLike[str]) -> Path:
     """Return ``path`` as a :class:`Path` if it is a readable, non-empty regular file, else raise a VideoError."""
     p = Path(path)

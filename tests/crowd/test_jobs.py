@@ -201,3 +201,34 @@ def test_only_constant_rate_videos_are_split(video_root) -> None:
     vfr = write_numbered(video_root / "vfr.mp4", [0, *np.cumsum(steps[:-1]).tolist()])
     assert [(i.start, i.stop) for i in plan_video(cfr, "c", settings)] == [(0, 40), (40, 80), (80, 100)]
     assert [(i.start, i.stop, i.parts) for i in plan_video(vfr, "v", settings)] == [(0, None, 1)]
+
+
+def test_a_symlink_swapped_in_after_the_check_does_not_lead_out_of_the_roots(
+    pg_schema, faces_topic, kafka_bootstrap, video_root, tmp_path, monkeypatch
+) -> None:
+    """Someone able to write in a video root replaces a checked video by a symlink leading outside the roots,
+    between the task's check and its open: the task opens the file, checks what it opened, and reads nothing."""
+    from crowd import storage
+    from crowd.config import Settings
+    from crowd.jobs import DetectOptions, VideoUnreachableError, detect_and_publish, plan_requested_video
+    from tests.crowd._helpers import CARPHONE, write_clip
+
+    video = write_clip(CARPHONE, video_root / "camera.mp4", 12)
+    (tmp_path / "private").mkdir()
+    secret = write_clip(CARPHONE, tmp_path / "private" / "secret.mp4", 20)
+    (item,) = plan_requested_video(str(video))
+    check = Settings.check_video_path
+
+    def check_then_swap(self, path):
+        checked = check(self, path)
+        swap = video_root / ".swap.mp4"
+        swap.symlink_to(secret)
+        swap.replace(video)
+        return checked
+
+    monkeypatch.setattr(Settings, "check_video_path", check_then_swap)
+    with pytest.raises(VideoUnreachableError, match=r"led to '.*secret\.mp4' when it was opened, outside the video"):
+        detect_and_publish(item, DetectOptions(frame_interval=5, model="mtcnn"))
+    assert _messages_in(faces_topic, kafka_bootstrap) == 0
+    with storage.connect("crowd_postgres") as conn:
+        assert storage.get_video_status(conn, item.video_id) is None

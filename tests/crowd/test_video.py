@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import re
 import struct
 import threading
@@ -386,3 +387,48 @@ def test_decode_thread_that_cannot_open_the_video_ends_the_iteration(clip: Path,
     consumer.join(timeout=10)
     assert not consumer.is_alive(), "the consumer is blocked waiting for frames that never come"
     assert done == [[]] and isinstance(reader.error, CorruptVideoError) and "failed to initialise" in str(reader.error)
+
+
+def test_a_pinned_file_reads_what_was_opened_after_its_name_is_swapped(tmp_path: Path) -> None:
+    """Read through its descriptor, a video stays the file that was opened when its name is made to point at
+    another (a symlink swapped); messages and errors still show the name."""
+    from crowd.pipeline import process_video
+    from crowd.video import PinnedFile
+    from tests.crowd._helpers import CARPHONE, write_clip
+
+    opened = write_clip(CARPHONE, tmp_path / "a.mp4", 40)
+    other = write_clip(CARPHONE, tmp_path / "b.mp4", 10)
+    link = tmp_path / "link.mp4"
+    link.symlink_to(opened)
+    with PinnedFile(link) as video:
+        fd = video.fd
+        swap = tmp_path / "swap.mp4"
+        swap.symlink_to(other)
+        swap.replace(link)  # the name now leads to b.mp4
+        assert probe_video(link).frame_count == 10
+        assert (str(video), video.real) == (str(link), opened)
+        assert probe_video(video).frame_count == 40
+        messages: list = []
+
+        class NoFaces:
+            name = "none"
+
+            def prepare(self, frame):
+                return None
+
+            def detect_prepared(self, frame, prepared):
+                return []
+
+        summary = process_video(video, NoFaces(), frame_interval=1, on_message=messages.append, video_id="v")
+    assert summary.frames_processed == 40 and {m.source for m in messages} == {str(link)}
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed on leaving the block
+
+
+def test_a_fifo_in_a_video_s_place_is_refused_without_hanging(tmp_path: Path) -> None:
+    from crowd.video import PinnedFile
+
+    fifo = tmp_path / "fifo.mp4"
+    os.mkfifo(fifo)
+    with pytest.raises(NotAVideoError, match="not a regular file"):
+        PinnedFile(fifo)
