@@ -125,13 +125,16 @@ class Settings:
         between the check and the open (by someone who can write in a video root). Close it when done.
 
         Raises:
-            ConfigError: as :meth:`check_video_path`, or the file opened is outside the roots.
-            VideoError: the file cannot be opened, or is not a regular file.
+            ConfigError: as :meth:`check_video_path`, or what was opened is outside the roots or not a regular file.
+            VideoError: the file cannot be opened (missing, permission denied).
         """
-        from crowd.video import PinnedFile
+        from crowd.video import NotAVideoError, PinnedFile
 
         self.check_video_path(path)
-        pinned = PinnedFile(Path(path).expanduser())  # by the name given: messages and logs show it
+        try:
+            pinned = PinnedFile(Path(path).expanduser())  # by the name given: messages and logs show it
+        except NotAVideoError:  # where it is (something else put in its place), as check_video_path says it
+            raise ConfigError(f"video path {str(path)!r} is not a regular file") from None
         if not any(pinned.real.is_relative_to(root) for root in self.video_roots):
             pinned.close()
             raise ConfigError(

@@ -203,11 +203,19 @@ def test_only_constant_rate_videos_are_split(video_root) -> None:
     assert [(i.start, i.stop, i.parts) for i in plan_video(vfr, "v", settings)] == [(0, None, 1)]
 
 
+@pytest.mark.parametrize(
+    ("swapped_in", "refusal"),
+    [
+        pytest.param("symlink", r"led to '.*secret\.mp4' when it was opened, outside the video roots", id="symlink"),
+        pytest.param("fifo", r"camera\.mp4' is not a regular file", id="fifo"),
+    ],
+)
 def test_a_symlink_swapped_in_after_the_check_does_not_lead_out_of_the_roots(
-    pg_schema, faces_topic, kafka_bootstrap, video_root, tmp_path, monkeypatch
+    swapped_in, refusal, pg_schema, faces_topic, kafka_bootstrap, video_root, tmp_path, monkeypatch
 ) -> None:
-    """Someone able to write in a video root replaces a checked video by a symlink leading outside the roots,
-    between the task's check and its open: the task opens the file, checks what it opened, and reads nothing."""
+    """Someone able to write in a video root replaces a checked video by a symlink leading outside the roots (or
+    by a FIFO), between the task's check and its open: the task opens the file, checks what it opened, and reads
+    nothing; the video's content is not recorded as failed (it is where it is that changed)."""
     from crowd import storage
     from crowd.config import Settings
     from crowd.jobs import DetectOptions, VideoUnreachableError, detect_and_publish, plan_requested_video
@@ -222,12 +230,15 @@ def test_a_symlink_swapped_in_after_the_check_does_not_lead_out_of_the_roots(
     def check_then_swap(self, path):
         checked = check(self, path)
         swap = video_root / ".swap.mp4"
-        swap.symlink_to(secret)
+        if swapped_in == "symlink":
+            swap.symlink_to(secret)
+        else:
+            os.mkfifo(swap)
         swap.replace(video)
         return checked
 
     monkeypatch.setattr(Settings, "check_video_path", check_then_swap)
-    with pytest.raises(VideoUnreachableError, match=r"led to '.*secret\.mp4' when it was opened, outside the video"):
+    with pytest.raises(VideoUnreachableError, match=refusal):
         detect_and_publish(item, DetectOptions(frame_interval=5, model="mtcnn"))
     assert _messages_in(faces_topic, kafka_bootstrap) == 0
     with storage.connect("crowd_postgres") as conn:
