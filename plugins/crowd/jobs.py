@@ -316,8 +316,9 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
             if video_id is None:  # a new or changed file: read it whole once
                 started = time.perf_counter()
                 try:
-                    video_id = content_hash(path)
-                except (OSError, VideoError) as exc:  # e.g. an empty file must not fail the scan
+                    with settings.open_video(path) as video:  # hashed is what was checked (see open_video)
+                        video_id = content_hash(video)
+                except (OSError, VideoError, ConfigError) as exc:  # e.g. an empty file must not fail the scan
                     log.warning("cannot read %s to hash it (%s); skipping it this time", path, exc)
                     continue
                 hashed[key] = (signature, video_id)
@@ -412,7 +413,8 @@ def plan_requested_video(video_path: str, settings: Settings | None = None) -> l
     if path.suffix.lower() != VIDEO_SUFFIX:
         raise ConfigError(f"video path {video_path!r} is not an .mp4 file")
     try:
-        video_id = content_hash(path)
+        with settings.open_video(path) as video:  # hashed is what was checked (see open_video)
+            video_id = content_hash(video)
     except (VideoError, OSError) as exc:
         raise BadVideoError(f"video {path.name} cannot be read to identify it: {exc}; fix or replace the file") from exc
     return plan_video(path, video_id, settings, max_items=settings.max_tasks_per_run)

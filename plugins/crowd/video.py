@@ -219,7 +219,9 @@ class PinnedFile(os.PathLike):
         except FileNotFoundError:
             raise VideoNotFoundError(name, "no such file") from None
         except PermissionError:
-            raise VideoPermissionError(name, "permission denied (cannot open the file)") from None
+            raise VideoPermissionError(
+                name, "permission denied (cannot read the file; check its mode and owner)"
+            ) from None
         except OSError as exc:
             raise VideoPermissionError(name, f"cannot open the file: {exc.strerror or exc}") from None
         try:

@@ -27,7 +27,7 @@ def scan(pg_schema, video_root: Path, monkeypatch: pytest.MonkeyPatch):
     hashed: list[str] = []
 
     def counting_hash(path, *args, **kwargs) -> str:
-        hashed.append(Path(path).name)
+        hashed.append(Path(str(path)).name)  # str: the name of a crowd.video.PinnedFile
         return content_hash(path, *args, **kwargs)
 
     monkeypatch.setattr(jobs, "content_hash", counting_hash)
@@ -188,3 +188,26 @@ def test_opening_a_name_that_is_not_utf8_is_a_video_error_not_a_crash(tmp_path: 
     )
     assert child.returncode == 0, f"exit {child.returncode}: {child.stderr[-2000:]}"
     assert "latin1-caf\\\\xe9.mp4': its name is not valid UTF-8" in child.stdout, child.stdout
+
+
+def test_a_file_swapped_for_a_symlink_out_of_the_roots_is_not_hashed(scan, video_root: Path, tmp_path: Path,
+                                                                     monkeypatch, caplog) -> None:  # fmt: skip
+    """Replaced by a symlink leading outside the roots after the scan listed it: nothing outside is read (before,
+    the file was hashed by name: the outside file was read and planned under the name inside)."""
+    from crowd import jobs
+
+    video = write_clip(CARPHONE, video_root / "camera.mp4", 12)
+    secret = write_clip(CARPHONE, tmp_path / "secret.mp4", 20)
+    list_videos = jobs.list_videos
+
+    def list_then_swap(roots):
+        listed = list_videos(roots)
+        swap = video_root / ".swap"
+        swap.symlink_to(secret)
+        swap.replace(video)
+        return listed
+
+    monkeypatch.setattr(jobs, "list_videos", list_then_swap)
+    with caplog.at_level(logging.WARNING, logger="crowd.jobs"):
+        assert scan() == ({}, [])
+    assert "camera.mp4" in caplog.text and "outside the video roots" in caplog.text
