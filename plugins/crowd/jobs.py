@@ -461,6 +461,7 @@ def detect_and_publish(
             if item.part == 0 and not storage.mark_video_processing(
                 conn, item.video_id, str(path), fps=info.fps, frame_count=info.frame_count, width=info.width,
                 height=info.height, size_bytes=size_bytes, model=detector.name, run=run,
+                claim_timeout_s=settings.video_claim_timeout_s,
             ):  # fmt: skip
                 log.warning(
                     "video %s: its status belongs to a later run, or this run is already done with it: left as it is "

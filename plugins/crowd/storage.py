@@ -354,7 +354,8 @@ class VideoState:
     while frames are processed (:func:`keep_video_claim`). A run that ends with a reason the video is not to
     blame for (Kafka, the results folder) says so (:func:`note_video_reason`); one that ends without a word (its
     process killed: out of memory, a crash, a lost worker, its execution timeout) leaves the claim to lapse, and
-    the next run to claim the video counts it in ``silent_runs``.
+    the next run to claim the video counts it in ``silent_runs`` (a run whose claim is still alive then is
+    superseded, not counted).
     """
 
     status: str
@@ -477,13 +478,18 @@ def mark_video_processing(
     size_bytes: int | None,
     model: str | None,
     run: RunStamp | None = None,
+    claim_timeout_s: float | None = None,
 ) -> bool:
     """Register ``video_id`` (or re-register it) as being processed by ``run``, its claim alive (see
     :class:`VideoState`); clears any previous error.
 
+    The run taken over from is counted in ``silent_runs`` if it ended without a word: unless it gave a reason, or
+    its claim is still alive (a sign of life within ``claim_timeout_s``: it is superseded, not dead).
+
     Returns:
         False when the video was left as it is: owned by a later run, or ``done`` by ``run`` (see :class:`RunStamp`).
     """
+    run_columns = _run_columns(run)
     with conn.transaction():
         written = conn.execute(
             """
@@ -499,6 +505,7 @@ def mark_video_processing(
                 silent_runs = CASE  -- the run it takes over from ended silently: count it (not a retry of itself)
                     WHEN videos.status <> 'processing' THEN 0
                     WHEN videos.run_id IS NOT DISTINCT FROM EXCLUDED.run_id OR videos.reason_given
+                        OR videos.alive_at > clock_timestamp() - make_interval(secs => %s)
                         THEN videos.silent_runs
                     ELSE videos.silent_runs + 1 END
             WHERE NOT COALESCE(  -- owned by a later run, or done by this one: leave it
@@ -506,7 +513,7 @@ def mark_video_processing(
                 OR (videos.run_started_at = EXCLUDED.run_started_at AND videos.status = 'done'), false)
             RETURNING id
             """,
-            (video_id, str(path), fps, frame_count, width, height, size_bytes, model, *_run_columns(run)),
+            (video_id, str(path), fps, frame_count, width, height, size_bytes, model, *run_columns, claim_timeout_s),
         ).fetchone()
     return written is not None
 

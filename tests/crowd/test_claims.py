@@ -210,3 +210,26 @@ def test_a_run_that_ends_without_finishing_the_video_releases_it(pg_schema, vide
     assert _planned() == []
     assert finish_videos([item], [None], run=run) == {"done": [], "incomplete": [item.video_id]}
     assert _planned() == [item.video_id]
+
+
+def test_a_run_taken_over_while_alive_is_not_counted_as_silent(pg_schema, video_root) -> None:
+    """A manual run claims a video a scheduled run is processing (its claim alive): the scheduled run is superseded,
+    not dead, so it does not count towards CROWD_MAX_SILENT_RUNS; a run whose claim had lapsed does."""
+    video = write_clip(CARPHONE, video_root / "a.mp4", 12)
+    (video_id,) = _planned()
+    meta = {"fps": None, "frame_count": None, "width": None, "height": None, "size_bytes": None, "model": "m"}
+
+    def claim(run: storage.RunStamp, timeout_s: float) -> None:
+        with storage.connect("crowd_postgres") as conn:
+            assert storage.mark_video_processing(conn, video_id, str(video), **meta, run=run, claim_timeout_s=timeout_s)
+
+    scheduled = _run("scheduled__1")
+    claim(scheduled, 600)
+    claim(_run("manual__1"), 600)  # the scheduled run's claim is seconds old
+    assert _state(video_id).silent_runs == 0
+    with storage.connect("crowd_postgres") as conn:
+        assert not storage.keep_video_claim(conn, video_id, scheduled), "the superseded run still holds the claim"
+
+    _wait_lapsed(video_id, 1)  # the manual run ends without a word
+    claim(_run("scheduled__2"), 1)
+    assert _state(video_id).silent_runs == 1
