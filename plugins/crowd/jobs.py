@@ -257,12 +257,14 @@ def plan_video(path: Path, video_id: str, settings: Settings, max_items: int | N
     Only a video whose frame n is shown at n / fps (``VideoInfo.constant_rate``, from its MP4 index) is split: a
     part seeks to its first frame, and OpenCV seeks by time. A variable-frame-rate video, or one of unknown length,
     gets one item that reads it whole. A video whose metadata cannot be read (or that vanished since it was
-    hashed) gets one item too: its task fails with the reason and records it.
+    hashed) gets one item too: its task fails with the reason and records it (or, if the path now leads outside
+    the roots, refuses it: the video is probed through the descriptor :meth:`Settings.open_video` checked).
     """
     try:
-        info = probe_video(path)
-    except (VideoError, OSError) as exc:
-        log.warning("%s cannot be probed (%s); its detection task will record the failure", path, exc)
+        with settings.open_video(path) as video:
+            info = probe_video(video)
+    except (VideoError, OSError, ConfigError) as exc:
+        log.warning("%s cannot be probed (%s); its detection task will check it again and say why", path, exc)
         return [WorkItem(str(path), video_id)]
     if not info.frame_count:
         return [WorkItem(str(path), video_id)]

@@ -190,6 +190,32 @@ def test_opening_a_name_that_is_not_utf8_is_a_video_error_not_a_crash(tmp_path: 
     assert "latin1-caf\\\\xe9.mp4': its name is not valid UTF-8" in child.stdout, child.stdout
 
 
+def test_a_file_swapped_after_it_was_hashed_is_not_probed_outside_the_roots(scan, video_root: Path, tmp_path: Path,
+                                                                            monkeypatch, caplog) -> None:  # fmt: skip
+    """Replaced by a symlink leading outside the roots between its hashing and its planning: the outside video's
+    metadata is not read (before, the frame count was probed by name: the outside video's 60 frames were split
+    into 6 parts planned under the name inside)."""
+    from crowd import jobs
+
+    monkeypatch.setenv("CROWD_FRAMES_PER_TASK", "10")
+    video = write_clip(CARPHONE, video_root / "camera.mp4", 8)
+    secret = write_clip(CARPHONE, tmp_path / "secret.mp4", 60)
+    content_hash = jobs.content_hash
+
+    def hash_then_swap(path, *args, **kwargs) -> str:
+        video_id = content_hash(path, *args, **kwargs)
+        swap = video_root / ".swap"
+        swap.symlink_to(secret)
+        swap.replace(video)
+        return video_id
+
+    monkeypatch.setattr(jobs, "content_hash", hash_then_swap)
+    with caplog.at_level(logging.WARNING, logger="crowd.jobs"):
+        items = jobs.find_new_videos()
+    assert [(Path(item.path).name, item.parts) for item in items] == [("camera.mp4", 1)]
+    assert "camera.mp4 cannot be probed" in caplog.text and "outside the video roots" in caplog.text
+
+
 def test_a_file_swapped_for_a_symlink_out_of_the_roots_is_not_hashed(scan, video_root: Path, tmp_path: Path,
                                                                      monkeypatch, caplog) -> None:  # fmt: skip
     """Replaced by a symlink leading outside the roots after the scan listed it: nothing outside is read (before,
