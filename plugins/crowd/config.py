@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,15 +33,22 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default).strip() or default
 
 
-def _env_number(name: str, default: float, minimum: float = 0, *, whole: bool = True) -> int | float:
-    """A numeric variable, checked: a whole number when ``whole``, and at least ``minimum``."""
+def _env_number(
+    name: str, default: float, minimum: float = 0, *, whole: bool = True, maximum: float = 1e9
+) -> int | float:
+    """A numeric variable, checked: a whole number when ``whole``, finite, and within [``minimum``, ``maximum``]
+    (NaN passes every comparison, and a huge value overflows the time arithmetic it feeds)."""
     raw = _env(name, str(default))
     try:
         value = int(raw) if whole else float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a {'whole number' if whole else 'number'}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} is not a finite number")
     if value < minimum:
         raise ConfigError(f"{name}={value} must be >= {minimum}")
+    if value > maximum:
+        raise ConfigError(f"{name}={value} must be <= {maximum:g}")
     return value
 
 
@@ -176,7 +184,7 @@ def load_settings() -> Settings:
         scan_schedule=_optional(_env("CROWD_SCAN_SCHEDULE", "*/5 * * * *")),
         frames_per_task=_env_number("CROWD_FRAMES_PER_TASK", 3000, minimum=1),
         detect_task_timeout_s=_env_number("CROWD_DETECT_TASK_TIMEOUT_S", 6 * 3600, minimum=1),
-        publish_timeout_s=_env_number("CROWD_PUBLISH_TIMEOUT_S", 30, minimum=1),
+        publish_timeout_s=_env_number("CROWD_PUBLISH_TIMEOUT_S", 30, minimum=1, maximum=2_147_483),  # librdkafka ms
         scan_min_age_s=_env_number("CROWD_SCAN_MIN_AGE_S", 60.0, whole=False),
         video_claim_timeout_s=_env_number("CROWD_VIDEO_CLAIM_TIMEOUT_S", 600.0, minimum=1, whole=False),
         max_silent_runs=_env_number("CROWD_MAX_SILENT_RUNS", 3, minimum=1),

@@ -1,0 +1,36 @@
+"""Settings from the environment: a value that cannot work is refused at load, naming the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from crowd.config import ConfigError, load_settings
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        ("CROWD_SCAN_MIN_AGE_S", "nan", "not a finite number"),  # NaN < 60 is False: half-written uploads hashed
+        ("CROWD_VIDEO_CLAIM_TIMEOUT_S", "inf", "not a finite number"),
+        ("CROWD_ALERT_MIN_DURATION_S", "-inf", "not a finite number"),
+        ("CROWD_INGEST_LINGER_S", "NaN", "not a finite number"),
+        ("CROWD_VIDEO_CLAIM_TIMEOUT_S", "1e300", "must be <= 1e"),  # overflows PostgreSQL's make_interval
+        ("CROWD_DETECT_TASK_TIMEOUT_S", "10" * 20, "must be <= 1e"),  # overflows timedelta
+        ("CROWD_PUBLISH_TIMEOUT_S", "3000000", "must be <= 2.14748e"),  # librdkafka's message.timeout.ms
+        ("CROWD_FRAMES_PER_TASK", "0", "must be >= 1"),
+        ("CROWD_FRAMES_PER_TASK", "1.5", "not a whole number"),
+        ("CROWD_MAX_SILENT_RUNS", "three", "not a whole number"),
+    ],
+)
+def test_a_setting_that_cannot_work_is_refused_naming_it(monkeypatch, name: str, value: str, reason: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=rf"^{name}=.*{reason}"):
+        load_settings()
+
+
+def test_the_bounds_themselves_are_accepted(monkeypatch) -> None:
+    monkeypatch.setenv("CROWD_PUBLISH_TIMEOUT_S", "2147483")
+    monkeypatch.setenv("CROWD_SCAN_MIN_AGE_S", "0")
+    monkeypatch.setenv("CROWD_VIDEO_CLAIM_TIMEOUT_S", "1e9")
+    settings = load_settings()
+    assert (settings.publish_timeout_s, settings.scan_min_age_s, settings.video_claim_timeout_s) == (2147483, 0, 1e9)
