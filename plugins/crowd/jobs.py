@@ -306,6 +306,7 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
     deferred = in_progress = 0
     max_items = settings.max_tasks_per_run
     with storage.connect(settings.postgres_conn_id) as conn:
+        conn.autocommit = True  # no transaction left open while files are hashed (minutes for a large backlog)
         storage.migrate(conn)
         listed = list_videos(settings.video_roots)
         # a root that is not there now (an unmounted share) keeps the hashes remembered under it for its return
@@ -365,7 +366,6 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
                 continue
             items.extend(planned)
         storage.remember_video_ids(conn, hashed, listed=map(str, listed), roots=map(str, listed_roots))
-        conn.commit()
     log.info(
         "scan of %s: %d new video(s) in %d task(s), %d already done, %d failed, %d being processed by another run; "
         "%d file(s) hashed (new or changed), %d known by size and times; %d left for a later scan (modified less "

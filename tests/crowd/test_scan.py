@@ -190,6 +190,29 @@ def test_opening_a_name_that_is_not_utf8_is_a_video_error_not_a_crash(tmp_path: 
     assert "latin1-caf\\\\xe9.mp4': its name is not valid UTF-8" in child.stdout, child.stdout
 
 
+def test_no_transaction_is_left_open_while_files_are_hashed(scan, video_root: Path, monkeypatch) -> None:
+    """Hashing a backlog takes minutes: the scan's connection must not sit "idle in transaction" meanwhile (it held
+    back vacuum, kept the row lock of a video it had marked failed, and an idle-in-transaction timeout killed it)."""
+    from crowd import jobs
+
+    for name, frames in (("a.mp4", 8), ("b.mp4", 9)):
+        write_clip(CARPHONE, video_root / name, frames)
+    content_hash = jobs.content_hash
+    seen: list[list] = []
+
+    def hash_and_look(path, *args, **kwargs) -> str:
+        with storage.connect("crowd_postgres") as conn:
+            seen.append(conn.execute(
+                "SELECT pid, left(query, 60) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state LIKE 'idle in transaction%%' AND pid <> pg_backend_pid()"
+            ).fetchall())  # fmt: skip
+        return content_hash(path, *args, **kwargs)
+
+    monkeypatch.setattr(jobs, "content_hash", hash_and_look)
+    assert len(jobs.find_new_videos()) == 2
+    assert seen == [[], []]
+
+
 def test_a_file_swapped_after_it_was_hashed_is_not_probed_outside_the_roots(scan, video_root: Path, tmp_path: Path,
                                                                             monkeypatch, caplog) -> None:  # fmt: skip
     """Replaced by a symlink leading outside the roots between its hashing and its planning: the outside video's
