@@ -451,6 +451,7 @@ def detect_and_publish(
                 check_file(video)
                 info = probe_video(video)
             except (ConfigError, VideoNotFoundError, VideoPermissionError) as exc:  # where it is, not what it holds
+                storage.note_video_reason(conn, item.video_id, run)  # a part after the first: the run has the claim
                 raise VideoUnreachableError(
                     f"video {path.name} ({item.video_id}) cannot be reached: {exc}; not recorded as failed, the next "
                     "scan takes it where it is then"

@@ -233,3 +233,22 @@ def test_a_run_taken_over_while_alive_is_not_counted_as_silent(pg_schema, video_
     _wait_lapsed(video_id, 1)  # the manual run ends without a word
     claim(_run("scheduled__2"), 1)
     assert _state(video_id).silent_runs == 1
+
+
+def test_a_part_that_cannot_reach_its_video_gives_the_reason(pg_schema, video_root) -> None:
+    """The run's first part claimed the video, then the file was moved away: a later part fails with the reason
+    (retried, not recorded failed), so the run is not counted among those that ended silently."""
+    from crowd.jobs import VideoUnreachableError
+
+    video = write_clip(CARPHONE, video_root / "a.mp4", 12)
+    (item,) = find_new_videos()
+    run = _run("scheduled__1")
+    with storage.connect("crowd_postgres") as conn:  # part 0 has claimed it
+        storage.mark_video_processing(conn, item.video_id, str(video), fps=None, frame_count=None, width=None,
+                                      height=None, size_bytes=None, model="m", run=run)  # fmt: skip
+    video.rename(video_root.parent / "moved.mp4")
+    part = WorkItem(item.path, item.video_id, 6, 12, 1, 2)
+    with pytest.raises(VideoUnreachableError, match="cannot be reached"):
+        detect_and_publish(part, DetectOptions(frame_interval=5, model="mtcnn"), run=run)
+    state = _state(item.video_id)
+    assert (state.status, state.reason_given, state.runs_ended_silently()) == ("processing", True, 0)
