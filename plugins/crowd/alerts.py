@@ -4,7 +4,8 @@ An *episode* is a run of consecutive received frames of one video (ordered by ``
 ``total_faces >= threshold``; it raises an alert when it lasts at least ``min_duration_ms`` of video time
 (``frame_ts_ms`` of its last frame minus its first). Episodes are recomputed from the ``frames`` table inside
 the ingest transaction, so a replayed batch finds the same episodes: one ``alerts`` row per episode, keyed by
-``(video_id, started_frame_id)``.
+``(video_id, started_frame_id)``. An episode seen in pieces (the parts of a split video arrive interleaved; a re-run
+replaces frames) keeps the row stored first for it: moved to the episode's start, the others merged into it.
 
 Alert messages go to Kafka through an outbox: rows with ``published_at IS NULL`` are published after the
 ingest transaction commits, and marked published only when the broker acknowledged every one. A crash in
@@ -66,20 +67,44 @@ ep AS (
            (array_agg(frame_id ORDER BY total_faces DESC, frame_id))[1] AS peak_frame_id
     FROM h GROUP BY video_id, grp
     HAVING max(frame_ts_ms) - min(frame_ts_ms) >= %(min_duration_ms)s
+),
+-- the rows already stored for an episode: those starting within it (the same crowd, seen in part before: the parts
+-- of a split video arrive interleaved, so an episode can grow at its front, or join two earlier ones). One is kept
+-- (the one starting where the episode does, else the oldest: its alert_id is what consumers know), the others go.
+known AS (
+    SELECT a.id, e.video_id, e.started_frame_id AS episode,
+           row_number() OVER (PARTITION BY e.video_id, e.started_frame_id
+                              ORDER BY a.started_frame_id = e.started_frame_id DESC, a.id) AS k
+    FROM ep e JOIN alerts a ON a.video_id = e.video_id
+                           AND a.started_frame_id BETWEEN e.started_frame_id AND e.ended_frame_id
+),
+merged AS (
+    DELETE FROM alerts WHERE id IN (SELECT id FROM known WHERE k > 1) RETURNING id
+),
+updated AS (
+    UPDATE alerts a SET
+        started_frame_id = e.started_frame_id, started_ts_ms = e.started_ts_ms,
+        ended_frame_id = e.ended_frame_id, ended_ts_ms = e.ended_ts_ms,
+        peak_count = e.peak_count, peak_frame_id = e.peak_frame_id,
+        threshold = %(threshold)s, min_duration_ms = %(min_duration_ms)s, updated_at = now()
+    FROM known m JOIN ep e ON e.video_id = m.video_id AND e.started_frame_id = m.episode
+    WHERE a.id = m.id AND m.k = 1
+      AND (a.started_frame_id, a.ended_frame_id, a.peak_count, a.peak_frame_id, a.threshold, a.min_duration_ms)
+          IS DISTINCT FROM (e.started_frame_id, e.ended_frame_id, e.peak_count, e.peak_frame_id,
+                            %(threshold)s::int, %(min_duration_ms)s::float8)
+    RETURNING a.id
+),
+inserted AS (
+    INSERT INTO alerts (video_id, started_frame_id, started_ts_ms, ended_frame_id, ended_ts_ms,
+                        peak_count, peak_frame_id, threshold, min_duration_ms)
+    SELECT video_id, started_frame_id, started_ts_ms, ended_frame_id, ended_ts_ms, peak_count, peak_frame_id,
+           %(threshold)s, %(min_duration_ms)s
+    FROM ep e
+    WHERE NOT EXISTS (SELECT 1 FROM known m WHERE m.video_id = e.video_id AND m.episode = e.started_frame_id)
+    ON CONFLICT (video_id, started_frame_id) DO NOTHING
+    RETURNING id
 )
-INSERT INTO alerts AS a (video_id, started_frame_id, started_ts_ms, ended_frame_id, ended_ts_ms,
-                         peak_count, peak_frame_id, threshold, min_duration_ms)
-SELECT video_id, started_frame_id, started_ts_ms, ended_frame_id, ended_ts_ms, peak_count, peak_frame_id,
-       %(threshold)s, %(min_duration_ms)s
-FROM ep
-ON CONFLICT (video_id, started_frame_id) DO UPDATE SET
-    ended_frame_id = EXCLUDED.ended_frame_id, ended_ts_ms = EXCLUDED.ended_ts_ms,
-    peak_count = EXCLUDED.peak_count, peak_frame_id = EXCLUDED.peak_frame_id,
-    threshold = EXCLUDED.threshold, min_duration_ms = EXCLUDED.min_duration_ms, updated_at = now()
-WHERE (a.ended_frame_id, a.peak_count, a.peak_frame_id, a.threshold, a.min_duration_ms)
-      IS DISTINCT FROM (EXCLUDED.ended_frame_id, EXCLUDED.peak_count, EXCLUDED.peak_frame_id,
-                        EXCLUDED.threshold, EXCLUDED.min_duration_ms)
-RETURNING (xmax = 0) AS inserted
+SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM merged)
 """
 
 
@@ -91,11 +116,15 @@ def update_alerts(conn: psycopg.Connection, video_ids: Collection[str], rule: Al
     """
     if not video_ids:
         return 0
-    rows = conn.execute(
+    inserted, merged = conn.execute(
         _EPISODES_SQL,
         {"threshold": rule.threshold, "min_duration_ms": rule.min_duration_ms, "videos": list(video_ids)},
-    ).fetchall()
-    return sum(1 for (inserted,) in rows if inserted)
+    ).fetchone()
+    if merged:
+        log.info(
+            "%d crowd alert(s) merged into the episode they turned out to be part of (frames arrived late)", merged
+        )
+    return int(inserted)
 
 
 def alert_message(row: dict) -> bytes:

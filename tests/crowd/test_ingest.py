@@ -468,6 +468,48 @@ def test_crowd_alert_once_per_episode_even_on_replay(faces_topic: str, pg_schema
     kafka_admin.delete_topics([alerts_topic])
 
 
+def _crowd(frames: range, *hot: range) -> list[tuple[int, int]]:
+    """(frame_id, faces) for ``frames``: 7 faces in the ``hot`` ranges, else 1."""
+    return [(i, 7 if any(i in h for h in hot) else 1) for i in frames]
+
+
+@pytest.mark.parametrize(
+    ("rounds", "expected_published"),
+    [
+        # a crowd over frames 40-109 of a video split at 75, published by parallel tasks: the second part first
+        pytest.param(
+            [_crowd(range(75, 150), range(40, 110)), _crowd(range(75), range(40, 110))], 1, id="grows-at-its-front"
+        ),  # fmt: skip
+        # two crowds 20-49 and 100-129; a re-run with a better model finds the crowd in 50-99 too: one episode
+        pytest.param(
+            [_crowd(range(150), range(20, 50), range(100, 130)), _crowd(range(50, 100), range(50, 100))],
+            2,
+            id="joins-two-alerts",
+        ),  # fmt: skip
+    ],
+)
+def test_an_episode_seen_in_pieces_is_one_alert(
+    faces_topic: str, pg_schema: str, kafka_admin, rounds: list, expected_published: int
+) -> None:
+    """Frames arrive out of order across the parts of a split video (or are replaced by a re-run): the crowd is one
+    episode, one alert row keeping its alert_id (before: a second row, published again, the first never updated)."""
+    alerts_topic = new_topic(kafka_admin, "test-alerts", partitions=1)
+    rule = AlertRule(threshold=5, min_duration_s=2.0)
+    for frames in rounds:
+        publish_frames(faces_topic, [frame_dict("video-split", i, n) for i, n in frames])
+        quick_drain(faces_topic, batch_size=200, alert_rule=rule, alerts_topic=alerts_topic)
+    with pg() as conn:
+        rows = conn.execute(
+            "SELECT id, started_frame_id, ended_frame_id, started_ts_ms, ended_ts_ms, peak_count FROM alerts"
+        ).fetchall()
+    first, last = (20, 129) if expected_published == 2 else (40, 109)
+    assert [row[1:] for row in rows] == [(first, last, first * 100.0, last * 100.0, 7)]
+    published = _consume_all(alerts_topic, expect=expected_published)
+    assert len(published) == expected_published  # a message once sent stays sent: the row is the truth
+    assert rows[0][0] == min(m["alert_id"] for m in published), "the alert consumers know first is not the one kept"
+    kafka_admin.delete_topics([alerts_topic])
+
+
 def test_alerts_that_cannot_be_published_stop_neither_the_frames_nor_the_next_run(
     faces_topic: str, pg_schema: str, kafka_admin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
