@@ -87,18 +87,28 @@ class ReceiverStats:
 
 
 def decode_value(raw: bytes | None) -> Any:
-    """JSON if the bytes are JSON nested at most :data:`MAX_VALUE_DEPTH` deep, else the text (invalid UTF-8
-    replaced), else ``None``."""
+    """JSON if the bytes are JSON nested at most :data:`MAX_VALUE_DEPTH` deep that a response can carry as it is,
+    else the text (invalid UTF-8 replaced), else ``None``.
+
+    JSON a response cannot carry stays text: a lone surrogate escape (``"\\ud800"``, not UTF-8 once decoded: it failed
+    the whole response, and the messages taken for it were lost) and ``NaN``/``Infinity`` (not JSON: sent as null).
+    """
     if raw is None:
         return None
     text = raw.decode("utf-8", "replace")
     try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
+        value = json.loads(text, parse_constant=_not_json)
+        if "\\u" in text:  # only an escape can make a lone surrogate
+            json.dumps(value, ensure_ascii=False).encode()
+    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
         return text
     if text.count("[") + text.count("{") > MAX_VALUE_DEPTH and _deeper_than(value, MAX_VALUE_DEPTH):
         return text
     return value
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _deeper_than(value: Any, limit: int) -> bool:

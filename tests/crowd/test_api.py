@@ -120,6 +120,27 @@ def test_send_then_receive_round_trip(client: Any, messages_topic: str) -> None:
     assert again["messages"] == [] and again["remaining"] == 0, "delivered messages came back"
 
 
+def test_a_value_json_cannot_carry_comes_back_as_text_and_loses_nothing(client: Any, messages_topic: str) -> None:
+    """Another producer's JSON with a lone surrogate escape (or NaN) between good messages: /receive answered 500 and
+    the messages taken for that response were lost."""
+    from crowd.kafka import DeliveryTracker, reliable_producer
+
+    headers = auth(client, "user")
+    wait_receiver_ready(client, headers)
+    values = [b'{"n": 0}', b'{"x": "\\ud800"}', b'{"n": NaN}', b'{"n": 3}']
+    producer, tracker = reliable_producer("kafka_default", timeout_s=20), DeliveryTracker()
+    for value in values:
+        producer.produce(messages_topic, value=value, on_delivery=tracker.callback)
+    tracker.wait(producer, timeout_s=20)
+    received: list[Any] = []
+    deadline = time.monotonic() + 20
+    while len(received) < len(values) and time.monotonic() < deadline:
+        response = client.get("/crowd/receive", params={"limit": 10, "wait_s": 2}, headers=headers)
+        assert response.status_code == 200, response.text
+        received += [m["value"] for m in response.json()["messages"]]
+    assert received == [{"n": 0}, '{"x": "\\ud800"}', '{"n": NaN}', {"n": 3}]
+
+
 def test_receive_is_non_blocking_by_default(client: Any) -> None:
     headers = auth(client, "viewer")
     spec = client.get("/crowd/openapi.json", headers=headers).json()

@@ -32,10 +32,25 @@ from tests.conftest import create_topic
             id="at-the-depth-limit",
         ),
         pytest.param(b'[{"a": [1, 2]}, {"b": {}}]', [{"a": [1, 2]}, {"b": {}}], id="nested-within-limit"),
+        pytest.param(b'{"x": "\\ud800"}', '{"x": "\\ud800"}', id="lone-surrogate-escape"),  # not UTF-8 once decoded
+        pytest.param(b'{"x": "\\ud83d\\ude00"}', {"x": "\U0001f600"}, id="surrogate-pair-escape"),
+        pytest.param(b'{"x": NaN}', '{"x": NaN}', id="nan"),
+        pytest.param(b"[Infinity]", "[Infinity]", id="infinity"),
     ],
 )
 def test_decode_value(raw: bytes | None, expected: Any) -> None:
     assert decode_value(raw) == expected
+
+
+@pytest.mark.parametrize("raw", [b'{"x": "\\ud800"}', b'["\\udfff", 1]', b'{"x": NaN}'], ids=["high", "low", "nan"])
+def test_a_value_json_cannot_carry_serialises_in_a_response(raw: bytes) -> None:
+    """Such a value failed the whole /receive response (a 500), and the messages taken for it were lost."""
+    from pydantic import BaseModel
+
+    class Item(BaseModel):
+        value: Any
+
+    assert json.loads(Item(value=decode_value(raw)).model_dump_json()) == {"value": raw.decode()}
 
 
 def test_a_value_at_the_depth_limit_serialises_in_a_response() -> None:
