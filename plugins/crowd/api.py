@@ -550,10 +550,12 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
-    """FastAPI's 422, rendered ASCII-only: its default echoes the input and fails (500) on a lone surrogate."""
+    """FastAPI's 422, rendered ASCII-only: its default echoes the input and fails (500) on a lone surrogate, and
+    on a body that is not UTF-8 (echoed as bytes)."""
     from fastapi.encoders import jsonable_encoder
 
-    body = json.dumps({"detail": jsonable_encoder(exc.errors())}, ensure_ascii=True)  # type: ignore[attr-defined]
+    errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: lambda b: b.decode("utf-8", "replace")})  # type: ignore[attr-defined]
+    body = json.dumps({"detail": errors}, ensure_ascii=True)
     return Response(body, status_code=status.HTTP_422_UNPROCESSABLE_ENTITY, media_type="application/json")
 
 

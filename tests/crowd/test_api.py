@@ -200,6 +200,8 @@ def test_receiver_stops_with_the_server(
         pytest.param(json.dumps({"content": "x", "sender": "a", "x": 1}).encode(), "application/json", 422, id="extra"),
         pytest.param(b"not json", "application/json", 422, id="not-json"),
         pytest.param(b'{"content": "x", "sender": "\\ud800"}', "application/json", 422, id="lone-surrogate"),
+        pytest.param(b"\xff\xfe", "text/plain", 422, id="not-utf8-text"),  # echoed as bytes: a 500 before
+        pytest.param(b"\xff\xfe", "application/json", 422, id="not-utf8-json"),
     ],
 )
 def test_send_validates_input(client: Any, body: bytes, content_type: str, expected: int) -> None:
