@@ -134,6 +134,7 @@ class DrainSummary:
     seconds: float = 0.0
     stopped_because: str = ""
     next_offsets: dict[int, int] = field(default_factory=dict)
+    unreadable: dict[int, str] = field(default_factory=dict)  # partition -> where and why it cannot be read
 
     @property
     def rows_per_s(self) -> float:
@@ -388,7 +389,8 @@ def drain(
         commit_to_kafka: also commit offsets to Kafka after each DB commit, for lag monitoring.
 
     Raises:
-        IngestError: the topic does not exist or the broker is unreachable.
+        IngestError: the topic does not exist or the broker is unreachable; or, at the end of the drain (the other
+            partitions' messages stored), a partition cannot be read past a damaged record batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be >= 1")
@@ -460,6 +462,14 @@ def drain(
         summary.rows_per_s,
         summary.seconds,
     )
+    if summary.unreadable:
+        raise IngestError(
+            f"{topic}: {'; '.join(summary.unreadable[p] for p in sorted(summary.unreadable))}. The record batch "
+            f"there is damaged on the broker (or compressed with a codec this client lacks); the drain stored "
+            f"everything else ({summary.messages} messages) and holds those partitions back from that offset, "
+            "nothing skipped. Restore the partition from a replica, or give its messages up knowingly by deleting "
+            "the records up to the next readable batch (kafka-delete-records.sh); the next drain goes on from there"
+        )
     return summary
 
 
@@ -509,6 +519,9 @@ def _run(
                     at_end.add(message.partition())
                 elif err.fatal() or err.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION):
                     raise IngestError(f"Kafka error while consuming {topic!r}: {err.str()}")
+                elif err.code() in _UNREADABLE and message.offset() >= 0:
+                    _hold_back(consumer, summary, message)
+                    at_end.add(message.partition())  # nothing more comes from it in this drain
                 else:
                     log.warning("Kafka reports %s while consuming %s; retrying", err.str(), topic)
             if len(at_end) == len(partitions):
@@ -553,6 +566,25 @@ def _run(
         if not batch.messages and time.monotonic() - idle_since >= idle_timeout_s:
             summary.stopped_because = f"idle for {idle_timeout_s:g} s"
             return
+
+
+# Errors about the data at an offset (a record batch the client cannot decompress or parse): librdkafka fetches
+# the same offset again and again, so the partition is stuck there until the batch is repaired or deleted.
+_UNREADABLE = (KafkaError._BAD_COMPRESSION, KafkaError._BAD_MSG, KafkaError._NOT_IMPLEMENTED)
+
+
+def _hold_back(consumer: Consumer, summary: DrainSummary, message: Message) -> None:
+    """Pause a partition stuck on data it cannot read: the others go on; :func:`drain` fails at its end."""
+    partition, offset = message.partition(), message.offset()
+    if partition in summary.unreadable:
+        return
+    summary.unreadable[partition] = f"partition {partition} at offset {offset}: {message.error().str()}"
+    consumer.pause([TopicPartition(summary.topic, partition)])
+    log.error(
+        "%s partition %d cannot be read at offset %d (%s): the record batch there is damaged or in a format this "
+        "client cannot read. Its messages from that offset on are held back (none skipped); the other partitions "
+        "go on", summary.topic, partition, offset, message.error().str(),
+    )  # fmt: skip
 
 
 def _commit_to_kafka(consumer: Consumer, topic: str, next_offsets: dict[int, int]) -> None:

@@ -405,6 +405,51 @@ def test_good_messages_around_bad_ones_are_stored_and_every_offset_is_accounted_
     assert bad_run["summary"].rejected == len(BAD_MESSAGES)
 
 
+def test_a_damaged_record_batch_holds_its_partition_back_and_fails_the_drain_loudly(
+    pg_schema: str, kafka_admin, kafka_bootstrap: str
+) -> None:
+    """A record batch damaged on the broker's disk (its lz4 data overwritten in the segment file): the client fetches
+    that offset again and again. The drain stores the other partitions and the messages before the batch, holds
+    that partition back (nothing after it skipped), and fails naming it (before: a warning per fetch, "retrying",
+    and a drain idle until its timeout, every run). Once the damaged records are deleted, the rest is stored once."""
+    from confluent_kafka import Producer, TopicPartition
+
+    topic = new_topic(kafka_admin, "test-damaged", partitions=2)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "compression.type": "lz4", "linger.ms": 100})
+    for part, frames in ((0, range(0, 5)), (0, range(5, 10)), (0, range(10, 15)), (1, range(0, 6))):
+        for i in frames:
+            producer.produce(topic, encode(frame_dict(f"video-p{part}", i, 2)), partition=part)
+        assert producer.flush(30) == 0  # one record batch each
+    segment = (
+        Path(os.environ.get("CROWD_STATE", Path(__file__).parents[2] / ".local"))
+        / "kafka"
+        / "data"
+        / f"{topic}-0"
+        / "00000000000000000000.log"
+    )
+    data = segment.read_bytes()
+    position = 0
+    while int.from_bytes(data[position : position + 8], "big") != 5:  # the batch holding offsets 5-9
+        position += 12 + int.from_bytes(data[position + 8 : position + 12], "big")
+    with segment.open("r+b") as f:  # 61 bytes of batch header, then the lz4 frame: overwrite its magic number
+        f.seek(position + 61)
+        f.write(b"\0\0\0\0")
+
+    for _ in range(2):  # a second drain finds the same: nothing stored twice
+        with pytest.raises(IngestError, match=r"partition 0 at offset 5: .*Decompression.*nothing skipped"):
+            quick_drain(topic, batch_size=100)
+        assert scalar("SELECT count(*) FROM frames WHERE video_id = 'video-p0'") == 5
+        assert scalar("SELECT count(*) FROM frames WHERE video_id = 'video-p1'") == 6
+        assert scalar("SELECT next_offset FROM kafka_offsets WHERE topic = %s AND partition = 0", (topic,)) == 5
+
+    kafka_admin.delete_records([TopicPartition(topic, 0, 10)])[TopicPartition(topic, 0, 10)].result(30)
+    summary = quick_drain(topic, batch_size=100)
+    assert summary.messages == 5 and not summary.unreadable
+    ids = [row[0] for row in pg().execute("SELECT frame_id FROM frames WHERE video_id = 'video-p0' ORDER BY 1")]
+    assert ids == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14]
+    kafka_admin.delete_topics([topic])
+
+
 # --- alerts ---------------------------------------------------------------------------------------------------
 
 
