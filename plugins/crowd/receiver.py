@@ -265,34 +265,38 @@ class MessageReceiver:
         """Drop the undelivered messages of ``partitions`` (all when None), to be read again (by this process's
         next consumer, or by the partition's new owner); returns the first dropped offset per partition."""
         with self._lock:
-            kept: deque[ReceivedMessage] = deque()
-            first: dict[Partition, int] = {}
-            for m in self._queue:
-                if partitions is None or (m.topic, m.partition) in partitions:
-                    first.setdefault((m.topic, m.partition), m.offset)
-                else:
-                    kept.append(m)
-            self._stats.requeued += len(self._queue) - len(kept)
-            self._queue = kept
+            return self._drop_queued(partitions)
+
+    def _drop_queued(self, partitions: set[Partition] | None) -> dict[Partition, int]:
+        """:meth:`_forget_queued`, the lock held."""
+        kept: deque[ReceivedMessage] = deque()
+        first: dict[Partition, int] = {}
+        for m in self._queue:
+            if partitions is None or (m.topic, m.partition) in partitions:
+                first.setdefault((m.topic, m.partition), m.offset)
+            else:
+                kept.append(m)
+        self._stats.requeued += len(self._queue) - len(kept)
+        self._queue = kept
         return first
 
     # ---- thread ----------------------------------------------------------------------------------------------
 
     def _make_consumer(self) -> Any:
-        from kafka import ConsumerRebalanceListener, KafkaConsumer
+        from kafka import AsyncConsumerRebalanceListener, KafkaConsumer
 
         receiver = self
 
-        class _Rebalance(ConsumerRebalanceListener):
+        # async: kafka-python runs the listener on its IO thread, where a blocking commit raises (it always failed)
+        class _Rebalance(AsyncConsumerRebalanceListener):
             restart_at: dict[Partition, int] = {}
 
-            def on_partitions_revoked(self, revoked: Any) -> None:
+            async def on_partitions_revoked(self, revoked: Any) -> None:
                 partitions = {(tp.topic, tp.partition) for tp in revoked}
                 if partitions:
-                    receiver._commit(consumer, only=partitions)
-                    self.restart_at = receiver._forget_queued(partitions)
+                    self.restart_at = await receiver._hand_back(consumer, partitions)
 
-            def on_partitions_assigned(self, assigned: Any) -> None:
+            async def on_partitions_assigned(self, assigned: Any) -> None:
                 receiver._seek_assigned(consumer, {(tp.topic, tp.partition) for tp in assigned}, self.restart_at)
                 self.restart_at = {}  # used once: a later assignment must not seek back to it
 
@@ -311,6 +315,36 @@ class MessageReceiver:
         consumer.subscribe([self.topic], listener=_Rebalance())
         return consumer
 
+    async def _hand_back(self, consumer: Any, partitions: set[Partition]) -> dict[Partition, int]:
+        """``partitions`` are revoked (or lost): drop their queued messages and commit their delivered ones, in one
+        step with respect to ``take`` (nothing taken from them after the snapshot, no stale offset of theirs left
+        for a later commit to move the new owner back with). Awaited on the client's IO loop.
+
+        Returns:
+            where each partition would start again here (its first message not delivered).
+        """
+        from kafka import OffsetAndMetadata, TopicPartition
+
+        with self._lock:
+            first = self._drop_queued(partitions)
+            delivered = {p: self._delivered.pop(p) for p in list(self._delivered) if p in partitions}
+        if delivered:
+            offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in delivered.items()}
+            try:
+                await consumer._coordinator._commit_offsets_sync_async(offsets, timeout_ms=10_000)
+            except Exception as exc:  # noqa: BLE001 - at least once: their new owner delivers them again
+                with self._lock:
+                    self._stats.errors += 1
+                    self._stats.last_error = f"commit on rebalance failed: {type(exc).__name__}: {exc}"
+                log.warning(
+                    "receiver could not commit %s as the partitions moved (%s): their new owner delivers those "
+                    "messages again", delivered, exc,
+                )  # fmt: skip
+            else:
+                with self._lock:
+                    self._stats.committed += 1
+        return {**delivered, **first}
+
     def _seek_assigned(self, consumer: Any, assigned: set[Partition], restart_at: dict[Partition, int]) -> None:
         """After a rebalance, start each partition of ours at its first message not delivered yet: the first one
         that was queued when it was revoked, or past the delivered ones whose commit failed (else the library
@@ -325,12 +359,12 @@ class MessageReceiver:
             if position is not None:
                 consumer.seek(TopicPartition(*partition), position)
 
-    def _commit(self, consumer: Any, only: set[Partition] | None = None) -> bool:
+    def _commit(self, consumer: Any) -> bool:
         """Commit the offsets of delivered messages; a failure is kept for the next try (and counted)."""
         from kafka import OffsetAndMetadata, TopicPartition
 
         with self._lock:
-            pending = {p: o for p, o in self._delivered.items() if only is None or p in only}
+            pending = dict(self._delivered)
         if not pending:
             return True
         try:

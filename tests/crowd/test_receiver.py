@@ -209,6 +209,30 @@ def test_a_partition_moving_to_another_receiver_loses_and_duplicates_nothing(
 
 
 @pytest.mark.services
+def test_messages_taken_just_before_a_rebalance_are_committed_when_their_partition_moves(
+    kafka_bootstrap: str, topic_factory: Callable[[int], str], receivers: Callable[..., MessageReceiver]
+) -> None:
+    """Taken by /receive, not yet committed by the periodic commit (60 s here), when the partition moves: the
+    commit made as it is revoked must land, or its new owner delivers them again (that commit always failed:
+    kafka-python runs the listener on its IO thread, where a blocking commit raises)."""
+    topic, group = topic_factory(2), f"test-recv-{uuid.uuid4().hex[:8]}"
+    first = receivers(topic, group, commit_every_s=60)
+    _send(kafka_bootstrap, topic, _numbers(40), partitions=2)
+    _wait(lambda: len(first) == 40, "40 queued messages")
+    delivered = [m.value for m in first.take(40)]
+    second = receivers(topic, group, commit_every_s=60)
+    _wait(
+        lambda: len(first.stats().assigned_partitions) == len(second.stats().assigned_partitions) == 1,
+        "each receiver to hold one partition",
+    )
+    time.sleep(2)  # time for the moved partition's messages to reach the second receiver, if they come again
+    again = [m.value for m in second.take(100)] + [m.value for m in first.take(100)]
+    assert sorted(v["n"] for v in delivered) == list(range(40))
+    assert again == [], f"delivered again after the rebalance: {len(again)} messages"
+    assert first.stats().errors == 0, first.stats().last_error
+
+
+@pytest.mark.services
 def test_values_that_are_not_plain_json_neither_stop_the_consumer_nor_skip_others(
     kafka_bootstrap: str, topic_factory: Callable[[int], str], receivers: Callable[..., MessageReceiver]
 ) -> None:
