@@ -822,7 +822,7 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
             path = (folder / name).resolve()
         except (OSError, RuntimeError):  # a symlink loop
             path = folder
-        if not path.is_relative_to(folder) or not path.is_file():
+        if not path.is_relative_to(folder) or not path.is_file() or path.suffix.lower() not in IMAGE_TYPES:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no picture {name!r} for video {video_id!r}")
         return FileResponse(
             path, media_type=IMAGE_TYPES[path.suffix.lower()], headers={"Cache-Control": "private, max-age=60"}

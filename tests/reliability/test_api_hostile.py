@@ -300,17 +300,21 @@ def test_symlink_loops_in_the_results_folder_answer_404_not_500(client: Any, res
     (results_dir / V).mkdir(parents=True, exist_ok=True)
     (results_dir / V / "loop.png").symlink_to(results_dir / V / "loop.png")
     (results_dir / "loopdir").symlink_to(results_dir / "loopdir")
+    (results_dir / V / "notes.txt").write_text("not a picture")
+    (results_dir / V / "notes.png").symlink_to(results_dir / V / "notes.txt")  # inside, but not a picture: was 500
     headers = auth(client, "viewer")
     codes = {
         url: client.get(url, headers=headers).status_code
         for url in (
             f"/crowd/videos/{V}/images/loop.png",
+            f"/crowd/videos/{V}/images/notes.png",
             "/crowd/videos/loopdir/images",
             "/crowd/videos/loopdir/images/heatmap.png",
             f"/crowd/videos/{V}/images",
         )  # fmt: skip
     }
     assert codes == {
-        f"/crowd/videos/{V}/images/loop.png": 404, "/crowd/videos/loopdir/images": 404,
+        f"/crowd/videos/{V}/images/loop.png": 404, f"/crowd/videos/{V}/images/notes.png": 404,
+        "/crowd/videos/loopdir/images": 404,
         "/crowd/videos/loopdir/images/heatmap.png": 404, f"/crowd/videos/{V}/images": 200,
     }, codes  # fmt: skip
