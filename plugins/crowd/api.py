@@ -485,6 +485,7 @@ def create_app(
                     settings.messages_topic,
                     group_id=receiver_group_id or settings.receiver_group,
                     max_queue=max_queue or settings.receiver_max_queue,
+                    max_queue_bytes=settings.receiver_max_queue_bytes,
                     consumer_config=kafka_python_security(client_config),
                 )
                 receiver.start()
@@ -670,7 +671,7 @@ def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: C
         items = receiver.take(limit)
         stats = receiver.stats()
         return ReceiveResponse(
-            messages=[ReceivedItem(**vars(m)) for m in items],
+            messages=[ReceivedItem(**{k: v for k, v in vars(m).items() if k != "size"}) for m in items],
             count=len(items),
             remaining=stats.queued,
         )

@@ -71,6 +71,7 @@ class Settings:
     ingest_sweep_schedule: str | None = "*/15 * * * *"
     receiver_group: str = "crowd-api-receiver"
     receiver_max_queue: int = 1000
+    receiver_max_queue_bytes: int = 64 * 1024 * 1024
     alert_threshold: int | None = 10
     alert_min_duration_s: float = 2.0
     video_roots: tuple[Path, ...] = field(default_factory=tuple)
@@ -174,6 +175,7 @@ def load_settings() -> Settings:
         ingest_sweep_schedule=_optional(_env("CROWD_INGEST_SWEEP_SCHEDULE", "*/15 * * * *")),
         receiver_group=_env("CROWD_RECEIVER_GROUP", "crowd-api-receiver"),
         receiver_max_queue=_env_number("CROWD_RECEIVER_MAX_QUEUE", 1000, minimum=1),
+        receiver_max_queue_bytes=_env_number("CROWD_RECEIVER_MAX_QUEUE_BYTES", 64 * 1024 * 1024, minimum=1),
         alert_threshold=_env_number("CROWD_ALERT_THRESHOLD", 10, minimum=0) or None,
         alert_min_duration_s=_env_number("CROWD_ALERT_MIN_DURATION_S", 2.0, whole=False),
         video_roots=_env_paths("CROWD_VIDEO_ROOTS", str(PROJECT_ROOT / ".local" / "videos")),

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GROUP_ID = "crowd-api-receiver"
 DEFAULT_MAX_QUEUE = 1000
+DEFAULT_MAX_QUEUE_BYTES = 64 * 1024 * 1024  # messages of up to the broker's 1 MB: not 1000 of them
 MAX_VALUE_DEPTH = 64
 _LAG_EVERY_S = 2.0
 
@@ -64,6 +65,7 @@ class ReceivedMessage:
     timestamp_ms: int | None
     key: str | None
     value: Any
+    size: int = field(default=0, repr=False, compare=False)  # bytes of key and value, for the queue's byte bound
 
 
 @dataclass
@@ -78,6 +80,7 @@ class ReceiverStats:
     reconnects: int = 0
     queued: int = 0
     max_queue: int = 0
+    queued_bytes: int = 0
     lag: int | None = None
     paused: bool = False
     connected: bool = False
@@ -169,6 +172,8 @@ class MessageReceiver:
         topic: topic to read.
         group_id: consumer group shared by all API server processes.
         max_queue: queue bound; when full, reading pauses until messages are taken.
+        max_queue_bytes: the same in bytes of keys and values (a full queue of large messages stays in bounds);
+            one ``take`` also returns at most this many bytes (at least one message).
         consumer_config: further ``KafkaConsumer`` keyword arguments (security settings; tests shorten timeouts).
         commit_every_s: how often the consumer thread commits the offsets of delivered messages.
     """
@@ -180,15 +185,18 @@ class MessageReceiver:
         *,
         group_id: str = DEFAULT_GROUP_ID,
         max_queue: int = DEFAULT_MAX_QUEUE,
+        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
         consumer_config: dict[str, Any] | None = None,
         commit_every_s: float = 0.5,
     ) -> None:
-        if max_queue < 1:
-            raise ValueError(f"max_queue={max_queue} must be >= 1")
+        if max_queue < 1 or max_queue_bytes < 1:
+            raise ValueError(f"max_queue={max_queue} and max_queue_bytes={max_queue_bytes} must be >= 1")
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.group_id = group_id
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
+        self._queued_bytes = 0
         self.commit_every_s = commit_every_s
         self._consumer_config = dict(consumer_config or {})
         self._queue: deque[ReceivedMessage] = deque()
@@ -229,25 +237,34 @@ class MessageReceiver:
         """Append ``message`` (the consumer thread keeps the queue within ``max_queue`` by pausing)."""
         with self._lock:
             self._queue.append(message)
+            self._queued_bytes += message.size
             self._stats.consumed += 1
 
     def take(self, limit: int) -> list[ReceivedMessage]:
-        """Remove and return up to ``limit`` of the oldest queued messages (never blocks on Kafka).
+        """Remove and return up to ``limit`` of the oldest queued messages, at most ``max_queue_bytes`` of them
+        (at least one), never blocking on Kafka.
 
         Their offsets are committed by the consumer thread within ``commit_every_s``.
         """
         with self._lock:
-            count = min(limit, len(self._queue))
-            items = [self._queue.popleft() for _ in range(count)]
+            items: list[ReceivedMessage] = []
+            size = 0
+            while (
+                self._queue and len(items) < limit and (not items or size + self._queue[0].size <= self.max_queue_bytes)
+            ):
+                items.append(self._queue.popleft())
+                size += items[-1].size
+            self._queued_bytes -= size
+            count = len(items)
             for m in items:  # the queue is in offset order per partition: the last one taken is the highest
                 self._delivered[(m.topic, m.partition)] = m.offset + 1
             self._stats.delivered += count
             return items
 
     def room(self) -> int:
-        """How many more messages the queue takes before reading pauses."""
+        """How many more messages the queue takes before reading pauses (0 once its bytes reach their bound)."""
         with self._lock:
-            return self.max_queue - len(self._queue)
+            return 0 if self._queued_bytes >= self.max_queue_bytes else self.max_queue - len(self._queue)
 
     def __len__(self) -> int:
         with self._lock:
@@ -257,7 +274,7 @@ class MessageReceiver:
         """A snapshot of the counters."""
         with self._lock:
             snapshot = ReceiverStats(**asdict(self._stats))
-            snapshot.queued = len(self._queue)
+            snapshot.queued, snapshot.queued_bytes = len(self._queue), self._queued_bytes
         snapshot.running = self.running
         return snapshot
 
@@ -278,6 +295,7 @@ class MessageReceiver:
                 kept.append(m)
         self._stats.requeued += len(self._queue) - len(kept)
         self._queue = kept
+        self._queued_bytes = sum(m.size for m in kept)
         return first
 
     # ---- thread ----------------------------------------------------------------------------------------------
@@ -309,6 +327,9 @@ class MessageReceiver:
             "request_timeout_ms": 30000,
             "reconnect_backoff_max_ms": 5000,
         }
+        # one fetch brings at most the queue's byte bound (or one record batch), so a poll cannot overshoot it far
+        config["fetch_max_bytes"] = min(52_428_800, self.max_queue_bytes)
+        config["max_partition_fetch_bytes"] = min(1_048_576, self.max_queue_bytes)
         config.update(self._consumer_config)
         config["enable_auto_commit"] = False  # offsets follow deliveries, not polls
         consumer = KafkaConsumer(**config)
@@ -432,6 +453,7 @@ class MessageReceiver:
                             timestamp_ms=record.timestamp if record.timestamp is not None else None,
                             key=record.key.decode("utf-8", "replace") if record.key is not None else None,
                             value=decode_value(record.value),
+                            size=len(record.key or b"") + len(record.value or b""),
                         )
                     )
             now = time.monotonic()

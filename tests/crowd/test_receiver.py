@@ -4,6 +4,7 @@ nothing lost across a restart or a partition moving to another receiver, no valu
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -173,6 +174,31 @@ def test_a_full_queue_pauses_reading_and_drops_nothing(
     got = _take_until([receiver], 5 * bound)
     assert got == [{"n": i} for i in range(5 * bound)], "lost, duplicated or out of order"
     _wait(lambda: not receiver.stats().paused and receiver.stats().lag == 0, "the receiver to catch up")
+
+
+@pytest.mark.services
+def test_the_queue_is_bounded_in_bytes_too(
+    kafka_bootstrap: str, topic_factory: Callable[[int], str], receivers: Callable[..., MessageReceiver]
+) -> None:
+    """Large messages (any producer may write up to the broker's 1 MB): reading pauses once the queued bytes reach
+    ``max_queue_bytes`` (plus at most one fetch), not only at ``max_queue`` messages, and one take returns at most
+    that many bytes; nothing is lost, duplicated or reordered (before: 1000 queued messages of 1 MB, 1 GB)."""
+    from confluent_kafka import Producer
+
+    topic, bound = topic_factory(1), 16_000
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 0})
+    values = [json.dumps({"n": i, "pad": os.urandom(1500).hex()}).encode() for i in range(40)]  # ~3 KB each
+    for value in values:
+        producer.produce(topic, value=value)
+        producer.flush(30)  # a record batch each
+    receiver = receivers(topic, f"test-recv-{uuid.uuid4().hex[:8]}", max_queue_bytes=bound)
+    _wait(lambda: receiver.stats().paused, "the receiver to pause on the byte bound")
+    stats = receiver.stats()
+    assert bound <= stats.queued_bytes <= 2 * bound and stats.queued < 40, stats
+    first = receiver.take(1000)
+    assert 0 < sum(len(values[m.value["n"]]) for m in first) <= bound
+    got = [m.value["n"] for m in first] + [v["n"] for v in _take_until([receiver], 40 - len(first))]
+    assert got == list(range(40)), "lost, duplicated or out of order"
 
 
 @pytest.mark.services
