@@ -190,6 +190,13 @@ def test_opening_a_name_that_is_not_utf8_is_a_video_error_not_a_crash(tmp_path: 
     assert "latin1-caf\\\\xe9.mp4': its name is not valid UTF-8" in child.stdout, child.stdout
 
 
+def _swap_for_symlink(video: Path, target: Path) -> None:
+    """Replace ``video`` by a symlink to ``target`` in one rename, as an attacker writing in the root would."""
+    swap = video.parent / ".swap"
+    swap.symlink_to(target)
+    swap.replace(video)
+
+
 def test_no_transaction_is_left_open_while_files_are_hashed(scan, video_root: Path, monkeypatch) -> None:
     """Hashing a backlog takes minutes: the scan's connection must not sit "idle in transaction" meanwhile (it held
     back vacuum, kept the row lock of a video it had marked failed, and an idle-in-transaction timeout killed it)."""
@@ -227,9 +234,7 @@ def test_a_file_swapped_after_it_was_hashed_is_not_probed_outside_the_roots(scan
 
     def hash_then_swap(path, *args, **kwargs) -> str:
         video_id = content_hash(path, *args, **kwargs)
-        swap = video_root / ".swap"
-        swap.symlink_to(secret)
-        swap.replace(video)
+        _swap_for_symlink(video, secret)
         return video_id
 
     monkeypatch.setattr(jobs, "content_hash", hash_then_swap)
@@ -251,9 +256,7 @@ def test_a_file_swapped_for_a_symlink_out_of_the_roots_is_not_hashed(scan, video
 
     def list_then_swap(roots):
         listed = list_videos(roots)
-        swap = video_root / ".swap"
-        swap.symlink_to(secret)
-        swap.replace(video)
+        _swap_for_symlink(video, secret)
         return listed
 
     monkeypatch.setattr(jobs, "list_videos", list_then_swap)
