@@ -176,10 +176,15 @@ def publish_pending_alerts(
     if not rows:
         return 0
     producer = reliable_producer(kafka_conn_id, timeout_s=timeout_s, linger_ms=5)
-    tracker = DeliveryTracker()
-    for row in rows:
-        producer.produce(topic, key=row["video_id"].encode(), value=alert_message(row), on_delivery=tracker.callback)
-    tracker.wait(producer, timeout_s=timeout_s)
+    try:
+        tracker = DeliveryTracker()
+        for row in rows:
+            producer.produce(
+                topic, key=row["video_id"].encode(), value=alert_message(row), on_delivery=tracker.callback
+            )
+        tracker.wait(producer, timeout_s=timeout_s)
+    finally:  # its threads and connections go now, not when the error that may hold it is dropped
+        producer.close()
     with conn.transaction():
         conn.execute("UPDATE alerts SET published_at = now() WHERE id = ANY(%s)", ([r["id"] for r in rows],))
     log.info("published %d crowd alert(s) to %s", len(rows), topic)

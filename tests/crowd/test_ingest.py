@@ -577,19 +577,22 @@ def test_alerts_that_cannot_be_published_stop_neither_the_frames_nor_the_next_ru
     assert [a["peak_count"] for a in _consume_all(alerts_topic, expect=1)] == [6]
 
 
-def test_after_one_failed_alert_publish_a_drain_tries_no_more(
+def test_after_one_failed_alert_publish_a_drain_tries_no_more_and_closes_its_producer(
     faces_topic: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each try may wait out the publish timeout: one failure per drain, the next episodes' alerts stay pending."""
     counts = [1] * 10 + [6] * 30 + [1] * 60 + [7] * 30 + [1] * 60  # two episodes, batches apart
     publish_frames(faces_topic, [frame_dict("video-alerts", i, n) for i, n in enumerate(counts)])
     tries: list[str] = []
+    threads_left: list[int] = []  # OS threads (librdkafka's too) more than before the try, while its error is held
     publish = crowd.ingest.publish_pending_alerts
 
     def counting(*args, **kwargs):
+        threads = len(os.listdir("/proc/self/task"))
         try:
             published = publish(*args, **kwargs)
         except Exception as exc:
+            threads_left.append(len(os.listdir("/proc/self/task")) - threads)
             tries.append(type(exc).__name__)
             raise
         tries.append(f"published {published}")
@@ -602,6 +605,7 @@ def test_after_one_failed_alert_publish_a_drain_tries_no_more(
     assert summary.frames == len(counts) and summary.new_alerts == 2, summary
     failures = [t for t in tries if not t.startswith("published")]
     assert len(failures) == 1 and tries[-1] == failures[0], tries  # the first failure was the last try
+    assert threads_left == [0], "the failed try's producer still runs (not closed; its error holds it)"
     assert scalar("SELECT count(*) FROM alerts WHERE published_at IS NULL") == 2
 
 
