@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_PAGE = 1000
+CSV_BATCH_ROWS = 2000  # rows per fetch of a CSV export (one chunk of the response)
 MAX_WAIT_S = 5.0
 SEND_TIMEOUT_S = 5.0
 KAFKA_PROBE_TTL_S = 5.0
@@ -752,20 +753,43 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
         return FrameFaces(video_id=video_id, **frames[0], faces=[FaceBox(**f) for f in faces])
 
     def csv_response(video_id: str, name: str, sql: str, header: list[str]) -> StreamingResponse:
-        settings = settings_factory()
+        """Stream a query's rows as CSV. The query runs, and its first rows are read, before the response starts:
+        a database that fails it (an outage, a statement timeout) gives a 503, not a 200 with a cut-off file. A
+        failure later, mid-file, aborts the transfer (no final chunk), which clients report as an error."""
+        try:
+            conn = pg_connect(settings_factory())
+        except Exception as exc:
+            log.warning("PostgreSQL unreachable: %s", exc)
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"PostgreSQL unreachable: {exc}") from exc
+        try:
+            cur = conn.cursor(f"crowd_csv_{uuid.uuid4().hex}")  # server side: rows come in batches
+            cur.execute(sql, (video_id,))
+            first = cur.fetchmany(CSV_BATCH_ROWS)
+        except BaseException:
+            conn.close()
+            raise
 
         def generate() -> Iterator[str]:
-            buffer = io.StringIO()
-            writer = csv.writer(buffer)
-            writer.writerow(header)
-            with closing(pg_connect(settings)) as conn, closing(conn.cursor(f"crowd_csv_{uuid.uuid4().hex}")) as cur:
-                cur.execute(sql, (video_id,))
-                while batch := cur.fetchmany(2000):
+            try:
+                buffer = io.StringIO()
+                writer = csv.writer(buffer)
+                writer.writerow(header)
+                batch = first
+                while batch:
                     writer.writerows([[_spreadsheet_safe(v) for v in row] for row in batch])
                     yield buffer.getvalue()
                     buffer.seek(0)
                     buffer.truncate()
-            yield buffer.getvalue()
+                    batch = cur.fetchmany(CSV_BATCH_ROWS)
+                if buffer.tell():
+                    yield buffer.getvalue()
+            except Exception:
+                log.exception(
+                    "CSV export of video %s (%s) failed after it started: the transfer is cut off", video_id, name
+                )
+                raise
+            finally:
+                conn.close()
 
         return StreamingResponse(
             generate(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -371,6 +372,35 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_quoted(client: Any, faces_to
     rows = list(csv.DictReader(io.StringIO(response.text)))
     assert rows and {r["model"] for r in rows} == {"'" + model}
     assert rows[0]["frame_id"] == "0"  # numbers untouched
+
+
+def test_csv_exports_come_in_batches_and_one_the_database_cannot_answer_is_a_503_not_a_cut_off_file(
+    client: Any, faces_topic: str, results_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export's query runs before the response starts: a failing one (here a statement timeout behind a lock
+    on ``faces``) answers 503 with the reason; before, the 200 and the header row went out first, then the file
+    ended."""
+    import crowd.api
+    from crowd import storage
+
+    seeded = seed_results(faces_topic, results_dir)
+    headers = auth(client, "viewer")
+    monkeypatch.setattr(crowd.api, "CSV_BATCH_ROWS", 3)  # several batches, and a last one that is not full
+    faces = client.get(f"/crowd/videos/{V}/faces.csv", headers=headers)
+    assert faces.status_code == 200, faces.text
+    rows = list(csv.DictReader(io.StringIO(faces.text)))
+    assert len(rows) == seeded["faces"] > 3 and len({(r["frame_id"], r["face_id"]) for r in rows}) == len(rows)
+
+    conn = json.loads(os.environ["AIRFLOW_CONN_CROWD_POSTGRES"])
+    conn["extra"]["options"] += " -cstatement_timeout=1000"
+    monkeypatch.setenv("AIRFLOW_CONN_CROWD_POSTGRES", json.dumps(conn))
+    with storage.connect("crowd_postgres") as locker:
+        locker.execute("LOCK TABLE faces IN ACCESS EXCLUSIVE MODE")
+        blocked = client.get(f"/crowd/videos/{V}/faces.csv", headers=headers)
+        assert client.get(f"/crowd/videos/{V}", headers=headers).status_code == 200  # the video itself answers
+    assert blocked.status_code == 503, (blocked.status_code, blocked.text[:200])
+    assert "statement timeout" in blocked.json()["detail"], blocked.text
+    assert client.get(f"/crowd/videos/{V}/faces.csv", headers=headers).text == faces.text  # lock gone: whole again
 
 
 def test_results_routes_answer_503_without_the_schema(
