@@ -4,8 +4,10 @@ An *episode* is a run of consecutive received frames of one video (ordered by ``
 ``total_faces >= threshold``; it raises an alert when it lasts at least ``min_duration_ms`` of video time
 (``frame_ts_ms`` of its last frame minus its first). Episodes are recomputed from the ``frames`` table inside
 the ingest transaction, so a replayed batch finds the same episodes: one ``alerts`` row per episode, keyed by
-``(video_id, started_frame_id)``. An episode seen in pieces (the parts of a split video arrive interleaved; a re-run
-replaces frames) keeps the row stored first for it: moved to the episode's start, the others merged into it.
+``(video_id, started_frame_id)``. The rows follow the frames stored, whatever order they came in (the parts of a
+split video arrive interleaved; a re-run replaces frames): an episode seen in pieces keeps the row stored first for
+it, moved to the episode's start, the others merged into it; a row whose frames no longer make an episode (frames
+that came later split it into runs too short, or a re-run found fewer faces) is deleted.
 
 Alert messages go to Kafka through an outbox: rows with ``published_at IS NULL`` are published after the
 ingest transaction commits, and marked published only when the broker acknowledged every one. A crash in
@@ -48,81 +50,131 @@ class AlertRule:
         return float(self.min_duration_s) * 1000.0
 
 
+# The episodes of the videos to recompute: those with a frame at the threshold in the batch, and those with alert
+# rows already (frames that arrive later or replace others can split, shorten or end an episode stored before).
 _EPISODES_SQL = """
-WITH f AS (
+CREATE TEMP TABLE crowd_alert_episodes AS
+WITH v AS (
+    SELECT DISTINCT v AS video_id FROM unnest(%(videos)s::text[]) v
+    WHERE v = ANY(%(hot)s::text[]) OR EXISTS (SELECT 1 FROM alerts a WHERE a.video_id = v)
+),
+f AS (
     SELECT video_id, frame_id, frame_ts_ms, total_faces, total_faces >= %(threshold)s AS hot,
            row_number() OVER (PARTITION BY video_id ORDER BY frame_id) AS rn
-    FROM frames WHERE video_id = ANY(%(videos)s)
+    FROM frames WHERE video_id IN (SELECT video_id FROM v)
 ),
 h AS (
     SELECT video_id, frame_id, frame_ts_ms, total_faces,
            rn - row_number() OVER (PARTITION BY video_id ORDER BY frame_id) AS grp
     FROM f WHERE hot
-),
-ep AS (
-    SELECT video_id,
-           min(frame_id) AS started_frame_id, min(frame_ts_ms) AS started_ts_ms,
-           max(frame_id) AS ended_frame_id, max(frame_ts_ms) AS ended_ts_ms,
-           max(total_faces) AS peak_count,
-           (array_agg(frame_id ORDER BY total_faces DESC, frame_id))[1] AS peak_frame_id
-    FROM h GROUP BY video_id, grp
-    HAVING max(frame_ts_ms) - min(frame_ts_ms) >= %(min_duration_ms)s
-),
--- the rows already stored for an episode: those starting within it (the same crowd, seen in part before: the parts
--- of a split video arrive interleaved, so an episode can grow at its front, or join two earlier ones). One is kept
--- (the one starting where the episode does, else the oldest: its alert_id is what consumers know), the others go.
-known AS (
-    SELECT a.id, e.video_id, e.started_frame_id AS episode,
-           row_number() OVER (PARTITION BY e.video_id, e.started_frame_id
-                              ORDER BY a.started_frame_id = e.started_frame_id DESC, a.id) AS k
-    FROM ep e JOIN alerts a ON a.video_id = e.video_id
-                           AND a.started_frame_id BETWEEN e.started_frame_id AND e.ended_frame_id
-),
-merged AS (
-    DELETE FROM alerts WHERE id IN (SELECT id FROM known WHERE k > 1) RETURNING id
-),
-updated AS (
-    UPDATE alerts a SET
-        started_frame_id = e.started_frame_id, started_ts_ms = e.started_ts_ms,
-        ended_frame_id = e.ended_frame_id, ended_ts_ms = e.ended_ts_ms,
-        peak_count = e.peak_count, peak_frame_id = e.peak_frame_id,
-        threshold = %(threshold)s, min_duration_ms = %(min_duration_ms)s, updated_at = now()
-    FROM known m JOIN ep e ON e.video_id = m.video_id AND e.started_frame_id = m.episode
-    WHERE a.id = m.id AND m.k = 1
-      AND (a.started_frame_id, a.ended_frame_id, a.peak_count, a.peak_frame_id, a.threshold, a.min_duration_ms)
-          IS DISTINCT FROM (e.started_frame_id, e.ended_frame_id, e.peak_count, e.peak_frame_id,
-                            %(threshold)s::int, %(min_duration_ms)s::float8)
-    RETURNING a.id
-),
-inserted AS (
-    INSERT INTO alerts (video_id, started_frame_id, started_ts_ms, ended_frame_id, ended_ts_ms,
-                        peak_count, peak_frame_id, threshold, min_duration_ms)
-    SELECT video_id, started_frame_id, started_ts_ms, ended_frame_id, ended_ts_ms, peak_count, peak_frame_id,
-           %(threshold)s, %(min_duration_ms)s
-    FROM ep e
-    WHERE NOT EXISTS (SELECT 1 FROM known m WHERE m.video_id = e.video_id AND m.episode = e.started_frame_id)
-    ON CONFLICT (video_id, started_frame_id) DO NOTHING
+)
+SELECT video_id,
+       min(frame_id) AS started_frame_id, min(frame_ts_ms) AS started_ts_ms,
+       max(frame_id) AS ended_frame_id, max(frame_ts_ms) AS ended_ts_ms,
+       max(total_faces) AS peak_count,
+       (array_agg(frame_id ORDER BY total_faces DESC, frame_id))[1] AS peak_frame_id
+FROM h GROUP BY video_id, grp
+HAVING max(frame_ts_ms) - min(frame_ts_ms) >= %(min_duration_ms)s
+"""
+
+# Each stored row of those videos goes with the first episode it overlaps (the same crowd, seen before in part, or
+# before frames split it), or with none. Per episode the oldest row stays (its alert_id is what consumers know).
+_MATCH_SQL = """
+CREATE TEMP TABLE crowd_alert_matches AS
+SELECT a.id, a.video_id, m.episode,
+       row_number() OVER (PARTITION BY a.video_id, m.episode ORDER BY a.id) AS k,
+       a.published_at IS NOT NULL AS published
+FROM alerts a
+LEFT JOIN LATERAL (
+    SELECT e.started_frame_id AS episode FROM crowd_alert_episodes e
+    WHERE e.video_id = a.video_id AND e.started_frame_id <= COALESCE(a.ended_frame_id, a.started_frame_id)
+      AND e.ended_frame_id >= a.started_frame_id
+    ORDER BY e.started_frame_id LIMIT 1
+) m ON true
+WHERE a.video_id = ANY(%(videos)s::text[])
+"""
+
+# Rows merged into an older one, and rows whose frames no longer make an episode (a re-run replaced them, or frames
+# that arrived later broke the run into pieces too short): gone, so the table holds exactly the episodes.
+_DROP_SQL = """
+WITH gone AS (
+    DELETE FROM alerts WHERE id IN (SELECT id FROM crowd_alert_matches WHERE episode IS NULL OR k > 1)
     RETURNING id
 )
-SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM merged)
+SELECT count(*) FILTER (WHERE m.episode IS NOT NULL),
+       count(*) FILTER (WHERE m.episode IS NULL AND m.published)
+FROM gone JOIN crowd_alert_matches m USING (id)
+"""
+
+# A row starting inside an episode always matches it, so moving the kept rows to their episode's start cannot collide.
+_UPDATE_SQL = """
+UPDATE alerts a SET
+    started_frame_id = e.started_frame_id, started_ts_ms = e.started_ts_ms,
+    ended_frame_id = e.ended_frame_id, ended_ts_ms = e.ended_ts_ms,
+    peak_count = e.peak_count, peak_frame_id = e.peak_frame_id,
+    threshold = %(threshold)s, min_duration_ms = %(min_duration_ms)s, updated_at = now()
+FROM crowd_alert_matches m JOIN crowd_alert_episodes e ON e.video_id = m.video_id AND e.started_frame_id = m.episode
+WHERE a.id = m.id AND m.k = 1
+  AND (a.started_frame_id, a.ended_frame_id, a.peak_count, a.peak_frame_id, a.threshold, a.min_duration_ms)
+      IS DISTINCT FROM (e.started_frame_id, e.ended_frame_id, e.peak_count, e.peak_frame_id,
+                        %(threshold)s::int, %(min_duration_ms)s::float8)
+"""
+
+_INSERT_SQL = """
+INSERT INTO alerts (video_id, started_frame_id, started_ts_ms, ended_frame_id, ended_ts_ms,
+                    peak_count, peak_frame_id, threshold, min_duration_ms)
+SELECT video_id, started_frame_id, started_ts_ms, ended_frame_id, ended_ts_ms, peak_count, peak_frame_id,
+       %(threshold)s, %(min_duration_ms)s
+FROM crowd_alert_episodes e
+WHERE NOT EXISTS (SELECT 1 FROM crowd_alert_matches m WHERE m.video_id = e.video_id AND m.episode = e.started_frame_id)
+ORDER BY video_id, started_frame_id
+ON CONFLICT (video_id, started_frame_id) DO NOTHING  -- a concurrent drain of another consumer group stored it
 """
 
 
-def update_alerts(conn: psycopg.Connection, video_ids: Collection[str], rule: AlertRule) -> int:
-    """Recompute the episodes of ``video_ids`` from ``frames`` and upsert them; run it inside the batch transaction.
+def update_alerts(
+    conn: psycopg.Connection, video_ids: Collection[str], rule: AlertRule, hot_video_ids: Collection[str] = ()
+) -> int:
+    """Make the ``alerts`` rows of ``video_ids`` the episodes their stored frames show; run it inside the batch
+    transaction. Only videos in ``hot_video_ids`` (a frame at the threshold in the batch) or with alert rows are
+    recomputed: frames below the threshold alone cannot make an episode.
+
+    The result depends on the frames stored, not on the order they came in: a row whose frames no longer make an
+    episode is deleted (a warning counts those already published: consumers are not told), rows one episode
+    turned out to span are merged into the oldest.
 
     Returns:
         the number of new episodes (alert rows inserted).
     """
-    if not video_ids:
-        return 0
-    inserted, merged = conn.execute(
-        _EPISODES_SQL,
-        {"threshold": rule.threshold, "min_duration_ms": rule.min_duration_ms, "videos": list(video_ids)},
-    ).fetchone()
+    if not hot_video_ids and not (
+        video_ids
+        and conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM alerts WHERE video_id = ANY(%s))", (list(video_ids),)
+        ).fetchone()[0]
+    ):
+        return 0  # the common batch: nothing that could make or change an episode (no scratch tables made)
+    params = {
+        "threshold": rule.threshold,
+        "min_duration_ms": rule.min_duration_ms,
+        "videos": sorted({*video_ids, *hot_video_ids}),
+        "hot": sorted(hot_video_ids),
+    }
+    with conn.transaction():  # a savepoint inside the batch's transaction: the scratch tables go with an error too
+        conn.execute(_EPISODES_SQL, params)
+        conn.execute(_MATCH_SQL, params)
+        merged, withdrawn = conn.execute(_DROP_SQL).fetchone()
+        conn.execute(_UPDATE_SQL, params)
+        inserted = conn.execute(_INSERT_SQL, params).rowcount
+        conn.execute("DROP TABLE crowd_alert_episodes, crowd_alert_matches")
     if merged:
         log.info(
             "%d crowd alert(s) merged into the episode they turned out to be part of (frames arrived late)", merged
+        )
+    if withdrawn:
+        log.warning(
+            "%d published crowd alert(s) deleted: the frames stored now (late or replaced) show no such episode; "
+            "consumers that received them are not told",
+            withdrawn,
         )
     return int(inserted)
 

@@ -280,8 +280,8 @@ def write_batch(
             _STORE_OFFSET_SQL,
             [(group_id, batch.topic, p, o, batch.topic_id) for p, o in sorted(batch.next_offsets.items())],
         )
-        if alert_rule is not None and batch.hot_videos:
-            new_alerts = update_alerts(conn, batch.hot_videos, alert_rule)
+        if alert_rule is not None:
+            new_alerts = update_alerts(conn, {vid for vid, _ in batch.frames}, alert_rule, batch.hot_videos)
     return len(batch.frames), n_faces, new_alerts
 
 
