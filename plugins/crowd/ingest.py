@@ -105,13 +105,7 @@ class Rejected(ValueError):
     def __init__(self, code: str, detail: str) -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code
-        self.reason = _storable_text(f"{code}: {detail}")[:2000]
-
-
-def _storable_text(text: str) -> str:
-    """``text`` as PostgreSQL can store it: a reason may quote the message's own bytes (an unknown field's name),
-    and a NUL or a lone surrogate there would make the whole batch fail, good messages included."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+        self.reason = storage.storable_text(f"{code}: {detail}")[:2000]
 
 
 @dataclass

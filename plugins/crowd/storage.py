@@ -30,6 +30,8 @@ from datetime import datetime
 
 import psycopg
 
+from crowd.config import Settings
+
 log = logging.getLogger(__name__)
 
 VIDEO_STATUSES = ("pending", "processing", "done", "failed")
@@ -478,13 +480,14 @@ def mark_video_processing(
     size_bytes: int | None,
     model: str | None,
     run: RunStamp | None = None,
-    claim_timeout_s: float | None = None,
+    claim_timeout_s: float = Settings.video_claim_timeout_s,
 ) -> bool:
     """Register ``video_id`` (or re-register it) as being processed by ``run``, its claim alive (see
     :class:`VideoState`); clears any previous error.
 
     The run taken over from is counted in ``silent_runs`` if it ended without a word: unless it gave a reason, or
-    its claim is still alive (a sign of life within ``claim_timeout_s``: it is superseded, not dead).
+    its claim is still alive (a sign of life within ``claim_timeout_s``, the settings' ``video_claim_timeout_s``:
+    it is superseded, not dead).
 
     Returns:
         False when the video was left as it is: owned by a later run, or ``done`` by ``run`` (see :class:`RunStamp`).
@@ -568,9 +571,15 @@ def mark_video_failed(
                 OR (videos.run_started_at = EXCLUDED.run_started_at AND videos.status = 'done'), false)
             RETURNING id
             """,
-            (video_id, str(path), str(error)[:10_000], *_run_columns(run)),
+            (video_id, str(path), storable_text(str(error)[:10_000]), *_run_columns(run)),
         ).fetchone()
     return written is not None
+
+
+def storable_text(text: str) -> str:
+    """``text`` as PostgreSQL can store it in a text column: a NUL or a lone surrogate (a reason may quote bytes
+    from a file or a message) would fail the statement, and with it what the caller meant to record."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def _run_columns(run: RunStamp | None) -> tuple[str | None, datetime | None]:

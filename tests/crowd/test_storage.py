@@ -81,6 +81,27 @@ def test_video_registry_lifecycle(conn: psycopg.Connection) -> None:
     assert row == ("done", None, True, 25.0)
 
 
+@pytest.mark.parametrize("bad", ["\x00", "\ud800"], ids=["nul", "lone-surrogate"])
+def test_a_failure_reason_quoting_bytes_postgresql_cannot_store_is_recorded_escaped(
+    conn: psycopg.Connection, bad: str
+) -> None:
+    """Before: the statement failed (DataError / UnicodeEncodeError) and the video was not marked failed."""
+    storage.migrate(conn)
+    assert storage.mark_video_failed(conn, "v1", "/videos/a.mp4", f"box {bad} unreadable")
+    status, error = conn.execute("SELECT status, error FROM videos WHERE id = 'v1'").fetchone()
+    assert status == "failed" and error.startswith("box \\") and error.endswith(" unreadable"), error
+
+
+def test_a_run_taking_over_a_live_claim_does_not_count_it_silent_by_default(conn: psycopg.Connection) -> None:
+    """Without ``claim_timeout_s`` the settings' default applies (before: NULL, so every takeover counted)."""
+    storage.migrate(conn)
+    meta = {"fps": None, "frame_count": None, "width": None, "height": None, "size_bytes": None, "model": "m"}
+    runs = [storage.RunStamp(f"manual__{i}", datetime(2026, 11, 28, 10, i, tzinfo=UTC)) for i in range(2)]
+    for run in runs:
+        assert storage.mark_video_processing(conn, "v1", "/videos/a.mp4", **meta, run=run)
+    assert conn.execute("SELECT silent_runs FROM videos WHERE id = 'v1'").fetchone() == (0,)
+
+
 def test_a_stale_try_cannot_turn_back_the_status_of_its_own_or_a_later_run(conn: psycopg.Connection) -> None:
     """The run started last owns a video's status (``RunStamp``): a late try of a finished run (a worker thawed
     or reconnected after its try was retried) leaves ``done`` alone, and nothing of an older run is written over
