@@ -299,7 +299,8 @@ def stored_offsets(conn: psycopg.Connection, group_id: str, topic: str, topic_id
     """Next offset to read per partition, as stored by the last committed batch.
 
     With ``topic_id``, offsets stored for another topic of the same name (deleted and made again) are deleted
-    first: they would skip as many messages of the new topic.
+    first: they would skip as many messages of the new topic. Offsets stored without an id (it could not be read)
+    are taken as this topic's and get its id, so that they are checked from then on.
     """
     with conn.transaction():
         if topic_id is not None:
@@ -313,6 +314,17 @@ def stored_offsets(conn: psycopg.Connection, group_id: str, topic: str, topic_id
                     "topic %s was made again (id %s, offsets stored for id %s): reading it from its start, not "
                     "from the old offsets %s",
                     topic, topic_id, stale[0][2], {int(p): int(o) for p, o, _ in stale},
+                )  # fmt: skip
+            unchecked = conn.execute(
+                "UPDATE kafka_offsets SET topic_id = %s WHERE consumer_group = %s AND topic = %s AND topic_id IS NULL "
+                "RETURNING partition",
+                (topic_id, group_id, topic),
+            ).fetchall()
+            if unchecked:  # stored when the id could not be read: trusted this once, checked from now on
+                log.warning(
+                    "offsets of topic %s partition(s) %s were stored without the topic's id: taken as offsets of "
+                    "topic id %s",
+                    topic, sorted(p for (p,) in unchecked), topic_id,
                 )  # fmt: skip
         rows = conn.execute(
             "SELECT partition, next_offset FROM kafka_offsets WHERE consumer_group = %s AND topic = %s",
