@@ -410,7 +410,7 @@ def _rows(conn: Any, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) ->
 _VIDEO_QUERY = """
 WITH ids AS (SELECT id AS video_id FROM videos UNION SELECT video_id FROM video_summary)
 SELECT i.video_id, v.path, v.status, v.error, COALESCE(v.model, s.model) AS model, v.fps, v.frame_count,
-       v.width, v.height, COALESCE(v.created_at, s.last_ingested_at) AS created_at, v.updated_at, v.finished_at,
+       v.width, v.height, COALESCE(v.created_at, s.first_ingested_at) AS created_at, v.updated_at, v.finished_at,
        v.run_id,
        COALESCE(s.frames, 0) AS frames, COALESCE(s.total_faces, 0) AS total_faces, s.max_faces, s.mean_faces,
        s.peak_frame_id, s.peak_ts_ms
@@ -419,7 +419,7 @@ LEFT JOIN videos v ON v.id = i.video_id
 LEFT JOIN video_summary s ON s.video_id = i.video_id
 WHERE (%(video_id)s::text IS NULL OR i.video_id = %(video_id)s)
   AND (%(status)s::text IS NULL OR v.status = %(status)s)
-ORDER BY COALESCE(v.created_at, s.last_ingested_at) DESC NULLS LAST, i.video_id
+ORDER BY COALESCE(v.created_at, s.first_ingested_at) DESC NULLS LAST, i.video_id
 LIMIT %(limit)s OFFSET %(offset)s
 """
 _VIDEO_COUNT = """

@@ -213,6 +213,35 @@ MIGRATIONS: tuple[Migration, ...] = (
                            ADD COLUMN reason_given boolean NOT NULL DEFAULT false;
         """,
     ),
+    Migration(
+        8,
+        "video_summary: when a video's frames were first stored (a stable order for videos the registry lacks)",
+        """
+        CREATE OR REPLACE VIEW video_summary AS
+        WITH per_video AS (
+            SELECT video_id,
+                   count(*)                       AS frames,
+                   sum(total_faces)::bigint       AS total_faces,
+                   max(total_faces)               AS max_faces,
+                   avg(total_faces)::double precision AS mean_faces,
+                   min(frame_ts_ms)               AS first_ts_ms,
+                   max(frame_ts_ms)               AS last_ts_ms,
+                   max(ingested_at)               AS last_ingested_at,
+                   min(ingested_at)               AS first_ingested_at
+            FROM frames GROUP BY video_id
+        ),
+        peaks AS (
+            SELECT DISTINCT ON (video_id) video_id, frame_id AS peak_frame_id, frame_ts_ms AS peak_ts_ms
+            FROM frames ORDER BY video_id, total_faces DESC, frame_id
+        )
+        SELECT p.video_id, p.frames, p.total_faces, p.max_faces, p.mean_faces,
+               k.peak_frame_id, k.peak_ts_ms, p.first_ts_ms, p.last_ts_ms, p.last_ingested_at,
+               v.status, v.path, v.model, p.first_ingested_at
+        FROM per_video p
+        JOIN peaks k USING (video_id)
+        LEFT JOIN videos v ON v.id = p.video_id;
+        """,
+    ),
 )
 
 _BOOTSTRAP_SQL = """

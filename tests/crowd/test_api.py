@@ -403,6 +403,39 @@ def test_csv_exports_come_in_batches_and_one_the_database_cannot_answer_is_a_503
     assert client.get(f"/crowd/videos/{V}/faces.csv", headers=headers).text == faces.text  # lock gone: whole again
 
 
+def _store_frames_without_registry(faces_topic: str, video_id: str, frame_ids: range) -> None:
+    """Frames of a video the registry does not know (another producer of the Faces topic), stored by a drain."""
+    from crowd.ingest import drain
+    from crowd.kafka import DeliveryTracker, reliable_producer
+    from crowd.messages import build_message
+
+    producer, tracker = reliable_producer("kafka_default", timeout_s=20), DeliveryTracker()
+    for frame_id in frame_ids:
+        message = build_message(video_id, f"/elsewhere/{video_id}.mp4", frame_id, frame_id * 100.0, (240, 320), [], "m")
+        producer.produce(faces_topic, key=video_id.encode(), value=message.to_json(), on_delivery=tracker.callback)
+    tracker.wait(producer, timeout_s=20)
+    producer.close()
+    summary = drain("kafka_default", "crowd_postgres", faces_topic, "crowd-ingest", idle_timeout_s=3, max_seconds=60)
+    assert summary.frames == len(frame_ids), summary
+
+
+def test_videos_the_registry_lacks_keep_their_place_while_their_frames_arrive(client: Any, faces_topic: str) -> None:
+    """Listed by when their first frame was stored (before: by their last one, so a video being ingested jumped to
+    the top of the first page at every batch, and pages showed it twice or skipped others)."""
+    _store_frames_without_registry(faces_topic, "loose-older", range(0, 10))
+    time.sleep(0.05)  # a later first frame
+    _store_frames_without_registry(faces_topic, "loose-newer", range(0, 10))
+    headers = auth(client, "viewer")
+    before = client.get("/crowd/videos", headers=headers).json()["items"]
+    _store_frames_without_registry(faces_topic, "loose-older", range(10, 20))  # more of the older one arrives
+    after = client.get("/crowd/videos", headers=headers).json()["items"]
+    assert [v["video_id"] for v in before] == [v["video_id"] for v in after] == ["loose-newer", "loose-older"]
+    assert [v["created_at"] for v in after] == [v["created_at"] for v in before]
+    assert [v["frames"] for v in after] == [10, 20]
+    pages = [client.get(f"/crowd/videos?limit=1&offset={k}", headers=headers).json()["items"] for k in (0, 1)]
+    assert [page[0]["video_id"] for page in pages] == ["loose-newer", "loose-older"]
+
+
 def test_results_routes_answer_503_without_the_schema(
     airflow_app: Any, messages_topic: str, pg_schema: str, results_dir: Path
 ) -> None:
