@@ -51,7 +51,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crowd.config import Settings, load_settings
 from crowd.ingest import stored_offsets
-from crowd.receiver import MessageReceiver, kafka_python_security
+from crowd.receiver import MessageReceiver, ReceivedMessage, kafka_python_security
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,18 @@ class ReceivedItem(BaseModel):
     timestamp_ms: int | None = None
     key: str | None = None
     value: Any = None
+
+    @classmethod
+    def of(cls, message: ReceivedMessage) -> ReceivedItem:
+        """The item for one message taken from the receiver's queue (its queue bookkeeping left out)."""
+        return cls(
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            timestamp_ms=message.timestamp_ms,
+            key=message.key,
+            value=message.value,
+        )
 
 
 class ReceiveResponse(BaseModel):
@@ -672,7 +684,7 @@ def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: C
         items = receiver.take(limit)
         stats = receiver.stats()
         return ReceiveResponse(
-            messages=[ReceivedItem(**{k: v for k, v in vars(m).items() if k != "size"}) for m in items],
+            messages=[ReceivedItem.of(m) for m in items],
             count=len(items),
             remaining=stats.queued,
         )
