@@ -48,10 +48,11 @@ def test_produce_and_consume_through_the_provider_hooks(faces_topic: str) -> Non
     assert received == sent
 
 
-def test_publish_to_a_dead_broker_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Delivery failure must raise, within the configured timeout (the provider's operator would succeed)."""
+def test_publish_to_a_dead_broker_fails_at_the_producers_message_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Delivery failure must raise (the provider's operator would succeed), and the producer's own message timeout
+    (3 s here, not librdkafka's 300 s default) is what ends it: the wait, allowed 10 s, sees the delivery report
+    "Message timed out", not messages still unacknowledged at its end."""
     import json
-    import time
 
     from crowd.kafka import DeliveryTracker, PublishError, reliable_producer
 
@@ -60,10 +61,8 @@ def test_publish_to_a_dead_broker_fails_fast(monkeypatch: pytest.MonkeyPatch) ->
     producer = reliable_producer("kafka_dead", timeout_s=3)
     tracker = DeliveryTracker()
     producer.produce("Faces", key=b"k", value=b"v", on_delivery=tracker.callback)
-    started = time.monotonic()
-    with pytest.raises(PublishError, match="failed delivery|unacknowledged"):
+    with pytest.raises(PublishError, match="1 of 1 message.* failed delivery: .*Message timed out"):
         tracker.wait(producer, timeout_s=10)
-    assert time.monotonic() - started < 10
 
 
 def test_postgres_round_trip_through_the_provider_hook(pg_schema: str) -> None:
