@@ -15,32 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-
-def darknet_conv_sizes(cfg: Path) -> list[tuple[int, int, int, bool]]:
-    """(filters, in_channels, size, batch_normalize) of every conv layer, following routes/shortcuts/upsamples."""
-    sections: list[dict[str, str]] = []
-    for line in cfg.read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line.startswith("["):
-            sections.append({"type": line.strip("[]")})
-        elif "=" in line:
-            k, v = line.split("=", 1)
-            sections[-1][k.strip()] = v.strip()
-    channels = [int(sections[0]["channels"])]
-    out: list[int] = []
-    convs = []
-    for s in sections[1:]:
-        prev = out[-1] if out else channels[0]
-        if s["type"] == "convolutional":
-            f = int(s["filters"])
-            convs.append((f, prev, int(s["size"]), s.get("batch_normalize") == "1"))
-            out.append(f)
-        elif s["type"] == "route":
-            ids = [int(i) for i in s["layers"].split(",")]
-            out.append(sum(out[i if i >= 0 else len(out) + i] for i in ids))
-        else:  # shortcut, upsample, yolo, maxpool keep channels
-            out.append(prev)
-    return convs
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
+from crowd.models import darknet_conv_layers  # noqa: E402
 
 
 def write_weights(cfg: Path, path: Path, *, obj_bias: float, seed: int = 0) -> int:
@@ -48,7 +24,7 @@ def write_weights(cfg: Path, path: Path, *, obj_bias: float, seed: int = 0) -> i
     rng = np.random.default_rng(seed)
     parts = [np.array([0, 2, 0], np.int32).tobytes(), np.array([0], np.int64).tobytes()]
     total = 0
-    for f, c, k, bn in darknet_conv_sizes(cfg):
+    for f, c, k, bn in darknet_conv_layers(cfg):
         fan_in = c * k * k
         if bn:
             block = [np.zeros(f), np.ones(f), np.zeros(f), np.ones(f)]  # bias, scale, mean, var

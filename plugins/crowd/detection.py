@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from crowd.config import Settings, load_settings
-from crowd.models import ModelError, YoloFiles, face_files, mtcnn_dir, require_model, tiny_files
+from crowd.models import ModelError, YoloFiles, check_weights, face_files, mtcnn_dir, require_model, tiny_files
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +180,7 @@ class YoloV3Detector(Detector):
         for label, path in (("cfg", cfg), ("weights", weights)):
             if not Path(path).is_file():
                 raise ModelError(f"YOLOv3 {label} file {str(path)!r} not found; see `python -m crowd.models status`")
+        check_weights(YoloFiles(cfg=Path(cfg), weights=Path(weights), names=Path(names or cfg)))
         try:
             self.net = cv2.dnn.readNetFromDarknet(str(cfg), str(weights))
         except cv2.error as exc:

@@ -78,6 +78,72 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def darknet_conv_layers(cfg: Path) -> list[tuple[int, int, int, bool]]:
+    """(filters, input channels, kernel size, batch_normalize) of every convolutional layer of a Darknet cfg,
+    following routes, shortcuts, upsamples and max-pools (they keep or concatenate channels).
+
+    Raises:
+        ModelError: the cfg cannot be read or is not a Darknet network description.
+    """
+    sections: list[dict[str, str]] = []
+    try:
+        for line in cfg.read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line.startswith("["):
+                sections.append({"type": line.strip("[]")})
+            elif "=" in line and sections:
+                key, value = line.split("=", 1)
+                sections[-1][key.strip()] = value.strip()
+        channels = int(sections[0]["channels"])
+        outputs: list[int] = []
+        layers = []
+        for section in sections[1:]:
+            previous = outputs[-1] if outputs else channels
+            if section["type"] == "convolutional":
+                filters = int(section["filters"])
+                layers.append((filters, previous, int(section["size"]), section.get("batch_normalize") == "1"))
+                outputs.append(filters)
+            elif section["type"] == "route":
+                ids = [int(i) for i in section["layers"].split(",")]
+                outputs.append(sum(outputs[i if i >= 0 else len(outputs) + i] for i in ids))
+            else:
+                outputs.append(previous)
+    except (OSError, UnicodeDecodeError, LookupError, ValueError) as exc:
+        raise ModelError(f"{cfg} is not a readable Darknet cfg: {type(exc).__name__}: {exc}") from None
+    return layers
+
+
+def darknet_weights_size(cfg: Path, header_bytes: int = 20) -> int:
+    """Bytes of a Darknet weights file for ``cfg``: the header (20 bytes, 16 before Darknet 0.2) and 4 bytes per
+    parameter (per conv layer: biases, and batch-norm scales/means/variances, and the kernel)."""
+    params = sum(f * (4 if bn else 1) + f * c * k * k for f, c, k, bn in darknet_conv_layers(cfg))
+    return header_bytes + 4 * params
+
+
+def check_weights(files: YoloFiles) -> None:
+    """Refuse weights whose size is not the one ``files.cfg`` needs. OpenCV loads any file of 24 bytes or more
+    without a word (a cut-off download, another network's weights), and the network then finds nothing.
+
+    Raises:
+        ModelError: the weights do not fit the cfg (the message gives both sizes).
+    """
+    try:
+        with open(files.weights, "rb") as handle:
+            header = handle.read(12)
+        size = files.weights.stat().st_size
+    except OSError as exc:
+        raise ModelError(f"cannot read weights {files.weights}: {exc}") from None
+    major, minor = (int.from_bytes(header[i : i + 4], "little") for i in (0, 4)) if len(header) == 12 else (0, 0)
+    header_bytes = 20 if major * 10 + minor >= 2 and major < 1000 and minor < 1000 else 16
+    expected = darknet_weights_size(files.cfg, header_bytes)
+    if size != expected:
+        raise ModelError(
+            f"weights {files.weights} are {size:,} bytes, but {files.cfg.name} needs {expected:,} "
+            f"({'cut off, or ' if size < expected else ''}weights of another network?); install the weights made for "
+            "this cfg"
+        )
+
+
 def face_files(settings: Settings | None = None) -> YoloFiles:
     """Paths of the YOLOv3 face model in ``settings.model_dir`` (they may not exist: check ``missing()``)."""
     d = (settings or load_settings()).model_dir
@@ -107,10 +173,11 @@ def install_weights(
 ) -> Path:
     """Copy (local path) or download (``http(s)://`` URL) YOLOv3 face weights to ``model_dir/yolov3-face.weights``.
 
-    The file is written to a temporary name and renamed only after the size/SHA-256 checks pass.
+    The file is written to a temporary name and renamed only after the checks pass: its SHA-256 (when given) and
+    its size, which must be the one the face cfg next to it needs (see :func:`check_weights`).
 
     Raises:
-        ModelError: source missing, download failed, or checksum mismatch.
+        ModelError: source missing, download failed, checksum mismatch, or weights that do not fit the cfg.
     """
     target_dir = dest_dir or (settings or load_settings()).model_dir
     target_dir.mkdir(parents=True, exist_ok=True)
@@ -132,11 +199,13 @@ def install_weights(
                 raise ModelError(f"weights file {source!r} does not exist or is not a file")
             shutil.copyfile(src, tmp)
         size = tmp.stat().st_size
-        if size < 20 + 4:
-            raise ModelError(f"weights from {source!r} are {size} bytes: too small to be Darknet weights")
         digest = sha256_file(tmp)
         if sha256 and digest.lower() != sha256.lower():
             raise ModelError(f"weights from {source!r} have sha256 {digest}, expected {sha256}; file not installed")
+        cfg = target_dir / FACE_CFG
+        if not cfg.is_file():
+            raise ModelError(f"no {FACE_CFG} in {target_dir}: the weights are checked against it; file not installed")
+        check_weights(YoloFiles(cfg=cfg, weights=tmp, names=target_dir / FACE_NAMES))
         os.replace(tmp, target)
         logger.info("installed %s (%d bytes, sha256 %s)", target, size, digest)
         return target
@@ -203,21 +272,26 @@ def require_model(backend: str, settings: Settings | None = None) -> str:
     """The backend a detection task will run (``auto`` resolved), once its files are found installed.
 
     Raises:
-        ModelError: its files are missing (the message says how to install them).
+        ModelError: its files are missing (the message says how to install them), or its weights do not fit its
+            cfg (with ``auto`` too: face weights installed but broken are an error, not a reason to use MTCNN).
     """
     settings = settings or load_settings()
     faces = face_files(settings)
     if backend == "auto":
         backend = "yolov3" if not faces.missing() else "mtcnn"
-    if backend == "yolov3" and faces.missing():
-        raise ModelError(
-            f"YOLOv3 face model incomplete, missing {', '.join(map(str, faces.missing()))}; install weights with "
-            "`python -m crowd.models install --weights PATH_OR_URL --sha256 HEX` or use backend 'mtcnn'"
-        )
-    if backend == "yolov3-tiny" and (tiny := tiny_files(settings)).missing():
-        raise ModelError(
-            f"YOLOv3-tiny not installed in {tiny.weights.parent}; run `python -m crowd.models install-tiny`"
-        )
+    if backend == "yolov3":
+        if faces.missing():
+            raise ModelError(
+                f"YOLOv3 face model incomplete, missing {', '.join(map(str, faces.missing()))}; install weights with "
+                "`python -m crowd.models install --weights PATH_OR_URL --sha256 HEX` or use backend 'mtcnn'"
+            )
+        check_weights(faces)  # a broken file would find no face in any video, each then recorded done
+    if backend == "yolov3-tiny":
+        if (tiny := tiny_files(settings)).missing():
+            raise ModelError(
+                f"YOLOv3-tiny not installed in {tiny.weights.parent}; run `python -m crowd.models install-tiny`"
+            )
+        check_weights(tiny)
     if backend == "mtcnn":
         mtcnn_dir()
     return backend

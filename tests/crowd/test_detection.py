@@ -105,6 +105,37 @@ def test_install_weights_rejects_bad_checksum(tmp_path: Path) -> None:
         build_detector("yolov3", Settings(model_dir=tmp_path / "m"))
 
 
+@pytest.mark.parametrize(
+    "make_broken",
+    [
+        pytest.param(lambda good, tiny: b"\0" * 24, id="24-zero-bytes"),
+        pytest.param(lambda good, tiny: good.read_bytes()[: 10 << 20], id="cut-off-download"),
+        pytest.param(lambda good, tiny: tiny.weights.read_bytes(), id="another-networks-weights"),
+    ],
+)
+def test_weights_that_do_not_fit_the_cfg_are_refused_everywhere(
+    face_cfg_weights: dict[float, Path], tiny_files: YoloFiles, tmp_path: Path, make_broken
+) -> None:
+    """OpenCV loads any file of 24 bytes or more without a word, and the network then finds no face: every video
+    would be recorded done with 0 faces (and, known by its content, never computed again)."""
+    broken = tmp_path / "broken.weights"
+    broken.write_bytes(make_broken(face_cfg_weights[10.0], tiny_files))
+    settings = Settings(model_dir=tmp_path / "m")
+    settings.model_dir.mkdir()
+    (settings.model_dir / "yolov3-face.cfg").write_bytes(FACE_CFG.read_bytes())
+    (settings.model_dir / "face.names").write_text("face\n")
+    with pytest.raises(ModelError, match=r"yolov3-face.cfg needs 246,305,38[48] "):
+        install_weights(str(broken), settings=settings)
+    assert not (settings.model_dir / FACE_WEIGHTS).exists()
+    with pytest.raises(ModelError, match=r"needs 246,305,38[48] "):
+        YoloV3Detector(FACE_CFG, broken, input_size=128)
+    (settings.model_dir / FACE_WEIGHTS).write_bytes(broken.read_bytes())  # put there by hand
+    for backend in ("auto", "yolov3"):  # auto: an error, not MTCNN in its place
+        with pytest.raises(ModelError, match="weights of another network"):
+            build_detector(backend, settings)
+    assert YoloV3Detector(FACE_CFG, face_cfg_weights[10.0], input_size=128).input_size == 128  # the right size
+
+
 def test_letterbox_maps_back() -> None:
     canvas, scale, px, py = letterbox(np.zeros((100, 200, 3), np.uint8), 416)
     assert canvas.shape == (416, 416, 3) and scale == pytest.approx(2.08) and px == 0 and py == 104
