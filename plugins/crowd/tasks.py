@@ -95,6 +95,8 @@ def detect_and_publish(item: dict[str, Any]) -> dict[str, Any]:
         return jobs.detect_and_publish(jobs.WorkItem(**item), _options(), load_settings(), _run_stamp())
     except jobs.BadVideoError as exc:
         raise AirflowFailException(str(exc)) from exc
+    except ModelError as exc:  # the files changed since the first task checked them: retrying them cannot help
+        raise AirflowFailException(f"model not usable: {exc}") from exc
 
 
 @task(trigger_rule="all_done")

@@ -106,3 +106,44 @@ def test_a_model_that_is_not_installed_fails_the_first_task_once(
     assert "success" not in states.get("detect_and_publish", []), states
     assert _consume_all(env["topic"], env["bootstrap"]) == []
     OUTCOMES[f"{dag_id} model=yolov3 not installed"] = f"{first} failed once"
+
+
+def test_face_weights_that_do_not_fit_their_cfg_fail_the_first_task_once(
+    env: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the default model (``auto``): before, OpenCV loaded them without a word, every video was published
+    with 0 faces and recorded done (and, known by its content, never computed again)."""
+    from tests.crowd.test_detection import FACE_CFG
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(FACE_CFG, models / "yolov3-face.cfg")
+    (models / "face.names").write_text("face\n")
+    (models / "yolov3-face.weights").write_bytes(b"\0" * 10_000)  # a download cut off early
+    monkeypatch.setenv("CROWD_MODEL_DIR", str(models))
+    monkeypatch.setenv("CROWD_DETECTOR", "auto")
+    run = _dag("crowd_video_scan").test(run_conf={"model": "auto"})
+    assert str(run.state) == "failed"
+    states = _task_states(run)
+    assert states["scan_video_folders"] == ["failed"] and _try_numbers(run, "scan_video_folders") == [1], states
+    assert "detect_and_publish" not in states or "success" not in states["detect_and_publish"], states
+    assert _consume_all(env["topic"], env["bootstrap"]) == []
+    OUTCOMES["crowd_video_scan, face weights cut off"] = "scan_video_folders failed once"
+
+
+def test_a_model_that_cannot_be_loaded_by_a_detection_task_fails_it_without_retries(
+    env: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first task found the model; a mapped task cannot load it (its files changed in between): retrying the
+    same files cannot help (before: two more tries each)."""
+    import crowd.jobs
+    from crowd.models import ModelError
+
+    def unloadable(*args, **kwargs):
+        raise ModelError("OpenCV cannot load yolov3-face.cfg (test)")
+
+    monkeypatch.setattr(crowd.jobs, "build_detector", unloadable)
+    run = _dag("crowd_video_detect").test(run_conf={"video_path": env["video"]})
+    assert str(run.state) == "failed"
+    assert _task_states(run)["detect_and_publish"] == ["failed"]
+    assert _try_numbers(run, "detect_and_publish") == [1], "a model that cannot be loaded was retried"
