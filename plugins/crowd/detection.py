@@ -512,13 +512,41 @@ class TiledDetector(Detector):
         frame = _check_frame(frame_bgr)
         h, w = frame.shape[:2]
         grid = tile_grid(w, h, self.tile_size, self.overlap)
-        found: list[Detection] = []
+        whole: list[Detection] = []
         if self.include_full_frame or len(grid) == 1:
-            found += self.inner.detect(frame)
+            whole = self.inner.detect(frame)
+        cut: list[Detection] = []  # boxes a tile's inner border cuts: maybe a slice of something seen whole
         if len(grid) > 1:
             for x, y, tw, th in grid:
-                found += [d.shifted(x, y) for d in self.inner.detect(frame[y : y + th, x : x + tw])]
+                for d in self.inner.detect(frame[y : y + th, x : x + tw]):
+                    shifted = d.shifted(x, y)
+                    touches = (
+                        (d.x <= CUT_EDGE_PX and x > 0)
+                        or (d.y <= CUT_EDGE_PX and y > 0)
+                        or (d.x + d.width >= tw - CUT_EDGE_PX and x + tw < w)
+                        or (d.y + d.height >= th - CUT_EDGE_PX and y + th < h)
+                    )
+                    (cut if touches else whole).append(shifted)
+        found = whole + [d for d in cut if not _slice_of_another(d, whole + cut)]
         return nms(found, self.nms_threshold)
+
+
+CUT_EDGE_PX = 2  # a tile box this close to a tile border inside the frame was cut by it
+
+
+def _slice_of_another(box: Detection, others: Sequence[Detection], cover: float = 0.6) -> bool:
+    """Whether a larger box covers at least ``cover`` of ``box``: a tile border cut ``box`` out of what that box
+    shows whole (plain IoU keeps both: a slice's IoU with the whole stays under the NMS threshold)."""
+    area = box.width * box.height
+    bx1, by1, bx2, by2 = box.xyxy
+    for other in others:
+        if other is box or other.width * other.height <= area:
+            continue
+        ox1, oy1, ox2, oy2 = other.xyxy
+        inter = max(0, min(bx2, ox2) - max(bx1, ox1)) * max(0, min(by2, oy2) - max(by1, oy1))
+        if inter >= cover * area:
+            return True
+    return False
 
 
 # -------------------------------------------------------------------------------------------------- factory
