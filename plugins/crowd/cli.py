@@ -1,8 +1,8 @@
 """Command line: ``python -m crowd detect VIDEO|IMAGE|CAMERA_INDEX|URL [options]`` and ``python -m crowd schema``.
 
 Results go to ``--out`` as JSON lines (one message per processed frame) or to stdout; progress and the
-summary go to stderr. Exit code 0 = all fine, 1 = bad input or missing model, 3 = decoding stopped early
-(the frames before it were written).
+summary go to stderr. Exit code 0 = all fine, 1 = bad input, missing model, a file that cannot be written or a
+reader of stdout gone, 2 = bad options, 3 = decoding stopped early (the frames before it were written).
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from contextlib import ExitStack
+from pathlib import Path
 from typing import IO
 
 from crowd.detection import BACKENDS, build_detector
@@ -23,21 +25,44 @@ from crowd.video import VideoError, is_image_path
 EXIT_STOPPED_EARLY = 3
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number")
+    return value
+
+
+def _writable_folder(text: str) -> Path:
+    """The ``--pictures`` folder, made if missing, checked before any frame is processed."""
+    folder = Path(text)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot make folder {text!r}: {exc.strerror or exc}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"folder {text!r} is not writable")
+    return folder
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m crowd", description="crowd face detection")
     sub = parser.add_subparsers(dest="command", required=True)
     det = sub.add_parser("detect", help="detect faces in a video, image, camera index or stream URL")
     det.add_argument("source", help="video or image path, camera index (0) or URL (rtsp://...)")
-    det.add_argument("--frame-interval", type=int, default=None, help="process every N-th frame (default fps/3)")
+    det.add_argument(
+        "--frame-interval", type=_positive_int, default=None, help="process every N-th frame (default fps/3)"
+    )
     det.add_argument("--target-fps", type=float, default=None, help="alternative: about this many frames per second")
     det.add_argument("--start", type=int, default=0, help="first frame id of the range")
     det.add_argument("--stop", type=int, default=None, help="frame id after the range (exclusive)")
-    det.add_argument("--max-frames", type=int, default=None, help="stop after this many processed frames")
+    det.add_argument("--max-frames", type=_positive_int, default=None, help="stop after this many processed frames")
     det.add_argument("--out", default=None, help="write JSON lines here (default: stdout)")
     det.add_argument("--backend", choices=BACKENDS, default=None, help="detector (default: CROWD_DETECTOR or auto)")
     det.add_argument("--input-size", type=int, default=416, help="YOLO network input size")
     det.add_argument("--tiles", action="store_true", help="also detect on overlapping tiles (small faces)")
-    det.add_argument("--pictures", default=None, help="folder for annotated frame, heatmap and timeline")
+    det.add_argument(
+        "--pictures", type=_writable_folder, default=None, help="folder for annotated frame, heatmap and timeline"
+    )
     det.add_argument("-q", "--quiet", action="store_true", help="only warnings on stderr")
     sch = sub.add_parser("schema", help="write include/schema/faces-message.schema.json")
     sch.add_argument("--path", default=None)
@@ -78,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(json.dumps(summary.to_dict()), file=sys.stderr)
         return EXIT_STOPPED_EARLY if summary.stopped_early else 0
-    except (VideoError, ModelError, ValueError) as exc:
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return 1
+    except (VideoError, ModelError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

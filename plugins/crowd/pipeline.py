@@ -118,8 +118,13 @@ def process_video(
         pictures_prefix: put before their file names (a part of a split video: ``part-0002-``).
         video_id: id recorded in messages (default: :func:`~crowd.video.content_hash` of the file, or the
             source string for live sources).
-        max_frames: stop after this many processed frames (useful for live sources).
+        max_frames: stop after this many processed frames (useful for live sources); at least 1.
+
+    Raises:
+        ValueError: ``max_frames`` below 1 (a frame would still be processed).
     """
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames={max_frames!r} must be at least 1 (or None for no limit)")
     started = time.perf_counter()
     reader = FrameReader(
         source, frame_interval=frame_interval, target_fps=target_fps, frame_range=frame_range, prepare=detector.prepare

@@ -138,3 +138,28 @@ def test_cli_image_and_errors(tmp_path: Path) -> None:
     assert proc.returncode == 0 and json.loads(proc.stdout)["total_faces"] == 1
     proc = _cli("detect", str(tmp_path / "missing.mp4"))
     assert proc.returncode == 1 and "no such file" in proc.stderr
+
+
+def test_cli_refuses_bad_options_and_unwritable_places_before_the_work(tmp_path: Path) -> None:
+    """Before: a --pictures path under a file failed with a traceback after every frame was detected, --out in a
+    missing folder with a traceback, and --max-frames 0 still processed a frame."""
+    (tmp_path / "afile").write_text("x")
+    for option, value, says in [
+        ("--pictures", str(tmp_path / "afile" / "pics"), "cannot make folder"),
+        ("--max-frames", "0", "not a positive whole number"),
+        ("--frame-interval", "-3", "not a positive whole number"),
+    ]:
+        proc = _cli("detect", str(CARPHONE), option, value)
+        assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stdout == ""
+    proc = _cli("detect", str(CARPHONE), "--out", str(tmp_path / "missing" / "r.jsonl"))
+    assert proc.returncode == 1 and "\nerror: [Errno 2]" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    with pytest.raises(ValueError, match="max_frames=0"):
+        process_video(CARPHONE, MtcnnDetector(), max_frames=0)
+
+
+def test_cli_stops_quietly_when_the_reader_of_its_output_goes(tmp_path: Path) -> None:
+    env = {"PYTHONPATH": str(ROOT / "plugins"), "PATH": "/usr/bin:/bin", "CROWD_DETECTOR": "mtcnn"}
+    command = f"{sys.executable} -m crowd detect {CARPHONE} --frame-interval 1 -q | head -c 1"
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.stdout == "{" and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
