@@ -363,7 +363,8 @@ class MtcnnDetector(Detector):
         if min_face_size < 12:
             raise ValueError(f"min_face_size={min_face_size} must be >= 12 (the P-net window)")
         self.min_face_size = min_face_size
-        self.thresholds = thresholds
+        # the O-net stage's threshold is the final score's: a lower conf_threshold lowers it (else 0.7 would apply)
+        self.thresholds = (thresholds[0], thresholds[1], min(thresholds[2], conf_threshold))
         self.scale_factor = scale_factor
         self.max_side = max_side
         self.conf_threshold = conf_threshold
@@ -450,7 +451,8 @@ class MtcnnDetector(Detector):
         factor = 1.0
         if self.max_side is not None and max(fh, fw) > self.max_side:
             factor = self.max_side / max(fh, fw)
-            frame = cv2.resize(frame, (round(fw * factor), round(fh * factor)), interpolation=cv2.INTER_AREA)
+            size = (max(1, round(fw * factor)), max(1, round(fh * factor)))  # a 1x3000 frame: not 0 wide
+            frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
         rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
         boxes = self._stage1(rgb)
         for stage in (2, 3):

@@ -178,6 +178,19 @@ def test_mtcnn_recall_precision_on_lfw_scenes(mtcnn: MtcnnDetector, lfw) -> None
     assert tp / n_det >= 0.95, f"precision {tp}/{n_det}"
 
 
+def test_mtcnn_reports_scores_down_to_the_confidence_asked_for() -> None:
+    """The O-net stage kept only scores above 0.7 whatever ``conf_threshold`` said (the DAG's ``confidence=0.5``
+    acted as 0.7). A blurred portrait gives a second, weak box (0.41)."""
+    blurred = cv2.GaussianBlur(cv2.imread(str(GRACE_HOPPER)), (21, 21), 0)
+    scores = [d.confidence for d in MtcnnDetector(conf_threshold=0.3).detect(blurred)]
+    assert all(c >= 0.3 for c in scores) and any(c < 0.7 for c in scores), scores
+    assert [c >= 0.9 for c in (d.confidence for d in MtcnnDetector().detect(blurred))] == [True]  # default 0.9
+
+
+def test_mtcnn_downscaling_a_thin_frame_keeps_it_one_pixel_wide() -> None:
+    assert MtcnnDetector(max_side=640).detect(np.zeros((1, 3000, 3), np.uint8)) == []  # was a cv2.error
+
+
 @pytest.mark.parametrize(
     "texture",
     [
