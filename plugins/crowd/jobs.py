@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -285,7 +285,9 @@ def plan_video(path: Path, video_id: str, settings: Settings, max_items: int | N
     return [WorkItem(str(path), video_id, a, b, i, len(ranges)) for i, (a, b) in enumerate(ranges)]
 
 
-def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
+def find_new_videos(
+    settings: Settings | None = None, run_is_active: Callable[[str], bool] | None = None
+) -> list[WorkItem]:
     """Work items for every video under the roots whose content was not processed yet.
 
     Videos are known by content hash: a renamed copy of a processed (or failed) video is skipped, a changed
@@ -298,6 +300,9 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
     ``scanned_files`` with its size, times and inode, and later scans reuse it while these stay the same.
     At most ``settings.max_tasks_per_run`` items are returned (Airflow maps no longer list): whole videos up to
     that many, the others are left for the next scans (a video too long alone gets that many longer parts).
+
+    ``run_is_active(run_id)`` tells whether the run a video belongs to is still queued or running in Airflow: a
+    video whose claim lapsed is left to that run too (its parts may wait in a queue longer than the claim lasts).
     """
     settings = settings or load_settings()
     items: list[WorkItem] = []
@@ -343,6 +348,19 @@ def find_new_videos(settings: Settings | None = None) -> list[WorkItem]:
                 log.info(
                     "skipping %s: video %s is being processed by run %s (last sign of life %.0f s ago)", path.name,
                     video_id, state.run_id, state.alive_s_ago,
+                )  # fmt: skip
+                continue
+            if (
+                state
+                and state.status == "processing"
+                and state.run_id
+                and run_is_active
+                and run_is_active(state.run_id)
+            ):
+                in_progress += 1
+                log.info(
+                    "skipping %s: video %s belongs to run %s, still active in Airflow (its tasks wait in a queue: no "
+                    "sign of life for %.0f s)", path.name, video_id, state.run_id, state.alive_s_ago,
                 )  # fmt: skip
                 continue
             given_up = state and state.runs_ended_silently() >= settings.max_silent_runs

@@ -7,6 +7,7 @@ that Airflow retries it, and the video is not recorded as failed.
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 
@@ -16,6 +17,8 @@ from airflow.sdk.exceptions import AirflowFailException
 from crowd import jobs, storage
 from crowd.config import ConfigError, Settings, load_settings
 from crowd.models import ModelError, require_model
+
+log = logging.getLogger(__name__)
 
 #: Trigger-form parameters shared by the detection DAGs (checked again by ``DetectOptions.from_params``).
 DETECTION_PARAMS = {
@@ -66,7 +69,23 @@ def _options() -> jobs.DetectOptions:
 def scan_video_folders() -> list[dict[str, Any]]:
     """List the new videos under the configured roots and split them into work items."""
     _options()  # refuse bad params or a model not installed before any work
-    return [item.to_dict() for item in jobs.find_new_videos(load_settings())]
+    return [item.to_dict() for item in jobs.find_new_videos(load_settings(), run_is_active=_manual_run_is_active)]
+
+
+MANUAL_DAG_ID = "crowd_video_detect"
+
+
+def _manual_run_is_active(run_id: str) -> bool:
+    """Whether ``run_id`` is a queued or running run of the manual DAG (a scan's earlier runs are over: one runs
+    at a time). Asked of the api-server through the task's own channel; no answer counts as not active."""
+    try:
+        state = get_current_context()["ti"].get_dagrun_state(dag_id=MANUAL_DAG_ID, run_id=run_id)
+    except Exception as exc:  # noqa: BLE001 - not a run of that DAG (a scan's), or no answer: the claim decides
+        log.info("state of run %s of %s unknown (%s): its claim decides", run_id, MANUAL_DAG_ID, exc)
+        return False
+    state = str(getattr(state, "value", state))  # a DagRunState
+    log.info("run %s of %s is %s", run_id, MANUAL_DAG_ID, state)
+    return state in ("queued", "running")
 
 
 @task

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -216,12 +218,55 @@ def test_scan_dag_processes_new_videos_records_failures_and_skips_known_ones(pip
     assert json.dumps(_video_rows(), sort_keys=True) == json.dumps(rows, sort_keys=True)
 
 
+def test_a_scan_leaves_a_video_to_a_manual_run_still_queued_after_its_claim_lapsed(
+    pipeline_env, monkeypatch, capfd, caplog
+) -> None:
+    """A manual run claimed the video, and its parts wait in a queue for longer than the claim lasts (no sign of
+    life): the scan asks Airflow, finds the run still queued, and leaves the video to it (before: planned again,
+    computed twice, and the waiting run counted as one that ended silently). Once that run is over, it plans it."""
+    import uuid
+
+    from airflow.api.common.trigger_dag import trigger_dag
+    from airflow.models import DagRun
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState
+    from airflow.utils.types import DagRunTriggeredByType
+
+    monkeypatch.setenv("CROWD_VIDEO_CLAIM_TIMEOUT_S", "1")
+    scan = _dag("crowd_video_scan")
+    assert str(scan.test().state) == "success"  # an empty folder; the DAGs are now known to the metadata DB
+    video = write_clip(CARPHONE, pipeline_env["root"] / "queued.mp4", 12)
+    video_id, run_id = content_hash(video), f"manual__queued-{uuid.uuid4().hex[:8]}"
+    trigger_dag("crowd_video_detect", run_id=run_id, conf={"video_path": str(video)},
+                triggered_by=DagRunTriggeredByType.TEST)  # fmt: skip
+    with storage.connect("crowd_postgres") as conn:  # its first task claimed the video; the rest waits
+        storage.mark_video_processing(conn, video_id, str(video), fps=None, frame_count=None, width=None,
+                                      height=None, size_bytes=None, model="m",
+                                      run=storage.RunStamp(run_id, datetime.now(UTC)))  # fmt: skip
+        conn.execute("UPDATE videos SET alive_at = alive_at - interval '1 minute' WHERE id = %s", (video_id,))
+        conn.commit()
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="crowd.jobs"):
+        left = scan.test()
+    assert str(left.state) == "success", _task_states(left)
+    assert _task_states(left).get("detect_and_publish", ["skipped"]) in (["skipped"], []), _task_states(left)
+    task_log = caplog.text + "".join(capfd.readouterr())  # (where Airflow's logging sends it depends on the order)
+    assert f"belongs to run {run_id}, still active in Airflow" in task_log
+    with storage.connect("crowd_postgres") as conn:
+        assert storage.get_video_state(conn, video_id).silent_runs == 0
+
+    with create_session() as session:  # the manual run is over (it failed, say)
+        session.query(DagRun).filter(DagRun.run_id == run_id).update({"state": DagRunState.FAILED})
+    planned = scan.test()
+    assert _task_states(planned)["detect_and_publish"] == ["success"], _task_states(planned)
+    assert _video_rows()[video_id][0] == "done"
+
+
 def test_scan_leaves_a_file_still_being_written_for_a_later_scan(pipeline_env, monkeypatch, caplog) -> None:
     """``CROWD_SCAN_MIN_AGE_S``: an upload in progress (the first half of the file, modified now) and a file dated
     in the future are left alone, without a failed task or a ``videos`` row; once the upload is complete and older
     than the threshold, the next scan processes it like any video. Processed at once, the half file would fail
     (no index) and stay recorded as a failed video."""
-    import logging
     import os
 
     monkeypatch.setenv("CROWD_SCAN_MIN_AGE_S", "60")
