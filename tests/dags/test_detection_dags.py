@@ -301,9 +301,9 @@ def test_scan_leaves_a_file_still_being_written_for_a_later_scan(pipeline_env, m
     )
 
 
-def test_publishing_to_a_dead_broker_fails_the_task_at_the_publish_timeout(pipeline_env, monkeypatch, capfd) -> None:
-    """The task fails, by the producer's message timeout (``CROWD_PUBLISH_TIMEOUT_S``, 3 s here) rather than
-    librdkafka's 300 s default: the reports say "Message timed out" (the task would not wait for them otherwise)."""
+def test_publishing_to_a_dead_broker_fails_the_task(pipeline_env, monkeypatch) -> None:
+    """The task fails (the provider's operator would succeed); the video stays to be retried. That the producer's
+    own message timeout ends the wait is tested where the log can be read: ``tests/test_services.py``."""
     video = shutil.copy(CARPHONE, pipeline_env["root"] / "dead-broker.mp4")
     dead = {"conn_type": "kafka", "extra": {"bootstrap.servers": "127.0.0.1:9", "socket.timeout.ms": 1000}}
     monkeypatch.setenv("AIRFLOW_CONN_KAFKA_DEFAULT", json.dumps(dead))
@@ -314,8 +314,6 @@ def test_publishing_to_a_dead_broker_fails_the_task_at_the_publish_timeout(pipel
     run = dag.test(run_conf={"video_path": str(video)})
     assert str(run.state) == "failed"
     assert "failed" in _task_states(run)["detect_and_publish"]
-    task_log = "".join(capfd.readouterr())  # the task's log (Airflow's structlog writes it to the console)
-    assert "PublishError" in task_log and "failed delivery" in task_log and "Message timed out" in task_log
     assert _video_rows()[content_hash(video)][0] == "processing"  # not done: the next run retries it
 
 
