@@ -57,12 +57,16 @@ class Detection:
 
 def iou(a: Detection, b: Detection) -> float:
     """Intersection over union of two boxes (0 when they do not overlap)."""
-    ax1, ay1, ax2, ay2 = a.xyxy
-    bx1, by1, bx2, by2 = b.xyxy
-    iw, ih = max(0, min(ax2, bx2) - max(ax1, bx1)), max(0, min(ay2, by2) - max(ay1, by1))
-    inter = iw * ih
+    inter = intersection_area(a, b)
     union = a.width * a.height + b.width * b.height - inter
     return inter / union if union > 0 else 0.0
+
+
+def intersection_area(a: Detection, b: Detection) -> int:
+    """Pixels two boxes share (0 when they do not overlap)."""
+    ax1, ay1, ax2, ay2 = a.xyxy
+    bx1, by1, bx2, by2 = b.xyxy
+    return max(0, min(ax2, bx2) - max(ax1, bx1)) * max(0, min(ay2, by2) - max(ay1, by1))
 
 
 def _clip(x1: float, y1: float, x2: float, y2: float, w: int, h: int) -> tuple[int, int, int, int] | None:
@@ -180,7 +184,7 @@ class YoloV3Detector(Detector):
         for label, path in (("cfg", cfg), ("weights", weights)):
             if not Path(path).is_file():
                 raise ModelError(f"YOLOv3 {label} file {str(path)!r} not found; see `python -m crowd.models status`")
-        check_weights(YoloFiles(cfg=Path(cfg), weights=Path(weights), names=Path(names or cfg)))
+        check_weights(Path(cfg), Path(weights))
         try:
             self.net = cv2.dnn.readNetFromDarknet(str(cfg), str(weights))
         except cv2.error as exc:
@@ -540,15 +544,10 @@ def _slice_of_another(box: Detection, others: Sequence[Detection], cover: float 
     """Whether a larger box covers at least ``cover`` of ``box``: a tile border cut ``box`` out of what that box
     shows whole (plain IoU keeps both: a slice's IoU with the whole stays under the NMS threshold)."""
     area = box.width * box.height
-    bx1, by1, bx2, by2 = box.xyxy
-    for other in others:
-        if other is box or other.width * other.height <= area:
-            continue
-        ox1, oy1, ox2, oy2 = other.xyxy
-        inter = max(0, min(bx2, ox2) - max(bx1, ox1)) * max(0, min(by2, oy2) - max(by1, oy1))
-        if inter >= cover * area:
-            return True
-    return False
+    return any(
+        other is not box and other.width * other.height > area and intersection_area(box, other) >= cover * area
+        for other in others
+    )
 
 
 # -------------------------------------------------------------------------------------------------- factory

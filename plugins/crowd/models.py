@@ -120,25 +120,25 @@ def darknet_weights_size(cfg: Path, header_bytes: int = 20) -> int:
     return header_bytes + 4 * params
 
 
-def check_weights(files: YoloFiles) -> None:
-    """Refuse weights whose size is not the one ``files.cfg`` needs. OpenCV loads any file of 24 bytes or more
+def check_weights(cfg: Path, weights: Path) -> None:
+    """Refuse weights whose size is not the one ``cfg`` needs. OpenCV loads any file of 24 bytes or more
     without a word (a cut-off download, another network's weights), and the network then finds nothing.
 
     Raises:
         ModelError: the weights do not fit the cfg (the message gives both sizes).
     """
     try:
-        with open(files.weights, "rb") as handle:
+        with open(weights, "rb") as handle:
             header = handle.read(12)
-        size = files.weights.stat().st_size
+        size = weights.stat().st_size
     except OSError as exc:
-        raise ModelError(f"cannot read weights {files.weights}: {exc}") from None
+        raise ModelError(f"cannot read weights {weights}: {exc}") from None
     major, minor = (int.from_bytes(header[i : i + 4], "little") for i in (0, 4)) if len(header) == 12 else (0, 0)
     header_bytes = 20 if major * 10 + minor >= 2 and major < 1000 and minor < 1000 else 16
-    expected = darknet_weights_size(files.cfg, header_bytes)
+    expected = darknet_weights_size(cfg, header_bytes)
     if size != expected:
         raise ModelError(
-            f"weights {files.weights} are {size:,} bytes, but {files.cfg.name} needs {expected:,} "
+            f"weights {weights} are {size:,} bytes, but {cfg.name} needs {expected:,} "
             f"({'cut off, or ' if size < expected else ''}weights of another network?); install the weights made for "
             "this cfg"
         )
@@ -208,7 +208,7 @@ def install_weights(
         cfg = target_dir / FACE_CFG
         if not cfg.is_file():
             raise ModelError(f"no {FACE_CFG} in {target_dir}: the weights are checked against it; file not installed")
-        check_weights(YoloFiles(cfg=cfg, weights=tmp, names=target_dir / FACE_NAMES))
+        check_weights(cfg, tmp)
         os.replace(tmp, target)
         logger.info("installed %s (%d bytes, sha256 %s)", target, size, digest)
         return target
@@ -290,13 +290,15 @@ def require_model(backend: str, settings: Settings | None = None) -> str:
                 f"YOLOv3 face model incomplete, missing {', '.join(map(str, faces.missing()))}; install weights with "
                 "`python -m crowd.models install --weights PATH_OR_URL --sha256 HEX` or use backend 'mtcnn'"
             )
-        check_weights(faces)  # a broken file would find no face in any video, each then recorded done
+        check_weights(
+            faces.cfg, faces.weights
+        )  # a broken file would find no face in any video, each then recorded done
     if backend == "yolov3-tiny":
         if (tiny := tiny_files(settings)).missing():
             raise ModelError(
                 f"YOLOv3-tiny not installed in {tiny.weights.parent}; run `python -m crowd.models install-tiny`"
             )
-        check_weights(tiny)
+        check_weights(tiny.cfg, tiny.weights)
     if backend == "mtcnn":
         mtcnn_dir()
     return backend
