@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.dags.test_detection_dags import CARPHONE, _consume_all, _dag, _task_states, _try_numbers
+from tests.dags.test_detection_dags import (
+    CARPHONE,
+    _assert_only_the_first_task_failed,
+    _consume_all,
+    _dag,
+    _task_states,
+    _try_numbers,
+)
 from tests.reliability.conftest import report
 
 pytestmark = [pytest.mark.services, pytest.mark.airflow, pytest.mark.reliability]
@@ -84,9 +91,7 @@ def test_first_task_refuses_bad_paths_with_the_reason(env: dict, make_path, reas
     with pytest.raises(ConfigError, match=reason):
         plan_requested_video(path, load_settings())
     run = _dag("crowd_video_detect").test(run_conf={"video_path": path})  # with the DAG's retries
-    assert str(run.state) == "failed"
-    assert _task_states(run)["plan_requested_video"] == ["failed"]
-    assert _try_numbers(run, "plan_requested_video") == [1], "a bad path was retried"
+    _assert_only_the_first_task_failed(run, "plan_requested_video")
     assert _consume_all(env["topic"], env["bootstrap"]) == []
     OUTCOMES[repr(path[-40:])] = f"first task failed: ConfigError matching {reason!r}"
 
@@ -99,11 +104,7 @@ def test_a_model_that_is_not_installed_fails_the_first_task_once(
     monkeypatch.setenv("CROWD_MODEL_DIR", str(tmp_path / "no-models"))
     first = "plan_requested_video" if dag_id == "crowd_video_detect" else "scan_video_folders"
     conf = {"video_path": env["video"], "model": "yolov3"} if first == "plan_requested_video" else {"model": "yolov3"}
-    run = _dag(dag_id).test(run_conf=conf)
-    assert str(run.state) == "failed"
-    states = _task_states(run)
-    assert states[first] == ["failed"] and _try_numbers(run, first) == [1], states
-    assert "success" not in states.get("detect_and_publish", []), states
+    _assert_only_the_first_task_failed(_dag(dag_id).test(run_conf=conf), first)
     assert _consume_all(env["topic"], env["bootstrap"]) == []
     OUTCOMES[f"{dag_id} model=yolov3 not installed"] = f"{first} failed once"
 
@@ -122,11 +123,7 @@ def test_face_weights_that_do_not_fit_their_cfg_fail_the_first_task_once(
     (models / "yolov3-face.weights").write_bytes(b"\0" * 10_000)  # a download cut off early
     monkeypatch.setenv("CROWD_MODEL_DIR", str(models))
     monkeypatch.setenv("CROWD_DETECTOR", "auto")
-    run = _dag("crowd_video_scan").test(run_conf={"model": "auto"})
-    assert str(run.state) == "failed"
-    states = _task_states(run)
-    assert states["scan_video_folders"] == ["failed"] and _try_numbers(run, "scan_video_folders") == [1], states
-    assert "detect_and_publish" not in states or "success" not in states["detect_and_publish"], states
+    _assert_only_the_first_task_failed(_dag("crowd_video_scan").test(run_conf={"model": "auto"}), "scan_video_folders")
     assert _consume_all(env["topic"], env["bootstrap"]) == []
     OUTCOMES["crowd_video_scan, face weights cut off"] = "scan_video_folders failed once"
 
