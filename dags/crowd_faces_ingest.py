@@ -38,7 +38,9 @@ uncommitted batch and replays overwrite the same keys. Bad messages go to `rejec
 Manual runs are always safe (idempotent) and take the params below.
 
 **Alerts.** With `alert_threshold` set, a run of frames with at least that many faces lasting
-`alert_min_duration_s` becomes one `alerts` row and one message on `{settings.alerts_topic}`.
+`alert_min_duration_s` becomes one `alerts` row and a message on `{settings.alerts_topic}`; frames that come late or
+are replaced can change an alert (published again with the next `revision`) or end it (a `crowd_alert_withdrawn`
+message).
 """
 
 

@@ -9,9 +9,15 @@ split video arrive interleaved; a re-run replaces frames): an episode seen in pi
 it, moved to the episode's start, the others merged into it; a row whose frames no longer make an episode (frames
 that came later split it into runs too short, or a re-run found fewer faces) is deleted.
 
-Alert messages go to Kafka through an outbox: rows with ``published_at IS NULL`` are published after the
-ingest transaction commits, and marked published only when the broker acknowledged every one. A crash in
-between publishes them again on the next drain (at least once; consumers dedupe on ``alert_id``).
+Consumers of the alerts topic are told every change, so that what they hold ends as the table: a changed row
+gets the next ``revision`` and is published again (type ``crowd_alert``: keep the highest revision per
+``alert_id``), and a deleted row that was published is withdrawn (type ``crowd_alert_withdrawn``, with the
+``alert_id`` it was ``merged_into``, if any).
+
+Messages go to Kafka through an outbox: alert rows and ``alert_withdrawals`` rows with ``published_at IS NULL``
+are published after the ingest transaction commits, and marked published only when the broker acknowledged every
+one. A crash in between publishes them again on the next drain (at least once: the same ``alert_id`` and
+``revision`` twice is one message).
 
 Example:
     >>> from crowd.alerts import AlertRule
@@ -82,8 +88,7 @@ HAVING max(frame_ts_ms) - min(frame_ts_ms) >= %(min_duration_ms)s
 _MATCH_SQL = """
 CREATE TEMP TABLE crowd_alert_matches AS
 SELECT a.id, a.video_id, m.episode,
-       row_number() OVER (PARTITION BY a.video_id, m.episode ORDER BY a.id) AS k,
-       a.published_at IS NOT NULL AS published
+       row_number() OVER (PARTITION BY a.video_id, m.episode ORDER BY a.id) AS k
 FROM alerts a
 LEFT JOIN LATERAL (
     SELECT e.started_frame_id AS episode FROM crowd_alert_episodes e
@@ -95,24 +100,38 @@ WHERE a.video_id = ANY(%(videos)s::text[])
 """
 
 # Rows merged into an older one, and rows whose frames no longer make an episode (a re-run replaced them, or frames
-# that arrived later broke the run into pieces too short): gone, so the table holds exactly the episodes.
+# that arrived later broke the run into pieces too short): gone, so the table holds exactly the episodes. Those
+# that were published are withdrawn through the outbox. ``published_at`` is read from the row deleted, not from
+# the match table: a publisher holding the row (FOR UPDATE) makes the DELETE wait and see it published.
 _DROP_SQL = """
 WITH gone AS (
     DELETE FROM alerts WHERE id IN (SELECT id FROM crowd_alert_matches WHERE episode IS NULL OR k > 1)
-    RETURNING id
+    RETURNING id, video_id, published_at IS NOT NULL AS published
+),
+told AS (
+    INSERT INTO alert_withdrawals (alert_id, video_id, merged_into)
+    SELECT g.id, g.video_id, keep.id
+    FROM gone g JOIN crowd_alert_matches m USING (id)
+    LEFT JOIN crowd_alert_matches keep ON keep.video_id = m.video_id AND keep.episode = m.episode AND keep.k = 1
+    WHERE g.published
+    ON CONFLICT (alert_id) DO NOTHING
+    RETURNING alert_id
 )
 SELECT count(*) FILTER (WHERE m.episode IS NOT NULL),
-       count(*) FILTER (WHERE m.episode IS NULL AND m.published)
-FROM gone JOIN crowd_alert_matches m USING (id)
+       count(*) FILTER (WHERE m.episode IS NULL),
+       (SELECT count(*) FROM told)
+FROM gone g JOIN crowd_alert_matches m USING (id)
 """
 
 # A row starting inside an episode always matches it, so moving the kept rows to their episode's start cannot collide.
+# A change is a new revision, published again.
 _UPDATE_SQL = """
 UPDATE alerts a SET
     started_frame_id = e.started_frame_id, started_ts_ms = e.started_ts_ms,
     ended_frame_id = e.ended_frame_id, ended_ts_ms = e.ended_ts_ms,
     peak_count = e.peak_count, peak_frame_id = e.peak_frame_id,
-    threshold = %(threshold)s, min_duration_ms = %(min_duration_ms)s, updated_at = now()
+    threshold = %(threshold)s, min_duration_ms = %(min_duration_ms)s, updated_at = now(),
+    revision = a.revision + 1, published_at = NULL
 FROM crowd_alert_matches m JOIN crowd_alert_episodes e ON e.video_id = m.video_id AND e.started_frame_id = m.episode
 WHERE a.id = m.id AND m.k = 1
   AND (a.started_frame_id, a.ended_frame_id, a.peak_count, a.peak_frame_id, a.threshold, a.min_duration_ms)
@@ -132,19 +151,32 @@ ON CONFLICT (video_id, started_frame_id) DO NOTHING  -- a concurrent drain of an
 """
 
 
+@dataclass(frozen=True)
+class AlertChanges:
+    """What one batch changed in the ``alerts`` table."""
+
+    new: int = 0  #: episodes seen for the first time (rows inserted)
+    updated: int = 0  #: rows whose episode changed (a new revision, published again)
+    merged: int = 0  #: rows deleted because an older row's episode turned out to span them
+    ended: int = 0  #: rows deleted because their frames no longer make an episode
+    withdrawn: int = 0  #: of the deleted rows, those published: a withdrawal message is pending
+
+    @property
+    def to_publish(self) -> int:
+        """Messages this change left pending in the outbox."""
+        return self.new + self.updated + self.withdrawn
+
+
 def update_alerts(
     conn: psycopg.Connection, video_ids: Collection[str], rule: AlertRule, hot_video_ids: Collection[str] = ()
-) -> int:
+) -> AlertChanges:
     """Make the ``alerts`` rows of ``video_ids`` the episodes their stored frames show; run it inside the batch
     transaction. Only videos in ``hot_video_ids`` (a frame at the threshold in the batch) or with alert rows are
     recomputed: frames below the threshold alone cannot make an episode.
 
-    The result depends on the frames stored, not on the order they came in: a row whose frames no longer make an
-    episode is deleted (a warning counts those already published: consumers are not told), rows one episode
-    turned out to span are merged into the oldest.
-
-    Returns:
-        the number of new episodes (alert rows inserted).
+    The result depends on the frames stored, not on the order they came in: rows one episode turned out to span are
+    merged into the oldest, a row whose frames no longer make an episode is deleted. Changed rows get the next
+    revision and deleted published rows a withdrawal, both pending in the outbox for :func:`publish_pending_alerts`.
     """
     if not hot_video_ids and not (
         video_ids
@@ -152,7 +184,7 @@ def update_alerts(
             "SELECT EXISTS (SELECT 1 FROM alerts WHERE video_id = ANY(%s))", (list(video_ids),)
         ).fetchone()[0]
     ):
-        return 0  # the common batch: nothing that could make or change an episode (no scratch tables made)
+        return AlertChanges()  # the common batch: nothing that could make or change an episode (no scratch tables)
     params = {
         "threshold": rule.threshold,
         "min_duration_ms": rule.min_duration_ms,
@@ -162,21 +194,21 @@ def update_alerts(
     with conn.transaction():  # a savepoint inside the batch's transaction: the scratch tables go with an error too
         conn.execute(_EPISODES_SQL, params)
         conn.execute(_MATCH_SQL, params)
-        merged, withdrawn = conn.execute(_DROP_SQL).fetchone()
-        conn.execute(_UPDATE_SQL, params)
+        merged, ended, withdrawn = conn.execute(_DROP_SQL).fetchone()
+        updated = conn.execute(_UPDATE_SQL, params).rowcount
         inserted = conn.execute(_INSERT_SQL, params).rowcount
         conn.execute("DROP TABLE crowd_alert_episodes, crowd_alert_matches")
-    if merged:
+    changes = AlertChanges(int(inserted), int(updated), int(merged), int(ended), int(withdrawn))
+    if merged or ended or updated:
         log.info(
-            "%d crowd alert(s) merged into the episode they turned out to be part of (frames arrived late)", merged
-        )
-    if withdrawn:
-        log.warning(
-            "%d published crowd alert(s) deleted: the frames stored now (late or replaced) show no such episode; "
-            "consumers that received them are not told",
+            "crowd alerts changed by frames that came late or were replaced: %d updated, %d merged into the episode "
+            "they turned out to be part of, %d no longer an episode; %d published one(s) to withdraw",
+            updated,
+            merged,
+            ended,
             withdrawn,
         )
-    return int(inserted)
+    return changes
 
 
 def alert_message(row: dict) -> bytes:
@@ -184,8 +216,9 @@ def alert_message(row: dict) -> bytes:
     return json.dumps(
         {
             "type": "crowd_alert",
-            "schema_version": 1,
+            "schema_version": 2,
             "alert_id": row["id"],
+            "revision": row["revision"],
             "video_id": row["video_id"],
             "path": row.get("path"),
             "started_frame_id": row["started_frame_id"],
@@ -197,6 +230,23 @@ def alert_message(row: dict) -> bytes:
             "threshold": row["threshold"],
             "min_duration_ms": row["min_duration_ms"],
             "created_at": row["created_at"].isoformat(),
+            "updated_at": row["updated_at"].isoformat(),
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def withdrawal_message(row: dict) -> bytes:
+    """JSON value of the message withdrawing a published alert (key: ``video_id``): its frames no longer make an
+    episode (``merged_into`` null), or it was merged into the alert ``merged_into``."""
+    return json.dumps(
+        {
+            "type": "crowd_alert_withdrawn",
+            "schema_version": 2,
+            "alert_id": row["alert_id"],
+            "video_id": row["video_id"],
+            "merged_into": row["merged_into"],
+            "withdrawn_at": row["withdrawn_at"].isoformat(),
         },
         separators=(",", ":"),
     ).encode()
@@ -205,39 +255,62 @@ def alert_message(row: dict) -> bytes:
 def publish_pending_alerts(
     conn: psycopg.Connection, kafka_conn_id: str, topic: str, *, timeout_s: float = 30, limit: int = 10_000
 ) -> int:
-    """Publish every unpublished alert row to ``topic``, then mark them published (outbox pattern).
+    """Publish every pending alert revision and withdrawal to ``topic``, then mark them published (outbox pattern).
+
+    The rows are held (``FOR UPDATE SKIP LOCKED``) from the read to the mark: a concurrent drain changing one waits
+    and then sees it published (a change is published again, a deletion withdrawn); rows another publisher holds
+    are left to it.
 
     Raises:
-        crowd.kafka.PublishError: a message was not acknowledged; the rows stay unpublished for the next try.
+        crowd.kafka.PublishError: a message was not acknowledged; the rows stay pending for the next try.
 
     Returns:
-        the number of alerts published.
+        the number of messages published.
     """
     from psycopg.rows import dict_row
 
     from crowd.kafka import DeliveryTracker, reliable_producer
 
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
+        alerts = cur.execute(
             """
             SELECT a.*, v.path FROM alerts a LEFT JOIN videos v ON v.id = a.video_id
-            WHERE a.published_at IS NULL ORDER BY a.id LIMIT %s
+            WHERE a.published_at IS NULL ORDER BY a.id LIMIT %s FOR UPDATE OF a SKIP LOCKED
             """,
             (limit,),
         ).fetchall()
-    if not rows:
-        return 0
-    producer = reliable_producer(kafka_conn_id, timeout_s=timeout_s, linger_ms=5)
-    try:
-        tracker = DeliveryTracker()
-        for row in rows:
-            producer.produce(
-                topic, key=row["video_id"].encode(), value=alert_message(row), on_delivery=tracker.callback
-            )
-        tracker.wait(producer, timeout_s=timeout_s)
-    finally:  # its threads and connections go now, not when the error that may hold it is dropped
-        producer.close()
-    with conn.transaction():
-        conn.execute("UPDATE alerts SET published_at = now() WHERE id = ANY(%s)", ([r["id"] for r in rows],))
-    log.info("published %d crowd alert(s) to %s", len(rows), topic)
-    return len(rows)
+        withdrawals = cur.execute(
+            """
+            SELECT * FROM alert_withdrawals WHERE published_at IS NULL ORDER BY alert_id LIMIT %s
+            FOR UPDATE SKIP LOCKED
+            """,
+            (limit,),
+        ).fetchall()
+        if not alerts and not withdrawals:
+            return 0
+        producer = reliable_producer(kafka_conn_id, timeout_s=timeout_s, linger_ms=5)
+        try:
+            tracker = DeliveryTracker()
+            for row in alerts:
+                producer.produce(
+                    topic, key=row["video_id"].encode(), value=alert_message(row), on_delivery=tracker.callback
+                )
+            for row in withdrawals:
+                producer.produce(
+                    topic, key=row["video_id"].encode(), value=withdrawal_message(row), on_delivery=tracker.callback
+                )
+            tracker.wait(producer, timeout_s=timeout_s)
+        finally:  # its threads and connections go now, not when the error that may hold it is dropped
+            producer.close()
+        cur.execute("UPDATE alerts SET published_at = now() WHERE id = ANY(%s)", ([r["id"] for r in alerts],))
+        cur.execute(
+            "UPDATE alert_withdrawals SET published_at = now() WHERE alert_id = ANY(%s)",
+            ([r["alert_id"] for r in withdrawals],),
+        )
+    log.info(
+        "published %d crowd alert(s) and %d withdrawal(s) to %s",
+        len(alerts),
+        len(withdrawals),
+        topic,
+    )
+    return len(alerts) + len(withdrawals)

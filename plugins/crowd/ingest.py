@@ -34,7 +34,7 @@ import psycopg
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from crowd import storage
-from crowd.alerts import AlertRule, publish_pending_alerts, update_alerts
+from crowd.alerts import AlertChanges, AlertRule, publish_pending_alerts, update_alerts
 from crowd.messages import FaceMessage, MessageError
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,8 @@ class DrainSummary:
     duplicates_in_batch: int = 0
     batches: int = 0
     new_alerts: int = 0
-    alerts_published: int = 0
+    alerts_changed: int = 0  # rows updated, merged or ended by frames that came late or were replaced
+    alerts_published: int = 0  # messages: new and changed alerts, withdrawals
     lag_left: int = 0
     alerts_error: str | None = None
     seconds: float = 0.0
@@ -244,14 +245,14 @@ def _copy(cur: psycopg.Cursor, table: str, columns: tuple[str, ...], types: tupl
 
 def write_batch(
     conn: psycopg.Connection, batch: Batch, group_id: str, alert_rule: AlertRule | None = None
-) -> tuple[int, int, int]:
+) -> tuple[int, int, AlertChanges]:
     """Store ``batch`` and its offsets in one transaction.
 
     Returns:
-        (frames stored, faces stored, new alert episodes).
+        (frames stored, faces stored, what the batch changed in the alerts).
     """
     n_faces = 0
-    new_alerts = 0
+    alerts = AlertChanges()
     with conn.transaction(), conn.cursor() as cur:
         if batch.frames:
             frame_rows = [f for f, _ in batch.frames.values()]
@@ -275,8 +276,8 @@ def write_batch(
             [(group_id, batch.topic, p, o, batch.topic_id) for p, o in sorted(batch.next_offsets.items())],
         )
         if alert_rule is not None:
-            new_alerts = update_alerts(conn, {vid for vid, _ in batch.frames}, alert_rule, batch.hot_videos)
-    return len(batch.frames), n_faces, new_alerts
+            alerts = update_alerts(conn, {vid for vid, _ in batch.frames}, alert_rule, batch.hot_videos)
+    return len(batch.frames), n_faces, alerts
 
 
 # --- the drain ------------------------------------------------------------------------------------------------
@@ -455,7 +456,7 @@ def drain(
     summary.seconds = time.monotonic() - started
     log.info(
         "drain of %s done (%s): %d messages, %d frames, %d faces, %d rejected, %d batches, %d new alerts, "
-        "lag left %d, %.0f rows/s, %.1f s",
+        "%d alerts changed, %d alert messages published, lag left %d, %.0f rows/s, %.1f s",
         topic,
         summary.stopped_because,
         summary.messages,
@@ -464,6 +465,8 @@ def drain(
         summary.rejected,
         summary.batches,
         summary.new_alerts,
+        summary.alerts_changed,
+        summary.alerts_published,
         summary.lag_left,
         summary.rows_per_s,
         summary.seconds,
@@ -537,19 +540,20 @@ def _run(
             if not batch.messages and time.monotonic() - idle_since >= idle_timeout_s:
                 break
         if batch.messages:
-            frames, faces, new_alerts = write_batch(conn, batch, summary.group_id, alert_rule)
+            frames, faces, alerts = write_batch(conn, batch, summary.group_id, alert_rule)
             summary.batches += 1
             summary.messages += batch.messages
             summary.frames += frames
             summary.faces += faces
             summary.rejected += len(batch.rejected)
             summary.duplicates_in_batch += batch.duplicates
-            summary.new_alerts += new_alerts
+            summary.new_alerts += alerts.new
+            summary.alerts_changed += alerts.updated + alerts.merged + alerts.ended
             summary.next_offsets.update(batch.next_offsets)
             idle_since = time.monotonic()
             if commit_to_kafka:
                 _commit_to_kafka(consumer, topic, batch.next_offsets)
-            if new_alerts and alerts_topic:
+            if alerts.to_publish and alerts_topic:
                 _publish_alerts(conn, kafka_conn_id, alerts_topic, summary)
         now = time.monotonic()
         if now - last_log >= log_every_s:

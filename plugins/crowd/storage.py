@@ -242,6 +242,21 @@ MIGRATIONS: tuple[Migration, ...] = (
         LEFT JOIN videos v ON v.id = p.video_id;
         """,
     ),
+    Migration(
+        9,
+        "alerts: a revision per change (changed alerts are published again) and an outbox of withdrawn alerts",
+        """
+        ALTER TABLE alerts ADD COLUMN revision integer NOT NULL DEFAULT 1;
+        CREATE TABLE alert_withdrawals (
+            alert_id     bigint PRIMARY KEY,
+            video_id     text NOT NULL,
+            merged_into  bigint,
+            withdrawn_at timestamptz NOT NULL DEFAULT now(),
+            published_at timestamptz
+        );
+        CREATE INDEX alert_withdrawals_unpublished_idx ON alert_withdrawals (alert_id) WHERE published_at IS NULL;
+        """,
+    ),
 )
 
 _BOOTSTRAP_SQL = """

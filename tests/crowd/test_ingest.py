@@ -492,6 +492,50 @@ def _consume_all(topic: str, expect: int, timeout_s: float = 20) -> list[dict]:
     return out
 
 
+def _read_to_end(topic: str, timeout_s: float = 30) -> list[dict]:
+    """Every message of ``topic`` in order, read until each partition reports its end (fails otherwise)."""
+    from confluent_kafka import Consumer, KafkaError
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]["bootstrap.servers"],
+            "group.id": f"alerts-reader-{uuid.uuid4().hex[:6]}",
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": True,
+        }
+    )
+    consumer.subscribe([topic])
+    out: list[dict] = []
+    at_end: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            assigned = {tp.partition for tp in consumer.assignment()}
+            if msg is not None and msg.error() is None:
+                out.append(json.loads(msg.value()))
+            elif msg is not None and msg.error().code() == KafkaError._PARTITION_EOF:
+                at_end.add(msg.partition())
+            if assigned and at_end >= assigned:
+                return out
+    finally:
+        consumer.close()
+    raise AssertionError(f"{topic} not read to its end in {timeout_s:g} s")
+
+
+def _as_a_consumer_holds_them(messages: list[dict]) -> dict[int, tuple]:
+    """The alerts a consumer holds after applying ``messages`` in order: the highest revision per alert_id, less the
+    withdrawn ones."""
+    held: dict[int, dict] = {}
+    for m in messages:
+        if m["type"] == "crowd_alert_withdrawn":
+            held.pop(m["alert_id"], None)
+        elif m["alert_id"] not in held or m["revision"] >= held[m["alert_id"]]["revision"]:
+            held[m["alert_id"]] = m
+    fields = ("started_frame_id", "ended_frame_id", "started_ts_ms", "ended_ts_ms", "peak_count", "revision")
+    return {i: tuple(m[f] for f in fields) for i, m in held.items()}
+
+
 def test_crowd_alert_once_per_episode_even_on_replay(faces_topic: str, pg_schema: str, kafka_admin) -> None:
     alerts_topic = new_topic(kafka_admin, "test-alerts", partitions=1)
     # 10 fps: faces per frame. Episode 1: frames 10-39 (3 s, >= 5 faces); a 0.5 s blip at 60-64 (too short);
@@ -566,7 +610,7 @@ def _frames(*ranges: range) -> list[int]:
             [(40, 69), (80, 109)], 2,
             id="split-by-quiet-frames",
         ),
-        # a re-run finds no crowd at all: the alert row goes (its message stays sent)
+        # a re-run finds no crowd at all: the alert row goes, and its message is withdrawn
         pytest.param([_crowd(range(60), range(10, 40)), _crowd(range(10, 40))], [], 1, id="withdrawn"),
     ],
 )  # fmt: skip
@@ -574,7 +618,9 @@ def test_alert_rows_are_the_episodes_of_the_frames_stored_whatever_their_order(
     faces_topic: str, pg_schema: str, kafka_admin, rounds: list, episodes: list, expected_published: int
 ) -> None:
     """Frames arrive out of order across the parts of a split video (or are replaced by a re-run): the alert rows
-    end as the episodes of all frames stored at once would be, a crowd seen in pieces keeping its first alert_id."""
+    end as the episodes of all frames stored at once would be, a crowd seen in pieces keeping its first alert_id,
+    and a consumer of the alerts topic ends holding exactly those rows (changes published again, deletions
+    withdrawn; before, the first message of each alert stayed the only one)."""
     alerts_topic = new_topic(kafka_admin, "test-alerts", partitions=1)
     rule = AlertRule(threshold=5, min_duration_s=2.0)
     for frames in rounds:
@@ -582,15 +628,55 @@ def test_alert_rows_are_the_episodes_of_the_frames_stored_whatever_their_order(
         quick_drain(faces_topic, batch_size=200, alert_rule=rule, alerts_topic=alerts_topic)
     with pg() as conn:
         rows = conn.execute(
-            "SELECT id, started_frame_id, ended_frame_id, started_ts_ms, ended_ts_ms, peak_count FROM alerts"
-            " ORDER BY started_frame_id"
+            "SELECT id, started_frame_id, ended_frame_id, started_ts_ms, ended_ts_ms, peak_count, revision"
+            " FROM alerts ORDER BY started_frame_id"
         ).fetchall()
-    assert [row[1:] for row in rows] == [(a, b, a * 100.0, b * 100.0, 7) for a, b in episodes]
-    published = _consume_all(alerts_topic, expect=expected_published)
-    assert len(published) == expected_published  # a message once sent stays sent: the row is the truth
+        pending = conn.execute(
+            "SELECT (SELECT count(*) FROM alerts WHERE published_at IS NULL)"
+            " + (SELECT count(*) FROM alert_withdrawals WHERE published_at IS NULL)"
+        ).fetchone()[0]
+    assert [row[1:6] for row in rows] == [(a, b, a * 100.0, b * 100.0, 7) for a, b in episodes]
+    assert pending == 0
+    published = _read_to_end(alerts_topic)
+    assert _as_a_consumer_holds_them(published) == {row[0]: row[1:] for row in rows}
+    assert len({m["alert_id"] for m in published if m["type"] == "crowd_alert"}) == expected_published
     if rows:
         assert rows[0][0] == min(m["alert_id"] for m in published), "the alert consumers know first is not kept"
+    for withdrawal in (m for m in published if m["type"] == "crowd_alert_withdrawn"):
+        assert withdrawal["merged_into"] is None or withdrawal["merged_into"] in {row[0] for row in rows}, withdrawal
     kafka_admin.delete_topics([alerts_topic])
+
+
+def test_an_alert_deleted_while_a_publisher_holds_it_is_withdrawn(faces_topic: str, pg_schema: str) -> None:
+    """A publisher holds the rows it sends (FOR UPDATE) until it marks them published; a drain that deletes one
+    meanwhile waits, then sees it published and withdraws it (read from a snapshot taken before the wait, it was
+    deleted as never published: consumers kept an alert that no longer exists)."""
+    import threading
+
+    rule = AlertRule(threshold=5, min_duration_s=2.0)
+    publish_frames(faces_topic, [frame_dict("video-held", i, n) for i, n in _crowd(range(60), range(10, 40))])
+    quick_drain(faces_topic, alert_rule=rule, alerts_topic=None)  # the alert row stays pending
+    alert_id = scalar("SELECT id FROM alerts WHERE published_at IS NULL")
+
+    publish_frames(faces_topic, [frame_dict("video-held", i, n) for i, n in _crowd(range(10, 40))])  # no crowd
+    with pg() as publisher, publisher.transaction():  # what publish_pending_alerts does between read and mark
+        publisher.execute("SELECT id FROM alerts WHERE published_at IS NULL FOR UPDATE OF alerts SKIP LOCKED")
+        publisher.execute("UPDATE alerts SET published_at = now() WHERE id = %s", (alert_id,))
+        drained = threading.Thread(target=quick_drain, args=(faces_topic,), kwargs={"alert_rule": rule})
+        drained.start()
+        deadline = time.monotonic() + 60
+        while not scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+            ("%DELETE FROM alerts%",),
+        ):
+            assert time.monotonic() < deadline and drained.is_alive(), "the drain never waited for the held row"
+            time.sleep(0.1)
+    drained.join(60)
+    assert not drained.is_alive()
+    assert scalar("SELECT count(*) FROM alerts") == 0
+    assert (
+        scalar("SELECT count(*) FROM alert_withdrawals WHERE alert_id = %s AND merged_into IS NULL", (alert_id,)) == 1
+    )
 
 
 def test_alerts_that_cannot_be_published_stop_neither_the_frames_nor_the_next_run(
