@@ -573,8 +573,9 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return Response(body, status_code=status.HTTP_422_UNPROCESSABLE_ENTITY, media_type="application/json")
 
 
-def requires_dag_run_trigger() -> Callable[..., None]:
+def requires_dag_run_trigger(action: str = "sending") -> Callable[..., None]:
     """Dependency: the user may trigger DAG runs (SimpleAuthManager: role ``user`` or above; not ``viewer``).
+    ``action`` names what is refused in the 403's detail.
 
     Asked for all DAGs (no ``dag_id``), so a request parameter cannot narrow the check.
     """
@@ -587,7 +588,7 @@ def requires_dag_run_trigger() -> Callable[..., None]:
             method="POST", access_entity=DagAccessEntity.RUN, details=None, user=user
         )
         if not allowed:
-            raise HTTPException(status.HTTP_403_FORBIDDEN, "Forbidden: sending needs the right to trigger DAG runs")
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"Forbidden: {action} needs the right to trigger DAG runs")
 
     return inner
 
@@ -666,6 +667,8 @@ def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: C
     @app.get(
         "/receive",
         response_model=ReceiveResponse,
+        # taking messages removes them for every other reader: a write, not for read-only viewers
+        dependencies=[Depends(requires_dag_run_trigger("taking messages"))],
         responses={503: {"description": "the background consumer is not running"}},
         summary="Take messages read by the background consumer (delivered ones are removed)",
     )

@@ -82,9 +82,10 @@ def test_route_needs_a_token(client: Any, method: str, path: str, body: Any) -> 
 
 
 @pytest.mark.parametrize(("method", "path", "body"), ROUTES)
-def test_viewer_reads_but_cannot_send(client: Any, method: str, path: str, body: Any) -> None:
+def test_viewer_reads_but_cannot_send_or_take_messages(client: Any, method: str, path: str, body: Any) -> None:
+    """``/receive`` removes what it returns (for every other reader too): a viewer may not take messages."""
     response = call(client, method, path, body, auth(client, "viewer"))
-    if path == "/crowd/send":
+    if path in ("/crowd/send", "/crowd/receive"):
         assert response.status_code == 403, response.text
         assert "trigger DAG runs" in response.json()["detail"]
     else:
@@ -143,11 +144,10 @@ def test_a_value_json_cannot_carry_comes_back_as_text_and_loses_nothing(client: 
 
 
 def test_receive_is_non_blocking_by_default(client: Any) -> None:
-    headers = auth(client, "viewer")
-    spec = client.get("/crowd/openapi.json", headers=headers).json()
+    spec = client.get("/crowd/openapi.json", headers=auth(client, "viewer")).json()
     params = {p["name"]: p for p in spec["paths"]["/receive"]["get"]["parameters"]}
     assert params["wait_s"]["schema"]["default"] == 0  # FastAPI passes the declared default (no timing asserted)
-    response = client.get("/crowd/receive", headers=headers)
+    response = client.get("/crowd/receive", headers=auth(client, "user"))
     assert response.status_code == 200 and response.json()["messages"] == []
 
 
@@ -174,7 +174,7 @@ def test_queue_bound_holds_under_a_burst(
         got: list[int] = []
         deadline = time.monotonic() + 30
         while len(got) < 5 * bound and time.monotonic() < deadline:
-            body = c.get("/crowd/receive", params={"limit": 1000, "wait_s": 1}, headers=headers).json()
+            body = c.get("/crowd/receive", params={"limit": 1000, "wait_s": 1}, headers=auth(c, "user")).json()
             assert body["count"] <= bound
             got += [m["value"]["n"] for m in body["messages"]]
         assert got == list(range(5 * bound)), "the queue bound lost, duplicated or reordered messages"
@@ -292,7 +292,7 @@ def test_health_reports_a_kafka_setting_the_client_rejects(
     ],
 )
 def test_input_limits(client: Any, path: str, expected: int) -> None:
-    assert client.get(path, headers=auth(client, "viewer")).status_code == expected
+    assert client.get(path, headers=auth(client, "user")).status_code == expected
 
 
 def test_symlink_out_of_results_dir_is_not_served(client: Any, results_dir: Path, tmp_path: Path) -> None:
