@@ -11,8 +11,8 @@ that came later split it into runs too short, or a re-run found fewer faces) is 
 
 Consumers of the alerts topic are told every change, so that what they hold ends as the table: a changed row
 gets the next ``revision`` and is published again (type ``crowd_alert``: keep the highest revision per
-``alert_id``), and a deleted row that was published is withdrawn (type ``crowd_alert_withdrawn``, with the
-``alert_id`` it was ``merged_into``, if any).
+``alert_id``), and a deleted row is withdrawn (type ``crowd_alert_withdrawn``, with the ``alert_id`` it was
+``merged_into``, if any; one never published may be withdrawn too: ignore unknown ids).
 
 Messages go to Kafka through an outbox: alert rows and ``alert_withdrawals`` rows with ``published_at IS NULL``
 are published after the ingest transaction commits, and marked published only when the broker acknowledged every
@@ -100,20 +100,20 @@ WHERE a.video_id = ANY(%(videos)s::text[])
 """
 
 # Rows merged into an older one, and rows whose frames no longer make an episode (a re-run replaced them, or frames
-# that arrived later broke the run into pieces too short): gone, so the table holds exactly the episodes. Those
-# that were published are withdrawn through the outbox. ``published_at`` is read from the row deleted, not from
-# the match table: a publisher holding the row (FOR UPDATE) makes the DELETE wait and see it published.
+# that arrived later broke the run into pieces too short): gone, so the table holds exactly the episodes. Every one
+# is withdrawn through the outbox, published or not: ``published_at`` cannot tell whether consumers have it (a
+# change resets it though an earlier revision was sent; a publish that failed after some acknowledgements, or a
+# crash before the mark, sent rows it never marked), and a consumer ignores the withdrawal of an alert it never got.
 _DROP_SQL = """
 WITH gone AS (
     DELETE FROM alerts WHERE id IN (SELECT id FROM crowd_alert_matches WHERE episode IS NULL OR k > 1)
-    RETURNING id, video_id, published_at IS NOT NULL AS published
+    RETURNING id, video_id
 ),
 told AS (
     INSERT INTO alert_withdrawals (alert_id, video_id, merged_into)
     SELECT g.id, g.video_id, keep.id
     FROM gone g JOIN crowd_alert_matches m USING (id)
     LEFT JOIN crowd_alert_matches keep ON keep.video_id = m.video_id AND keep.episode = m.episode AND keep.k = 1
-    WHERE g.published
     ON CONFLICT (alert_id) DO NOTHING
     RETURNING alert_id
 )
@@ -159,7 +159,7 @@ class AlertChanges:
     updated: int = 0  #: rows whose episode changed (a new revision, published again)
     merged: int = 0  #: rows deleted because an older row's episode turned out to span them
     ended: int = 0  #: rows deleted because their frames no longer make an episode
-    withdrawn: int = 0  #: of the deleted rows, those published: a withdrawal message is pending
+    withdrawn: int = 0  #: withdrawal messages left pending (one per deleted row)
 
     @property
     def to_publish(self) -> int:
@@ -176,7 +176,7 @@ def update_alerts(
 
     The result depends on the frames stored, not on the order they came in: rows one episode turned out to span are
     merged into the oldest, a row whose frames no longer make an episode is deleted. Changed rows get the next
-    revision and deleted published rows a withdrawal, both pending in the outbox for :func:`publish_pending_alerts`.
+    revision and deleted rows a withdrawal, both pending in the outbox for :func:`publish_pending_alerts`.
     """
     if not hot_video_ids and not (
         video_ids
@@ -202,7 +202,7 @@ def update_alerts(
     if merged or ended or updated:
         log.info(
             "crowd alerts changed by frames that came late or were replaced: %d updated, %d merged into the episode "
-            "they turned out to be part of, %d no longer an episode; %d published one(s) to withdraw",
+            "they turned out to be part of, %d no longer an episode; %d withdrawal(s) to publish",
             updated,
             merged,
             ended,
@@ -237,7 +237,7 @@ def alert_message(row: dict) -> bytes:
 
 
 def withdrawal_message(row: dict) -> bytes:
-    """JSON value of the message withdrawing a published alert (key: ``video_id``): its frames no longer make an
+    """JSON value of the message withdrawing an alert (key: ``video_id``): its frames no longer make an
     episode (``merged_into`` null), or it was merged into the alert ``merged_into``."""
     return json.dumps(
         {
@@ -257,8 +257,8 @@ def publish_pending_alerts(
 ) -> int:
     """Publish every pending alert revision and withdrawal to ``topic``, then mark them published (outbox pattern).
 
-    The rows are held (``FOR UPDATE SKIP LOCKED``) from the read to the mark: a concurrent drain changing one waits
-    and then sees it published (a change is published again, a deletion withdrawn); rows another publisher holds
+    The rows are held (``FOR UPDATE SKIP LOCKED``) from the read to the mark: a drain changing one meanwhile waits,
+    so its new revision is pending after the mark instead of being marked as sent; rows another publisher holds
     are left to it.
 
     Raises:

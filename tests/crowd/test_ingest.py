@@ -647,36 +647,88 @@ def test_alert_rows_are_the_episodes_of_the_frames_stored_whatever_their_order(
     kafka_admin.delete_topics([alerts_topic])
 
 
-def test_an_alert_deleted_while_a_publisher_holds_it_is_withdrawn(faces_topic: str, pg_schema: str) -> None:
-    """A publisher holds the rows it sends (FOR UPDATE) until it marks them published; a drain that deletes one
-    meanwhile waits, then sees it published and withdraws it (read from a snapshot taken before the wait, it was
-    deleted as never published: consumers kept an alert that no longer exists)."""
+def test_an_alert_sent_then_changed_then_ended_before_the_change_was_sent_is_withdrawn(
+    faces_topic: str, pg_schema: str, kafka_admin
+) -> None:
+    """Revision 1 sent; a change (revision 2) not sent yet (a publish failed, the drain tries no more); then a re-run
+    ends the episode: consumers hold revision 1, so it must be withdrawn (a change resets ``published_at``: taken as
+    never sent, it was deleted without a word)."""
+    alerts_topic = new_topic(kafka_admin, "test-alerts", partitions=1)
+    rule = AlertRule(threshold=5, min_duration_s=2.0)
+    rounds = [
+        (_crowd(range(60), range(10, 40)), alerts_topic),  # revision 1, sent
+        (_crowd(range(40, 50), range(40, 50)), None),  # the crowd lasts to frame 49: revision 2, not sent
+        (_crowd(range(10, 50)), None),  # a re-run finds no crowd: the row goes
+        ([], alerts_topic),  # the next drain sends what is pending
+    ]
+    for frames, topic in rounds:
+        publish_frames(faces_topic, [frame_dict("video-ended", i, n) for i, n in frames])
+        quick_drain(faces_topic, alert_rule=rule, alerts_topic=topic)
+    assert scalar("SELECT count(*) FROM alerts") == 0
+    published = _read_to_end(alerts_topic)
+    assert [(m["type"], m.get("revision")) for m in published] == [("crowd_alert", 1), ("crowd_alert_withdrawn", None)]
+    assert _as_a_consumer_holds_them(published) == {}
+    kafka_admin.delete_topics([alerts_topic])
+
+
+def test_a_change_made_while_the_publisher_sends_the_row_is_sent_after_it(
+    faces_topic: str, pg_schema: str, kafka_admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The publisher holds the rows it sends until it marks them sent: a drain that changes one meanwhile waits, and
+    its revision is pending after the mark (without the hold, the mark covered a revision that was never sent)."""
     import threading
 
+    import crowd.kafka
+    from crowd.alerts import publish_pending_alerts
+
+    alerts_topic = new_topic(kafka_admin, "test-alerts", partitions=1)
     rule = AlertRule(threshold=5, min_duration_s=2.0)
     publish_frames(faces_topic, [frame_dict("video-held", i, n) for i, n in _crowd(range(60), range(10, 40))])
-    quick_drain(faces_topic, alert_rule=rule, alerts_topic=None)  # the alert row stays pending
-    alert_id = scalar("SELECT id FROM alerts WHERE published_at IS NULL")
+    quick_drain(faces_topic, alert_rule=rule, alerts_topic=None)  # revision 1, pending
 
-    publish_frames(faces_topic, [frame_dict("video-held", i, n) for i, n in _crowd(range(10, 40))])  # no crowd
-    with pg() as publisher, publisher.transaction():  # what publish_pending_alerts does between read and mark
-        publisher.execute("SELECT id FROM alerts WHERE published_at IS NULL FOR UPDATE OF alerts SKIP LOCKED")
-        publisher.execute("UPDATE alerts SET published_at = now() WHERE id = %s", (alert_id,))
-        drained = threading.Thread(target=quick_drain, args=(faces_topic,), kwargs={"alert_rule": rule})
-        drained.start()
-        deadline = time.monotonic() + 60
-        while not scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
-            ("%DELETE FROM alerts%",),
-        ):
-            assert time.monotonic() < deadline and drained.is_alive(), "the drain never waited for the held row"
-            time.sleep(0.1)
-    drained.join(60)
-    assert not drained.is_alive()
-    assert scalar("SELECT count(*) FROM alerts") == 0
-    assert (
-        scalar("SELECT count(*) FROM alert_withdrawals WHERE alert_id = %s AND merged_into IS NULL", (alert_id,)) == 1
-    )
+    publish_frames(faces_topic, [frame_dict("video-held", i, n) for i, n in _crowd(range(40, 50), range(40, 50))])
+    sending, go = threading.Event(), threading.Event()
+    wait = crowd.kafka.DeliveryTracker.wait
+
+    def slow_wait(self, producer, timeout_s):  # the publisher's messages are out; it waits for their acks
+        if threading.current_thread().name == "alerts-publisher":
+            sending.set()
+            assert go.wait(60)
+        return wait(self, producer, timeout_s=timeout_s)
+
+    monkeypatch.setattr(crowd.kafka.DeliveryTracker, "wait", slow_wait)
+
+    def publish() -> None:
+        with psycopg.connect(os.environ["CROWD_PG_DSN_FOR_TESTS"]) as conn:
+            publish_pending_alerts(conn, "kafka_default", alerts_topic)
+
+    publisher = threading.Thread(target=publish, name="alerts-publisher")
+    publisher.start()
+    assert sending.wait(60)
+    drain = threading.Thread(target=quick_drain, args=(faces_topic,), kwargs={"alert_rule": rule})
+    drain.start()
+    deadline = time.monotonic() + 60
+    while drain.is_alive() and not scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s", ("%UPDATE alerts%",)
+    ):
+        assert time.monotonic() < deadline, "the drain neither finished nor waited"
+        time.sleep(0.1)
+    go.set()
+    publisher.join(60)
+    drain.join(60)
+    assert not publisher.is_alive() and not drain.is_alive()
+    monkeypatch.setattr(crowd.kafka.DeliveryTracker, "wait", wait)
+    quick_drain(faces_topic, alert_rule=rule, alerts_topic=alerts_topic)  # sends what is pending
+
+    with pg() as conn:
+        rows = conn.execute(
+            "SELECT id, started_frame_id, ended_frame_id, started_ts_ms, ended_ts_ms, peak_count, revision FROM alerts"
+        ).fetchall()
+    assert [row[1:3] + row[6:] for row in rows] == [(10, 49, 2)]
+    published = _read_to_end(alerts_topic)
+    assert [m["revision"] for m in published] == [1, 2]
+    assert _as_a_consumer_holds_them(published) == {row[0]: row[1:] for row in rows}
+    kafka_admin.delete_topics([alerts_topic])
 
 
 def test_alerts_that_cannot_be_published_stop_neither_the_frames_nor_the_next_run(
