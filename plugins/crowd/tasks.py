@@ -119,9 +119,7 @@ def detect_and_publish(item: dict[str, Any]) -> dict[str, Any]:
 
 
 @task(trigger_rule="all_done")
-def finish_videos(
-    items: list[dict[str, Any]] | None, results: list[dict[str, Any] | None] | None
-) -> dict[str, list[str]]:
+def finish_videos(items: list[dict[str, Any]] | None, results: list[dict[str, Any] | None]) -> dict[str, list[str]]:
     """Mark done the videos whose every part was published; fail (so the run shows failed) if any is not.
 
     When the first task failed there are no work items (``items`` is None): fail at once with that reason, not
@@ -129,9 +127,7 @@ def finish_videos(
     """
     if items is None:
         raise AirflowFailException("no work items to finish: the first task failed (its log says why)")
-    outcome = jobs.finish_videos(
-        [jobs.WorkItem(**i) for i in items], list(results or ()), load_settings(), _run_stamp()
-    )
+    outcome = jobs.finish_videos([jobs.WorkItem(**i) for i in items], list(results), load_settings(), _run_stamp())
     if outcome["incomplete"]:
         raise AirflowFailException(
             f"{len(outcome['incomplete'])} video(s) not completed (see the failed detect_and_publish tasks): "

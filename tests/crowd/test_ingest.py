@@ -465,33 +465,6 @@ def test_a_damaged_record_batch_holds_its_partition_back_and_fails_the_drain_lou
 # --- alerts ---------------------------------------------------------------------------------------------------
 
 
-def _consume_all(topic: str, expect: int, timeout_s: float = 20) -> list[dict]:
-    from confluent_kafka import Consumer
-
-    consumer = Consumer(
-        {
-            "bootstrap.servers": json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]["bootstrap.servers"],
-            "group.id": f"alerts-reader-{uuid.uuid4().hex[:6]}",
-            "auto.offset.reset": "earliest",
-        }
-    )
-    consumer.subscribe([topic])
-    out: list[dict] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            for msg in consumer.consume(100, timeout=0.5):
-                if msg.error() is None:
-                    out.append(json.loads(msg.value()))
-            if len(out) >= expect:
-                time.sleep(1.0)  # give a duplicate time to show up
-                out.extend(json.loads(m.value()) for m in consumer.consume(100, timeout=0.5) if m.error() is None)
-                break
-    finally:
-        consumer.close()
-    return out
-
-
 def _read_to_end(topic: str, timeout_s: float = 30) -> list[dict]:
     """Every message of ``topic`` in order, read until each partition reports its end (fails otherwise)."""
     from confluent_kafka import Consumer, KafkaError
@@ -561,7 +534,7 @@ def test_crowd_alert_once_per_episode_even_on_replay(faces_topic: str, pg_schema
         (100, 129, 10000.0, 12900.0, 7, 101, 5, True),
     ]
     assert (first.new_alerts, first.alerts_published, replay.new_alerts, replay.alerts_published) == (2, 2, 0, 0)
-    published = _consume_all(alerts_topic, expect=2)
+    published = _read_to_end(alerts_topic)
     assert sorted((m["video_id"], m["started_frame_id"], m["peak_count"]) for m in published) == [
         ("video-crowd", 10, 9),
         ("video-crowd", 100, 7),
@@ -750,7 +723,7 @@ def test_alerts_that_cannot_be_published_stop_neither_the_frames_nor_the_next_ru
     retried = quick_drain(faces_topic, alert_rule=rule, alerts_topic=alerts_topic)
     assert retried.alerts_error is None and retried.alerts_published == 1, retried
     assert scalar("SELECT count(*) FROM alerts WHERE published_at IS NULL") == 0
-    assert [a["peak_count"] for a in _consume_all(alerts_topic, expect=1)] == [6]
+    assert [a["peak_count"] for a in _read_to_end(alerts_topic)] == [6]
 
 
 def test_after_one_failed_alert_publish_a_drain_tries_no_more_and_closes_its_producer(
