@@ -6,8 +6,8 @@ Routes (every one needs an authenticated Airflow user; ``/send`` needs the right
   ``/receive`` serves a bounded queue filled by :class:`crowd.receiver.MessageReceiver`, a background thread
   started and stopped with the app (FastAPI lifespan).
 * ``GET /videos``, ``/videos/{id}``, ``/videos/{id}/frames``, ``/videos/{id}/frames/{frame_id}/faces``,
-  ``/videos/{id}/frames.csv``, ``/videos/{id}/faces.csv``, ``/videos/{id}/images[/{name}]``: results read from
-  PostgreSQL (parameterised SQL only) and PNG pictures from ``settings.results_dir/<video_id>/``.
+  ``/videos/{id}/frames.csv``, ``/videos/{id}/faces.csv``, ``/videos/{id}/images[/{name}]``, ``/alerts``: results
+  read from PostgreSQL (parameterised SQL only) and PNG pictures from ``settings.results_dir/<video_id>/``.
 * ``GET /health``, ``GET /metrics`` (Prometheus text format), ``GET /dashboard`` (the page shown in the
   Airflow UI). OpenAPI: ``/crowd/openapi.json`` and ``/crowd/docs``.
 
@@ -204,6 +204,36 @@ class ImageList(BaseModel):
 
     video_id: str
     images: list[str]
+
+
+class AlertItem(BaseModel):
+    """One crowd alert (an episode of ``threshold`` or more faces per frame), as the alerts table holds it now:
+    the fields of its latest ``crowd_alert`` message, and whether that revision was published yet."""
+
+    alert_id: int
+    revision: int = Field(description="1, then one more per change (late or re-run frames changed the episode)")
+    video_id: str
+    path: str | None = None
+    started_frame_id: int
+    started_ts_ms: float
+    ended_frame_id: int | None = Field(None, description="last frame of the episode at the threshold")
+    ended_ts_ms: float | None = None
+    peak_count: int = Field(description="most faces in one frame of the episode")
+    peak_frame_id: int
+    threshold: int
+    min_duration_ms: float
+    created_at: datetime
+    updated_at: datetime
+    published_at: datetime | None = Field(None, description="when this revision reached the alerts topic")
+
+
+class AlertList(BaseModel):
+    """A page of crowd alerts, newest first."""
+
+    items: list[AlertItem]
+    total: int
+    limit: int
+    offset: int
 
 
 class ReceiverHealth(BaseModel):
@@ -434,6 +464,18 @@ WHERE (%(video_id)s::text IS NULL OR i.video_id = %(video_id)s)
 ORDER BY COALESCE(v.created_at, s.first_ingested_at) DESC NULLS LAST, i.video_id
 LIMIT %(limit)s OFFSET %(offset)s
 """
+_ALERT_FILTER = "WHERE (%(video_id)s::text IS NULL OR a.video_id = %(video_id)s)"
+_ALERT_QUERY = f"""
+SELECT a.id AS alert_id, a.revision, a.video_id, v.path, a.started_frame_id, a.started_ts_ms, a.ended_frame_id,
+       a.ended_ts_ms, a.peak_count, a.peak_frame_id, a.threshold, a.min_duration_ms, a.created_at, a.updated_at,
+       a.published_at
+FROM alerts a LEFT JOIN videos v ON v.id = a.video_id
+{_ALERT_FILTER}
+ORDER BY a.created_at DESC, a.video_id, a.started_frame_id DESC, a.id DESC
+LIMIT %(limit)s OFFSET %(offset)s
+"""  # noqa: S608 - a fixed filter; values are parameters
+_ALERT_COUNT = f"SELECT count(*) AS n FROM alerts a {_ALERT_FILTER}"  # noqa: S608
+
 _VIDEO_COUNT = """
 WITH ids AS (SELECT id AS video_id FROM videos UNION SELECT video_id FROM frames)
 SELECT count(*) AS n FROM ids i LEFT JOIN videos v ON v.id = i.video_id
@@ -829,6 +871,18 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
         header = ["video_id", "frame_id", "face_id", "x", "y", "width", "height", "confidence"]
         sql = f"SELECT {', '.join(header)} FROM faces WHERE video_id = %s ORDER BY frame_id, face_id"  # noqa: S608
         return csv_response(video_id, "faces", sql, header)
+
+    @app.get("/alerts", response_model=AlertList, summary="Crowd alerts, newest first (all videos, or one)")
+    def list_alerts(
+        conn: Db,
+        video_id: Annotated[str | None, Query(pattern=VIDEO_ID_PATTERN, description="only this video's alerts")] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    ) -> AlertList:
+        params = {"video_id": video_id, "limit": limit, "offset": offset}
+        total = _rows(conn, _ALERT_COUNT, params)[0]["n"]
+        rows = _rows(conn, _ALERT_QUERY, params)
+        return AlertList(items=[AlertItem(**r) for r in rows], total=total, limit=limit, offset=offset)
 
     def video_dir(video_id: str) -> Path:
         root = settings_factory().results_dir.resolve()

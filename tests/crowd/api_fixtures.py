@@ -153,9 +153,16 @@ SEED_RUN_ID = "scheduled__2026-11-28T10:00:00+00:00"  # the DAG run recorded as 
 
 
 def seed_results(
-    faces_topic: str, results_dir: Path, video_id: str = SEED_VIDEO, model: str = "test-model"
+    faces_topic: str,
+    results_dir: Path,
+    video_id: str = SEED_VIDEO,
+    model: str = "test-model",
+    *,
+    alert_rule: Any = None,
+    alerts_topic: str | None = None,
 ) -> dict[str, Any]:
-    """Register a video, publish one FaceMessage per frame to ``faces_topic``, drain it into PostgreSQL.
+    """Register a video, publish one FaceMessage per frame to ``faces_topic``, drain it into PostgreSQL (with
+    ``alert_rule``: raising crowd alerts, published to ``alerts_topic`` if given).
 
     Also writes the video's pictures (heatmap.png, annotated.jpg, faces_over_time.png) with the detection
     side's :class:`crowd.pictures.PictureAccumulator` into ``results_dir/<video_id>/``.
@@ -199,8 +206,17 @@ def seed_results(
         producer.produce(faces_topic, key=video_id.encode(), value=message.to_json(), on_delivery=tracker.callback)
         acc.add(frame_id, frame_id * 1000 / fps, image, boxes)
     tracker.wait(producer, timeout_s=20)
-    summary = drain("kafka_default", "crowd_postgres", faces_topic, "crowd-ingest", idle_timeout_s=3, max_seconds=60)
-    assert summary.frames == len(SEED_COUNTS), summary
+    summary = drain(
+        "kafka_default",
+        "crowd_postgres",
+        faces_topic,
+        "crowd-ingest",
+        idle_timeout_s=3,
+        max_seconds=60,
+        alert_rule=alert_rule,
+        alerts_topic=alerts_topic,
+    )
+    assert summary.frames == len(SEED_COUNTS) and summary.alerts_error is None, summary
     with storage.connect("crowd_postgres") as conn:
         storage.mark_video_done(conn, video_id, seed_run)
         conn.commit()

@@ -41,6 +41,7 @@ ROUTES = [
     pytest.param("GET", f"/crowd/videos/{V}/faces.csv", None, id="faces-csv"),
     pytest.param("GET", f"/crowd/videos/{V}/images", None, id="images"),
     pytest.param("GET", f"/crowd/videos/{V}/images/heatmap.png", None, id="image"),
+    pytest.param("GET", "/crowd/alerts", None, id="alerts"),
     pytest.param("GET", "/crowd/health", None, id="health"),
     pytest.param("GET", "/crowd/metrics", None, id="metrics"),
     pytest.param("GET", "/crowd/dashboard", None, id="dashboard"),
@@ -362,6 +363,59 @@ def test_results_routes_return_what_the_ingest_stored(client: Any, faces_topic: 
     assert f"crowd_faces_stored {seeded['faces']}.0" in text
     assert "crowd_messages_rejected 0.0" in text and "crowd_ingest_lag 0.0" in text
     assert 'crowd_videos{status="done"} 1.0' in text
+
+
+def test_alerts_route_returns_the_alerts_table(
+    client: Any, faces_topic: str, kafka_admin: Any, results_dir: Path
+) -> None:
+    """Two videos with the seed's face counts and a rule of 3 faces: episodes at frames 20, 40-50 and 90 each.
+    The route gives every row as the table holds it, newest first (latest episode of a video first), per video
+    on request, in pages; a video with no alert gives an empty page, a bad id a 422."""
+    from crowd import storage
+    from crowd.alerts import AlertRule
+    from tests.crowd.test_ingest import new_topic
+
+    alerts_topic = new_topic(kafka_admin, "test-alerts", partitions=1)
+    rule = AlertRule(threshold=3, min_duration_s=0)
+    try:
+        seed_results(faces_topic, results_dir, alert_rule=rule, alerts_topic=alerts_topic)
+        seed_results(faces_topic, results_dir, video_id="seedvideo02")  # no rule: no alerts
+        seed_results(faces_topic, results_dir, video_id="seedvideo03", alert_rule=rule, alerts_topic=alerts_topic)
+    finally:
+        kafka_admin.delete_topics([alerts_topic])
+    with storage.connect("crowd_postgres") as conn, conn.cursor() as cur:
+        cur.execute("SELECT id, video_id, revision, published_at FROM alerts")
+        table = {row[0]: row[1:] for row in cur.fetchall()}
+    headers = auth(client, "viewer")
+
+    everything = client.get("/crowd/alerts", headers=headers).json()
+    items = everything["items"]
+    assert everything["total"] == len(items) == len(table) == 6
+    assert {a["alert_id"]: (a["video_id"], a["revision"]) for a in items} == {k: v[:2] for k, v in table.items()}
+    assert all(a["published_at"] is not None for a in items)  # sent to the alerts topic, and marked
+    episodes = [
+        (a["video_id"], a["started_frame_id"], a["ended_frame_id"], a["peak_count"], a["peak_frame_id"]) for a in items
+    ]
+    assert episodes == [
+        (video, *episode)
+        for video in ("seedvideo03", V)
+        for episode in ((90, 90, 3, 90), (40, 50, 5, 40), (20, 20, 3, 20))
+    ]
+    first = items[0]
+    assert first["path"] == "/videos/seedvideo03.mp4" and first["threshold"] == 3 and first["min_duration_ms"] == 0
+    assert first["started_ts_ms"] == pytest.approx(9000.0) and first["ended_ts_ms"] == pytest.approx(9000.0)
+
+    mine = client.get("/crowd/alerts", params={"video_id": V}, headers=headers).json()
+    assert mine["total"] == 3 and [a["alert_id"] for a in mine["items"]] == [a["alert_id"] for a in items[3:]]
+    page = client.get("/crowd/alerts", params={"limit": 2, "offset": 2}, headers=headers).json()
+    assert page["total"] == 6 and page["items"] == items[2:4]
+    assert client.get("/crowd/alerts?video_id=seedvideo02", headers=headers).json() == {
+        "items": [],
+        "total": 0,
+        "limit": 100,
+        "offset": 0,
+    }
+    assert client.get("/crowd/alerts?video_id=../x", headers=headers).status_code == 422
 
 
 def test_csv_cells_that_a_spreadsheet_would_run_are_quoted(client: Any, faces_topic: str, results_dir: Path) -> None:

@@ -44,11 +44,13 @@ def _browser_or_skip() -> Any:
 
 def test_dashboard_shows_the_seeded_video(live_server: str, faces_topic: str, results_dir: Path) -> None:
     from crowd import storage
+    from crowd.alerts import AlertRule
 
     sync_playwright = _browser_or_skip()
     with storage.connect("crowd_postgres") as conn:
         storage.migrate(conn)
-    seed_results(faces_topic, results_dir)
+    # 3 faces or more: alerts at frames 20, 40-50 and 90 of the seed's counts
+    seed_results(faces_topic, results_dir, alert_rule=AlertRule(threshold=3, min_duration_s=0))
     # A token as the Airflow UI holds it: the "_token" cookie, sent by the iframe and its fetch() calls.
     jwt = _login(live_server, "viewer")
     ARTIFACTS.mkdir(exist_ok=True)
@@ -69,6 +71,9 @@ def test_dashboard_shows_the_seeded_video(live_server: str, faces_topic: str, re
             points = page.locator("#chart svg polyline").get_attribute("points").split()
             assert len(points) == len(SEED_COUNTS)
             assert page.locator("#chart svg circle").count() == 1, "peak marker missing"
+            assert page.locator("#chart svg rect.alert").count() == 3, "alert bands missing"
+            alerts = page.locator("#alerts li").all_inner_texts()
+            assert len(alerts) == 3 and alerts[1].startswith("4.0 s – 5.0 s (frames 40–50): peak 5 faces at frame 40")
             names = sorted(page.locator("#pictures img").evaluate_all("(imgs) => imgs.map((i) => i.alt)"))
             assert names == ["annotated.jpg", "heatmap.png"]
             assert "Kafka ok" in page.locator("#health").inner_text()
