@@ -140,6 +140,7 @@ default_pass = $CROWD_CELERY_RABBIT_PASSWORD
 loopback_users = none
 log.console = false
 log.file.level = warning
+consumer_timeout = 25200000
 CONF
   port_open 127.0.0.1 "$RABBITMQ_NODE_PORT" && die "port $RABBITMQ_NODE_PORT is in use; set CROWD_CELERY_AMQP_PORT"
   log "starting RabbitMQ $RABBITMQ_NODENAME on 127.0.0.1:$RABBITMQ_NODE_PORT (data: $STATE/rabbitmq)"

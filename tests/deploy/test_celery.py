@@ -166,6 +166,22 @@ def profile(tmp_path_factory: pytest.TempPathFactory, kafka_admin, postgres_admi
         assert not left, f"processes left behind (process groups / pids): {left}"
 
 
+def test_the_broker_waits_for_an_acknowledgement_longer_than_a_task_may_run(profile: Profile) -> None:
+    """Airflow's Celery executor acknowledges a task's message when the task ends; the running RabbitMQ node (its
+    config as dev/celery.sh writes it) must not give up on it first (RabbitMQ's default: 30 min)."""
+    env = {**os.environ, **profile.env, "HOME": str(Path(profile.env["CROWD_CELERY_STATE_DIR"]) / "rabbitmq")}
+    # the real script, as dev/celery.sh starts the node: the /usr/sbin wrapper switches to the rabbitmq user's HOME
+    ctl = "/usr/lib/rabbitmq/bin/rabbitmqctl"
+    query = [ctl, "-q", "eval", "application:get_env(rabbit, consumer_timeout)."]
+    out = subprocess.run(query, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    from crowd.config import Settings
+
+    task_timeout_s = int(profile.env.get("CROWD_DETECT_TASK_TIMEOUT_S") or Settings.detect_task_timeout_s)
+    limit_ms = int(out.stdout.strip().removeprefix("{ok,").removesuffix("}"))
+    assert limit_ms > task_timeout_s * 1000, out.stdout
+
+
 def test_mapped_detection_spreads_over_two_workers_and_ingest_stores_every_frame(profile: Profile) -> None:
     clips = [
         shutil.copy(CARPHONE, profile.videos / "cam1.mp4"),

@@ -111,10 +111,9 @@ def _airflow_commands() -> list[tuple[str, list[str]]]:
         if name not in AIRFLOW_SERVICES:
             continue
         command = service.get("command")
-        entrypoint = service.get("entrypoint")
         scripts = []
-        if entrypoint:  # a shell script: pick its airflow lines
-            scripts.extend(command if isinstance(command, list) else [command])
+        if isinstance(command, list) and command[:2] == ["bash", "-c"]:  # a shell script: pick its airflow lines
+            scripts.extend(command[2:])
         elif command:
             found.append((name, command if isinstance(command, list) else shlex.split(command)))
         test = (service.get("healthcheck") or {}).get("test") or []
@@ -321,6 +320,27 @@ def test_rabbitmq_permits_the_transient_queues_of_the_pinned_celery() -> None:
     assert "deprecated_features.permit.transient_nonexcl_queues = true" in conf.read_text().splitlines()
 
 
+def test_airflow_services_keep_the_image_entrypoint() -> None:
+    """The image's entrypoint adds a passwd entry for an AIRFLOW_UID it does not know before it runs anything;
+    without it Airflow's CLI stops ("The user that Airflow is running as has no username"), so an overridden
+    entrypoint broke `airflow db migrate` in airflow-init for every AIRFLOW_UID but 50000 (the README asks Linux
+    users to set their own), and no Airflow service started. `bash`/`python` commands go through it too."""
+    overridden = [name for name in AIRFLOW_SERVICES if "entrypoint" in _raw()["services"][name]]
+    assert overridden == []
+
+
+def test_rabbitmq_waits_longer_for_an_acknowledgement_than_a_task_may_run() -> None:
+    """Airflow's Celery executor acknowledges a task's message when the task ends (task_acks_late); RabbitMQ's
+    default consumer_timeout (30 min) would close the worker's channel under a longer detection task and deliver it
+    again. The bundled broker's limit must exceed the compose's task timeout."""
+    conf = (ROOT / "dev" / "docker" / "rabbitmq.conf").read_text().splitlines()
+    values = [line.split("=", 1)[1].strip() for line in conf if line.split("=", 1)[0].strip() == "consumer_timeout"]
+    assert len(values) == 1, "consumer_timeout not set once in dev/docker/rabbitmq.conf"
+    task_timeout_s = int(_env_of(resolved()["services"]["airflow-worker"])["CROWD_DETECT_TASK_TIMEOUT_S"])
+    assert int(values[0]) > task_timeout_s * 1000 + 15 * 60 * 1000  # the try, plus a wait in the worker
+    assert "consumer_timeout" in _readme_docker_section()  # hosted brokers need it too
+
+
 def test_postgres_is_healthy_only_when_it_listens_on_tcp() -> None:
     """Without -h, pg_isready asks the Unix socket, which the image's temporary init server answers before the crowd
     database exists (docker-library/postgres#146); airflow-init's own entrypoint does not wait for the DB."""
@@ -353,7 +373,8 @@ def test_weights_install_where_compose_and_the_model_code_look() -> None:
 def test_env_example_as_is_makes_airflow_init_refuse(tmp_path: Path) -> None:
     """change-me passes compose's ${VAR:?} checks: airflow-init's script stops first, naming every placeholder."""
     init = resolved()["services"]["airflow-init"]
-    script = init["command"][1].replace("$$", "$")
+    assert init["command"][:2] == ["bash", "-c"]
+    script = init["command"][2].replace("$$", "$")
     assert "airflow db migrate" in script
     check = script.split("airflow db migrate", 1)[0] + "echo CHECKS-PASSED\n"
     secrets = [line.split("=", 1)[0] for line in ENV_EXAMPLE.read_text().splitlines()
