@@ -73,7 +73,13 @@ class FaceMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     ]
     source: Annotated[str, msgspec.Meta(description="path or URL the frame was read from")]
     frame_id: Annotated[int, msgspec.Meta(ge=0, description="index of the frame in the video")]
-    frame_ts_ms: Annotated[float, msgspec.Meta(ge=0.0, description="frame_id * 1000 / fps")]
+    frame_ts_ms: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0.0,
+            description="when the frame is shown, ms from the video's start (the container's presentation time; frame_id * 1000 / fps for a stream without timestamps)",
+        ),
+    ]
     frame_width: PositiveInt
     frame_height: PositiveInt
     model: Annotated[str, msgspec.Meta(min_length=1, description="detector id, e.g. 'yolov3-face@416'")]
@@ -192,9 +198,10 @@ def build_message(
     for d in detections:
         clipped = _clip_box(d.x, d.y, d.width, d.height, fw, fh)
         if clipped is not None:
-            boxes.append((min(1.0, max(0.0, float(d.confidence))), clipped))
+            # ordered by the confidence as published (rounded), so equal published values go by y, x
+            boxes.append((round(min(1.0, max(0.0, float(d.confidence))), 4), clipped))
     boxes.sort(key=lambda item: (-item[0], item[1][1], item[1][0]))
-    faces = [Face(i, BoundingBox(*box), round(c, 4)) for i, (c, box) in enumerate(boxes)]
+    faces = [Face(i, BoundingBox(*box), c) for i, (c, box) in enumerate(boxes)]
     return FaceMessage(
         video_id=video_id,
         source=str(source),

@@ -119,7 +119,8 @@ class PictureAccumulator:
 
     def heatmap(self) -> np.ndarray:
         """BGR image (frame size) of face-centre density, ``COLORMAP_JET`` (blue = none)."""
-        ybins = max(1, round(self.bins * self.height / max(self.width, 1)))
+        # bins of the frame's shape, at most 4x as many rows as columns (a 1x8192 frame made 33M bins: 0.5 GB)
+        ybins = max(1, min(round(self.bins * self.height / max(self.width, 1)), 4 * self.bins))
         hist, _, _ = np.histogram2d(
             self._centres_y, self._centres_x, bins=(ybins, self.bins), range=((0, self.height), (0, self.width))
         )

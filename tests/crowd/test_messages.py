@@ -33,6 +33,17 @@ def test_build_message_orders_clips_and_round_trips() -> None:
     assert FaceMessage.from_json(raw) == msg
 
 
+def test_faces_with_equal_published_confidence_are_ordered_by_position() -> None:
+    """face_id follows the confidence as published (4 decimals): two faces both published at 1.0 go top to bottom,
+    whatever their unrounded scores (MTCNN gives many 0.9999x). Before, the unrounded order decided, so ids
+    contradicted the message and could swap between runs over a difference of 1e-5."""
+    for low, high in ((0.99999, 0.999996), (0.999996, 0.99999)):
+        lower_face = Detection(x=10, y=300, width=20, height=20, confidence=high)
+        upper_face = Detection(x=40, y=20, width=20, height=20, confidence=low)
+        message = build_message("v", "/v.mp4", 0, 0.0, (480, 640, 3), [lower_face, upper_face], "m")
+        assert [(f.face_id, f.bounding_box.y, f.confidence) for f in message.faces] == [(0, 20, 1.0), (1, 300, 1.0)]
+
+
 @pytest.mark.parametrize(
     ("change", "text"),
     [

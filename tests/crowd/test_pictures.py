@@ -32,3 +32,20 @@ def test_annotate_draws_boxes() -> None:
 
 def test_empty_accumulator(tmp_path: Path) -> None:
     assert PictureAccumulator(10, 10).write(tmp_path).annotated is None
+
+
+def test_heatmap_of_a_frame_of_extreme_shape_stays_small() -> None:
+    """A 1x8192 frame (the probe allows 1..8192 a side) made a histogram of 524,288 x 64 bins: ~0.5 GB at peak
+    for a picture of 24 KB. Rows are now at most 4x the columns."""
+    import tracemalloc
+
+    acc = PictureAccumulator(width=1, height=8192)
+    acc.add(0, 0.0, np.zeros((8192, 1, 3), np.uint8), [Detection(x=0, y=4000, width=1, height=50, confidence=0.9)])
+    tracemalloc.start()
+    try:
+        heat = acc.heatmap()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert heat.shape == (8192, 1, 3)
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB"
