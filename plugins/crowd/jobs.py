@@ -282,6 +282,8 @@ def plan_video(path: Path, video_id: str, settings: Settings, max_items: int | N
             "CROWD_FRAMES_PER_TASK=%d", path, info.frame_count, max_items, frames_per_task, settings.frames_per_task,
         )  # fmt: skip
     ranges = split_ranges(info.frame_count, frames_per_task)
+    if len(ranges) == 1:  # read to the end, not to the count: outside an MP4 index it is an estimate
+        return [WorkItem(str(path), video_id)]
     return [WorkItem(str(path), video_id, a, b, i, len(ranges)) for i, (a, b) in enumerate(ranges)]
 
 

@@ -142,7 +142,8 @@ def process_video(
     logger.info(
         "processing %s (id %s) with %s: %s fps, %s frames, every %d-th frame, range %s..%s, %s to process",
         source, video_id, detector.name, f"{info.fps:g}", info.frame_count, reader.frame_interval,
-        reader.start, reader.stop if info.frame_count is not None else "live" if info.is_live else "end", total if total is not None else "?",
+        reader.start, reader.stop_frame if reader.stop_frame is not None else "live" if info.is_live else "end",
+        total if total is not None else "?",
     )  # fmt: skip
     for frame in reader:
         detections = detector.detect_prepared(frame.image, frame.prepared)
@@ -161,8 +162,10 @@ def process_video(
         if now - last_report >= progress_every_s:
             last_report = now
             rate = done / (now - started)
-            eta = (total - done) / rate if total is not None and rate > 0 else None
-            report(Progress(done, total, rate, eta, frame.frame_id))
+            # past an estimated count (no MP4 index) the total is unknown
+            known = total if total is not None and done <= total else None
+            eta = (known - done) / rate if known is not None and rate > 0 else None
+            report(Progress(done, known, rate, eta, frame.frame_id))
         if max_frames is not None and done >= max_frames:
             break
     reader.close()
@@ -179,7 +182,7 @@ def process_video(
         fps=info.fps,
         frame_count=info.frame_count,
         frame_interval=reader.frame_interval,
-        frame_range=(reader.start, reader.stop if info.frame_count is not None else None),
+        frame_range=(reader.start, reader.stop_frame),
         frames_processed=done,
         frames_expected=total,
         faces_total=faces_total,

@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 MAX_FPS = 1000.0
 MAX_DIMENSION = 8192
+# Frames an MP4 index may list for its timing to be used (77 h at 30 fps; ~0.3 GB of per-frame arrays at most).
+MAX_INDEXED_FRAMES = 1 << 23
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 
@@ -156,6 +158,12 @@ class VideoInfo:
     is_live: bool = False
     constant_rate: bool = False
     index_duration_s: float | None = None
+
+    @property
+    def exact_frame_count(self) -> int | None:
+        """The frame count when it comes from the MP4 index (the frames it lists), else ``None``: FFmpeg's count of
+        other containers is an estimate (duration times the nominal rate), too low for a variable rate above it."""
+        return self.frame_count if self.index_duration_s is not None else None
 
     @property
     def duration_s(self) -> float | None:
@@ -479,9 +487,15 @@ def _mp4_timing(path: str | os.PathLike[str] | int) -> _Timing | None:
             continue
         try:
             return _track_timing(trak, _timescale(mvhd))
-        except (struct.error, ValueError, ZeroDivisionError):  # tables that do not fit: no timing
+        except (struct.error, ValueError, ZeroDivisionError, MemoryError):  # tables that do not fit: no timing
             return None
     return None
+
+
+def _sample_count(stbl: bytes) -> int | None:
+    """The track's sample count from its sample size table (``stsz``, or the compact ``stz2``)."""
+    sizes = _child(stbl, b"stsz") or _child(stbl, b"stz2")
+    return struct.unpack_from(">I", sizes, 8)[0] if sizes is not None and len(sizes) >= 12 else None
 
 
 def _track_timing(trak: bytes, movie_scale: int) -> _Timing | None:
@@ -491,6 +505,11 @@ def _track_timing(trak: bytes, movie_scale: int) -> _Timing | None:
         return None
     scale = _timescale(mdhd)
     table = np.frombuffer(stts, ">u4", count=2 * struct.unpack_from(">I", stts, 4)[0], offset=8).reshape(-1, 2)
+    samples = int(table[:, 0].astype(np.int64).sum())
+    # A damaged stts can claim billions of samples in a few bytes: its count must be the sample size table's,
+    # and the per-sample arrays made of it stay bounded (beyond the bound the video is read whole, unsplit).
+    if samples > MAX_INDEXED_FRAMES or samples != _sample_count(stbl):
+        return None
     deltas = np.repeat(table[:, 1].astype(np.int64), table[:, 0].astype(np.int64))
     if not len(deltas) or not scale:
         return None  # fragmented: the samples are in moof boxes
@@ -621,8 +640,11 @@ def split_ranges(frame_count: int, frames_per_task: int) -> list[tuple[int, int]
     return [(a, min(a + frames_per_task, frame_count)) for a in range(0, frame_count, frames_per_task)]
 
 
+_TO_THE_END = 2**62  # the stop of a range read until decoding ends
+
+
 def _normalise_range(frame_range: tuple[int, int | None] | None, frame_count: int | None) -> tuple[int, int]:
-    big = frame_count if frame_count is not None else 2**62
+    big = frame_count if frame_count is not None else _TO_THE_END
     if frame_range is None:
         return 0, big
     start, stop = frame_range
@@ -672,7 +694,8 @@ class FrameReader:
         self.info = probe_video(source)
         self.frame_interval = frame_interval_for(self.info.fps, frame_interval, target_fps)
         try:
-            self.start, self.stop = _normalise_range(frame_range, self.info.frame_count)
+            # a range without a stop reads to the end: the listed frames, or where decoding ends for an estimate
+            self.start, self.stop = _normalise_range(frame_range, self.info.exact_frame_count)
         except ValueError as exc:
             raise VideoArgumentError(source, str(exc)) from None
         self.raise_on_error = raise_on_error
@@ -687,6 +710,11 @@ class FrameReader:
     def stopped_early(self) -> bool:
         """True if decoding failed before the end of the requested range."""
         return self.error is not None
+
+    @property
+    def stop_frame(self) -> int | None:
+        """End of the range read (exclusive), or ``None``: until decoding ends."""
+        return None if self.stop >= _TO_THE_END else self.stop
 
     @property
     def expected_frames(self) -> int | None:

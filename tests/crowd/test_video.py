@@ -108,6 +108,41 @@ def test_info_and_hash(clip: Path, tmp_path: Path) -> None:
     assert content_hash(copy) != content_hash(clip)
 
 
+def test_an_index_claiming_billions_of_frames_is_not_expanded(clip: Path, tmp_path: Path) -> None:
+    """One damaged count in the MP4 index (stts: 2^31-1 samples, 4 bytes changed; OpenCV still opens the file):
+    the probe expanded it into per-frame arrays, a MemoryError (16 GiB) that stopped every scan of the folder, or
+    the kernel's OOM killer. Now the index is not used when its tables disagree (stsz lists 60 samples): the probe
+    answers, and reading ends with the file named as corrupt after its 60 frames. Run under a 3 GiB address-space
+    limit, so the old code fails here instead of taking the machine's memory."""
+    import resource
+    import struct
+    import subprocess
+    import sys
+
+    data = bytearray(clip.read_bytes())
+    at = data.find(b"stts")
+    assert struct.unpack_from(">II", data, at + 8) == (1, 60)  # one entry: 60 samples
+    struct.pack_into(">I", data, at + 12, 2**31 - 1)
+    damaged = tmp_path / "damaged-index.mp4"
+    damaged.write_bytes(bytes(data))
+    code = (
+        "import sys; from crowd.video import FrameReader, probe_video\n"
+        "info = probe_video(sys.argv[1]); reader = FrameReader(sys.argv[1], frame_interval=1)\n"
+        "print(info.constant_rate, info.index_duration_s, len(list(reader)), type(reader.error).__name__)"
+    )
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    plugins = str(Path(__file__).resolve().parents[2] / "plugins")
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(damaged)],
+        capture_output=True, text=True, timeout=120, preexec_fn=limit_memory, env={**os.environ, "PYTHONPATH": plugins},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["False", "None", "60", "CorruptVideoError"]
+
+
 def _bad(kind: str, tmp: Path, clip: Path) -> Path:
     p = tmp / "x.mp4"
     good = clip.read_bytes()
@@ -336,6 +371,26 @@ def test_vfr_matroska_named_mp4_ends_cleanly(tmp_path: Path) -> None:
     assert [frame_index(f.image) for f in frames] == list(range(120))
     assert frames[-1].ts_ms == pytest.approx(7900, abs=1)
     assert reader.info.frame_count > 150 and not reader.info.constant_rate  # an estimate; not split
+
+
+def test_a_count_estimated_too_low_does_not_cut_the_video_short(tmp_path: Path) -> None:
+    """Matroska again, faster than its nominal 30 fps for most of it: FFmpeg's duration x rate says ~120 frames;
+    300 exist. Outside an MP4 index the count is an estimate, so a whole read (or the one work item the plan makes
+    of it) goes on to where decoding ends; until the review of session 15 both stopped at the estimate and the
+    last 180 frames were never read, without an error."""
+    from crowd.config import Settings
+    from crowd.jobs import WorkItem, plan_video
+
+    pts = [round(i * 1000 / 30) for i in range(60)] + [2000 + round(k * 1000 / 120) for k in range(240)]
+    path = write_numbered(tmp_path / "fast-mkv.mp4", pts, fmt="matroska")
+    reader = FrameReader(path, frame_interval=7)
+    frames = list(reader)
+    assert reader.info.frame_count < 150 and reader.info.exact_frame_count is None, reader.info
+    assert reader.error is None and reader.stop_frame is None, reader.error
+    assert [f.frame_id for f in frames] == list(range(0, 300, 7))
+    assert [frame_index(f.image) for f in frames] == [f.frame_id % 256 for f in frames]  # 8 stripes: 8 bits
+    assert frames[-1].ts_ms == pytest.approx(pts[294], abs=1)
+    assert plan_video(path, "v", Settings(video_roots=(tmp_path,))) == [WorkItem(str(path), "v")]
 
 
 def test_raw_h264_stream_named_mp4_is_read_to_its_end(tmp_path: Path) -> None:
