@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from contextlib import ExitStack
@@ -29,6 +30,16 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive whole number")
+    return value
+
+
+def _positive_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive finite number of frames per second")
     return value
 
 
@@ -52,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     det.add_argument(
         "--frame-interval", type=_positive_int, default=None, help="process every N-th frame (default fps/3)"
     )
-    det.add_argument("--target-fps", type=float, default=None, help="alternative: about this many frames per second")
+    det.add_argument(
+        "--target-fps", type=_positive_rate, default=None, help="alternative: about this many frames per second"
+    )
     det.add_argument("--start", type=int, default=0, help="first frame id of the range")
     det.add_argument("--stop", type=int, default=None, help="frame id after the range (exclusive)")
     det.add_argument("--max-frames", type=_positive_int, default=None, help="stop after this many processed frames")

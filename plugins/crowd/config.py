@@ -53,7 +53,12 @@ def _env_number(
 
 
 def _env_paths(name: str, default: str) -> tuple[Path, ...]:
-    return tuple(Path(p).expanduser().resolve() for p in _env(name, default).split(os.pathsep) if p.strip())
+    # spaces around a separator are not part of a path ("/a: /b" is /a and /b, not /a and ./ /b)
+    return tuple(Path(p.strip()).expanduser().resolve() for p in _env(name, default).split(os.pathsep) if p.strip())
+
+
+def _env_dir(name: str, default: str) -> Path:
+    return Path(_env(name, default).strip()).expanduser().resolve()
 
 
 @dataclass(frozen=True)
@@ -179,9 +184,9 @@ def load_settings() -> Settings:
         alert_threshold=_env_number("CROWD_ALERT_THRESHOLD", 10, minimum=0) or None,
         alert_min_duration_s=_env_number("CROWD_ALERT_MIN_DURATION_S", 2.0, whole=False),
         video_roots=_env_paths("CROWD_VIDEO_ROOTS", str(PROJECT_ROOT / ".local" / "videos")),
-        results_dir=Path(_env("CROWD_RESULTS_DIR", str(PROJECT_ROOT / ".local" / "results"))).resolve(),
-        model_dir=Path(_env("CROWD_MODEL_DIR", str(PROJECT_ROOT / "include" / "yolov3"))).resolve(),
-        model_cache=Path(_env("CROWD_MODEL_CACHE", str(Path.home() / ".cache" / "crowd" / "models"))).resolve(),
+        results_dir=_env_dir("CROWD_RESULTS_DIR", str(PROJECT_ROOT / ".local" / "results")),
+        model_dir=_env_dir("CROWD_MODEL_DIR", str(PROJECT_ROOT / "include" / "yolov3")),
+        model_cache=_env_dir("CROWD_MODEL_CACHE", str(Path.home() / ".cache" / "crowd" / "models")),
         detector_backend=backend,
         scan_schedule=_optional(_env("CROWD_SCAN_SCHEDULE", "*/5 * * * *")),
         frames_per_task=_env_number("CROWD_FRAMES_PER_TASK", 3000, minimum=1),

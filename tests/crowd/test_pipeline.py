@@ -148,6 +148,9 @@ def test_cli_refuses_bad_options_and_unwritable_places_before_the_work(tmp_path:
         ("--pictures", str(tmp_path / "afile" / "pics"), "cannot make folder"),
         ("--max-frames", "0", "not a positive whole number"),
         ("--frame-interval", "-3", "not a positive whole number"),
+        ("--target-fps", "nan", "not a positive finite number"),  # was "cannot convert float NaN to integer"
+        ("--target-fps", "inf", "not a positive finite number"),  # was taken: every frame
+        ("--target-fps", "0", "not a positive finite number"),
     ]:
         proc = _cli("detect", str(CARPHONE), option, value)
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
