@@ -79,7 +79,8 @@ def _check_results_folder(folder: Path) -> None:
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One detection task's share of a video: frames ``[start, stop)`` (``stop`` None = to the end)."""
+    """One detection task's share of a video: frames ``[start, stop)`` (``stop`` None = to the end), and the detector
+    backend the run resolved for all its parts (None: the task's own params and settings decide)."""
 
     path: str
     video_id: str
@@ -87,6 +88,7 @@ class WorkItem:
     stop: int | None = None
     part: int = 0
     parts: int = 1
+    model: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

