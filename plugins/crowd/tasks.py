@@ -10,14 +10,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import Param, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from crowd import jobs, storage
 from crowd.config import ConfigError, Settings, load_settings
 from crowd.models import ModelError, require_model
+
+if TYPE_CHECKING:  # imported where they run: DAG files import this module, and parsing them needs neither
+    from crowd import jobs, storage  # (OpenCV, numpy, psycopg: ~0.6 s in every parse of the two DAG files)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ def detection_default_args(settings: Settings) -> dict[str, Any]:
 
 def _run_stamp() -> storage.RunStamp:
     """This task's DAG run, as the video registry records it."""
+    from crowd import storage
+
     dag_run = get_current_context()["dag_run"]
     return storage.RunStamp(dag_run.run_id, dag_run.start_date or dag_run.run_after)
 
@@ -57,6 +61,8 @@ def _options(planned_model: str | None = None) -> jobs.DetectOptions:
     files found installed; else the task fails at once (a retry cannot help). ``planned_model`` is the one the run's
     first task resolved: every part of every video of a run uses it, whatever this worker's settings or files
     would pick now (a worker without its files fails, saying so)."""
+    from crowd import jobs
+
     try:
         options = jobs.DetectOptions.from_params(dict(get_current_context()["params"]))
         settings = load_settings()
@@ -76,6 +82,8 @@ def _planned(items: list[jobs.WorkItem], options: jobs.DetectOptions) -> list[di
 @task
 def scan_video_folders() -> list[dict[str, Any]]:
     """List the new videos under the configured roots and split them into work items."""
+    from crowd import jobs
+
     options = _options()  # refuse bad params or a model not installed before any work
     return _planned(jobs.find_new_videos(load_settings(), run_is_active=_manual_run_is_active), options)
 
@@ -99,6 +107,8 @@ def _manual_run_is_active(run_id: str) -> bool:
 @task
 def plan_requested_video() -> list[dict[str, Any]]:
     """Check the ``video_path`` param (an existing .mp4 inside the roots) and split it into work items."""
+    from crowd import jobs
+
     params = get_current_context()["params"]
     options = _options()  # refuse bad params before any work
     try:
@@ -109,12 +119,14 @@ def plan_requested_video() -> list[dict[str, Any]]:
         raise AirflowFailException(str(exc)) from exc
 
 
-@task(map_index_template="{{ work_item_label }}")
+@task(map_index_template="{{ work_item_label }}", multiple_outputs=False)  # one XCom, not one per key
 def detect_and_publish(item: dict[str, Any]) -> dict[str, Any]:
     """Detect faces on one work item's frames and publish them to the Faces topic.
 
     DAGs declare the topic's asset as its outlet (``crowd.assets.faces_topic_asset``) when they wire it.
     """
+    from crowd import jobs
+
     name = item["path"].rsplit("/", 1)[-1]
     label = name if item.get("parts", 1) == 1 else f"{name} part {item['part'] + 1}/{item['parts']}"
     get_current_context()["work_item_label"] = label  # type: ignore[typeddict-unknown-key]
@@ -127,13 +139,15 @@ def detect_and_publish(item: dict[str, Any]) -> dict[str, Any]:
         raise AirflowFailException(f"model not usable: {exc}") from exc
 
 
-@task(trigger_rule="all_done")
+@task(trigger_rule="all_done", multiple_outputs=False)
 def finish_videos(items: list[dict[str, Any]] | None, results: list[dict[str, Any] | None]) -> dict[str, list[str]]:
     """Mark done the videos whose every part was published; fail (so the run shows failed) if any is not.
 
     When the first task failed there are no work items (``items`` is None): fail at once with that reason, not
     with a TypeError retried twice.
     """
+    from crowd import jobs
+
     if items is None:
         raise AirflowFailException("no work items to finish: the first task failed (its log says why)")
     outcome = jobs.finish_videos([jobs.WorkItem(**i) for i in items], list(results), load_settings(), _run_stamp())

@@ -59,6 +59,33 @@ def test_parsing_opens_no_connection(monkeypatch: pytest.MonkeyPatch) -> None:
     assert bag.import_errors == {}, bag.import_errors
 
 
+HEAVY_MODULES = ("cv2", "numpy", "psycopg", "fastapi", "crowd.api", "crowd.jobs", "crowd.detection", "crowd.storage")
+
+
+def _imported_by(code: str) -> list[str]:
+    """The heavy modules a fresh interpreter has loaded after ``code`` (this test process has them all)."""
+    import json
+    import subprocess
+    import sys
+
+    probe = f"{code}\nimport json, sys; print(json.dumps([m for m in {HEAVY_MODULES!r} if m in sys.modules]))"
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=os.environ)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_parsing_and_loading_plugins_import_no_heavy_module(airflow_db) -> None:
+    """The dag-processor parses each DAG file in a new process (every min_file_process_interval), and every task
+    try loads the plugins (for their macros): before, parsing imported OpenCV, numpy and psycopg (~0.6 s a file,
+    per parse), and loading the plugin built the API app (FastAPI, Airflow's API security: ~3 s a task try)."""
+    parse = f"from airflow.models import DagBag; assert not DagBag(dag_folder={str(DAGS_FOLDER)!r}).import_errors"
+    assert _imported_by(parse) == []
+    load = "from airflow import plugins_manager as pm; pm.integrate_macros_plugins(); assert 'crowd' in [p.name for p in pm._get_plugins()[0]]"
+    assert _imported_by(load) == []
+    mount = "from airflow import plugins_manager as pm; apps, _ = pm.get_fastapi_plugins(); assert apps[0]['url_prefix'] == '/crowd'"
+    assert "crowd.api" in _imported_by(mount)  # the api-server reads fastapi_apps: the app is built then
+
+
 def test_every_declaration_of_an_asset_is_identical(dag_bag) -> None:
     """Airflow keeps one definition per asset: an outlet declared without the watcher would unregister it."""
     from airflow.sdk import Asset
