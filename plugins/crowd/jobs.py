@@ -107,6 +107,8 @@ class DetectOptions:
     def from_params(cls, params: dict[str, Any]) -> DetectOptions:
         """Build from DAG params, validating types and ranges with messages that name the param."""
         interval = params.get("frame_interval")
+        if isinstance(interval, float) and interval.is_integer():  # 5.0: JSON Schema's "integer" accepts it
+            interval = int(interval)
         if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
             raise ConfigError(f"frame_interval={interval!r}: use a whole number >= 1, or leave it empty for fps/3")
         confidence = params.get("confidence")

@@ -243,3 +243,16 @@ def test_a_symlink_swapped_in_after_the_check_does_not_lead_out_of_the_roots(
     assert _messages_in(faces_topic, kafka_bootstrap) == 0
     with storage.connect("crowd_postgres") as conn:
         assert storage.get_video_status(conn, item.video_id) is None
+
+
+def test_a_whole_frame_interval_sent_as_a_float_is_taken() -> None:
+    """The DAG's param schema accepts 5.0 as an "integer" (a REST or CLI trigger may send it): the run then failed
+    its first task on it. 2.5 stays refused (by the form too)."""
+    from crowd.config import ConfigError
+    from crowd.jobs import DetectOptions
+
+    options = DetectOptions.from_params({"frame_interval": 5.0})
+    assert options.frame_interval == 5 and isinstance(options.frame_interval, int)
+    for bad in (2.5, 0.0, float("nan"), True):
+        with pytest.raises(ConfigError, match="frame_interval"):
+            DetectOptions.from_params({"frame_interval": bad})
