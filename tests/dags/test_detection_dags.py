@@ -196,7 +196,9 @@ def test_every_part_uses_the_model_the_run_resolved_whatever_a_worker_would_pick
     monkeypatch.setattr(jobs, "plan_requested_video", plan_then_change_the_setting)
     run = _dag("crowd_video_detect").test(run_conf={"video_path": str(video), "frame_interval": 20})
     assert str(run.state) == "success", _task_states(run)
-    models = [FaceMessage.from_json(m.value()).model for m in _consume_all(pipeline_env["topic"], pipeline_env["bootstrap"])]
+    models = [
+        FaceMessage.from_json(m.value()).model for m in _consume_all(pipeline_env["topic"], pipeline_env["bootstrap"])
+    ]
     assert models == ["mtcnn-onnx"] * 6, models  # frames 0, 20, ..., 100
     first = next(ti for ti in run.get_task_instances() if ti.task_id == "plan_requested_video")
     planned = first.xcom_pull(task_ids="plan_requested_video")
