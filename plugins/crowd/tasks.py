@@ -150,7 +150,9 @@ def finish_videos(items: list[dict[str, Any]] | None, results: list[dict[str, An
 
     if items is None:
         raise AirflowFailException("no work items to finish: the first task failed (its log says why)")
-    outcome = jobs.finish_videos([jobs.WorkItem(**i) for i in items], list(results), load_settings(), _run_stamp())
+    # one slice: every result in one request (iterating asks for each in turn, then logs "XCom not found" for the
+    # one past the end, an error line in every run's log)
+    outcome = jobs.finish_videos([jobs.WorkItem(**i) for i in items], results[:], load_settings(), _run_stamp())
     if outcome["incomplete"]:
         raise AirflowFailException(
             f"{len(outcome['incomplete'])} video(s) not completed (see the failed detect_and_publish tasks): "
