@@ -343,7 +343,8 @@ def test_rabbitmq_waits_longer_for_an_acknowledgement_than_a_task_may_run() -> N
 
 def test_postgres_is_healthy_only_when_it_listens_on_tcp() -> None:
     """Without -h, pg_isready asks the Unix socket, which the image's temporary init server answers before the crowd
-    database exists (docker-library/postgres#146); airflow-init's own entrypoint does not wait for the DB."""
+    database exists (docker-library/postgres#146); airflow-init and the services wait for this healthcheck (the
+    image's entrypoint then only checks that the metadata DB answers, not the crowd database)."""
     test = _raw()["services"]["postgres"]["healthcheck"]["test"]
     command = shlex.split(test[1] if test[0] == "CMD-SHELL" else " ".join(test[1:]))
     assert command[0] == "pg_isready"
