@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -203,6 +204,26 @@ def test_every_part_uses_the_model_the_run_resolved_whatever_a_worker_would_pick
     first = next(ti for ti in run.get_task_instances() if ti.task_id == "plan_requested_video")
     planned = first.xcom_pull(task_ids="plan_requested_video")
     assert [item["model"] for item in planned] == ["mtcnn"] * 3
+
+
+def test_a_worker_without_the_planned_model_fails_the_part_saying_so(pipeline_env, monkeypatch, tmp_path) -> None:
+    """The README's promise for workers set up differently: a part whose work item names a model this worker has
+    no files for fails at once (no retries), naming the model, and publishes nothing."""
+    from crowd import jobs
+
+    video = shutil.copy(CARPHONE, pipeline_env["root"] / "planned elsewhere.mp4")
+    monkeypatch.setenv("CROWD_MODEL_DIR", str(tmp_path / "no-face-weights"))  # no YOLOv3 face files here
+    plan = jobs.plan_requested_video
+
+    def planned_on_a_worker_with_face_weights(*args, **kwargs):
+        return [dataclasses.replace(item, model="yolov3") for item in plan(*args, **kwargs)]
+
+    monkeypatch.setattr(jobs, "plan_requested_video", planned_on_a_worker_with_face_weights)
+    monkeypatch.setattr("crowd.tasks._planned", lambda items, options: [item.to_dict() for item in items])
+    run = _dag("crowd_video_detect").test(run_conf={"video_path": str(video), "frame_interval": 40})
+    assert str(run.state) == "failed"
+    assert _task_states(run)["detect_and_publish"] == ["failed"] and _try_numbers(run, "detect_and_publish") == [1]
+    assert _consume_all(pipeline_env["topic"], pipeline_env["bootstrap"]) == []
 
 
 def test_frame_range_split_gives_the_same_messages_as_one_task(pipeline_env, monkeypatch, capfd) -> None:
