@@ -186,6 +186,38 @@ def test_replay_from_offset_zero_stores_nothing_twice(faces_topic: str, pg_schem
     assert again.messages == 0 and again.stopped_because == "caught up"
 
 
+def test_rows_and_offsets_are_committed_together(faces_topic: str, pg_schema: str) -> None:
+    """An offset write that fails takes its batch's rows with it: no frame is stored without its offset (a crash
+    between the two would otherwise leave rows whose messages are read again, or offsets past rows never written).
+    Once the offset table takes writes again, the next drain stores every frame once."""
+    quick_drain(faces_topic)  # migrates the schema
+    with pg() as conn:
+        conn.execute(
+            "CREATE FUNCTION refuse_offsets() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'offsets refused by the test'; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER refuse_offsets BEFORE INSERT OR UPDATE ON kafka_offsets "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_offsets()"
+        )
+    messages = two_videos(60, 40)
+    publish_frames(faces_topic, messages)
+
+    with pytest.raises(psycopg.errors.RaiseException, match="offsets refused by the test"):
+        quick_drain(faces_topic, batch_size=30)
+    assert scalar("SELECT count(*) FROM frames") == 0
+    assert scalar("SELECT count(*) FROM faces") == 0
+    assert scalar("SELECT count(*) FROM kafka_offsets") == 0
+
+    with pg() as conn:
+        conn.execute("DROP TRIGGER refuse_offsets ON kafka_offsets")
+    summary = quick_drain(faces_topic, batch_size=30)
+    assert (summary.messages, summary.frames) == (100, 100)
+    assert scalar("SELECT count(*) FROM frames") == 100
+    assert scalar("SELECT count(*) FROM faces") == sum(m["total_faces"] for m in messages)
+    assert scalar("SELECT sum(next_offset) FROM kafka_offsets") == 100
+
+
 def test_linger_keeps_a_caught_up_drain_reading_a_trickle(faces_topic: str, pg_schema: str) -> None:
     import threading
 

@@ -66,6 +66,14 @@ def test_dag_is_triggered_by_a_kafka_watcher_in_its_own_group(airflow_db: Path) 
     kwargs = trigger.kwargs
     assert kwargs["topics"] == [os.environ.get("CROWD_FACES_TOPIC", "Faces")]
     assert kwargs["kafka_config_id"] != "kafka_default", "the watcher must not share the drain's consumer group"
+    from airflow.sdk import BaseHook
+
+    from crowd.config import load_settings
+
+    watch_group = BaseHook.get_connection(kafka_config_id := kwargs["kafka_config_id"]).extra_dejson["group.id"]
+    drain_group = load_settings().ingest_group
+    assert watch_group and watch_group != drain_group, f"{kafka_config_id} reads in the drain's group {drain_group}"
+    assert kwargs["apply_function_kwargs"]["group_id"] == drain_group, "faces_pending must compare the drain's offsets"
     assert callable(import_string(kwargs["apply_function"]))
 
 
