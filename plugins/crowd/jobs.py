@@ -17,15 +17,18 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from confluent_kafka import KafkaException
 
 from crowd import storage
 from crowd.config import ConfigError, Settings, load_settings
 from crowd.detection import Detector, build_detector
 from crowd.kafka import DeliveryTracker, PublishError, reliable_producer
 from crowd.messages import FaceMessage
+from crowd.models import ModelError
 from crowd.pipeline import process_video
 from crowd.video import (
     BadFileNameError,
@@ -56,6 +59,12 @@ class VideoUnreachableError(RuntimeError):
     video wherever it is then."""
 
 
+class VideoChangedError(VideoUnreachableError):
+    """The file is no longer the one identified when the run was planned (rewritten, replaced, still being
+    written): processing it would publish other frames under the old content's id. Retrying cannot help; the next
+    scan identifies the file again."""
+
+
 class ResultsFolderError(RuntimeError):
     """The results folder cannot be written (permissions, not a folder, disk full): fix it, then retry the task."""
 
@@ -79,8 +88,9 @@ def _check_results_folder(folder: Path) -> None:
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One detection task's share of a video: frames ``[start, stop)`` (``stop`` None = to the end), and the detector
-    backend the run resolved for all its parts (None: the task's own params and settings decide)."""
+    """One detection task's share of a video: frames ``[start, stop)`` (``stop`` None = to the end), the detector
+    backend the run resolved for all its parts (None: the task's own params and settings decide), and the file's
+    signature when its content was identified (size, modification and change times, inode; None: not checked)."""
 
     path: str
     video_id: str
@@ -89,6 +99,7 @@ class WorkItem:
     part: int = 0
     parts: int = 1
     model: str | None = None
+    file_signature: tuple[int, int, int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -213,9 +224,10 @@ class _ClaimKeeper:
             log.warning("video %s: could not renew this run's claim on it (%s); going on", self.video_id, exc)
 
 
-def _note_reason(settings: Settings, video_id: str, run: storage.RunStamp | None) -> None:
-    """Record that this try failed for a reason the video is not to blame for (best effort: the error is raised
-    anyway, and a database that cannot be reached only makes the run count as one that ended silently)."""
+def note_failure_reason(settings: Settings, video_id: str, run: storage.RunStamp | None) -> None:
+    """Record that this try failed for a reason the video is not to blame for (Kafka, the results folder, a model
+    missing on this worker), so the run does not count among those that ended silently (best effort: the error is
+    raised anyway, and a database that cannot be reached only makes the run count as one that ended silently)."""
     import psycopg
 
     try:
@@ -254,7 +266,13 @@ def list_videos(roots: Iterable[Path]) -> list[Path]:
     return sorted(found)
 
 
-def plan_video(path: Path, video_id: str, settings: Settings, max_items: int | None = None) -> list[WorkItem]:
+def plan_video(
+    path: Path,
+    video_id: str,
+    settings: Settings,
+    max_items: int | None = None,
+    signature: storage.FileSignature | None = None,
+) -> list[WorkItem]:
     """Split one video into work items of at most ``settings.frames_per_task`` frames, or into ``max_items``
     longer ones when that would make more (Airflow maps at most ``[core] max_map_length`` items in a run).
 
@@ -263,7 +281,15 @@ def plan_video(path: Path, video_id: str, settings: Settings, max_items: int | N
     gets one item that reads it whole. A video whose metadata cannot be read (or that vanished since it was
     hashed) gets one item too: its task fails with the reason and records it (or, if the path now leads outside
     the roots, refuses it: the video is probed through the descriptor :meth:`Settings.open_video` checked).
+    Every item carries ``signature``, the file as it was when ``video_id`` was computed from it.
     """
+    items = _split_video(path, video_id, settings, max_items)
+    if signature is None:
+        return items
+    return [replace(item, file_signature=astuple(signature)) for item in items]
+
+
+def _split_video(path: Path, video_id: str, settings: Settings, max_items: int | None) -> list[WorkItem]:
     try:
         with settings.open_video(path) as video:
             info = probe_video(video)
@@ -289,6 +315,30 @@ def plan_video(path: Path, video_id: str, settings: Settings, max_items: int | N
     if len(ranges) == 1:  # read to the end, not to the count: outside an MP4 index it is an estimate
         return [WorkItem(str(path), video_id)]
     return [WorkItem(str(path), video_id, a, b, i, len(ranges)) for i, (a, b) in enumerate(ranges)]
+
+
+def identify_video(settings: Settings, path: Path) -> tuple[str, storage.FileSignature]:
+    """The content hash of the video file at ``path`` and the file's signature while it was read.
+
+    Raises:
+        VideoChangedError: the file changed while it was read (still being written): the hash is of no content.
+        VideoError, OSError, ConfigError: as :meth:`Settings.open_video` and :func:`~crowd.video.content_hash`.
+    """
+    with settings.open_video(path) as video:  # hashed is what was checked (see open_video)
+        before = storage.FileSignature.of(os.fstat(video.fd))
+        video_id = content_hash(video)
+        if storage.FileSignature.of(os.fstat(video.fd)) != before:
+            raise VideoChangedError(f"{path} changed while it was read (it may still be being written)")
+    return video_id, before
+
+
+def _changes(planned: Iterable[int], now: storage.FileSignature) -> str:
+    """What differs between a planned signature and ``now``, e.g. ``size 1200 -> 900 bytes, inode``."""
+    names = ("size", "modification time", "change time", "inode")
+    changed = [name for name, a, b in zip(names, planned, astuple(now), strict=True) if a != b]
+    if "size" in changed:
+        changed[0] = f"size {next(iter(planned))} -> {now.size_bytes} bytes"
+    return ", ".join(changed) + (" changed" if changed else "")
 
 
 def find_new_videos(
@@ -330,10 +380,12 @@ def find_new_videos(
             if video_id is None:  # a new or changed file: read it whole once
                 started = time.perf_counter()
                 try:
-                    with settings.open_video(path) as video:  # hashed is what was checked (see open_video)
-                        video_id = content_hash(video)
-                except (OSError, VideoError, ConfigError) as exc:  # e.g. an empty file must not fail the scan
+                    video_id, read_signature = identify_video(settings, path)
+                except (OSError, VideoError, ConfigError, VideoChangedError) as exc:  # an empty file must not fail it
                     log.warning("cannot read %s to hash it (%s); skipping it this time", path, exc)
+                    continue
+                if read_signature != signature:  # changed between the listing and the read
+                    log.warning("%s changed since it was listed; skipping it this time", path)
                     continue
                 hashed[key] = (signature, video_id)
                 log.info(
@@ -384,7 +436,7 @@ def find_new_videos(
             if len(items) >= max_items:  # full: not even probed (a backlog of thousands would be, every scan)
                 deferred += 1
                 continue
-            planned = plan_video(path, video_id, settings, max_items=None if items else max_items)
+            planned = plan_video(path, video_id, settings, max_items=None if items else max_items, signature=signature)
             if len(items) + len(planned) > max_items:
                 deferred += 1
                 continue
@@ -439,11 +491,12 @@ def plan_requested_video(video_path: str, settings: Settings | None = None) -> l
     if path.suffix.lower() != VIDEO_SUFFIX:
         raise ConfigError(f"video path {video_path!r} is not an .mp4 file")
     try:
-        with settings.open_video(path) as video:  # hashed is what was checked (see open_video)
-            video_id = content_hash(video)
+        video_id, signature = identify_video(settings, path)
+    except VideoChangedError as exc:
+        raise ConfigError(f"{exc}; trigger the run again once the file is complete") from exc
     except (VideoError, OSError) as exc:
         raise BadVideoError(f"video {path.name} cannot be read to identify it: {exc}; fix or replace the file") from exc
-    return plan_video(path, video_id, settings, max_items=settings.max_tasks_per_run)
+    return plan_video(path, video_id, settings, max_items=settings.max_tasks_per_run, signature=signature)
 
 
 def detect_and_publish(
@@ -462,6 +515,7 @@ def detect_and_publish(
     Raises:
         BadVideoError: the video cannot be read (recorded as failed in the registry first).
         VideoUnreachableError: the file is not where the item says, or not readable (nothing recorded).
+        VideoChangedError: the file is not the one identified when the item was planned (nothing published).
         PublishError: Kafka did not acknowledge every message (retry the task).
     """
     settings = settings or load_settings()
@@ -472,6 +526,15 @@ def detect_and_publish(
             try:
                 # read through the descriptor opened and checked here: a symlink swapped later cannot lead elsewhere
                 video = closing.enter_context(settings.open_video(path))
+                now = storage.FileSignature.of(os.fstat(video.fd))
+                if item.file_signature is not None and astuple(now) != tuple(item.file_signature):
+                    storage.note_video_reason(conn, item.video_id, run)
+                    raise VideoChangedError(
+                        f"video {path.name} ({item.video_id}) is not the file identified when this run was planned: "
+                        f"{_changes(item.file_signature, now)} (rewritten, replaced or still being written); its "
+                        "frames would be published under another content's id. Not processed and not recorded as "
+                        "failed: the next scan identifies the file again"
+                    )
                 check_file(video)
                 info = probe_video(video)
             except (ConfigError, VideoNotFoundError, VideoPermissionError) as exc:  # where it is, not what it holds
@@ -483,8 +546,14 @@ def detect_and_publish(
             except VideoError as exc:
                 storage.mark_video_failed(conn, item.video_id, str(path), str(exc), run)
                 raise BadVideoError(f"video {path.name} ({item.video_id}) failed: {exc}") from exc
-            size_bytes = os.fstat(video.fd).st_size
-            detector = build_detector(options.model, settings, conf_threshold=options.confidence, tiles=options.tiles)
+            size_bytes = now.size_bytes
+            try:
+                detector = build_detector(
+                    options.model, settings, conf_threshold=options.confidence, tiles=options.tiles
+                )
+            except ModelError:  # this worker's model files, not the video
+                storage.note_video_reason(conn, item.video_id, run)
+                raise
             if item.part == 0 and not storage.mark_video_processing(
                 conn, item.video_id, str(path), fps=info.fps, frame_count=info.frame_count, width=info.width,
                 height=info.height, size_bytes=size_bytes, model=detector.name, run=run,
@@ -502,8 +571,8 @@ def detect_and_publish(
         )  # fmt: skip
         try:
             return _detect_and_publish(item, options, settings, run, video, info, detector)
-        except (PublishError, ResultsFolderError):  # Kafka, the results folder: the video is not to blame
-            _note_reason(settings, item.video_id, run)
+        except (PublishError, ResultsFolderError, KafkaException):  # Kafka, the results folder: not the video
+            note_failure_reason(settings, item.video_id, run)
             raise
 
 

@@ -130,10 +130,15 @@ def detect_and_publish(item: dict[str, Any]) -> dict[str, Any]:
     name = item["path"].rsplit("/", 1)[-1]
     label = name if item.get("parts", 1) == 1 else f"{name} part {item['part'] + 1}/{item['parts']}"
     get_current_context()["work_item_label"] = label  # type: ignore[typeddict-unknown-key]
+    work = jobs.WorkItem(**item)
     try:
-        work = jobs.WorkItem(**item)
-        return jobs.detect_and_publish(work, _options(work.model), load_settings(), _run_stamp())
-    except jobs.BadVideoError as exc:
+        options = _options(work.model)
+    except AirflowFailException:  # this worker lacks the run's model: a reason, not a silent death of the video's
+        jobs.note_failure_reason(load_settings(), work.video_id, _run_stamp())
+        raise
+    try:
+        return jobs.detect_and_publish(work, options, load_settings(), _run_stamp())
+    except (jobs.BadVideoError, jobs.VideoChangedError) as exc:  # retrying cannot help
         raise AirflowFailException(str(exc)) from exc
     except ModelError as exc:  # the files changed since the first task checked them: retrying them cannot help
         raise AirflowFailException(f"model not usable: {exc}") from exc

@@ -196,6 +196,37 @@ def test_runs_that_fail_on_kafka_are_not_counted_as_silent(pg_schema, video_root
         assert _planned() == [item.video_id]
 
 
+def test_a_part_on_a_worker_without_the_runs_model_is_not_counted_as_silent(
+    pg_schema, video_root, tmp_path, monkeypatch
+) -> None:
+    """Part 0 claimed the video on a worker with the run's model; part 2 lands on a worker without its files and
+    fails saying so. That is a reason (the worker's set-up), not a silent death: three such runs must not get the
+    video failed as 'killed' (it would be skipped for good)."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from crowd import tasks
+
+    monkeypatch.setenv("CROWD_MAX_SILENT_RUNS", "2")
+    monkeypatch.setenv("CROWD_MODEL_DIR", str(tmp_path / "no-face-weights"))
+    video = write_clip(CARPHONE, video_root / "a.mp4", 12)
+    (item,) = find_new_videos()
+    part = WorkItem(item.path, item.video_id, 6, 12, 1, 2, model="yolov3", file_signature=item.file_signature)
+    for n in (1, 2, 3):
+        run = _run(f"scheduled__{n}")
+        with storage.connect("crowd_postgres") as conn:  # part 0, on the other worker
+            storage.mark_video_processing(conn, item.video_id, str(video), fps=None, frame_count=None, width=None,
+                                          height=None, size_bytes=None, model="yolov3", run=run)  # fmt: skip
+        context = {"params": {}, "dag_run": SimpleNamespace(run_id=run.run_id, start_date=run.started_at)}
+        monkeypatch.setattr(tasks, "get_current_context", lambda context=context: context)
+        with pytest.raises(AirflowFailException, match="model not usable"):
+            tasks.detect_and_publish.function(part.to_dict())
+        state = _state(item.video_id)
+        assert (state.status, state.reason_given, state.runs_ended_silently()) == ("processing", True, 0), state
+    assert _planned() == [item.video_id], "planned again, not failed"
+
+
 def test_a_run_that_ends_without_finishing_the_video_releases_it(pg_schema, video_root) -> None:
     """A part failed (or its task was lost): the run's last task releases the claim, so the next scan plans the
     video at once instead of waiting CROWD_VIDEO_CLAIM_TIMEOUT_S (10 minutes) for it to lapse."""

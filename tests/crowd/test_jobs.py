@@ -144,6 +144,69 @@ def test_a_video_moved_after_the_scan_is_not_recorded_as_failed(pg_schema, video
         tasks.detect_and_publish.function(item.to_dict())
 
 
+@pytest.mark.parametrize("change", ["replaced", "rewritten-in-place"])
+def test_a_file_changed_after_the_scan_is_not_published_under_the_old_id(
+    change: str, pg_schema, faces_topic, video_root, kafka_bootstrap, monkeypatch
+) -> None:
+    """A camera rewriting a fixed name, an upload replacing a file: the queued task finds another file under the
+    path. It publishes nothing (its frames are not the scanned content's), fails without retries and records no
+    failure (the old content stays good); the next scan identifies the file again."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from crowd import storage, tasks
+    from crowd.jobs import DetectOptions, VideoChangedError, detect_and_publish, find_new_videos
+    from crowd.video import content_hash
+    from tests.crowd._helpers import CARPHONE, write_clip
+
+    video = write_clip(CARPHONE, video_root / "cam1.mp4", 12)
+    (item,) = find_new_videos()
+    if change == "replaced":
+        os.replace(write_clip(CARPHONE, video_root.parent / "other.mp4", 8), video)
+    else:  # the same inode cut short: what a camera overwriting its file leaves while it writes
+        data = video.read_bytes()
+        with open(video, "r+b") as handle:
+            handle.truncate(len(data) // 2)
+    with pytest.raises(VideoChangedError, match=r"cam1\.mp4 .* not the file identified .*size \d+ -> \d+ bytes"):
+        detect_and_publish(item, DetectOptions(frame_interval=5, model="mtcnn"))
+    assert _messages_in(faces_topic, kafka_bootstrap) == 0
+    with storage.connect("crowd_postgres") as conn:
+        assert storage.get_video_status(conn, item.video_id) is None
+
+    context = {"params": {}, "dag_run": None}
+    monkeypatch.setattr(tasks, "get_current_context", lambda: context)
+    monkeypatch.setattr(tasks, "_run_stamp", lambda: None)
+    with pytest.raises(AirflowFailException, match="not the file identified"):
+        tasks.detect_and_publish.function(item.to_dict())
+
+    (again,) = find_new_videos()
+    assert again.video_id == content_hash(video) != item.video_id
+    assert again.file_signature is not None and again.file_signature != item.file_signature
+
+
+def test_a_file_that_changes_while_it_is_identified_is_left_for_later(pg_schema, video_root, monkeypatch) -> None:
+    """Still being written while it is hashed: the hash is of no content. The scan leaves the file for a later scan,
+    the manual DAG refuses the path with the reason (nothing is remembered or planned)."""
+    from crowd import jobs
+    from crowd.config import ConfigError, load_settings
+    from tests.crowd._helpers import CARPHONE, write_clip
+
+    video = write_clip(CARPHONE, video_root / "growing.mp4", 12)
+    real_hash = jobs.content_hash
+
+    def hash_while_it_grows(pinned, *args, **kwargs) -> str:
+        digest = real_hash(pinned, *args, **kwargs)
+        with open(video, "ab") as handle:
+            handle.write(b"\0" * 100)
+        return digest
+
+    monkeypatch.setattr(jobs, "content_hash", hash_while_it_grows)
+    assert jobs.find_new_videos() == []
+    with pytest.raises(ConfigError, match=r"growing\.mp4 changed while it was read"):
+        jobs.plan_requested_video(str(video), load_settings())
+    monkeypatch.setattr(jobs, "content_hash", real_hash)
+    assert [i.path for i in jobs.find_new_videos()] == [str(video)]
+
+
 def test_the_pictures_of_a_split_video_are_where_the_api_lists_them(pg_schema, faces_topic, video_root) -> None:
     """Each part writes its own set, named after it, into the video's folder (the API lists no sub-folder)."""
     import dataclasses

@@ -230,14 +230,14 @@ def test_a_file_swapped_after_it_was_hashed_is_not_probed_outside_the_roots(scan
     monkeypatch.setenv("CROWD_FRAMES_PER_TASK", "10")
     video = write_clip(CARPHONE, video_root / "camera.mp4", 8)
     secret = write_clip(CARPHONE, tmp_path / "secret.mp4", 60)
-    content_hash = jobs.content_hash
+    identify_video = jobs.identify_video
 
-    def hash_then_swap(path, *args, **kwargs) -> str:
-        video_id = content_hash(path, *args, **kwargs)
+    def identify_then_swap(*args, **kwargs):
+        identified = identify_video(*args, **kwargs)
         _swap_for_symlink(video, secret)
-        return video_id
+        return identified
 
-    monkeypatch.setattr(jobs, "content_hash", hash_then_swap)
+    monkeypatch.setattr(jobs, "identify_video", identify_then_swap)
     with caplog.at_level(logging.WARNING, logger="crowd.jobs"):
         items = jobs.find_new_videos()
     assert [(Path(item.path).name, item.parts) for item in items] == [("camera.mp4", 1)]
