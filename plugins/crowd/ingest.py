@@ -125,6 +125,7 @@ class DrainSummary:
     alerts_changed: int = 0  # rows updated, merged or ended by frames that came late or were replaced
     alerts_published: int = 0  # messages: new and changed alerts, withdrawals
     lag_left: int = 0
+    lag_known: bool = True  # False: the watermarks of a partition could not be read at the end
     alerts_error: str | None = None
     seconds: float = 0.0
     stopped_because: str = ""
@@ -346,18 +347,20 @@ def _partitions(consumer: Consumer, topic: str, timeout_s: float = 15) -> list[i
     return sorted(info.partitions)
 
 
-def _lag(consumer: Consumer, topic: str, next_offsets: dict[int, int], partitions: list[int]) -> int:
-    lag = 0
+def _lag(consumer: Consumer, topic: str, next_offsets: dict[int, int], partitions: list[int]) -> tuple[int, bool]:
+    """Messages left after ``next_offsets``, and whether every partition's watermarks could be read."""
+    lag, known = 0, True
     for p in partitions:
         try:  # the fetch responses of this drain carry the watermarks; ask the broker only when they are unknown
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)
             if low < 0 or high < 0:
                 low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5, cached=False)
-        except Exception:  # lag is informational only
+        except Exception:  # noqa: BLE001 - KafkaException: the broker is gone
             log.warning("could not read watermarks of %s[%d]", topic, p, exc_info=True)
+            known = False
             continue
         lag += max(0, high - max(next_offsets.get(p, low), low))
-    return lag
+    return lag, known
 
 
 def drain(
@@ -450,7 +453,7 @@ def drain(
                 log_every_s=log_every_s,
                 started=started,
             )
-            summary.lag_left = _lag(consumer, topic, summary.next_offsets, partitions)
+            summary.lag_left, summary.lag_known = _lag(consumer, topic, summary.next_offsets, partitions)
         finally:
             consumer.close()
     summary.seconds = time.monotonic() - started
@@ -538,6 +541,8 @@ def _run(
             if batch.messages and time.monotonic() >= fill_until:
                 break
             if not batch.messages and time.monotonic() - idle_since >= idle_timeout_s:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
                 break
         if batch.messages:
             frames, faces, alerts = write_batch(conn, batch, summary.group_id, alert_rule)
@@ -641,6 +646,13 @@ def drain_task(
             f"another drain of {summary.topic!r} for group {group_id!r} holds its lock (a drain run elsewhere, or "
             "a dead one whose database session is still open: see pg_locks / pg_stat_activity); nothing was "
             "drained, the retry will try again"
+        )
+    if summary.stopped_because.startswith("idle") and (summary.lag_left or not summary.lag_known):
+        left = f"{summary.lag_left} messages" if summary.lag_known else "an unknown number of messages"
+        raise IngestError(
+            f"{summary.frames} frames stored, then the broker gave nothing for {idle_timeout_s:g} s with {left} of "
+            f"{summary.topic!r} not stored yet (Kafka down or unreachable, a partition without a leader?); the "
+            "retry drains them"
         )
     if summary.alerts_error:
         raise IngestError(

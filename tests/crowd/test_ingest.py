@@ -218,6 +218,47 @@ def test_rows_and_offsets_are_committed_together(faces_topic: str, pg_schema: st
     assert scalar("SELECT sum(next_offset) FROM kafka_offsets") == 100
 
 
+class _BrokerFallsSilent:
+    """A real consumer whose broker stops answering after ``batches`` fetches that gave messages (what librdkafka
+    shows while every broker is down: no message, no end-of-partition event, no error)."""
+
+    def __init__(self, consumer, batches: int) -> None:
+        self._consumer, self._left = consumer, batches
+
+    def consume(self, num_messages: int = 1, timeout: float = -1):
+        if self._left <= 0:
+            time.sleep(timeout)
+            return []
+        messages = self._consumer.consume(num_messages=num_messages, timeout=timeout)
+        self._left -= any(m.error() is None for m in messages)
+        return messages
+
+    def __getattr__(self, name: str):
+        return getattr(self._consumer, name)
+
+
+def test_a_drain_cut_off_by_a_silent_broker_fails_and_its_retry_stores_the_rest(
+    faces_topic: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopping on ``idle_timeout_s`` with messages left in the topic is not success: the run's asset events are
+    used up, so a green run would leave them to the sweep (or to nobody when the sweep is off)."""
+    import crowd.kafka
+
+    messages = two_videos(300, 300)
+    publish_frames(faces_topic, messages)
+    real = crowd.kafka.manual_commit_consumer
+    monkeypatch.setattr(crowd.kafka, "manual_commit_consumer", lambda *a, **k: _BrokerFallsSilent(real(*a, **k), 2))
+    with pytest.raises(IngestError, match=r"nothing for 2 s with \d+ messages of .* not stored yet"):
+        drain_task(topic=faces_topic, group_id=GROUP, batch_size=100, idle_timeout_s=2)
+    assert 0 < scalar("SELECT count(*) FROM frames") < 600
+
+    monkeypatch.setattr(crowd.kafka, "manual_commit_consumer", real)
+    summary = drain_task(topic=faces_topic, group_id=GROUP, batch_size=100, idle_timeout_s=2)
+    assert summary["lag_left"] == 0 and summary["stopped_because"] == "caught up"
+    assert scalar("SELECT count(*) FROM frames") == 600
+    assert scalar("SELECT count(*) FROM faces") == sum(m["total_faces"] for m in messages)
+
+
 def test_linger_keeps_a_caught_up_drain_reading_a_trickle(faces_topic: str, pg_schema: str) -> None:
     import threading
 
