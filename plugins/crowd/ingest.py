@@ -681,7 +681,8 @@ def faces_pending(
     payload = {"topic": message.topic(), "partition": message.partition(), "offset": message.offset()}
     try:
         if _watch_conn is None or _watch_conn.closed:
-            _watch_conn = storage.connect(postgres_conn_id)
+            # short timeouts: this runs on the triggerer's thread, and a silent database fires the run (safe side)
+            _watch_conn = storage.connect(postgres_conn_id, connect_timeout=3, tcp_user_timeout=5_000)
             _watch_conn.autocommit = True
         row = _watch_conn.execute(
             "SELECT next_offset FROM kafka_offsets WHERE consumer_group = %s AND topic = %s AND partition = %s",

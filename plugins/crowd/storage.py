@@ -268,14 +268,33 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 """
 
 
-def connect(postgres_conn_id: str) -> psycopg.Connection:
+#: libpq settings every connection gets unless its Airflow connection's extra says otherwise: a server that does
+#: not answer, or a network cut mid-query (no reset: a dead host, a dropped route), fails the call in about a
+#: minute instead of blocking a task until its execution timeout and the watcher's triggerer thread for ever,
+#: and a dead client's session (holding the drain's advisory lock) is noticed by the server within minutes.
+CONNECTION_SAFETY: dict[str, int] = {
+    "connect_timeout": 10,  # s, the whole connection set-up
+    "keepalives": 1,
+    "keepalives_idle": 30,  # s of silence before the first probe
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,  # ms a sent request may go unacknowledged
+}
+
+
+def connect(postgres_conn_id: str, **overrides: int) -> psycopg.Connection:
     """Open a psycopg 3 connection (not autocommit) from an Airflow Postgres connection id.
 
-    The caller closes it (use it as a context manager).
+    The connection's extra decides; :data:`CONNECTION_SAFETY` fills in what it leaves out, and ``overrides``
+    (libpq settings, e.g. ``connect_timeout=3``) win over both. The caller closes it (use it as a context manager).
     """
     from airflow.providers.postgres.hooks.postgres import PostgresHook
 
-    conn = PostgresHook(postgres_conn_id=postgres_conn_id).get_conn()
+    class _Hook(PostgresHook):
+        def _create_connection(self, conn_args: dict) -> psycopg.Connection:
+            return super()._create_connection({**CONNECTION_SAFETY, **conn_args, **overrides})
+
+    conn = _Hook(postgres_conn_id=postgres_conn_id).get_conn()
     if not isinstance(conn, psycopg.Connection):
         raise TypeError(
             f"connection {postgres_conn_id!r} gave a {type(conn).__name__}, expected psycopg 3; "

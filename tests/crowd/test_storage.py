@@ -177,3 +177,59 @@ def test_faces_need_their_frame(conn: psycopg.Connection) -> None:
     storage.migrate(conn)
     with pytest.raises(psycopg.errors.ForeignKeyViolation):
         conn.execute("INSERT INTO faces VALUES ('nope', 1, 0, 0, 0, 1, 1, 0.5)")
+
+
+def test_a_database_that_never_answers_fails_the_connection_and_the_watcher_fires(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that takes the connection and then says nothing (a hung host, a dead route behind a load balancer):
+    libpq waits for ever by default. Tasks must fail (and retry), and the ingest watcher, which runs on the
+    triggerer's thread, must give up and fire its run (the safe side), not block every trigger of the triggerer."""
+    import json
+    import socket
+    from types import SimpleNamespace
+
+    import crowd.ingest
+
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel completes the handshake; nobody ever reads
+    port = silent.getsockname()[1]
+    conn_json = {"conn_type": "postgres", "host": "127.0.0.1", "port": port, "login": "crowd", "schema": "crowd_test"}
+    monkeypatch.setenv("AIRFLOW_CONN_CROWD_SILENT", json.dumps(conn_json))
+    monkeypatch.setattr(crowd.ingest, "_watch_conn", None)
+    outcome: dict[str, object] = {}
+
+    def connect() -> None:
+        try:
+            storage.connect("crowd_silent", connect_timeout=2)
+        except psycopg.OperationalError as exc:
+            outcome["connect"] = exc
+
+    def watch() -> None:
+        message = SimpleNamespace(topic=lambda: "Faces", partition=lambda: 0, offset=lambda: 7)
+        outcome["watch"] = crowd.ingest.faces_pending(message, postgres_conn_id="crowd_silent")
+
+    try:
+        threads = [threading.Thread(target=connect, daemon=True), threading.Thread(target=watch, daemon=True)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)  # a liveness bound, far above the timeouts: the old code never returned
+        assert not any(thread.is_alive() for thread in threads), "a connection to a silent server never gave up"
+    finally:
+        silent.close()
+    assert "timeout" in str(outcome["connect"]).lower(), outcome
+    assert outcome["watch"] == {"topic": "Faces", "partition": 0, "offset": 7}
+
+
+def test_a_connection_extra_keeps_its_own_libpq_settings(pg_schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The safety defaults fill in what the connection leaves out; what its extra says wins."""
+    import json
+
+    conn_json = json.loads(os.environ["AIRFLOW_CONN_CROWD_POSTGRES"])
+    conn_json["extra"]["keepalives_idle"] = 77
+    monkeypatch.setenv("AIRFLOW_CONN_CROWD_POSTGRES", json.dumps(conn_json))
+    with storage.connect("crowd_postgres") as conn:
+        settings = {o.keyword.decode(): (o.val or b"").decode() for o in conn.pgconn.info}
+    assert settings["keepalives_idle"] == "77"
+    assert settings["tcp_user_timeout"] == str(storage.CONNECTION_SAFETY["tcp_user_timeout"])
+    assert settings["connect_timeout"] == str(storage.CONNECTION_SAFETY["connect_timeout"])
