@@ -131,6 +131,7 @@ class DrainSummary:
     stopped_because: str = ""
     next_offsets: dict[int, int] = field(default_factory=dict)
     unreadable: dict[int, str] = field(default_factory=dict)  # partition -> where and why it cannot be read
+    lost: int = 0  # messages deleted from the broker (retention, delete-records) before they were stored
 
     @property
     def rows_per_s(self) -> float:
@@ -526,6 +527,11 @@ def _run(
                 err = message.error()
                 if err is None:
                     at_end.discard(message.partition())
+                    expected = batch.next_offsets.get(
+                        message.partition(), summary.next_offsets.get(message.partition())
+                    )
+                    if expected is not None and message.offset() > expected:
+                        _note_gap(consumer, summary, batch, message.partition(), expected, message.offset())
                     batch.add(message, threshold)
                 elif err.code() == KafkaError._PARTITION_EOF:
                     at_end.add(message.partition())
@@ -602,6 +608,29 @@ def _hold_back(consumer: Consumer, summary: DrainSummary, message: Message) -> N
     )  # fmt: skip
 
 
+def _note_gap(consumer: Consumer, summary: DrainSummary, batch: Batch, partition: int, expected: int, got: int) -> None:
+    """Offsets skipped between ``expected`` and ``got``: if the broker deleted them (its log now starts past
+    ``expected``: retention ran while they waited, or records were deleted), record the loss in the batch as a
+    ``rejected_messages`` row (``lost: ...``) so that it is stored with the offsets and :func:`drain_task` fails the
+    run saying so. A gap the log start does not explain (transaction markers) is no loss."""
+    try:
+        low, _ = consumer.get_watermark_offsets(TopicPartition(summary.topic, partition), timeout=5, cached=False)
+    except Exception as exc:  # noqa: BLE001 - KafkaException: cannot tell now
+        log.warning("%s[%d]: offsets %d..%d skipped, log start unknown (%s)", summary.topic, partition, expected,
+                    got - 1, exc)  # fmt: skip
+        return
+    if low <= expected:
+        return
+    end = min(low, got)
+    reason = (
+        f"lost: offsets {expected}..{end - 1} ({end - expected} messages) were deleted from the broker (retention "
+        "or delete-records) before they were stored"
+    )
+    batch.rejected.append((summary.topic, partition, expected, None, None, reason))
+    summary.lost += end - expected
+    log.error("%s partition %d: %s", summary.topic, partition, reason)
+
+
 def _commit_to_kafka(consumer: Consumer, topic: str, next_offsets: dict[int, int]) -> None:
     """Mirror the stored offsets to Kafka, asynchronously; failures only affect lag monitoring."""
     try:
@@ -653,6 +682,13 @@ def drain_task(
             f"{summary.frames} frames stored, then the broker gave nothing for {idle_timeout_s:g} s with {left} of "
             f"{summary.topic!r} not stored yet (Kafka down or unreachable, a partition without a leader?); the "
             "retry drains them"
+        )
+    if summary.lost:
+        raise IngestError(
+            f"{summary.lost} messages of {summary.topic!r} were deleted from the broker before they were stored "
+            "(retention shorter than an outage, or delete-records): the ranges are in rejected_messages (reason "
+            f"'lost: ...'), everything after them is stored ({summary.frames} frames). Lengthen the topic's "
+            "retention.ms, or re-run detection for the videos concerned"
         )
     if summary.alerts_error:
         raise IngestError(
