@@ -30,7 +30,11 @@ def faces_topic_asset(settings: Settings) -> Asset:
             topics=[settings.faces_topic],
             kafka_config_id=settings.kafka_watch_conn_id,
             apply_function="crowd.ingest.faces_pending",
-            apply_function_kwargs={"postgres_conn_id": settings.postgres_conn_id, "group_id": settings.ingest_group},
+            apply_function_kwargs={
+                "postgres_conn_id": settings.postgres_conn_id,
+                "group_id": settings.ingest_group,
+                "kafka_conn_id": settings.kafka_watch_conn_id,
+            },
             poll_timeout=1,
             poll_interval=0,
             commit_offset=True,

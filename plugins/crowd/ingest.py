@@ -699,16 +699,35 @@ def drain_task(
 
 
 _watch_conn: psycopg.Connection | None = None
+_TOPIC_ID_TTL_S = 5.0
+_topic_ids: dict[str, tuple[float, str | None]] = {}  # topic -> (when read, its id): the watcher's cache
+
+
+def _current_topic_id(kafka_conn_id: str, topic: str) -> str | None:
+    """The topic's id as the broker says, read at most every ``_TOPIC_ID_TTL_S`` seconds (a backlog passes through
+    the watcher message by message)."""
+    from crowd.kafka import topic_id
+
+    read_at, known = _topic_ids.get(topic, (float("-inf"), None))
+    if time.monotonic() - read_at >= _TOPIC_ID_TTL_S:
+        known = topic_id(kafka_conn_id, topic, timeout_s=5)
+        _topic_ids[topic] = (time.monotonic(), known)
+    return known
 
 
 def faces_pending(
-    message: Message, postgres_conn_id: str = "crowd_postgres", group_id: str = DEFAULT_GROUP_ID
+    message: Message,
+    postgres_conn_id: str = "crowd_postgres",
+    group_id: str = DEFAULT_GROUP_ID,
+    kafka_conn_id: str | None = None,
 ) -> dict[str, Any] | None:
     """Kafka trigger ``apply_function``: fire only for a message the drain has not stored yet.
 
     The watcher reads every message once in its own consumer group; already drained messages (offset below
     the stored next offset of the drain's group) are skipped, so a backlog that a running drain is storing
-    does not queue a DAG run per message. When the database cannot be asked, it fires (safe side).
+    does not queue a DAG run per message. Offsets stored for an earlier topic of the same name (deleted and made
+    again: the broker's topic id differs, asked through ``kafka_conn_id`` at most every few seconds) say nothing
+    about this one's messages: they fire. When the database cannot be asked, it fires (safe side).
 
     Returns:
         the event payload (topic, partition, offset) or None to skip.
@@ -721,7 +740,8 @@ def faces_pending(
             _watch_conn = storage.connect(postgres_conn_id, connect_timeout=3, tcp_user_timeout=5_000)
             _watch_conn.autocommit = True
         row = _watch_conn.execute(
-            "SELECT next_offset FROM kafka_offsets WHERE consumer_group = %s AND topic = %s AND partition = %s",
+            "SELECT next_offset, topic_id FROM kafka_offsets "
+            "WHERE consumer_group = %s AND topic = %s AND partition = %s",
             (group_id, message.topic(), message.partition()),
         ).fetchone()
     except Exception as exc:
@@ -730,6 +750,11 @@ def faces_pending(
             _watch_conn.close()
         _watch_conn = None
         return payload
-    if row is not None and message.offset() < int(row[0]):
-        return None
-    return payload
+    if row is None or message.offset() >= int(row[0]):
+        return payload
+    stored_topic_id = row[1]
+    if stored_topic_id and kafka_conn_id:
+        current = _current_topic_id(kafka_conn_id, message.topic())
+        if current and current != stored_topic_id:
+            return payload  # the offsets are an earlier topic's: the drain starts this one from its beginning
+    return None

@@ -388,6 +388,59 @@ def test_a_topic_made_again_under_the_same_name_is_read_from_its_start(
     assert scalar("SELECT count(DISTINCT topic_id) FROM kafka_offsets") == 1
 
 
+def _messages_of(topic: str, n: int) -> list:
+    """The first ``n`` messages of ``topic``, as a Kafka consumer (the watcher's trigger) gets them."""
+    from confluent_kafka import Consumer
+
+    from tests.conftest import KAFKA_BOOTSTRAP
+
+    settings = {"bootstrap.servers": KAFKA_BOOTSTRAP, "group.id": f"read-{uuid.uuid4().hex[:8]}"}
+    consumer = Consumer({**settings, "auto.offset.reset": "earliest"})
+    consumer.subscribe([topic])
+    got, deadline = [], time.monotonic() + 30
+    try:
+        while len(got) < n and time.monotonic() < deadline:
+            got += [m for m in consumer.consume(n - len(got), timeout=0.5) if m.error() is None]
+    finally:
+        consumer.close()
+    assert len(got) == n, f"{len(got)} of {n} messages read"
+    return got
+
+
+def test_the_watcher_fires_for_a_topic_made_again_below_the_old_offsets(
+    faces_topic: str, pg_schema: str, kafka_admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drain starts a topic made again under the same name from its beginning; what starts the drain must
+    see it too: the new topic's messages sit below the offsets stored for the old one, and used to be skipped as
+    already stored (no run for them until the sweep, or ever with the sweep off)."""
+    from confluent_kafka.admin import NewTopic
+
+    import crowd.ingest
+
+    monkeypatch.setattr(crowd.ingest, "_topic_ids", {})
+    monkeypatch.setattr(crowd.ingest, "_TOPIC_ID_TTL_S", 0.0)
+
+    def fires(message) -> bool:
+        return crowd.ingest.faces_pending(message, "crowd_postgres", GROUP, kafka_conn_id="kafka_default") is not None
+
+    publish(faces_topic, [(b"k", encode(frame_dict("video-old", i, 1))) for i in range(30)])  # one partition
+    assert quick_drain(faces_topic).frames == 30
+    assert not any(fires(m) for m in _messages_of(faces_topic, 30)), "stored messages must not fire"
+    for future in kafka_admin.delete_topics([faces_topic]).values():
+        future.result(timeout=30)
+    deadline = time.monotonic() + 60
+    while True:  # the broker may still be deleting it
+        try:
+            for future in kafka_admin.create_topics([NewTopic(faces_topic, 3, 1)]).values():
+                future.result(timeout=30)
+            break
+        except Exception:
+            assert time.monotonic() < deadline, "the topic could not be made again"
+            time.sleep(1)
+    publish(faces_topic, [(b"k", encode(frame_dict("video-new", i, 1))) for i in range(10)])
+    assert all(fires(m) for m in _messages_of(faces_topic, 10))
+
+
 def test_a_second_drain_of_the_same_group_backs_off(faces_topic: str, pg_schema: str) -> None:
     publish_frames(faces_topic, [frame_dict("video-l", 0, 1)])
     quick_drain(faces_topic)  # creates the schema
