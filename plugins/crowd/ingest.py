@@ -40,6 +40,7 @@ from crowd.messages import FaceMessage, MessageError
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 1024 * 1024
+MAX_BATCH_BYTES = 64 * 1024 * 1024  # per transaction: a batch of large messages ends here, whatever its count
 DEFAULT_GROUP_ID = "crowd-ingest"
 _INT4_MAX = 2**31 - 1
 _INT8_MAX = 2**63 - 1
@@ -198,6 +199,7 @@ class Batch:
     rejected: list[tuple] = field(default_factory=list)
     next_offsets: dict[int, int] = field(default_factory=dict)
     messages: int = 0
+    bytes: int = 0  # of the message values and keys taken in: what the batch holds, roughly
     duplicates: int = 0
     hot_videos: set[str] = field(default_factory=set)
 
@@ -208,6 +210,7 @@ class Batch:
         previous = self.next_offsets.get(partition, 0)
         self.next_offsets[partition] = max(previous, offset + 1)
         value = message.value()
+        self.bytes += len(value or b"") + len(message.key() or b"")
         try:
             msg = validate(value)
         except Rejected as exc:
@@ -376,6 +379,7 @@ def drain(
     idle_timeout_s: float = 10.0,
     linger_s: float = 0.0,
     batch_wait_s: float = 1.0,
+    max_batch_bytes: int = MAX_BATCH_BYTES,
     alert_rule: AlertRule | None = None,
     alerts_topic: str | None = None,
     commit_to_kafka: bool = True,
@@ -394,6 +398,8 @@ def drain(
         topic: the Faces topic.
         group_id: consumer group: the key of the stored offsets (and of the lag-only Kafka commits).
         batch_size: messages per transaction.
+        max_batch_bytes: a batch also ends once its messages hold this many bytes (large messages, many faces:
+            memory stays bounded whatever ``batch_size`` says).
         linger_s: once caught up, go on reading until no message came for this long (0: stop at once).
         alert_rule: crowd alert rule, or None for no alerts.
         alerts_topic: where alert messages go (None: stored only, not published).
@@ -447,6 +453,7 @@ def drain(
                 idle_timeout_s=idle_timeout_s,
                 linger_s=linger_s,
                 batch_wait_s=batch_wait_s,
+                max_batch_bytes=max_batch_bytes,
                 alert_rule=alert_rule,
                 alerts_topic=alerts_topic,
                 kafka_conn_id=kafka_conn_id,
@@ -498,6 +505,7 @@ def _run(
     idle_timeout_s: float,
     linger_s: float,
     batch_wait_s: float,
+    max_batch_bytes: int,
     alert_rule: AlertRule | None,
     alerts_topic: str | None,
     kafka_conn_id: str,
@@ -510,6 +518,7 @@ def _run(
     threshold = alert_rule.threshold if alert_rule is not None else None
     last_log = time.monotonic()
     idle_since = time.monotonic()
+    carried: list[Message] = []  # fetched, not yet in a batch: the last one reached its byte budget
     while True:
         if max_batches is not None and summary.batches >= max_batches:
             summary.stopped_because = f"max_batches={max_batches}"
@@ -519,11 +528,16 @@ def _run(
             return
         batch = Batch(topic=topic, topic_id=summary.topic_id)
         fill_until = time.monotonic() + batch_wait_s
-        while batch.messages < batch_size:
+        while batch.messages < batch_size and batch.bytes < max_batch_bytes:
             # consume() blocks until it has num_messages or the timeout passes, even when every partition
             # already reported its end: short slices let the end-of-partition check stop the batch at once
             wait = min(0.05, max(0.01, fill_until - time.monotonic())) if batch.messages else 0.05
-            for message in consumer.consume(num_messages=batch_size - batch.messages, timeout=wait):
+            fetched = carried or consumer.consume(num_messages=batch_size - batch.messages, timeout=wait)
+            carried = []
+            for i, message in enumerate(fetched):
+                if batch.messages >= batch_size or batch.bytes >= max_batch_bytes:
+                    carried = fetched[i:]  # the next batch starts with them (no offset of theirs is stored yet)
+                    break
                 err = message.error()
                 if err is None:
                     at_end.discard(message.partition())
@@ -542,7 +556,7 @@ def _run(
                     at_end.add(message.partition())  # nothing more comes from it in this drain
                 else:
                     log.warning("Kafka reports %s while consuming %s; retrying", err.str(), topic)
-            if len(at_end) == len(partitions):
+            if len(at_end) == len(partitions) and not carried:
                 break
             if batch.messages and time.monotonic() >= fill_until:
                 break
@@ -581,7 +595,7 @@ def _run(
                 summary.messages / elapsed if elapsed else 0.0,
                 (summary.frames + summary.faces + summary.rejected) / elapsed if elapsed else 0.0,
             )
-        if len(at_end) == len(partitions) and time.monotonic() - idle_since >= linger_s:
+        if len(at_end) == len(partitions) and not carried and time.monotonic() - idle_since >= linger_s:
             summary.stopped_because = "caught up" if not linger_s else f"caught up, nothing new for {linger_s:g} s"
             return
         if not batch.messages and time.monotonic() - idle_since >= idle_timeout_s:

@@ -288,6 +288,20 @@ def test_messages_deleted_before_they_were_stored_are_recorded_as_lost_and_fail_
     assert (again["messages"], again["lost"]) == (0, 0)
 
 
+def test_a_batch_of_large_messages_ends_at_its_byte_budget(faces_topic: str, pg_schema: str) -> None:
+    """Memory per batch is bounded by bytes, not only by count: 2000 messages of 1 MiB (valid ones can carry ~10,000
+    faces) held at once took gigabytes and got the worker killed, and every retry died on the same batch."""
+    big = [frame_dict("video-big", i, 2) for i in range(12)]
+    items = [(b"video-big", encode(m) + b" " * 300_000) for m in big]  # valid JSON, padded to ~300 kB each
+    publish(faces_topic, items)
+
+    summary = quick_drain(faces_topic, batch_size=1000, max_batch_bytes=1_000_000)
+
+    assert (summary.messages, summary.frames, summary.rejected) == (12, 12, 0)
+    assert summary.batches >= 12 * 300_000 // 1_000_000 - 1, summary  # not one batch of 3.6 MB
+    assert scalar("SELECT count(*) FROM frames") == 12
+
+
 def test_linger_keeps_a_caught_up_drain_reading_a_trickle(faces_topic: str, pg_schema: str) -> None:
     import threading
 
