@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, astuple, dataclass, replace
@@ -194,29 +195,51 @@ class _Publisher:
 
 
 class _ClaimKeeper:
-    """Hands each message on to ``on_message`` and, every ``interval_s``, renews the run's claim on the video (see
-    :class:`~crowd.storage.VideoState`), so that a scan leaves the video to this run while it makes progress.
+    """Renews the run's claim on the video (see :class:`~crowd.storage.VideoState`) every ``interval_s`` from a
+    daemon thread while the task works, so that a scan leaves the video to this run.
 
-    The claim is renewed from the frame loop, not from a timer: a task stalled in a read lets it lapse. A
-    database that cannot be reached is logged and does not stop the task (publishing does not need it).
+    On a timer, not per message: a part can go longer than the claim timeout without a message (a large
+    ``frame_interval`` on a slow decode, a part seeking from frame 0, the pictures at the end), and a scan would
+    plan the video again under a live task. A task that hangs keeps the claim until its execution timeout
+    (``CROWD_DETECT_TASK_TIMEOUT_S``) ends it; a killed process renews nothing, so its claim lapses. A database that
+    cannot be reached is logged and does not stop the task (publishing does not need it).
+
+    Example:
+        >>> with _ClaimKeeper(settings, video_id, run, interval_s=150):  # doctest: +SKIP
+        ...     process_video(...)
     """
 
     def __init__(
-        self, on_message: Any, settings: Settings, video_id: str, run: storage.RunStamp | None, interval_s: float
+        self, settings: Settings, video_id: str, run: storage.RunStamp | None, interval_s: float, *, now: bool = False
     ) -> None:
-        self.on_message, self.settings, self.video_id, self.run = on_message, settings, video_id, run
-        self.interval_s, self.renewed_at = interval_s, time.monotonic()
+        self.settings, self.video_id, self.run, self.interval_s, self.now = settings, video_id, run, interval_s, now
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keep, name=f"crowd-claim-{video_id[:12]}", daemon=True)
 
-    def __call__(self, message: FaceMessage) -> None:
-        self.on_message(message)
-        if time.monotonic() - self.renewed_at >= self.interval_s:
+    def __enter__(self) -> _ClaimKeeper:
+        """Start renewing (at once too when ``now``: a part after the first, maybe on another worker)."""
+        if self.now:
             self.renew()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Stop renewing, and wait for a renewal in flight (bounded by the connection's timeouts)."""
+        self._stop.set()
+        self._thread.join()
+
+    def _keep(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.renew()
+            except Exception:  # a bug or a missing connection must not end the renewals silently
+                log.exception("video %s: renewing this run's claim on it failed; trying again in %g s",
+                              self.video_id, self.interval_s)  # fmt: skip
 
     def renew(self) -> None:
         """Give a sign of life now."""
         import psycopg
 
-        self.renewed_at = time.monotonic()
         try:
             with storage.connect(self.settings.postgres_conn_id) as conn:
                 storage.keep_video_claim(conn, self.video_id, self.run)
@@ -354,8 +377,12 @@ def find_new_videos(
     recording) and is left for a later scan: processed now, it would fail, or give a part of the video under a
     content hash that is not the finished file's. A file is read whole (hashed) once: its hash is kept in
     ``scanned_files`` with its size, times and inode, and later scans reuse it while these stay the same.
-    At most ``settings.max_tasks_per_run`` items are returned (Airflow maps no longer list): whole videos up to
-    that many, the others are left for the next scans (a video too long alone gets that many longer parts).
+    At most ``settings.max_tasks_per_run`` items are returned (Airflow maps no longer list): whole videos, oldest
+    first (modification time, then path), up to the first that does not fit; it and the newer ones are left for the
+    next scan, which plans it first (a video too long alone gets that many longer parts), so a stream of new files
+    cannot defer an old one for ever. Once the run is full, new files are not read (hashed) either: the next scans
+    read them. Each hash is remembered as soon as it is computed, so a scan stopped in a large backlog (its
+    execution timeout) does not read the same files again.
 
     ``run_is_active(run_id)`` tells whether the run a video belongs to is still queued or running in Airflow: a
     video whose claim lapsed is left to that run too (its parts may wait in a queue longer than the claim lasts).
@@ -364,7 +391,8 @@ def find_new_videos(
     items: list[WorkItem] = []
     seen: dict[str, Path] = {}
     already: dict[str, int] = {"done": 0, "failed": 0}
-    deferred = in_progress = 0
+    deferred = in_progress = unread = 0
+    blocked: tuple[Path, int] | None = None  # the first video that did not fit, and the tasks it needs
     max_items = settings.max_tasks_per_run
     with storage.connect(settings.postgres_conn_id) as conn:
         conn.autocommit = True  # no transaction left open while files are hashed (minutes for a large backlog)
@@ -375,9 +403,14 @@ def find_new_videos(
         settled = _settled_files(listed, settings.scan_min_age_s)
         known = storage.known_video_ids(conn, {key: signature for key, (_, signature) in settled.items()})
         hashed: dict[str, tuple[storage.FileSignature, str]] = {}
-        for key, (path, signature) in settled.items():
+        # oldest first: a video left for the next scan is planned first there, whatever newer files arrive meanwhile
+        for key, (path, signature) in sorted(settled.items(), key=lambda kv: (kv[1][1].mtime_ns, kv[0])):
+            full = blocked is not None or len(items) >= max_items
             video_id = known.get(key)
             if video_id is None:  # a new or changed file: read it whole once
+                if full:  # not read: this run could not take it anyway, and a backlog would be read at every scan
+                    unread += 1
+                    continue
                 started = time.perf_counter()
                 try:
                     video_id, read_signature = identify_video(settings, path)
@@ -388,6 +421,8 @@ def find_new_videos(
                     log.warning("%s changed since it was listed; skipping it this time", path)
                     continue
                 hashed[key] = (signature, video_id)
+                # remembered at once: a scan stopped in a backlog (its execution timeout) keeps what it read
+                storage.remember_video_ids(conn, {key: hashed[key]}, listed=(), roots=())
                 log.info(
                     "hashed %s (%.1f MB) in %.1f s: video %s", path, signature.size_bytes / 1e6,
                     time.perf_counter() - started, video_id,
@@ -433,27 +468,35 @@ def find_new_videos(
                     settings.max_silent_runs,
                 )  # fmt: skip
                 continue
-            if len(items) >= max_items:  # full: not even probed (a backlog of thousands would be, every scan)
+            if full:  # not even probed (a backlog of thousands would be, every scan)
                 deferred += 1
                 continue
             planned = plan_video(path, video_id, settings, max_items=None if items else max_items, signature=signature)
-            if len(items) + len(planned) > max_items:
+            if len(items) + len(planned) > max_items:  # stop here: planned first (capped if need be) by the next scan
                 deferred += 1
+                blocked = (path, len(planned))
                 continue
             items.extend(planned)
-        storage.remember_video_ids(conn, hashed, listed=map(str, listed), roots=map(str, listed_roots))
+        storage.remember_video_ids(conn, {}, listed=map(str, listed), roots=map(str, listed_roots))  # forget gone files
     log.info(
         "scan of %s: %d new video(s) in %d task(s), %d already done, %d failed, %d being processed by another run; "
-        "%d file(s) hashed (new or changed), %d known by size and times; %d left for a later scan (modified less "
-        "than %g s ago, or not readable)",
+        "%d file(s) hashed (new or changed), %d known by size and times, %d new or changed not read yet (the run is "
+        "full); %d left for a later scan (modified less than %g s ago, or not readable)",
         ", ".join(map(str, settings.video_roots)), len({i.video_id for i in items}), len(items), already["done"],
         already["failed"], in_progress,
-        len(hashed), len(known), len(listed) - len(settled), settings.scan_min_age_s,
+        len(hashed), len(known), unread, len(listed) - len(settled), settings.scan_min_age_s,
     )  # fmt: skip
-    if deferred:
+    if deferred or unread:
+        why = (
+            f"{blocked[0]} needs {blocked[1]} task(s) and this run has {len(items)} of the {max_items} a run maps "
+            "(Airflow's [core] max_map_length), so the next scan plans it first: newer videos do not overtake it"
+            if blocked
+            else f"this run has {len(items)} tasks, the most a run maps (Airflow's [core] max_map_length)"
+        )
         log.warning(
-            "%d more new video(s) left for the next scan: this one has %d tasks, the most a run maps (Airflow's "
-            "[core] max_map_length=%d)", deferred, len(items), max_items,
+            "%d more new video(s) left for the next scan, and %d new or changed file(s) not read yet: %s. The next "
+            "scans take them oldest first; a larger max_map_length or CROWD_FRAMES_PER_TASK takes more videos a run",
+            deferred, unread, why,
         )  # fmt: skip
     return items
 
@@ -505,8 +548,8 @@ def detect_and_publish(
     """Detect faces on the sampled frames of one work item and publish one message per frame to Kafka.
 
     ``run`` (the Airflow run) is recorded with the video's status; a stale try cannot undo a later status. The
-    run claims the video (part 0) and renews the claim while frames are processed (every part), so scans leave it
-    to the run; a try failing on Kafka or the results folder records that it gave a reason (see
+    run claims the video (part 0) and renews the claim while the task works (every part), so scans leave it to the
+    run; a try failing on Kafka or the results folder records that it gave a reason (see
     :class:`~crowd.storage.VideoState`).
 
     Every delivery is confirmed before this returns (a failed one raises :class:`~crowd.kafka.PublishError`).
@@ -592,15 +635,15 @@ def _detect_and_publish(
     pictures_prefix = f"part-{item.part + 1:04d}-" if item.parts > 1 else ""
     _check_results_folder(pictures_dir)
     topic, timeout_s = settings.faces_topic, settings.publish_timeout_s
-    with _Publisher.create(settings.kafka_conn_id, topic, timeout_s=timeout_s) as publisher:
+    # the claim is renewed on a timer until the deliveries are confirmed; part 0 claimed the video above, a later
+    # part (maybe on another worker) renews it at once
+    keeper = _ClaimKeeper(settings, item.video_id, run, settings.video_claim_timeout_s / 4, now=item.part > 0)
+    with _Publisher.create(settings.kafka_conn_id, topic, timeout_s=timeout_s) as publisher, keeper:
         started = time.perf_counter()
-        on_message = _ClaimKeeper(publisher, settings, item.video_id, run, settings.video_claim_timeout_s / 4)
-        if item.part:  # part 0 claimed the video above; a later part (maybe on another worker) renews the claim
-            on_message.renew()
         try:
             summary = process_video(
                 video, detector, frame_interval=options.frame_interval, frame_range=(item.start, item.stop),
-                on_message=on_message, pictures_dir=pictures_dir, pictures_prefix=pictures_prefix,
+                on_message=publisher, pictures_dir=pictures_dir, pictures_prefix=pictures_prefix,
                 video_id=item.video_id,
             )  # fmt: skip
         except OSError as exc:  # video errors are VideoError; an OSError here is the pictures' write
@@ -643,10 +686,11 @@ def finish_videos(
     """Mark ``done`` every video all of whose parts succeeded; the others stay failed or in processing, the
     run's claim on them released.
 
-    A video whose status belongs to a later run (``run`` is older) is left to that run.
+    A video whose status belongs to a later run (``run`` is older) is left to that run: it is not reported done
+    (its row says what the later run made of it) nor incomplete (this run was superseded, it did not fail).
 
     Returns:
-        ``{"done": [...], "incomplete": [...]}`` video ids.
+        ``{"done": [...], "incomplete": [...], "superseded": [...]}`` video ids.
     """
     settings = settings or load_settings()
     parts_needed: dict[str, int] = {}
@@ -656,13 +700,24 @@ def finish_videos(
     for result in results:
         if result:
             parts_done.setdefault(result["video_id"], set()).add(result["part"])
-    done = sorted(v for v, n in parts_needed.items() if len(parts_done.get(v, ())) == n)
-    incomplete = sorted(set(parts_needed) - set(done))
+    complete = sorted(v for v, n in parts_needed.items() if len(parts_done.get(v, ())) == n)
+    incomplete = sorted(set(parts_needed) - set(complete))
+    done: list[str] = []
+    superseded: list[str] = []
     with storage.connect(settings.postgres_conn_id) as conn:
-        for video_id in done:
-            if not storage.mark_video_done(conn, video_id, run):
-                log.warning("video %s: a later run owns its status; left as it is", video_id)
+        for video_id in complete:
+            if storage.mark_video_done(conn, video_id, run):
+                done.append(video_id)
+            else:
+                superseded.append(video_id)
+                log.warning(
+                    "video %s: every part was published, but a later run owns its status, so it is not marked done "
+                    "by this run; the later run finishes it (see its finish_videos log)", video_id,
+                )  # fmt: skip
         for video_id in incomplete:  # still processing by this run: the next scan plans it again at once
             storage.release_video_claim(conn, video_id, run)
-    log.info("videos done: %d %s; incomplete or failed: %d %s", len(done), done, len(incomplete), incomplete)
-    return {"done": done, "incomplete": incomplete}
+    log.info(
+        "videos done: %d %s; incomplete or failed: %d %s; left to a later run: %d %s", len(done), done,
+        len(incomplete), incomplete, len(superseded), superseded,
+    )  # fmt: skip
+    return {"done": done, "incomplete": incomplete, "superseded": superseded}

@@ -36,6 +36,13 @@ detect_and_publish(WorkItem(**json.loads(sys.argv[1])), DetectOptions(frame_inte
 """
 
 
+@pytest.fixture
+def airflow_logging() -> None:
+    """Airflow loaded before the test's logs are caught: loading it sets up its logging, which drops pytest's
+    handler (a test checking a warning then passes only after another test loaded Airflow)."""
+    import airflow.configuration  # noqa: F401
+
+
 def _state(video_id: str) -> storage.VideoState | None:
     with storage.connect("crowd_postgres") as conn:
         return storage.get_video_state(conn, video_id)
@@ -99,7 +106,7 @@ def test_a_video_another_run_is_processing_is_left_to_it(pg_schema, video_root, 
 
 
 def test_a_run_keeps_its_claim_while_it_makes_progress(pg_schema, faces_topic, video_root, monkeypatch) -> None:
-    """A task running longer than the claim timeout renews the claim from its frame loop: a scan in the middle
+    """A task running longer than the claim timeout renews the claim while it works: a scan in the middle
     leaves the video to it. (The timeout is 3 s here, not 1 s as in the other tests: the pictures, made after the
     last frame, take 1-2 s on a busy machine; in a deployment the timeout is minutes.)"""
     from crowd import jobs
@@ -239,7 +246,7 @@ def test_a_run_that_ends_without_finishing_the_video_releases_it(pg_schema, vide
         storage.mark_video_processing(conn, item.video_id, str(video), fps=None, frame_count=None, width=None,
                                       height=None, size_bytes=None, model="m", run=run)  # fmt: skip
     assert _planned() == []
-    assert finish_videos([item], [None], run=run) == {"done": [], "incomplete": [item.video_id]}
+    assert finish_videos([item], [None], run=run) == {"done": [], "incomplete": [item.video_id], "superseded": []}
     assert _planned() == [item.video_id]
 
 
@@ -283,3 +290,80 @@ def test_a_part_that_cannot_reach_its_video_gives_the_reason(pg_schema, video_ro
         detect_and_publish(part, DetectOptions(frame_interval=5, model="mtcnn"), run=run)
     state = _state(item.video_id)
     assert (state.status, state.reason_given, state.runs_ended_silently()) == ("processing", True, 0)
+
+
+def test_a_run_keeps_its_claim_through_a_long_stretch_without_messages(
+    pg_schema, faces_topic, video_root, monkeypatch
+) -> None:
+    """A part publishes nothing for longer than the claim timeout (a large frame_interval on a slow decode, a part
+    reading from frame 0 up to its range): the task is alive, so a scan meanwhile leaves the video to it, even one
+    that cannot ask Airflow whether the run is active. Before, the claim was renewed only when a message was
+    published: it lapsed, and the scan planned the video again under the live task."""
+    from crowd import jobs
+    from crowd.detection import build_detector
+
+    monkeypatch.setenv("CROWD_VIDEO_CLAIM_TIMEOUT_S", "2")  # renewed every 0.5 s: 1.5 s of margin on a busy box
+    stalled, go_on = threading.Event(), threading.Event()
+
+    class SlowRead:  # the real detector; the reader is held on the second sampled frame until the test has scanned
+        def __init__(self, detector) -> None:
+            self.detector, self.name, self.frames = detector, detector.name, 0
+
+        def prepare(self, frame):  # called by the frame reader's thread, for each sampled frame
+            self.frames += 1
+            if self.frames == 2:
+                stalled.set()
+                go_on.wait(timeout=120)
+            return self.detector.prepare(frame)
+
+        def detect_prepared(self, frame, prepared):
+            return self.detector.detect_prepared(frame, prepared)
+
+    monkeypatch.setattr(jobs, "build_detector", lambda *a, **k: SlowRead(build_detector(*a, **k)))
+    write_clip(CARPHONE, video_root / "long.mp4", 40)
+    (item,) = find_new_videos()
+    result: dict = {}
+    worker = threading.Thread(
+        target=lambda: result.update(
+            detect_and_publish(item, DetectOptions(frame_interval=20, model="mtcnn"), run=_run("scheduled__1"))
+        ),  # fmt: skip
+    )
+    worker.start()
+    try:
+        assert stalled.wait(timeout=120), "the task did not reach its second sampled frame"
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 6:  # three claim timeouts without a message
+            time.sleep(0.1)
+        state = _state(item.video_id)
+        planned = [i.video_id for i in find_new_videos(run_is_active=lambda run_id: False)]
+    finally:
+        go_on.set()
+        worker.join(timeout=120)
+    assert not worker.is_alive()
+    assert result.get("frames") == 2, result
+    assert planned == [], "a scan planned the video again while its task was alive"
+    assert state.claimed(2), f"the claim lapsed while the task was alive: {state}"
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("crowd-claim-")], "renewals go on"
+
+
+def test_a_superseded_run_does_not_report_the_video_done(pg_schema, airflow_logging, video_root, caplog) -> None:
+    """A manual run took the video over while the scheduled run was publishing it: the scheduled run's finish
+    leaves the video to the manual run and says so. Before, it reported the video done while its row stayed
+    'processing' (by the manual run); it is not incomplete either, so the superseded run does not fail for it."""
+    from crowd.jobs import finish_videos
+
+    video = write_clip(CARPHONE, video_root / "a.mp4", 12)
+    (item,) = find_new_videos()
+    meta = {"fps": None, "frame_count": None, "width": None, "height": None, "size_bytes": None, "model": "m"}
+    scheduled, manual = _run("scheduled__1"), _run("manual__1")  # the manual run started later
+    with storage.connect("crowd_postgres") as conn:
+        assert storage.mark_video_processing(conn, item.video_id, str(video), **meta, run=scheduled)
+        assert storage.mark_video_processing(conn, item.video_id, str(video), **meta, run=manual)
+    published = {**item.to_dict(), "frames": 4, "faces": 4, "max_faces": 1, "messages": 4}  # every part
+    with caplog.at_level(logging.WARNING, logger="crowd.jobs"):
+        outcome = finish_videos([item], [published], run=scheduled)
+    assert outcome == {"done": [], "incomplete": [], "superseded": [item.video_id]}
+    assert f"video {item.video_id}: every part was published, but a later run owns its status" in caplog.text
+    state = _state(item.video_id)
+    assert (state.status, state.run_id) == ("processing", "manual__1")
+    assert state.claimed(600), "the later run's claim was released"

@@ -40,6 +40,13 @@ def scan(pg_schema, video_root: Path, monkeypatch: pytest.MonkeyPatch):
     return run
 
 
+@pytest.fixture
+def airflow_logging() -> None:
+    """Airflow loaded before the test's logs are caught: loading it sets up its logging, which drops pytest's
+    handler (a test checking a warning then passes only after another test loaded Airflow)."""
+    import airflow.configuration  # noqa: F401
+
+
 def _remembered() -> dict[str, str]:
     with storage.connect("crowd_postgres") as conn:
         return {Path(p).name: v for p, v in conn.execute("SELECT path, video_id FROM scanned_files")}
@@ -104,7 +111,7 @@ def test_a_root_that_is_gone_for_a_while_keeps_what_was_remembered_under_it(scan
 
 
 def test_a_scan_maps_no_more_tasks_than_airflow_allows(
-    pg_schema, video_root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    pg_schema, airflow_logging, video_root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Airflow fails a task returning more than ``[core] max_map_length`` items: a backlog must not stop every scan."""
     from crowd import jobs
@@ -263,3 +270,123 @@ def test_a_file_swapped_for_a_symlink_out_of_the_roots_is_not_hashed(scan, video
     with caplog.at_level(logging.WARNING, logger="crowd.jobs"):
         assert scan() == ({}, [])
     assert "camera.mp4" in caplog.text and "outside the video roots" in caplog.text
+
+
+def _aged(video: Path, age_s: float) -> Path:
+    """``video`` with its modification time put ``age_s`` seconds in the past (as if recorded then)."""
+    when = video.stat().st_mtime - age_s
+    os.utime(video, (when, when))
+    return video
+
+
+def _parts(items) -> dict[str, int]:
+    return {Path(item.path).name: item.parts for item in items}
+
+
+def _over(items) -> None:
+    """The run that got ``items`` is over with them (a stand-in for done: the scan skips failed content too)."""
+    with storage.connect("crowd_postgres") as conn:
+        for item in items:
+            storage.mark_video_failed(conn, item.video_id, item.path, "over")
+
+
+def test_a_long_video_is_not_deferred_for_ever_by_newer_ones(
+    pg_schema, airflow_logging, video_root: Path, monkeypatch, caplog
+) -> None:
+    """A run maps at most max_map_length tasks. A camera adds a short clip before each scan, under names that sort
+    before an older upload needing more room: the upload must get its turn (before, candidates went in path order
+    and a video that did not fit was skipped while the smaller ones after it filled the run: it waited for ever)."""
+    from crowd import jobs
+
+    monkeypatch.setenv("AIRFLOW__CORE__MAX_MAP_LENGTH", "4")
+    monkeypatch.setenv("CROWD_FRAMES_PER_TASK", "10")
+    assert load_settings().max_tasks_per_run == 4
+    _aged(write_clip(CARPHONE, video_root / "uploads-long.mp4", 30), 1000)  # 3 tasks, there first
+    planned_in: dict[str, int] = {}
+    for scan in range(1, 4):  # one clip (2 tasks) per scan period, newer than everything before it
+        _aged(write_clip(CARPHONE, video_root / f"cam-{scan:03d}.mp4", 10 + scan), 1000 - scan)
+        with caplog.at_level(logging.WARNING, logger="crowd.jobs"):
+            items = jobs.find_new_videos()
+        assert len(items) <= 4
+        for name in _parts(items):
+            planned_in.setdefault(name, scan)
+        _over(items)
+    assert planned_in.get("uploads-long.mp4") == 1, f"the oldest video was deferred: {planned_in}"
+    assert planned_in == {"uploads-long.mp4": 1, "cam-001.mp4": 2, "cam-002.mp4": 2, "cam-003.mp4": 3}
+    assert "cam-001.mp4 needs 2 task(s) and this run has 3 of the 4 a run maps" in caplog.text
+
+
+def test_a_video_that_does_not_fit_is_not_overtaken_by_smaller_newer_ones(
+    pg_schema, airflow_logging, video_root: Path, monkeypatch, caplog
+) -> None:
+    """The first video that does not fit ends the run's planning: it is planned first by the next scan. A smaller,
+    newer video after it waits too (before, it filled the run in its place, and the next such one again)."""
+    from crowd import jobs
+
+    monkeypatch.setenv("AIRFLOW__CORE__MAX_MAP_LENGTH", "4")
+    monkeypatch.setenv("CROWD_FRAMES_PER_TASK", "10")
+    assert load_settings().max_tasks_per_run == 4
+    for age, (name, frames) in zip((300, 200, 100), [("a.mp4", 20), ("b.mp4", 30), ("c.mp4", 8)], strict=True):
+        _aged(write_clip(CARPHONE, video_root / name, frames), age)
+    with caplog.at_level(logging.WARNING, logger="crowd.jobs"):
+        first = jobs.find_new_videos()
+    assert _parts(first) == {"a.mp4": 2}, "a newer video overtook one that did not fit"
+    assert "1 more new video(s) left for the next scan, and 1 new or changed file(s) not read yet" in caplog.text
+    assert "b.mp4 needs 3 task(s) and this run has 2 of the 4 a run maps" in caplog.text
+    _over(first)
+    assert _parts(jobs.find_new_videos()) == {"b.mp4": 3, "c.mp4": 1}
+
+
+class _Stopped(BaseException):
+    """What stops a scan task from outside: Airflow's execution timeout (``AirflowTaskTimeout``), a kill."""
+
+
+def _backlog(video_root: Path, count: int) -> list[str]:
+    """``count`` new videos ``v0.mp4``... (distinct contents), the oldest first in name order."""
+    names = [f"v{n}.mp4" for n in range(count)]
+    for n, name in enumerate(names):
+        _aged(write_clip(CARPHONE, video_root / name, 8 + n), 100 - n)
+    return names
+
+
+def test_a_scan_stopped_while_hashing_keeps_the_hashes_it_computed(scan, video_root: Path, monkeypatch) -> None:
+    """A backlog takes longer to hash than the scan's execution timeout: each try must keep what it read, so the
+    next one goes on from there (before, the hashes were stored at the end only: every try read the same files
+    again and was stopped again, for ever)."""
+    from crowd import jobs
+
+    names = _backlog(video_root, 5)
+    counting = jobs.content_hash  # the scan fixture's
+    calls: list[str] = []
+
+    def stopped_on_the_fourth(path, *args, **kwargs) -> str:
+        calls.append(Path(str(path)).name)
+        if len(calls) == 4:
+            raise _Stopped("execution timeout while hashing the fourth file")
+        return counting(path, *args, **kwargs)
+
+    monkeypatch.setattr(jobs, "content_hash", stopped_on_the_fourth)
+    with pytest.raises(_Stopped):
+        jobs.find_new_videos()
+    assert sorted(_remembered()) == names[:3], "the hashes computed before the scan was stopped were lost"
+    monkeypatch.setattr(jobs, "content_hash", counting)
+    planned, hashed = scan()
+    assert hashed == names[3:] and sorted(planned) == names
+    assert sorted(_remembered()) == names
+
+
+def test_a_full_run_reads_no_more_new_files(scan, airflow_logging, video_root: Path, monkeypatch, caplog) -> None:
+    """Once the run has as many tasks as it maps, the other new files are left unread for the next scans (before,
+    the whole backlog was hashed at every scan for a run that could take one video of it)."""
+    monkeypatch.setenv("AIRFLOW__CORE__MAX_MAP_LENGTH", "1")
+    assert load_settings().max_tasks_per_run == 1
+    names = _backlog(video_root, 4)
+    with caplog.at_level(logging.WARNING, logger="crowd.jobs"):
+        planned, hashed = scan()
+    assert (list(planned), hashed) == (names[:1], names[:1]), "files were read for a run that was full"
+    assert "0 more new video(s) left for the next scan, and 3 new or changed file(s) not read yet" in caplog.text
+    assert "this run has 1 tasks, the most a run maps" in caplog.text
+    with storage.connect("crowd_postgres") as conn:  # the first run is over with it
+        storage.mark_video_failed(conn, planned["v0.mp4"], str(video_root / "v0.mp4"), "over")
+    planned, hashed = scan()
+    assert (list(planned), hashed) == (names[1:2], names[1:2])
