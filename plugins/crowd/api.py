@@ -7,7 +7,9 @@ Routes (every one needs an authenticated Airflow user; ``/send`` needs the right
   started and stopped with the app (FastAPI lifespan).
 * ``GET /videos``, ``/videos/{id}``, ``/videos/{id}/frames``, ``/videos/{id}/frames/{frame_id}/faces``,
   ``/videos/{id}/frames.csv``, ``/videos/{id}/faces.csv``, ``/videos/{id}/images[/{name}]``, ``/alerts``: results
-  read from PostgreSQL (parameterised SQL only) and PNG pictures from ``settings.results_dir/<video_id>/``.
+  read from PostgreSQL (parameterised SQL only) and PNG pictures from ``settings.results_dir/<video_id>/``. A CSV
+  export holds one PostgreSQL connection for as long as its client reads, so at most
+  ``settings.max_csv_exports`` run at once per process (503 beyond).
 * ``GET /health``, ``GET /metrics`` (Prometheus text format), ``GET /dashboard`` (the page shown in the
   Airflow UI). OpenAPI: ``/crowd/openapi.json`` and ``/crowd/docs``.
 
@@ -33,12 +35,13 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, closing
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 import psycopg
 from confluent_kafka import KafkaException
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
@@ -58,6 +61,7 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024
 MAX_PAGE = 1000
 CSV_BATCH_ROWS = 2000  # rows per fetch of a CSV export (one chunk of the response)
+CSV_RETRY_AFTER_S = 10  # Retry-After of the 503 when every CSV export slot is taken
 MAX_WAIT_S = 5.0
 SEND_TIMEOUT_S = 5.0
 KAFKA_PROBE_TTL_S = 5.0
@@ -435,6 +439,55 @@ class PolledProducer:
         self._thread.join((timeout_s if timeout_s is not None else self.drain_s) + 1.0)
 
 
+class ExportSlots:
+    """At most ``limit`` CSV exports at once in this process: each holds a PostgreSQL connection (and its open
+    transaction) for as long as its client takes to read, so slow or stalled clients must not take them all."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"limit={limit} must be >= 1")
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def acquire(self) -> Callable[[], None]:
+        """Take a slot without waiting; returns its release function (calling it again does nothing).
+
+        Raises:
+            HTTPException: 503 with ``Retry-After`` when every slot is taken.
+        """
+        if not self._slots.acquire(blocking=False):
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                f"{self.limit} CSV exports are already running in this API server process (CROWD_MAX_CSV_EXPORTS); "
+                f"retry in {CSV_RETRY_AFTER_S} s",
+                headers={"Retry-After": str(CSV_RETRY_AFTER_S)},
+            )
+        once = threading.Lock()
+
+        def release() -> None:
+            if once.acquire(blocking=False):  # the first call gives the slot back, later ones do nothing
+                self._slots.release()
+
+        return release
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A streaming response that calls ``on_close`` (in the thread pool) once it ends, however it ends: sent whole,
+    client gone, or cancelled. A generator left unfinished runs its ``finally`` only when garbage-collected, and one
+    never started not at all: its resources would stay held until then."""
+
+    def __init__(self, content: Iterable[str], on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(self.on_close)
+
+
 def _settle(future: asyncio.Future[Any], value: Any) -> None:
     if not future.done():  # the request may have given up (and the future with it) already
         future.set_result(value)
@@ -483,13 +536,18 @@ WHERE (%(status)s::text IS NULL OR v.status = %(status)s)
 """
 
 
-def db(request: Request) -> Iterator[Any]:
-    """Dependency: one PostgreSQL connection per request, closed afterwards; 503 when unreachable."""
+def connect_or_503(settings: Settings) -> Any:
+    """:func:`pg_connect`, or an HTTP 503 with the reason when PostgreSQL is unreachable (the caller closes it)."""
     try:
-        conn = pg_connect(request.app.state.settings_factory())
+        return pg_connect(settings)
     except Exception as exc:
         log.warning("PostgreSQL unreachable: %s", exc)
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"PostgreSQL unreachable: {exc}") from exc
+
+
+def db(request: Request) -> Iterator[Any]:
+    """Dependency: one PostgreSQL connection per request, closed afterwards; 503 when unreachable."""
+    conn = connect_or_503(request.app.state.settings_factory())
     try:
         yield conn
     finally:
@@ -529,6 +587,7 @@ def create_app(
         app.state.producer = None
         app.state.producer_lock = threading.Lock()
         app.state.kafka_probe = KafkaProbe()
+        app.state.csv_exports = ExportSlots(settings.max_csv_exports)
         if start_receiver:
             kafka_log = logging.getLogger("kafka")
             if kafka_log.level == logging.NOTSET:  # kafka-python logs every (re)connection at INFO
@@ -551,8 +610,8 @@ def create_app(
         try:
             yield
         finally:
-            if app.state.receiver is not None:
-                app.state.receiver.stop()
+            if app.state.receiver is not None:  # stop() waits for the thread's last commit: not on the event loop
+                await run_in_threadpool(app.state.receiver.stop)
             if app.state.producer is not None:
                 await run_in_threadpool(app.state.producer.close, 2.0)
 
@@ -723,10 +782,9 @@ def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: C
         if receiver is None:
             reason = request.app.state.receiver_error or "disabled"
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"message receiver is not running: {reason}")
-        deadline = time.monotonic() + wait_s
-        while not len(receiver) and time.monotonic() < deadline:
-            await _sleep(0.05)
-        items = receiver.take(limit)
+        if not await _wait_for_messages(request, receiver, wait_s):  # nobody would read them: they would be lost
+            return ReceiveResponse(messages=[], count=0, remaining=len(receiver))
+        items = await run_in_threadpool(receiver.take, limit)  # decodes up to a few MiB of JSON
         stats = receiver.stats()
         return ReceiveResponse(
             messages=[ReceivedItem.of(m) for m in items],
@@ -739,6 +797,32 @@ async def _sleep(seconds: float) -> None:
     import asyncio
 
     await asyncio.sleep(seconds)
+
+
+async def _wait_for_messages(request: Request, receiver: MessageReceiver, wait_s: float) -> bool:
+    """Wait up to ``wait_s`` until ``receiver`` has messages; returns False when the client hung up meanwhile (a
+    long-poll client whose own timeout is shorter), so that nothing is taken for nobody.
+
+    The disconnect is awaited, not polled: ``Request.is_disconnected`` misses it behind a ``BaseHTTPMiddleware``
+    (Airflow's API server has several): its already-cancelled scope interrupts their ``receive``.
+    """
+    if wait_s <= 0 or len(receiver):
+        return True
+    gone = anyio.Event()
+
+    async def listen() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    deadline = time.monotonic() + wait_s
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(listen)
+        while not len(receiver) and time.monotonic() < deadline and not gone.is_set():
+            await _sleep(0.05)
+        await anyio.sleep(0)  # a disconnect that came with the last message is seen now
+        task_group.cancel_scope.cancel()
+    return not gone.is_set()
 
 
 def _spreadsheet_safe(value: Any) -> Any:
@@ -809,21 +893,33 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
         )
         return FrameFaces(video_id=video_id, **frames[0], faces=[FaceBox(**f) for f in faces])
 
-    def csv_response(video_id: str, name: str, sql: str, header: list[str]) -> StreamingResponse:
-        """Stream a query's rows as CSV. The query runs, and its first rows are read, before the response starts:
-        a database that fails it (an outage, a statement timeout) gives a 503, not a 200 with a cut-off file. A
-        failure later, mid-file, aborts the transfer (no final chunk), which clients report as an error."""
+    def csv_response(request: Request, video_id: str, name: str, sql: str, header: list[str]) -> StreamingResponse:
+        """Stream a query's rows as CSV, on one connection that checks the video exists (404), runs the query and
+        reads its first rows before the response starts: a database that fails it (an outage, a statement timeout)
+        gives a 503, not a 200 with a cut-off file. A failure later, mid-file, aborts the transfer (no final chunk),
+        which clients report as an error.
+
+        The connection stays open (idle in transaction) while the client reads: it takes one of the process's
+        export slots (:class:`ExportSlots`; 503 when none is free), given back with the connection when the
+        response ends, however it ends."""
+        release = request.app.state.csv_exports.acquire()
+        conn: Any = None
+
+        def finish() -> None:
+            try:
+                if conn is not None:
+                    conn.close()
+            finally:
+                release()
+
         try:
-            conn = pg_connect(settings_factory())
-        except Exception as exc:
-            log.warning("PostgreSQL unreachable: %s", exc)
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"PostgreSQL unreachable: {exc}") from exc
-        try:
+            conn = connect_or_503(settings_factory())
+            one_video(conn, video_id)
             cur = conn.cursor(f"crowd_csv_{uuid.uuid4().hex}")  # server side: rows come in batches
             cur.execute(sql, (video_id,))
             first = cur.fetchmany(CSV_BATCH_ROWS)
         except BaseException:
-            conn.close()
+            finish()
             raise
 
         def generate() -> Iterator[str]:
@@ -846,31 +942,33 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
                 )
                 raise
             finally:
-                conn.close()
+                finish()
 
-        return StreamingResponse(
+        return ClosingStreamingResponse(
             generate(),
+            on_close=finish,
             media_type="text/csv",
             headers={"Content-Disposition": f'attachment; filename="{video_id}-{name}.csv"'},
         )
 
-    csv_doc = {200: {"content": {"text/csv": {}}, "description": "CSV with a header row"}}
+    csv_doc: dict[int | str, dict[str, Any]] = {
+        200: {"content": {"text/csv": {}}, "description": "CSV with a header row"},
+        503: {"description": "PostgreSQL unavailable, or every CSV export slot of this process taken (Retry-After)"},
+    }
 
     @app.get("/videos/{video_id}/frames.csv", response_class=StreamingResponse, responses=csv_doc)
-    def frames_csv(video_id: VideoId, conn: Db) -> StreamingResponse:
+    def frames_csv(video_id: VideoId, request: Request) -> StreamingResponse:
         """Export a video's frames as CSV."""
-        one_video(conn, video_id)
         header = ["video_id", "frame_id", "frame_ts_ms", "total_faces", "frame_width", "frame_height", "model"]
         sql = f"SELECT {', '.join(header)} FROM frames WHERE video_id = %s ORDER BY frame_id"  # noqa: S608 - fixed names
-        return csv_response(video_id, "frames", sql, header)
+        return csv_response(request, video_id, "frames", sql, header)
 
     @app.get("/videos/{video_id}/faces.csv", response_class=StreamingResponse, responses=csv_doc)
-    def faces_csv(video_id: VideoId, conn: Db) -> StreamingResponse:
+    def faces_csv(video_id: VideoId, request: Request) -> StreamingResponse:
         """Export a video's faces as CSV."""
-        one_video(conn, video_id)
         header = ["video_id", "frame_id", "face_id", "x", "y", "width", "height", "confidence"]
         sql = f"SELECT {', '.join(header)} FROM faces WHERE video_id = %s ORDER BY frame_id, face_id"  # noqa: S608
-        return csv_response(video_id, "faces", sql, header)
+        return csv_response(request, video_id, "faces", sql, header)
 
     @app.get("/alerts", response_model=AlertList, summary="Crowd alerts, newest first (all videos, or one)")
     def list_alerts(
@@ -894,14 +992,21 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no such video folder")
         return folder
 
-    @app.get("/videos/{video_id}/images", response_model=ImageList, summary="PNG pictures of a video")
+    @app.get(
+        "/videos/{video_id}/images",
+        response_model=ImageList,
+        responses={404: {"description": "no pictures, and no video with this id"}},
+        summary="PNG pictures of a video",
+    )
     def list_images(video_id: VideoId) -> ImageList:
+        """The pictures in the video's results folder; none yet for a known video (still processing): an empty
+        list; no folder and no such video: 404, like the video's other routes."""
         folder = video_dir(video_id)
-        names = (
-            sorted(p.name for p in folder.iterdir() if re.match(IMAGE_NAME_PATTERN, p.name) and p.is_file())
-            if folder.is_dir()
-            else []
-        )
+        if not folder.is_dir():
+            with closing(connect_or_503(settings_factory())) as conn:
+                one_video(conn, video_id)
+            return ImageList(video_id=video_id, images=[])
+        names = sorted(p.name for p in folder.iterdir() if re.match(IMAGE_NAME_PATTERN, p.name) and p.is_file())
         return ImageList(video_id=video_id, images=names)
 
     @app.get(

@@ -77,6 +77,7 @@ class Settings:
     receiver_group: str = "crowd-api-receiver"
     receiver_max_queue: int = 1000
     receiver_max_queue_bytes: int = 64 * 1024 * 1024
+    max_csv_exports: int = 4
     alert_threshold: int | None = 10
     alert_min_duration_s: float = 2.0
     video_roots: tuple[Path, ...] = field(default_factory=tuple)
@@ -181,6 +182,7 @@ def load_settings() -> Settings:
         receiver_group=_env("CROWD_RECEIVER_GROUP", "crowd-api-receiver"),
         receiver_max_queue=_env_number("CROWD_RECEIVER_MAX_QUEUE", 1000, minimum=1),
         receiver_max_queue_bytes=_env_number("CROWD_RECEIVER_MAX_QUEUE_BYTES", 64 * 1024 * 1024, minimum=1),
+        max_csv_exports=_env_number("CROWD_MAX_CSV_EXPORTS", 4, minimum=1),
         alert_threshold=_env_number("CROWD_ALERT_THRESHOLD", 10, minimum=0) or None,
         alert_min_duration_s=_env_number("CROWD_ALERT_MIN_DURATION_S", 2.0, whole=False),
         video_roots=_env_paths("CROWD_VIDEO_ROOTS", str(PROJECT_ROOT / ".local" / "videos")),

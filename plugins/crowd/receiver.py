@@ -21,6 +21,9 @@ Design decisions:
   it had queued from it (the new owner reads it again). With one partition, one worker gets all messages.
 * **Any bytes**: a value is JSON when it parses as JSON nested at most :data:`MAX_VALUE_DEPTH` deep, else text;
   no value stops the consumer or fails a response.
+* **Memory follows the bytes**: the queue holds the records' raw bytes, decoded only when :meth:`MessageReceiver.take`
+  hands them out (a 1 MB ``[{},{},...]`` is about 24 MB once decoded), so ``max_queue_bytes`` bounds what the queue
+  really holds; one ``take`` returns at most ``max_take_bytes`` of them (the rest stays queued).
 * **Compression**: producers here use lz4 (:data:`crowd.kafka.PRODUCER_RELIABILITY`), so kafka-python needs the
   ``lz4`` package to decode; without it every poll fails and the receiver keeps retrying (``last_error`` says so).
 * **Broker restarts**: kafka-python reconnects by itself; any other error closes the consumer and a new one is
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -49,6 +53,7 @@ log = logging.getLogger(__name__)
 DEFAULT_GROUP_ID = "crowd-api-receiver"
 DEFAULT_MAX_QUEUE = 1000
 DEFAULT_MAX_QUEUE_BYTES = 64 * 1024 * 1024  # messages of up to the broker's 1 MB: not 1000 of them
+DEFAULT_MAX_TAKE_BYTES = 4 * 1024 * 1024  # one /receive response (raw bytes; decoding and JSON add to it)
 MAX_VALUE_DEPTH = 64
 _LAG_EVERY_S = 2.0
 
@@ -66,6 +71,35 @@ class ReceivedMessage:
     key: str | None
     value: Any
     size: int = field(default=0, repr=False, compare=False)  # bytes of key and value, for the queue's byte bound
+
+
+@dataclass
+class RawRecord:
+    """One Kafka record as the queue holds it: its bytes, decoded into a :class:`ReceivedMessage` when taken."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None
+    key: bytes | None
+    value: bytes | None
+
+    @property
+    def size(self) -> int:
+        """Bytes of key and value: what the record holds, for the queue's byte bounds."""
+        return len(self.key or b"") + len(self.value or b"")
+
+    def decode(self) -> ReceivedMessage:
+        """The message handed to ``/receive``: key as text, value as :func:`decode_value` makes it."""
+        return ReceivedMessage(
+            topic=self.topic,
+            partition=self.partition,
+            offset=self.offset,
+            timestamp_ms=self.timestamp_ms,
+            key=self.key.decode("utf-8", "replace") if self.key is not None else None,
+            value=decode_value(self.value),
+            size=self.size,
+        )
 
 
 @dataclass
@@ -94,13 +128,14 @@ def decode_value(raw: bytes | None) -> Any:
     else the text (invalid UTF-8 replaced), else ``None``.
 
     JSON a response cannot carry stays text: a lone surrogate escape (``"\\ud800"``, not UTF-8 once decoded: it failed
-    the whole response, and the messages taken for it were lost) and ``NaN``/``Infinity`` (not JSON: sent as null).
+    the whole response, and the messages taken for it were lost) and non-finite numbers, ``NaN``/``Infinity`` or one
+    too large for a float such as ``1e400`` (not JSON: sent as null).
     """
     if raw is None:
         return None
     text = raw.decode("utf-8", "replace")
     try:
-        value = json.loads(text, parse_constant=_not_json)
+        value = json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
         if "\\u" in text:  # only an escape can make a lone surrogate
             json.dumps(value, ensure_ascii=False).encode()
     except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
@@ -112,6 +147,14 @@ def decode_value(raw: bytes | None) -> Any:
 
 def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON")
+
+
+def _finite_float(literal: str) -> float:
+    """A JSON number as a float, refused when it overflows (``1e400`` would become ``inf``, then null)."""
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ValueError(f"{literal} is out of a float's range")
+    return value
 
 
 def _deeper_than(value: Any, limit: int) -> bool:
@@ -172,8 +215,10 @@ class MessageReceiver:
         topic: topic to read.
         group_id: consumer group shared by all API server processes.
         max_queue: queue bound; when full, reading pauses until messages are taken.
-        max_queue_bytes: the same in bytes of keys and values (a full queue of large messages stays in bounds);
-            one ``take`` also returns at most this many bytes (at least one message).
+        max_queue_bytes: the same in bytes of keys and values (a full queue of large messages stays in bounds).
+        max_take_bytes: one ``take`` returns at most this many bytes of keys and values, nor more than
+            ``max_queue_bytes`` (at least one message), so one ``/receive`` response stays a few MiB however large
+            the backlog; the rest stays queued.
         consumer_config: further ``KafkaConsumer`` keyword arguments (security settings; tests shorten timeouts).
         commit_every_s: how often the consumer thread commits the offsets of delivered messages.
     """
@@ -186,20 +231,25 @@ class MessageReceiver:
         group_id: str = DEFAULT_GROUP_ID,
         max_queue: int = DEFAULT_MAX_QUEUE,
         max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
+        max_take_bytes: int = DEFAULT_MAX_TAKE_BYTES,
         consumer_config: dict[str, Any] | None = None,
         commit_every_s: float = 0.5,
     ) -> None:
-        if max_queue < 1 or max_queue_bytes < 1:
-            raise ValueError(f"max_queue={max_queue} and max_queue_bytes={max_queue_bytes} must be >= 1")
+        if min(max_queue, max_queue_bytes, max_take_bytes) < 1:
+            raise ValueError(
+                f"max_queue={max_queue}, max_queue_bytes={max_queue_bytes} and max_take_bytes={max_take_bytes} "
+                "must be >= 1"
+            )
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.group_id = group_id
         self.max_queue = max_queue
         self.max_queue_bytes = max_queue_bytes
+        self.max_take_bytes = min(max_take_bytes, max_queue_bytes)
         self._queued_bytes = 0
         self.commit_every_s = commit_every_s
         self._consumer_config = dict(consumer_config or {})
-        self._queue: deque[ReceivedMessage] = deque()
+        self._queue: deque[RawRecord] = deque()
         # next offset after the last message taken per partition, not yet known to be committed
         self._delivered: dict[Partition, int] = {}
         self._lock = threading.Lock()
@@ -233,33 +283,35 @@ class MessageReceiver:
 
     # ---- queue -----------------------------------------------------------------------------------------------
 
-    def offer(self, message: ReceivedMessage) -> None:
-        """Append ``message`` (the consumer thread keeps the queue within ``max_queue`` by pausing)."""
+    def offer(self, record: RawRecord) -> None:
+        """Append ``record`` (the consumer thread keeps the queue within its bounds by pausing)."""
         with self._lock:
-            self._queue.append(message)
-            self._queued_bytes += message.size
+            self._queue.append(record)
+            self._queued_bytes += record.size
             self._stats.consumed += 1
 
     def take(self, limit: int) -> list[ReceivedMessage]:
-        """Remove and return up to ``limit`` of the oldest queued messages, at most ``max_queue_bytes`` of them
-        (at least one), never blocking on Kafka.
+        """Remove and return up to ``limit`` of the oldest queued messages, at most :attr:`max_take_bytes` of them
+        (at least one), decoded; never blocks on Kafka (decoding a few MiB of JSON takes a while: not on an event
+        loop).
 
         Their offsets are committed by the consumer thread within ``commit_every_s``.
         """
         with self._lock:
-            items: list[ReceivedMessage] = []
+            records: list[RawRecord] = []
             size = 0
             while (
-                self._queue and len(items) < limit and (not items or size + self._queue[0].size <= self.max_queue_bytes)
+                self._queue
+                and len(records) < limit
+                and (not records or size + self._queue[0].size <= self.max_take_bytes)
             ):
-                items.append(self._queue.popleft())
-                size += items[-1].size
+                records.append(self._queue.popleft())
+                size += records[-1].size
             self._queued_bytes -= size
-            count = len(items)
-            for m in items:  # the queue is in offset order per partition: the last one taken is the highest
-                self._delivered[(m.topic, m.partition)] = m.offset + 1
-            self._stats.delivered += count
-            return items
+            for r in records:  # the queue is in offset order per partition: the last one taken is the highest
+                self._delivered[(r.topic, r.partition)] = r.offset + 1
+            self._stats.delivered += len(records)
+        return [r.decode() for r in records]  # outside the lock: the consumer thread goes on meanwhile
 
     def room(self) -> int:
         """How many more messages the queue takes before reading pauses (0 once its bytes reach their bound)."""
@@ -286,7 +338,7 @@ class MessageReceiver:
 
     def _drop_queued(self, partitions: set[Partition] | None) -> dict[Partition, int]:
         """:meth:`_forget_queued`, the lock held."""
-        kept: deque[ReceivedMessage] = deque()
+        kept: deque[RawRecord] = deque()
         first: dict[Partition, int] = {}
         for m in self._queue:
             if partitions is None or (m.topic, m.partition) in partitions:
@@ -446,14 +498,13 @@ class MessageReceiver:
             for records in batches.values():
                 for record in records:
                     self.offer(
-                        ReceivedMessage(
+                        RawRecord(
                             topic=record.topic,
                             partition=record.partition,
                             offset=record.offset,
-                            timestamp_ms=record.timestamp if record.timestamp is not None else None,
-                            key=record.key.decode("utf-8", "replace") if record.key is not None else None,
-                            value=decode_value(record.value),
-                            size=len(record.key or b"") + len(record.value or b""),
+                            timestamp_ms=record.timestamp,
+                            key=record.key,
+                            value=record.value,
                         )
                     )
             now = time.monotonic()

@@ -6,12 +6,14 @@ import csv
 import io
 import json
 import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -23,6 +25,7 @@ from tests.crowd.api_fixtures import (
     SEED_VIDEO,
     auth,
     seed_results,
+    token,
     wait_receiver_ready,
 )
 
@@ -125,12 +128,12 @@ def test_send_then_receive_round_trip(client: Any, messages_topic: str) -> None:
 
 def test_a_value_json_cannot_carry_comes_back_as_text_and_loses_nothing(client: Any, messages_topic: str) -> None:
     """Another producer's JSON with a lone surrogate escape (or NaN) between good messages: /receive answered 500 and
-    the messages taken for that response were lost."""
+    the messages taken for that response were lost. A number too large for a float (``1e400``) came out as null."""
     from crowd.kafka import DeliveryTracker, reliable_producer
 
     headers = auth(client, "user")
     wait_receiver_ready(client, headers)
-    values = [b'{"n": 0}', b'{"x": "\\ud800"}', b'{"n": NaN}', b'{"n": 3}']
+    values = [b'{"n": 0}', b'{"x": "\\ud800"}', b'{"n": NaN}', b'{"n": 1e400}', b'{"n": 3}']
     producer, tracker = reliable_producer("kafka_default", timeout_s=20), DeliveryTracker()
     for value in values:
         producer.produce(messages_topic, value=value, on_delivery=tracker.callback)
@@ -141,7 +144,7 @@ def test_a_value_json_cannot_carry_comes_back_as_text_and_loses_nothing(client: 
         response = client.get("/crowd/receive", params={"limit": 10, "wait_s": 2}, headers=headers)
         assert response.status_code == 200, response.text
         received += [m["value"] for m in response.json()["messages"]]
-    assert received == [{"n": 0}, '{"x": "\\ud800"}', '{"n": NaN}', {"n": 3}]
+    assert received == [{"n": 0}, '{"x": "\\ud800"}', '{"n": NaN}', '{"n": 1e400}', {"n": 3}]
 
 
 def test_receive_is_non_blocking_by_default(client: Any) -> None:
@@ -179,6 +182,92 @@ def test_queue_bound_holds_under_a_burst(
             assert body["count"] <= bound
             got += [m["value"]["n"] for m in body["messages"]]
         assert got == list(range(5 * bound)), "the queue bound lost, duplicated or reordered messages"
+
+
+def _produce(topic: str, values: list[bytes]) -> None:
+    from crowd.kafka import DeliveryTracker, reliable_producer
+
+    producer, tracker = reliable_producer("kafka_default", timeout_s=20), DeliveryTracker()
+    for value in values:
+        producer.produce(topic, value=value, on_delivery=tracker.callback)
+    tracker.wait(producer, timeout_s=20)
+
+
+def test_a_message_arriving_after_the_client_gave_up_goes_to_the_next_receive(
+    live_server: str, messages_topic: str
+) -> None:
+    """A long-poll /receive whose client hung up (a client timeout shorter than wait_s) while it waited: the message
+    that came meanwhile was taken for nobody, committed, and lost. Real HTTP: the disconnect must reach the route."""
+    import httpx
+
+    with httpx.Client(base_url=live_server, timeout=60) as http:
+        headers = auth(http, "user")
+        wait_receiver_ready(http, headers)
+        host, port = urlsplit(live_server).hostname, urlsplit(live_server).port
+        request = (
+            f"GET /crowd/receive?wait_s=5 HTTP/1.1\r\nHost: x\r\nAuthorization: {headers['Authorization']}\r\n\r\n"
+        )
+        with socket.create_connection((host, port)) as gone:
+            gone.sendall(request.encode())
+            time.sleep(1.0)  # the request is waiting for a message
+        _produce(messages_topic, [b'{"hello": "after the hang-up"}'])
+        deadline = time.monotonic() + 30
+        while http.get("/crowd/health", headers=headers).json()["receiver"]["consumed"] < 1:
+            assert time.monotonic() < deadline, "the receiver did not read the message"
+            time.sleep(0.1)
+        time.sleep(0.5)  # the abandoned request (which polls every 50 ms) takes it now if it is going to
+        got = http.get("/crowd/receive", params={"wait_s": 5}, headers=headers).json()
+    assert [m["value"] for m in got["messages"]] == [{"hello": "after the hang-up"}], got
+
+
+def test_one_receive_response_is_capped_in_bytes(client: Any, messages_topic: str) -> None:
+    """A backlog of large messages (up to the broker's 1 MB each) came out in one response of up to the queue's
+    64 MiB; now a response carries at most a few MiB, and ``remaining`` counts the rest, taken by the next calls."""
+    from crowd.receiver import DEFAULT_MAX_TAKE_BYTES
+
+    headers = auth(client, "user")
+    wait_receiver_ready(client, headers)
+    big = 900_000
+    count = DEFAULT_MAX_TAKE_BYTES // big + 2
+    _produce(messages_topic, [json.dumps({"n": i, "pad": "x" * big}).encode() for i in range(count)])
+    deadline = time.monotonic() + 30
+    while client.get("/crowd/health", headers=headers).json()["receiver"]["queued"] < count:
+        assert time.monotonic() < deadline, "the receiver did not queue the backlog"
+        time.sleep(0.2)
+    first = client.get("/crowd/receive", params={"limit": 1000}, headers=headers).json()
+    assert 0 < first["count"] < count and first["remaining"] == count - first["count"], first["count"]
+    assert sum(len(json.dumps(m["value"])) for m in first["messages"]) <= DEFAULT_MAX_TAKE_BYTES
+    got = [m["value"]["n"] for m in first["messages"]]
+    while len(got) < count and time.monotonic() < deadline:
+        got += [m["value"]["n"] for m in client.get("/crowd/receive", headers=headers).json()["messages"]]
+    assert got == list(range(count)), "lost, duplicated or reordered"
+
+
+def test_the_receiver_is_stopped_off_the_event_loop(
+    airflow_app: Any, messages_topic: str, pg_schema: str, results_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``MessageReceiver.stop`` waits for the consumer thread's last commit and close (seconds with a slow broker):
+    called on the event loop, it stopped every other request of the API server meanwhile."""
+    import asyncio
+
+    from crowd.receiver import MessageReceiver
+
+    on_loop: list[bool] = []
+    real_stop = MessageReceiver.stop
+
+    def stop(self: MessageReceiver, *args: Any, **kwargs: Any) -> None:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # no event loop in this thread: a worker thread
+            on_loop.append(False)
+        real_stop(self, *args, **kwargs)
+
+    monkeypatch.setattr(MessageReceiver, "stop", stop)
+    with open_client(airflow_app) as c:
+        wait_receiver_ready(c, auth(c, "viewer"))
+    assert on_loop == [False]
+    assert not any(t.name == f"crowd-receiver-{messages_topic}" for t in threading.enumerate())
 
 
 def test_receiver_stops_with_the_server(
@@ -283,6 +372,7 @@ def test_health_reports_a_kafka_setting_the_client_rejects(
         pytest.param("/crowd/receive?limit=100000", 422, id="receive-too-many"),
         pytest.param("/crowd/receive?wait_s=60", 422, id="wait-too-long"),
         pytest.param("/crowd/videos/no-such-video", 404, id="unknown-video"),
+        pytest.param("/crowd/videos/no-such-video/images", 404, id="unknown-video-images"),  # was 200 []
         pytest.param(f"/crowd/videos/{V}/frames/-1/faces", 422, id="negative-frame"),
         pytest.param("/crowd/videos/..%2f..%2fetc/images", 404, id="encoded-traversal"),
         pytest.param(f"/crowd/videos/{V}/images/..%2f..%2fsecret.png", 404, id="image-traversal"),
@@ -455,6 +545,106 @@ def test_csv_exports_come_in_batches_and_one_the_database_cannot_answer_is_a_503
     assert blocked.status_code == 503, (blocked.status_code, blocked.text[:200])
     assert "statement timeout" in blocked.json()["detail"], blocked.text
     assert client.get(f"/crowd/videos/{V}/faces.csv", headers=headers).text == faces.text  # lock gone: whole again
+
+
+def test_images_of_an_unknown_video_are_404_and_of_a_known_one_without_pictures_empty(client: Any) -> None:
+    """Like the video's other routes (before: 200 with no pictures for any id)."""
+    from crowd import storage
+
+    with storage.connect("crowd_postgres") as conn:
+        conn.execute("INSERT INTO videos (id, path, status) VALUES ('nopictures01', '/v/n.mp4', 'processing')")
+        conn.commit()
+    headers = auth(client, "viewer")
+    unknown = client.get("/crowd/videos/no-such-video/images", headers=headers)
+    assert unknown.status_code == 404 and "no-such-video" in unknown.json()["detail"], unknown.text
+    known = client.get("/crowd/videos/nopictures01/images", headers=headers)
+    assert known.status_code == 200 and known.json() == {"video_id": "nopictures01", "images": []}, known.text
+
+
+CSV_ROWS = 200_000  # ~10 MB of CSV: far more than the socket buffers, so a client that stops reading stalls it
+
+
+def _idle_connections(application_name: str) -> tuple[int, int, int]:
+    """(all, active, idle in transaction) PostgreSQL backends of ``application_name``."""
+    import psycopg
+
+    with psycopg.connect(os.environ["CROWD_PG_DSN_FOR_TESTS"], autocommit=True) as conn:
+        return conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE state = 'active'),"
+            " count(*) FILTER (WHERE state = 'idle in transaction') FROM pg_stat_activity WHERE application_name = %s",
+            (application_name,),
+        ).fetchone()
+
+
+def test_csv_exports_hold_one_connection_each_and_are_capped_per_process(
+    request: pytest.FixtureRequest, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slow clients that stop reading a CSV export: each held two connections idle in transaction (the existence
+    check's and the streaming one) for as long as they stalled, and any number of them could. Now one each, at most
+    ``CROWD_MAX_CSV_EXPORTS`` at once (503 with Retry-After beyond), and both come back when the clients go."""
+    import httpx
+
+    from crowd import storage
+
+    cap = 2
+    monkeypatch.setenv("CROWD_MAX_CSV_EXPORTS", str(cap))
+    app_name = f"crowd-csv-test-{pg_schema}"  # only this test's connections (others share the database)
+    conn_json = json.loads(os.environ["AIRFLOW_CONN_CROWD_POSTGRES"])
+    conn_json["extra"]["options"] += f" -capplication_name={app_name}"
+    monkeypatch.setenv("AIRFLOW_CONN_CROWD_POSTGRES", json.dumps(conn_json))
+    with storage.connect("crowd_postgres") as conn:
+        storage.migrate(conn)
+        conn.execute("INSERT INTO videos (id, path, status) VALUES ('bigvideo01', '/v/big.mp4', 'done')")
+        conn.execute(
+            "INSERT INTO frames (video_id, frame_id, frame_ts_ms, total_faces, model, frame_width, frame_height, source)"
+            " SELECT 'bigvideo01', f, f * 33.3, mod(f, 7), 'some-model', 640, 480, 's' FROM generate_series(0, %s) f",
+            (CSV_ROWS - 1,),
+        )
+        conn.commit()
+    live_server = request.getfixturevalue("live_server")  # its lifespan reads the cap
+    host, port = urlsplit(live_server).hostname, urlsplit(live_server).port
+    with httpx.Client(base_url=live_server, timeout=60) as http:
+        bearer = token(http, "viewer")
+
+    def export(path: str) -> tuple[socket.socket, bytes]:
+        """Start an export and stop reading once its first bytes came (a stalled client)."""
+        sock = socket.create_connection((host, port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bearer}\r\n\r\n".encode())
+        return sock, sock.recv(100)
+
+    stalled: list[socket.socket] = []
+    try:
+        sock, head = export("/crowd/videos/bigvideo01/frames.csv")
+        stalled.append(sock)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        deadline = time.monotonic() + 60
+        while (counts := _idle_connections(app_name))[1]:  # until the export waits for its client
+            assert time.monotonic() < deadline, counts
+            time.sleep(0.2)
+        assert counts == (1, 0, 1), f"(connections, active, idle in transaction) for one stalled export: {counts}"
+
+        for _ in range(cap - 1):
+            sock, head = export("/crowd/videos/bigvideo01/frames.csv")
+            stalled.append(sock)
+            assert head.startswith(b"HTTP/1.1 200"), head
+        with httpx.Client(base_url=live_server, timeout=60) as http:
+            refused = http.get("/crowd/videos/bigvideo01/frames.csv", headers={"Authorization": f"Bearer {bearer}"})
+        assert refused.status_code == 503, refused.text[:200]
+        assert "CROWD_MAX_CSV_EXPORTS" in refused.json()["detail"] and int(refused.headers["Retry-After"]) > 0
+    finally:
+        for sock in stalled:
+            sock.close()
+    with httpx.Client(base_url=live_server, timeout=60, headers={"Authorization": f"Bearer {bearer}"}) as http:
+        deadline = time.monotonic() + 60
+        while (again := http.get("/crowd/videos/bigvideo01/frames.csv")).status_code != 200:
+            assert time.monotonic() < deadline, f"the slots did not come back: {again.text[:200]}"
+            time.sleep(0.5)
+    assert again.text.count("\n") == CSV_ROWS + 1
+    deadline = time.monotonic() + 60
+    while (counts := _idle_connections(app_name))[0]:
+        assert time.monotonic() < deadline, f"connections left open after the clients went: {counts}"
+        time.sleep(0.5)
 
 
 def _store_frames_without_registry(faces_topic: str, video_id: str, frame_ids: range) -> None:

@@ -37,13 +37,24 @@ from tests.conftest import create_topic
         pytest.param(b'{"x": "\\ud83d\\ude00"}', {"x": "\U0001f600"}, id="surrogate-pair-escape"),
         pytest.param(b'{"x": NaN}', '{"x": NaN}', id="nan"),
         pytest.param(b"[Infinity]", "[Infinity]", id="infinity"),
+        pytest.param(b'{"n": 1e400}', '{"n": 1e400}', id="float-overflow"),  # was {"n": inf}: null in a response
+        pytest.param(b"-1e999", "-1e999", id="negative-float-overflow"),
+        pytest.param(b"[1e308, 2.5e-400]", [1e308, 0.0], id="large-and-tiny-floats"),  # finite: JSON as it is
     ],
 )
 def test_decode_value(raw: bytes | None, expected: Any) -> None:
     assert decode_value(raw) == expected
 
 
-@pytest.mark.parametrize("raw", [b'{"x": "\\ud800"}', b'["\\udfff", 1]', b'{"x": NaN}'], ids=["high", "low", "nan"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b'{"x": "\\ud800"}', id="high"),
+        pytest.param(b'["\\udfff", 1]', id="low"),
+        pytest.param(b'{"x": NaN}', id="nan"),
+        pytest.param(b'{"x": 1e400}', id="float-overflow"),
+    ],
+)
 def test_a_value_json_cannot_carry_serialises_in_a_response(raw: bytes) -> None:
     """Such a value failed the whole /receive response (a 500), and the messages taken for it were lost."""
     from pydantic import BaseModel
@@ -199,6 +210,41 @@ def test_the_queue_is_bounded_in_bytes_too(
     assert 0 < sum(len(values[m.value["n"]]) for m in first) <= bound
     got = [m.value["n"] for m in first] + [v["n"] for v in _take_until([receiver], 40 - len(first))]
     assert got == list(range(40)), "lost, duplicated or out of order"
+
+
+@pytest.mark.services
+def test_the_queue_holds_raw_bytes_and_one_take_is_capped(
+    kafka_bootstrap: str, topic_factory: Callable[[int], str], receivers: Callable[..., MessageReceiver]
+) -> None:
+    """Messages of ~900 KB of ``[{},{},...]``: the queue counted their bytes but held them decoded, ~24 times larger
+    (a 64 MiB queue held 1.5 GB). Now the memory it takes is of the order of the bytes it counts (about twice them
+    here, with the Kafka client's buffers), and one take hands out at most ``max_take_bytes`` of them (decoded),
+    the rest staying queued."""
+    import gc
+    import tracemalloc
+
+    topic, bound, take_bytes = topic_factory(1), 4 * 1024 * 1024, 2 * 1024 * 1024
+    value = b"[" + b",".join([b"{}"] * 300_000) + b"]"  # 900 KB
+    _send(kafka_bootstrap, topic, [value] * 8)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        receiver = receivers(
+            topic, f"test-recv-{uuid.uuid4().hex[:8]}", max_queue_bytes=bound, max_take_bytes=take_bytes
+        )
+        _wait(lambda: receiver.stats().paused, "the receiver to pause on the byte bound")
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    stats = receiver.stats()
+    assert stats.queued_bytes == stats.queued * len(value) >= bound, stats
+    assert held < 4 * stats.queued_bytes, f"{held / 2**20:.0f} MiB held for {stats.queued_bytes / 2**20:.1f} MiB queued"
+    first = receiver.take(1000)
+    assert len(first) == take_bytes // len(value) and all(len(m.value) == 300_000 for m in first)
+    assert receiver.stats().queued == stats.queued - len(first) > 0
+    assert len(first) + len(_take_until([receiver], 8 - len(first))) == 8
 
 
 @pytest.mark.services
