@@ -623,7 +623,7 @@ def create_app(
         docs_url=None,  # FastAPI's own docs routes skip the app's dependencies: served below, behind the login
         redoc_url=None,
         openapi_url=None,
-        dependencies=[Depends(requires_authenticated())],
+        dependencies=[Depends(requires_authenticated()), Depends(requires_dag_run_read())],
     )
     app.state.settings_factory = settings_factory
     app.add_exception_handler(psycopg.Error, _database_error)
@@ -672,6 +672,26 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: lambda b: b.decode("utf-8", "replace")})  # type: ignore[attr-defined]
     body = json.dumps({"detail": errors}, ensure_ascii=True)
     return Response(body, status_code=status.HTTP_422_UNPROCESSABLE_ENTITY, media_type="application/json")
+
+
+def requires_dag_run_read() -> Callable[..., None]:
+    """Dependency of every route: the user may read DAG runs (the results are what the crowd DAGs' runs made:
+    video paths, face boxes, pictures of faces). Every SimpleAuthManager role may; with another auth manager (FAB,
+    Keycloak, teams) a user without that right gets 403, not the results.
+
+    Asked for all DAGs (no ``dag_id``), as :func:`requires_dag_run_trigger`.
+    """
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+    from airflow.api_fastapi.core_api.security import get_user
+
+    def inner(user: Any = Depends(get_user)) -> None:  # noqa: B008 - FastAPI dependency
+        if not get_auth_manager().is_authorized_dag(
+            method="GET", access_entity=DagAccessEntity.RUN, details=None, user=user
+        ):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "Forbidden: crowd's results need the right to read DAG runs")
+
+    return inner
 
 
 def requires_dag_run_trigger(action: str = "sending") -> Callable[..., None]:

@@ -416,7 +416,7 @@ class VideoState:
     """A registered video's status and, while ``processing``, the claim of the run processing it.
 
     A run claims a video when its first part starts (:func:`mark_video_processing`) and keeps the claim alive
-    while frames are processed (:func:`keep_video_claim`). A run that ends with a reason the video is not to
+    on a timer while its tasks work (:func:`keep_video_claim`). A run that ends with a reason the video is not to
     blame for (Kafka, the results folder) says so (:func:`note_video_reason`); one that ends without a word (its
     process killed: out of memory, a crash, a lost worker, its execution timeout) leaves the claim to lapse, and
     the next run to claim the video counts it in ``silent_runs`` (a run whose claim is still alive then is

@@ -96,6 +96,30 @@ def test_viewer_reads_but_cannot_send_or_take_messages(client: Any, method: str,
         assert response.status_code in (200, 404), response.text
 
 
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES)
+def test_a_user_who_may_not_read_dag_runs_gets_no_results(
+    client: Any, method: str, path: str, body: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an auth manager that gives some users no read access to DAG runs (FAB roles, teams), being logged in is
+    not enough: the results are the crowd DAGs' output (paths, face boxes, pictures of faces)."""
+    from airflow.api_fastapi.app import get_auth_manager
+
+    manager = get_auth_manager()
+    headers = auth(client, "admin")
+    allowed = manager.is_authorized_dag
+
+    def no_dag_runs(*, method: str, access_entity: Any = None, details: Any = None, user: Any) -> bool:
+        return (
+            False
+            if str(getattr(access_entity, "value", access_entity)).lower().endswith("run")
+            else allowed(method=method, access_entity=access_entity, details=details, user=user)
+        )
+
+    monkeypatch.setattr(manager, "is_authorized_dag", no_dag_runs)
+    response = call(client, method, path, body, headers)
+    assert response.status_code == 403, response.text
+
+
 @pytest.mark.parametrize("username", [pytest.param(u, id=u) for u in ("user", "op", "admin")])
 def test_roles_that_trigger_dags_can_send(client: Any, messages_topic: str, username: str) -> None:
     response = client.post("/crowd/send", json={"content": "x", "sender": username}, headers=auth(client, username))
