@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from crowd import video as crowd_video  # noqa: E402
 from crowd.detection import Detector, YoloV3Detector, build_detector  # noqa: E402
+from crowd.messages import FaceMessage, build_message  # noqa: E402
 from crowd.pipeline import process_video  # noqa: E402
 from crowd.video import FrameReader  # noqa: E402
 from dev.yolo_weights import write_weights  # noqa: E402
@@ -122,15 +123,33 @@ def raw_time(detector: Detector, frames: list[np.ndarray]) -> tuple[float, float
     return time.perf_counter() - start, _cpu() - c0
 
 
+#: per sampled frame, (x, y, width, height, confidence rounded) of each box ``detector.detect`` finds on the frames
+#: decoded beforehand: what every pipeline variant must publish too (set by :func:`bench_one`)
+EXPECTED_BOXES: list[list[tuple]] = []
+
+
+def _boxes(message: FaceMessage) -> list[tuple]:
+    return [(f.bounding_box.x, f.bounding_box.y, f.bounding_box.width, f.bounding_box.height, round(f.confidence, 3))
+            for f in message.faces]  # fmt: skip
+
+
 def pipeline_time(video: Path, detector: Detector, interval: int, decoder_threads: int | None) -> float:
+    """Wall s of the per-video pipeline; it must have done the raw variant's work (same frames, same boxes)."""
     crowd_video.DECODER_THREADS = decoder_threads
     msgs: list[bytes] = []
+    boxes: list[list[tuple]] = []
+
+    def on_message(message: FaceMessage) -> None:
+        msgs.append(message.to_json())
+        boxes.append(_boxes(message))
+
     start = time.perf_counter()
-    summary = process_video(
-        video, detector, frame_interval=interval, on_message=lambda m: msgs.append(m.to_json()), video_id="bench"
-    )
+    summary = process_video(video, detector, frame_interval=interval, on_message=on_message, video_id="bench")
     elapsed = time.perf_counter() - start
     assert summary.frames_processed == len(msgs) and not summary.stopped_early
+    assert boxes == EXPECTED_BOXES, (
+        f"the pipeline found other boxes, or on {len(boxes)} frames, not {len(EXPECTED_BOXES)}"
+    )
     return elapsed
 
 
@@ -179,6 +198,10 @@ def bench_one(detector: Detector, video: Path, label: str, interval: int, repeat
     cores = os.cpu_count() or 1
     default_threads = cv2.getNumThreads()
     detector.detect(frames[0])  # warm up (net allocation)
+    EXPECTED_BOXES[:] = [  # the boxes as a message carries them (clipped, ordered): what the pipeline must publish
+        _boxes(build_message("bench", video, i, 0.0, f.shape, detector.detect(f), detector.name))
+        for i, f in enumerate(frames)
+    ]
     runs: dict[str, list[float]] = {}
     cpu_raw: list[float] = []
     dec: dict[str, list[float]] = {}

@@ -1,7 +1,9 @@
 """Benchmark publishing: our producer path vs a bare confluent-kafka producer, same payloads, same run.
 
 * ``bare``: ``confluent_kafka.Producer({"bootstrap.servers": ...})`` with librdkafka defaults, ``produce`` of
-  pre-serialised bytes and keys, no callback, ``poll(0)`` per message, ``flush()``;
+  pre-serialised bytes and keys, ``poll(0)`` per message, ``flush()``; a delivery callback for failures only
+  (``delivery.report.only.error``, as ours: no Python call per acknowledged message), checked at the end, so a
+  bare run whose deliveries failed cannot look fast;
 * ``ours``: :func:`crowd.kafka.reliable_producer` (acks=all, idempotence, lz4, linger) driven by
   ``crowd.jobs._Publisher`` exactly as a detection task does (``FaceMessage`` in, every failure caught), then
   its ``wait()`` (flush, raise on any failure);
@@ -130,13 +132,18 @@ def run(n: int, repeat: int, pool: int, cold: bool, only: set[str] | None = None
 
     def bare(warm: bool = True) -> tuple[float, float]:
         t = topic()
-        producer = Producer({"bootstrap.servers": bootstrap})
+        failed: list = []  # reports of failed deliveries only (no Python call per acknowledged message, as ours)
+        producer = Producer(
+            {"bootstrap.servers": bootstrap, "delivery.report.only.error": True, "on_delivery": failed.append}
+        )
         t0 = start(producer, t, warm)
         for key, value in cycle(payloads):
             _produce(producer, t, key, value)
             producer.poll(0)
         assert producer.flush(60) == 0
-        return stop(t0)
+        elapsed = stop(t0)
+        assert not failed, f"bare: {len(failed)} deliveries failed: {failed[0]}"
+        return elapsed
 
     def ours(warm: bool = True) -> tuple[float, float]:
         t = topic()
