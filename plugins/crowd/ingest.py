@@ -80,9 +80,12 @@ ON CONFLICT (video_id, frame_id) DO UPDATE SET
 _DELETE_FACES_SQL = """
 DELETE FROM faces f USING crowd_stage_frames s WHERE f.video_id = s.video_id AND f.frame_id = s.frame_id
 """
+# keyed by the topic's id too: the rejected row is the only copy of a bad message once its topic is gone, and a
+# topic made again under the same name starts its offsets over
 _REJECT_SQL = """
-INSERT INTO rejected_messages (topic, partition, "offset", key, raw, reason) VALUES (%s, %s, %s, %s, %s, %s)
-ON CONFLICT (topic, partition, "offset") DO UPDATE SET
+INSERT INTO rejected_messages (topic, partition, "offset", key, raw, reason, topic_id)
+VALUES (%s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (topic, partition, "offset", (coalesce(topic_id, ''))) DO UPDATE SET
     key = EXCLUDED.key, raw = EXCLUDED.raw, reason = EXCLUDED.reason, rejected_at = now()
 """
 _STORE_OFFSET_SQL = """
@@ -214,7 +217,7 @@ class Batch:
         try:
             msg = validate(value)
         except Rejected as exc:
-            self.rejected.append((self.topic, partition, offset, message.key(), value, exc.reason))
+            self.rejected.append((self.topic, partition, offset, message.key(), value, exc.reason, self.topic_id))
             return
         vid, fid = msg.video_id, msg.frame_id
         frame = (
@@ -640,7 +643,7 @@ def _note_gap(consumer: Consumer, summary: DrainSummary, batch: Batch, partition
         f"lost: offsets {expected}..{end - 1} ({end - expected} messages) were deleted from the broker (retention "
         "or delete-records) before they were stored"
     )
-    batch.rejected.append((summary.topic, partition, expected, None, None, reason))
+    batch.rejected.append((summary.topic, partition, expected, None, None, reason, summary.topic_id))
     summary.lost += end - expected
     log.error("%s partition %d: %s", summary.topic, partition, reason)
 

@@ -257,6 +257,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX alert_withdrawals_unpublished_idx ON alert_withdrawals (alert_id) WHERE published_at IS NULL;
         """,
     ),
+    Migration(
+        10,
+        "rejected_messages: the broker's id of the topic (a topic made again does not overwrite the old one's rows)",
+        """
+        ALTER TABLE rejected_messages ADD COLUMN topic_id text;
+        ALTER TABLE rejected_messages DROP CONSTRAINT IF EXISTS rejected_messages_topic_partition_offset_key;
+        CREATE UNIQUE INDEX rejected_messages_position_key
+            ON rejected_messages (topic, partition, "offset", (coalesce(topic_id, '')));
+        """,
+    ),
 )
 
 _BOOTSTRAP_SQL = """

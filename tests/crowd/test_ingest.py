@@ -455,6 +455,32 @@ def test_the_watcher_fires_for_a_topic_made_again_below_the_old_offsets(
     assert all(fires(m) for m in _messages_of(faces_topic, 10))
 
 
+def test_a_topic_made_again_keeps_the_rejections_of_the_old_one(faces_topic: str, pg_schema: str, kafka_admin) -> None:
+    """A rejected row is the only copy of a bad message once its topic is deleted: a bad message at the same
+    offset of a topic made again under the name must be stored beside it, not over it."""
+    from confluent_kafka.admin import NewTopic
+
+    publish(faces_topic, [(b"k", b"OLD bad bytes")])
+    assert quick_drain(faces_topic).rejected == 1
+    for future in kafka_admin.delete_topics([faces_topic]).values():
+        future.result(timeout=30)
+    deadline = time.monotonic() + 60
+    while True:  # the broker may still be deleting it
+        try:
+            for future in kafka_admin.create_topics([NewTopic(faces_topic, 3, 1)]).values():
+                future.result(timeout=30)
+            break
+        except Exception:
+            assert time.monotonic() < deadline, "the topic could not be made again"
+            time.sleep(1)
+    publish(faces_topic, [(b"k", b"NEW bad bytes")])
+    assert quick_drain(faces_topic).rejected == 1
+    with pg() as conn:
+        rows = conn.execute('SELECT "offset", raw, topic_id FROM rejected_messages ORDER BY rejected_at').fetchall()
+    assert [(o, bytes(raw)) for o, raw, _ in rows] == [(0, b"OLD bad bytes"), (0, b"NEW bad bytes")]
+    assert rows[0][2] and rows[1][2] and rows[0][2] != rows[1][2], "each row names its topic's id"
+
+
 def test_a_second_drain_of_the_same_group_backs_off(faces_topic: str, pg_schema: str) -> None:
     publish_frames(faces_topic, [frame_dict("video-l", 0, 1)])
     quick_drain(faces_topic)  # creates the schema
