@@ -62,6 +62,7 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_PAGE = 1000
 CSV_BATCH_ROWS = 2000  # rows per fetch of a CSV export (one chunk of the response)
 CSV_RETRY_AFTER_S = 10  # Retry-After of the 503 when every CSV export slot is taken
+CSV_SEND_TIMEOUT_S = 60.0  # a client that takes no chunk of an export for this long loses it (and its slot)
 MAX_WAIT_S = 5.0
 SEND_TIMEOUT_S = 5.0
 KAFKA_PROBE_TTL_S = 5.0
@@ -473,16 +474,21 @@ class ExportSlots:
 
 class ClosingStreamingResponse(StreamingResponse):
     """A streaming response that calls ``on_close`` (in the thread pool) once it ends, however it ends: sent whole,
-    client gone, or cancelled. A generator left unfinished runs its ``finally`` only when garbage-collected, and one
-    never started not at all: its resources would stay held until then."""
+    client gone, cancelled, or a client that stays connected but takes no chunk for :data:`CSV_SEND_TIMEOUT_S`
+    (its socket full: it would hold the resources for ever). A generator left unfinished runs its ``finally`` only
+    when garbage-collected, and one never started not at all: its resources would stay held until then."""
 
     def __init__(self, content: Iterable[str], on_close: Callable[[], None], **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_in_time(message: Message) -> None:
+            with anyio.fail_after(CSV_SEND_TIMEOUT_S):
+                await send(message)
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_in_time)
         finally:
             with anyio.CancelScope(shield=True):
                 await run_in_threadpool(self.on_close)
@@ -674,22 +680,30 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return Response(body, status_code=status.HTTP_422_UNPROCESSABLE_ENTITY, media_type="application/json")
 
 
-def requires_dag_run_read() -> Callable[..., None]:
-    """Dependency of every route: the user may read DAG runs (the results are what the crowd DAGs' runs made:
-    video paths, face boxes, pictures of faces). Every SimpleAuthManager role may; with another auth manager (FAB,
-    Keycloak, teams) a user without that right gets 403, not the results.
+#: The DAGs whose runs make crowd's results: reading the runs of any of them is enough to read the results.
+CROWD_DAG_IDS = ("crowd_video_scan", "crowd_video_detect", "crowd_faces_ingest")
 
-    Asked for all DAGs (no ``dag_id``), as :func:`requires_dag_run_trigger`.
+
+def requires_dag_run_read() -> Callable[..., None]:
+    """Dependency of every route: the user may read the runs of a crowd DAG (:data:`CROWD_DAG_IDS`; the results
+    are what those runs made: video paths, face boxes, pictures of faces). Every SimpleAuthManager role may; with
+    another auth manager (FAB, Keycloak, teams) a user without that right gets 403, not the results.
     """
     from airflow.api_fastapi.app import get_auth_manager
-    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
     from airflow.api_fastapi.core_api.security import get_user
 
     def inner(user: Any = Depends(get_user)) -> None:  # noqa: B008 - FastAPI dependency
-        if not get_auth_manager().is_authorized_dag(
-            method="GET", access_entity=DagAccessEntity.RUN, details=None, user=user
+        manager = get_auth_manager()
+        if not any(
+            manager.is_authorized_dag(
+                method="GET", access_entity=DagAccessEntity.RUN, details=DagDetails(id=dag_id), user=user
+            )
+            for dag_id in CROWD_DAG_IDS
         ):
-            raise HTTPException(status.HTTP_403_FORBIDDEN, "Forbidden: crowd's results need the right to read DAG runs")
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN, "Forbidden: crowd's results need the right to read the crowd DAGs' runs"
+            )
 
     return inner
 

@@ -445,6 +445,7 @@ def drain(
                 {p: offsets.get(p, "beginning") for p in partitions},
             )
             summary.next_offsets = dict(offsets)
+            _record_deleted_ranges(consumer, conn, summary, offsets)
             _run(
                 consumer,
                 conn,
@@ -625,13 +626,44 @@ def _hold_back(consumer: Consumer, summary: DrainSummary, message: Message) -> N
     )  # fmt: skip
 
 
-def _note_gap(consumer: Consumer, summary: DrainSummary, batch: Batch, partition: int, expected: int, got: int) -> None:
+def _record_deleted_ranges(
+    consumer: Consumer, conn: psycopg.Connection, summary: DrainSummary, offsets: dict[int, int]
+) -> None:
+    """Before reading: a partition whose log now starts past its stored offset lost what lay between (retention,
+    delete-records), even when nothing newer was written after it (no message would then show the gap). The ranges
+    are stored as ``lost: ...`` rows with their offsets moved past them, in one transaction."""
+    batch = Batch(topic=summary.topic, topic_id=summary.topic_id)
+    for partition, stored in sorted(offsets.items()):
+        try:
+            low, _ = consumer.get_watermark_offsets(TopicPartition(summary.topic, partition), timeout=5, cached=False)
+        except Exception as exc:  # noqa: BLE001 - KafkaException: a message past the gap still shows it
+            log.warning("%s[%d]: log start unknown (%s)", summary.topic, partition, exc)
+            continue
+        if low > stored:
+            _note_gap(consumer, summary, batch, partition, stored, low, low=low)
+            batch.next_offsets[partition] = low
+    if batch.rejected:
+        write_batch(conn, batch, summary.group_id)
+        summary.next_offsets.update(batch.next_offsets)
+        summary.rejected += len(batch.rejected)
+
+
+def _note_gap(
+    consumer: Consumer,
+    summary: DrainSummary,
+    batch: Batch,
+    partition: int,
+    expected: int,
+    got: int,
+    low: int | None = None,
+) -> None:
     """Offsets skipped between ``expected`` and ``got``: if the broker deleted them (its log now starts past
     ``expected``: retention ran while they waited, or records were deleted), record the loss in the batch as a
     ``rejected_messages`` row (``lost: ...``) so that it is stored with the offsets and :func:`drain_task` fails the
     run saying so. A gap the log start does not explain (transaction markers) is no loss."""
     try:
-        low, _ = consumer.get_watermark_offsets(TopicPartition(summary.topic, partition), timeout=5, cached=False)
+        if low is None:  # ``low``: the log start, when the caller read it already
+            low, _ = consumer.get_watermark_offsets(TopicPartition(summary.topic, partition), timeout=5, cached=False)
     except Exception as exc:  # noqa: BLE001 - KafkaException: cannot tell now
         log.warning("%s[%d]: offsets %d..%d skipped, log start unknown (%s)", summary.topic, partition, expected,
                     got - 1, exc)  # fmt: skip
@@ -716,7 +748,7 @@ def drain_task(
 
 
 _watch_conn: psycopg.Connection | None = None
-_TOPIC_ID_TTL_S = 5.0
+_TOPIC_ID_TTL_S = 1.0
 _topic_ids: dict[str, tuple[float, str | None]] = {}  # topic -> (when read, its id): the watcher's cache
 
 

@@ -355,6 +355,23 @@ def identify_video(settings: Settings, path: Path) -> tuple[str, storage.FileSig
     return video_id, before
 
 
+def _same_content(item: WorkItem, now: storage.FileSignature, video: PinnedFile) -> bool:
+    """Whether the opened file still holds the content ``item`` was planned for. The same signature says so at
+    once; another size says not. Other changes (permissions, ownership, a hard link, a relabelling tool: they move
+    the change time; a share whose inode numbers differ between workers) are settled by hashing it again."""
+    planned = tuple(item.file_signature or ())
+    if astuple(now) == planned:
+        return True
+    if planned and now.size_bytes != planned[0]:
+        return False
+    same = content_hash(video) == item.video_id
+    log.info(
+        "video %s: %s since the scan; its content %s (hashed again)", item.video_id, _changes(planned, now),
+        "is the same" if same else "is not",
+    )  # fmt: skip
+    return same
+
+
 def _changes(planned: Iterable[int], now: storage.FileSignature) -> str:
     """What differs between a planned signature and ``now``, e.g. ``size 1200 -> 900 bytes, inode``."""
     names = ("size", "modification time", "change time", "inode")
@@ -570,7 +587,7 @@ def detect_and_publish(
                 # read through the descriptor opened and checked here: a symlink swapped later cannot lead elsewhere
                 video = closing.enter_context(settings.open_video(path))
                 now = storage.FileSignature.of(os.fstat(video.fd))
-                if item.file_signature is not None and astuple(now) != tuple(item.file_signature):
+                if item.file_signature is not None and not _same_content(item, now, video):
                     storage.note_video_reason(conn, item.video_id, run)
                     raise VideoChangedError(
                         f"video {path.name} ({item.video_id}) is not the file identified when this run was planned: "

@@ -402,13 +402,16 @@ def remember_video_ids(
                 """,
                 [(path, *astuple(sig), video_id) for path, (sig, video_id) in hashed.items()],
             )
+        roots = [str(r).rstrip("/") for r in roots]
+        if not roots:  # nothing to forget (the scan remembering one hash as soon as it is read)
+            return
         conn.execute(
             """
             DELETE FROM scanned_files
             WHERE NOT (path = ANY(%(listed)s))
               AND EXISTS (SELECT 1 FROM unnest(%(roots)s::text[]) AS root WHERE starts_with(path, root || '/'))
             """,
-            {"listed": list(listed), "roots": [str(r).rstrip("/") for r in roots]},
+            {"listed": list(listed), "roots": roots},
         )
 
 

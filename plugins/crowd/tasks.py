@@ -133,8 +133,9 @@ def detect_and_publish(item: dict[str, Any]) -> dict[str, Any]:
     work = jobs.WorkItem(**item)
     try:
         options = _options(work.model)
-    except AirflowFailException:  # this worker lacks the run's model: a reason, not a silent death of the video's
-        jobs.note_failure_reason(load_settings(), work.video_id, _run_stamp())
+    except AirflowFailException as exc:
+        if isinstance(exc.__cause__, ModelError):  # this worker lacks the run's model: a reason, not a silent death
+            jobs.note_failure_reason(load_settings(), work.video_id, _run_stamp())
         raise
     try:
         return jobs.detect_and_publish(work, options, load_settings(), _run_stamp())

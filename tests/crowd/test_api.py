@@ -119,6 +119,14 @@ def test_a_user_who_may_not_read_dag_runs_gets_no_results(
     response = call(client, method, path, body, headers)
     assert response.status_code == 403, response.text
 
+    def one_crowd_dag_only(*, method: str, access_entity: Any = None, details: Any = None, user: Any) -> bool:
+        return method == "GET" and getattr(details, "id", None) == "crowd_video_detect"
+
+    monkeypatch.setattr(manager, "is_authorized_dag", one_crowd_dag_only)  # a team's user who may read one crowd DAG
+    if method == "GET" and path != "/crowd/receive":  # /receive also needs the right to trigger runs
+        response = call(client, method, path, body, headers)
+        assert response.status_code in (200, 404), response.text
+
 
 @pytest.mark.parametrize("username", [pytest.param(u, id=u) for u in ("user", "op", "admin")])
 def test_roles_that_trigger_dags_can_send(client: Any, messages_topic: str, username: str) -> None:
@@ -669,6 +677,46 @@ def test_csv_exports_hold_one_connection_each_and_are_capped_per_process(
     while (counts := _idle_connections(app_name))[0]:
         assert time.monotonic() < deadline, f"connections left open after the clients went: {counts}"
         time.sleep(0.5)
+
+
+def test_a_client_that_stops_reading_an_export_loses_it_after_the_send_timeout(
+    request: pytest.FixtureRequest, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that stays connected but takes nothing (its receive window shut) held its export slot and its
+    connection for ever: with CROWD_MAX_CSV_EXPORTS such clients, every export of the process got 503 for good."""
+    import httpx
+
+    from crowd import api, storage
+
+    monkeypatch.setenv("CROWD_MAX_CSV_EXPORTS", "1")
+    monkeypatch.setattr(api, "CSV_SEND_TIMEOUT_S", 2.0)
+    with storage.connect("crowd_postgres") as conn:
+        storage.migrate(conn)
+        conn.execute("INSERT INTO videos (id, path, status) VALUES ('bigvideo02', '/v/big.mp4', 'done')")
+        conn.execute(
+            "INSERT INTO frames (video_id, frame_id, frame_ts_ms, total_faces, model, frame_width, frame_height, source)"
+            " SELECT 'bigvideo02', f, f * 33.3, mod(f, 7), 'some-model', 640, 480, 's' FROM generate_series(0, %s) f",
+            (CSV_ROWS - 1,),
+        )
+        conn.commit()
+    live_server = request.getfixturevalue("live_server")
+    host, port = urlsplit(live_server).hostname, urlsplit(live_server).port
+    with httpx.Client(base_url=live_server, timeout=60) as http:
+        bearer = token(http, "viewer")
+    stalled = socket.create_connection((host, port))
+    try:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.sendall(f"GET /crowd/videos/bigvideo02/frames.csv HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                        f"{bearer}\r\n\r\n".encode())  # fmt: skip
+        assert stalled.recv(100).startswith(b"HTTP/1.1 200")  # then it reads no more, and stays connected
+        with httpx.Client(base_url=live_server, timeout=60, headers={"Authorization": f"Bearer {bearer}"}) as http:
+            deadline = time.monotonic() + 60  # a liveness bound: the old code never gave the slot back
+            while (again := http.get("/crowd/videos/bigvideo02/frames.csv")).status_code == 503:
+                assert time.monotonic() < deadline, "the stalled client kept the only export slot"
+                time.sleep(0.5)
+        assert again.status_code == 200 and again.text.count("\n") == CSV_ROWS + 1
+    finally:
+        stalled.close()
 
 
 def _store_frames_without_registry(faces_topic: str, video_id: str, frame_ids: range) -> None:

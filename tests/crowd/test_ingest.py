@@ -259,12 +259,13 @@ def test_a_drain_cut_off_by_a_silent_broker_fails_and_its_retry_stores_the_rest(
     assert scalar("SELECT count(*) FROM faces") == sum(m["total_faces"] for m in messages)
 
 
+@pytest.mark.parametrize("deleted_to", [20, 30], ids=["some-left-after", "nothing-left-after"])
 def test_messages_deleted_before_they_were_stored_are_recorded_as_lost_and_fail_the_run(
-    pg_schema: str, kafka_admin
+    pg_schema: str, kafka_admin, deleted_to: int
 ) -> None:
     """Retention shorter than an outage (or kafka-delete-records) removes messages the drain had not stored yet. The
     consumer would quietly start at the log's new start: the drain records the lost range and fails the run, once;
-    everything after the gap is stored."""
+    everything after the gap is stored. Also when nothing was written after the range (no message shows the gap)."""
     from confluent_kafka import TopicPartition
 
     topic = new_topic(kafka_admin, "test-lost", partitions=1)
@@ -272,17 +273,20 @@ def test_messages_deleted_before_they_were_stored_are_recorded_as_lost_and_fail_
     publish_frames(topic, messages)
     first = quick_drain(topic, batch_size=10, max_batches=1)
     assert first.next_offsets == {0: 10}
-    for future in kafka_admin.delete_records([TopicPartition(topic, 0, 20)]).values():
+    for future in kafka_admin.delete_records([TopicPartition(topic, 0, deleted_to)]).values():
         future.result(timeout=30)
 
-    with pytest.raises(IngestError, match=r"10 messages of .* were deleted from the broker before they were stored"):
+    n = deleted_to - 10
+    with pytest.raises(IngestError, match=rf"{n} messages of .* were deleted from the broker before they were stored"):
         drain_task(topic=topic, group_id=GROUP, idle_timeout_s=5)
     with pg() as conn:
         lost = conn.execute('SELECT partition, "offset", raw, reason FROM rejected_messages').fetchall()
         frame_ids = [r[0] for r in conn.execute("SELECT frame_id FROM frames ORDER BY frame_id")]
+        stored = conn.execute("SELECT next_offset FROM kafka_offsets").fetchall()
     assert [(p, o, raw) for p, o, raw, _ in lost] == [(0, 10, None)]
-    assert lost[0][3].startswith("lost: offsets 10..19 (10 messages)")
-    assert frame_ids == [*range(10), *range(20, 30)]
+    assert lost[0][3].startswith(f"lost: offsets 10..{deleted_to - 1} ({n} messages)")
+    assert frame_ids == [*range(10), *range(deleted_to, 30)]
+    assert stored == [(30,)]
 
     again = drain_task(topic=topic, group_id=GROUP, idle_timeout_s=5)
     assert (again["messages"], again["lost"]) == (0, 0)

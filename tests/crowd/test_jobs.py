@@ -183,6 +183,21 @@ def test_a_file_changed_after_the_scan_is_not_published_under_the_old_id(
     assert again.file_signature is not None and again.file_signature != item.file_signature
 
 
+def test_a_file_whose_permissions_changed_after_the_scan_is_processed(
+    pg_schema, faces_topic, video_root, kafka_bootstrap
+) -> None:
+    """chmod (or chown, a hard link, a relabelling tool) moves the file's change time, not its content: the task
+    hashes it again and goes on (a share whose inode numbers differ between workers looks the same)."""
+    from crowd.jobs import DetectOptions, detect_and_publish, find_new_videos
+    from tests.crowd._helpers import CARPHONE, write_clip
+
+    video = write_clip(CARPHONE, video_root / "cam1.mp4", 12)
+    (item,) = find_new_videos()
+    video.chmod(0o640)
+    result = detect_and_publish(item, DetectOptions(frame_interval=5, model="mtcnn"))
+    assert result["frames"] == 3 and _messages_in(faces_topic, kafka_bootstrap) == 3
+
+
 def test_a_file_that_changes_while_it_is_identified_is_left_for_later(pg_schema, video_root, monkeypatch) -> None:
     """Still being written while it is hashed: the hash is of no content. The scan leaves the file for a later scan,
     the manual DAG refuses the path with the reason (nothing is remembered or planned)."""
