@@ -82,6 +82,23 @@ def new_topic(admin, prefix: str, partitions: int = 3, config: dict[str, str] | 
     return name
 
 
+def make_topic_again(admin, topic: str, partitions: int = 3) -> None:
+    """Delete ``topic`` and create it again under the same name (a new topic id, offsets from 0)."""
+    from confluent_kafka.admin import NewTopic
+
+    for future in admin.delete_topics([topic]).values():
+        future.result(timeout=30)
+    deadline = time.monotonic() + 60
+    while True:  # the broker may still be deleting it
+        try:
+            for future in admin.create_topics([NewTopic(topic, partitions, 1)]).values():
+                future.result(timeout=30)
+            return
+        except Exception:
+            assert time.monotonic() < deadline, "the topic could not be made again"
+            time.sleep(1)
+
+
 def publish(topic: str, items: list[tuple[bytes | None, bytes | None]]) -> None:
     from crowd.kafka import DeliveryTracker, reliable_producer
 
@@ -377,7 +394,6 @@ def test_a_topic_made_again_under_the_same_name_is_read_from_its_start(
     """Offsets stored while the topic's id could not be read (no DESCRIBE right, a timeout) take the id of the next
     drain that reads it, new messages or not (before: a partition with nothing new kept no id, and its old offset
     skipped as many messages of the topic made again)."""
-    from confluent_kafka.admin import NewTopic
 
     import crowd.kafka
 
@@ -389,17 +405,7 @@ def test_a_topic_made_again_under_the_same_name_is_read_from_its_start(
     if first_id_unknown:
         assert scalar("SELECT count(*) FROM kafka_offsets WHERE topic_id IS NULL") > 0
         assert quick_drain(faces_topic).messages == 0  # the id is known now; nothing new to read
-    for future in kafka_admin.delete_topics([faces_topic]).values():
-        future.result(timeout=30)
-    deadline = time.monotonic() + 60
-    while True:  # the broker may still be deleting it
-        try:
-            for future in kafka_admin.create_topics([NewTopic(faces_topic, 3, 1)]).values():
-                future.result(timeout=30)
-            break
-        except Exception:
-            assert time.monotonic() < deadline, "the topic could not be made again"
-            time.sleep(1)
+    make_topic_again(kafka_admin, faces_topic)
     publish_frames(faces_topic, [frame_dict("video-new", i, 1) for i in range(60)])  # more than the old offsets
     summary = quick_drain(faces_topic)
     assert scalar("SELECT count(*) FROM frames WHERE video_id = 'video-new'") == 60, summary
@@ -431,7 +437,6 @@ def test_the_watcher_fires_for_a_topic_made_again_below_the_old_offsets(
     """The drain starts a topic made again under the same name from its beginning; what starts the drain must
     see it too: the new topic's messages sit below the offsets stored for the old one, and used to be skipped as
     already stored (no run for them until the sweep, or ever with the sweep off)."""
-    from confluent_kafka.admin import NewTopic
 
     import crowd.ingest
 
@@ -444,17 +449,7 @@ def test_the_watcher_fires_for_a_topic_made_again_below_the_old_offsets(
     publish(faces_topic, [(b"k", encode(frame_dict("video-old", i, 1))) for i in range(30)])  # one partition
     assert quick_drain(faces_topic).frames == 30
     assert not any(fires(m) for m in _messages_of(faces_topic, 30)), "stored messages must not fire"
-    for future in kafka_admin.delete_topics([faces_topic]).values():
-        future.result(timeout=30)
-    deadline = time.monotonic() + 60
-    while True:  # the broker may still be deleting it
-        try:
-            for future in kafka_admin.create_topics([NewTopic(faces_topic, 3, 1)]).values():
-                future.result(timeout=30)
-            break
-        except Exception:
-            assert time.monotonic() < deadline, "the topic could not be made again"
-            time.sleep(1)
+    make_topic_again(kafka_admin, faces_topic)
     publish(faces_topic, [(b"k", encode(frame_dict("video-new", i, 1))) for i in range(10)])
     assert all(fires(m) for m in _messages_of(faces_topic, 10))
 
@@ -462,21 +457,10 @@ def test_the_watcher_fires_for_a_topic_made_again_below_the_old_offsets(
 def test_a_topic_made_again_keeps_the_rejections_of_the_old_one(faces_topic: str, pg_schema: str, kafka_admin) -> None:
     """A rejected row is the only copy of a bad message once its topic is deleted: a bad message at the same
     offset of a topic made again under the name must be stored beside it, not over it."""
-    from confluent_kafka.admin import NewTopic
 
     publish(faces_topic, [(b"k", b"OLD bad bytes")])
     assert quick_drain(faces_topic).rejected == 1
-    for future in kafka_admin.delete_topics([faces_topic]).values():
-        future.result(timeout=30)
-    deadline = time.monotonic() + 60
-    while True:  # the broker may still be deleting it
-        try:
-            for future in kafka_admin.create_topics([NewTopic(faces_topic, 3, 1)]).values():
-                future.result(timeout=30)
-            break
-        except Exception:
-            assert time.monotonic() < deadline, "the topic could not be made again"
-            time.sleep(1)
+    make_topic_again(kafka_admin, faces_topic)
     publish(faces_topic, [(b"k", b"NEW bad bytes")])
     assert quick_drain(faces_topic).rejected == 1
     with pg() as conn:
