@@ -507,7 +507,7 @@ def _rows(conn: Any, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) ->
 
 
 # Every video known from the registry (videos) or from stored frames (frames may arrive before the registry
-# row), with the statistics of the storage's video_summary view.
+# row), with the statistics of the storage's video_summary view (one row per video, kept by the drain's writes).
 _VIDEO_QUERY = """
 WITH ids AS (SELECT id AS video_id FROM videos UNION SELECT video_id FROM video_summary)
 SELECT i.video_id, v.path, v.status, v.error, COALESCE(v.model, s.model) AS model, v.fps, v.frame_count,
@@ -536,7 +536,7 @@ LIMIT %(limit)s OFFSET %(offset)s
 _ALERT_COUNT = f"SELECT count(*) AS n FROM alerts a {_ALERT_FILTER}"  # noqa: S608
 
 _VIDEO_COUNT = """
-WITH ids AS (SELECT id AS video_id FROM videos UNION SELECT video_id FROM frames)
+WITH ids AS (SELECT id AS video_id FROM videos UNION SELECT video_id FROM video_stats)
 SELECT count(*) AS n FROM ids i LEFT JOIN videos v ON v.id = i.video_id
 WHERE (%(status)s::text IS NULL OR v.status = %(status)s)
 """
@@ -897,8 +897,7 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 500,
         offset: Annotated[int, Query(ge=0, le=100_000_000)] = 0,
     ) -> FramePage:
-        one_video(conn, video_id)
-        total = _rows(conn, "SELECT count(*) AS n FROM frames WHERE video_id = %s", (video_id,))[0]["n"]
+        total = one_video(conn, video_id)["frames"]
         rows = _rows(
             conn,
             "SELECT frame_id, frame_ts_ms, total_faces FROM frames WHERE video_id = %s"
@@ -1093,7 +1092,10 @@ def _add_ops_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -> N
             with closing(pg_connect(settings)) as conn:
                 counts = _rows(
                     conn,
-                    "SELECT (SELECT count(*) FROM frames) AS frames, (SELECT count(*) FROM faces) AS faces,"
+                    # frames and faces from the per-video statistics: count(*) would read both tables whole on
+                    # every scrape; a stored frame's total_faces is the number of its faces rows (validated)
+                    "SELECT (SELECT coalesce(sum(frames), 0) FROM video_stats)::bigint AS frames,"
+                    " (SELECT coalesce(sum(total_faces), 0) FROM video_stats)::bigint AS faces,"
                     " (SELECT count(*) FROM rejected_messages) AS rejected, (SELECT count(*) FROM alerts) AS alerts,"
                     " (SELECT count(*) FROM videos) AS videos",
                 )[0]

@@ -1,0 +1,146 @@
+"""Benchmark the per-video statistics: what a ``/videos`` page costs to read, and what keeping them costs to write.
+
+* ``read``: the API's ``/videos`` queries (a page of 100 and the total) and one video's summary, on the
+  ``video_summary`` view over the trigger-kept ``video_stats`` table (``ours``) vs the same queries on the view
+  as it was until migration 11, which aggregated every frame on each read (``aggregate``). Interleaved, repeated,
+  median of per-repetition ratios; both must return the same rows.
+* ``write``: COPY of the same frames in batches of 2,000 (the drain's batch) into two schemas, one with the
+  statistics triggers (``ours``) and one with them disabled (``no_stats``), batches alternating between them.
+
+Example:
+    source dev/env.sh
+    .venv/bin/python bench/summary.py --frames 2000000 --videos 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+BATCH = 2000
+FRAME_COLUMNS = ("video_id", "frame_id", "frame_ts_ms", "total_faces", "model", "frame_width", "frame_height", "source")
+FRAME_TYPES = ("text", "int8", "float8", "int4", "text", "int4", "int4", "text")
+
+
+def _old_view_sql() -> str:
+    from crowd import storage
+
+    (step,) = [m for m in storage.MIGRATIONS if m.version == 8]  # the last aggregating definition
+    return step.sql.replace("VIEW video_summary AS", "VIEW video_summary_aggregate AS")
+
+
+def run(n_frames: int, n_videos: int, repeat: int) -> dict:
+    import psycopg
+    from services import Scratch
+
+    from crowd import api, storage
+
+    scratch = Scratch()
+    try:
+        ours, plain = scratch.schema("bench_stats"), scratch.schema("bench_nostats")
+        conns = {name: psycopg.connect(scratch.dsn(schema)) for name, schema in (("ours", ours), ("no_stats", plain))}
+        for conn in conns.values():
+            storage.migrate(conn)
+            conn.commit()
+        conns["no_stats"].execute("ALTER TABLE frames DISABLE TRIGGER USER")
+        conns["no_stats"].commit()
+        conns["ours"].execute(_old_view_sql())
+        conns["ours"].commit()
+
+        rng = random.Random(5)
+        write_s = {"ours": 0.0, "no_stats": 0.0}
+        per_video = n_frames // n_videos
+        order = [(v, f) for v in range(n_videos) for f in range(per_video)]
+        started = time.monotonic()
+        for i in range(0, len(order), BATCH):  # frames arrive video by video, as detection tasks publish them
+            rows = [
+                (f"video-{v:05d}", f, f * 40.0, rng.randint(0, 30), "yolov3-face@416", 1280, 720, "/videos/x.mp4")
+                for v, f in order[i : i + BATCH]
+            ]
+            for name in ("ours", "no_stats") if (i // BATCH) % 2 == 0 else ("no_stats", "ours"):
+                conn = conns[name]
+                t0 = time.perf_counter()
+                with (
+                    conn.cursor() as cur,
+                    cur.copy(f"COPY frames ({', '.join(FRAME_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy,
+                ):
+                    copy.set_types(list(FRAME_TYPES))
+                    for row in rows:
+                        copy.write_row(row)
+                conn.commit()
+                write_s[name] += time.perf_counter() - t0
+            if time.monotonic() - started > 10:
+                print(f"loaded {i + BATCH:,} of {len(order):,} frames", flush=True)
+                started = time.monotonic()
+        conn = conns["ours"]
+        conn.execute("ANALYZE")
+        conn.commit()
+
+        page = {"video_id": None, "status": None, "limit": 100, "offset": 0}
+        one = {"video_id": f"video-{n_videos // 2:05d}", "status": None, "limit": 1, "offset": 0}
+        old_query = api._VIDEO_QUERY.replace("video_summary", "video_summary_aggregate")
+        old_count = api._VIDEO_COUNT.replace("FROM video_stats", "FROM frames")
+        variants = {
+            "ours": (api._VIDEO_QUERY, api._VIDEO_COUNT),
+            "aggregate": (old_query, old_count),
+        }
+        times: dict[str, list[float]] = {}
+        answers: dict[str, list] = {}
+        for _ in range(repeat):
+            for name, (query, count) in variants.items():
+                t0 = time.perf_counter()
+                rows = conn.execute(query, page).fetchall() + conn.execute(count, page).fetchall()
+                times.setdefault(f"page_{name}", []).append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                rows += conn.execute(query, one).fetchall()
+                times.setdefault(f"one_{name}", []).append(time.perf_counter() - t0)
+                conn.rollback()
+                answers[name] = [tuple(round(x, 9) if isinstance(x, float) else x for x in r) for r in rows]
+        assert answers["ours"] == answers["aggregate"], "the two views disagree"
+        assert len(answers["ours"]) == 100 + 1 + 1 and answers["ours"][100] == (n_videos,)
+        for c in conns.values():
+            c.close()
+    finally:
+        scratch.close()
+
+    results = {k: {"seconds": statistics.median(v)} for k, v in times.items()}
+    results["write_ours"] = {"seconds": write_s["ours"], "frames_per_s": len(order) / write_s["ours"]}
+    results["write_no_stats"] = {"seconds": write_s["no_stats"], "frames_per_s": len(order) / write_s["no_stats"]}
+    ratios = {
+        "page_aggregate_vs_ours": statistics.median(
+            a / o for a, o in zip(times["page_aggregate"], times["page_ours"], strict=True)
+        ),
+        "one_aggregate_vs_ours": statistics.median(
+            a / o for a, o in zip(times["one_aggregate"], times["one_ours"], strict=True)
+        ),
+        "write_ours_vs_no_stats": write_s["no_stats"] / write_s["ours"],  # throughput kept with the triggers
+    }
+    return {"frames": len(order), "videos": n_videos, "repeat": repeat, "results": results, "ratios": ratios}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=1_000_000)
+    parser.add_argument("--videos", type=int, default=250)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args(argv)
+    out = run(args.frames, args.videos, args.repeat)
+    print(f"\n{'figure':<22}{'seconds':>10}")
+    for key, r in out["results"].items():
+        print(f"{key:<22}{r['seconds']:>10.4f}")
+    for key, value in out["ratios"].items():
+        print(f"{key:<28}{value:>10.2f}")
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
