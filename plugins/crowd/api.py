@@ -54,7 +54,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crowd.config import Settings, load_settings
 from crowd.ingest import stored_offsets
-from crowd.receiver import MessageReceiver, ReceivedMessage, kafka_python_security
+from crowd.receiver import MAX_LEASE_S, LeaseError, MessageReceiver, ReceivedMessage, kafka_python_security
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +122,33 @@ class ReceivedItem(BaseModel):
 
 
 class ReceiveResponse(BaseModel):
-    """Messages taken from this process's queue (they are removed from it)."""
+    """Messages taken from this process's queue (removed from it; with ``lease_s``, hidden until confirmed)."""
 
     messages: list[ReceivedItem]
     count: int
     remaining: int = Field(description="messages still queued in this API server process")
+    lease: str | None = Field(
+        None, description="with lease_s: confirm it (POST /receive/confirm) once the messages are safe with you"
+    )
+    lease_s: float | None = Field(None, description="seconds until the lease runs out and its messages come again")
+
+
+class ConfirmRequest(BaseModel):
+    """The lease of a ``/receive?lease_s=`` response whose messages the reader has."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lease: str = Field(min_length=1, max_length=64)
+
+
+class ConfirmResponse(BaseModel):
+    """What confirming a lease did."""
+
+    confirmed: int = Field(description="messages removed for good (their offsets are committed)")
+    returned: int = Field(
+        description="messages of the lease whose partition moved to another API-server process meanwhile: "
+        "it hands them out again"
+    )
 
 
 class VideoSummary(BaseModel):
@@ -253,6 +275,9 @@ class ReceiverHealth(BaseModel):
     consumed: int = 0
     delivered: int = 0
     requeued: int = Field(0, description="queued messages left to be read again (consumer rebuilt, partition moved)")
+    leased: int = Field(0, description="messages handed out under a lease, not confirmed yet")
+    confirmed: int = 0
+    lease_expired: int = Field(0, description="leased messages queued again because their lease ran out")
     paused: bool = Field(False, description="the queue is full: reading waits for /receive to take messages")
     errors: int = 0
     lag: int | None = None
@@ -811,6 +836,15 @@ def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: C
         request: Request,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="most messages to return")] = 100,
         wait_s: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="wait this long if none is queued")] = 0,
+        lease_s: Annotated[
+            float | None,
+            Query(
+                gt=0,
+                le=MAX_LEASE_S,
+                description="hand the messages out under a lease of this many seconds instead of removing them: "
+                "confirm it with POST /receive/confirm, or they come again (a response lost on the way loses nothing)",
+            ),
+        ] = None,
     ) -> ReceiveResponse:
         receiver: MessageReceiver | None = request.app.state.receiver
         if receiver is None:
@@ -818,13 +852,43 @@ def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: C
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"message receiver is not running: {reason}")
         if not await _wait_for_messages(request, receiver, wait_s):  # nobody would read them: they would be lost
             return ReceiveResponse(messages=[], count=0, remaining=len(receiver))
-        items = await run_in_threadpool(receiver.take, limit)  # decodes up to a few MiB of JSON
+        lease = None
+        if lease_s is None:
+            items = await run_in_threadpool(receiver.take, limit)  # decodes up to a few MiB of JSON
+        else:
+            lease, items = await run_in_threadpool(receiver.lease, limit, lease_s)
         stats = receiver.stats()
         return ReceiveResponse(
             messages=[ReceivedItem.of(m) for m in items],
             count=len(items),
             remaining=stats.queued,
+            lease=lease,
+            lease_s=lease_s if lease else None,
         )
+
+    @app.post(
+        "/receive/confirm",
+        response_model=ConfirmResponse,
+        dependencies=[Depends(requires_dag_run_trigger("confirming messages"))],
+        responses={
+            404: {"description": "no such lease in this API-server process"},
+            409: {"description": "the lease ran out: its messages were queued again"},
+            503: {"description": "the background consumer is not running"},
+        },
+        summary="Confirm a /receive lease: its messages are removed for good",
+    )
+    def confirm(body: ConfirmRequest, request: Request) -> ConfirmResponse:
+        receiver: MessageReceiver | None = request.app.state.receiver
+        if receiver is None:
+            reason = request.app.state.receiver_error or "disabled"
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"message receiver is not running: {reason}")
+        try:
+            done = receiver.confirm(body.lease)
+        except LeaseError as exc:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT if exc.expired else status.HTTP_404_NOT_FOUND, str(exc)
+            ) from None
+        return ConfirmResponse(confirmed=done.confirmed, returned=done.returned)
 
 
 async def _sleep(seconds: float) -> None:
@@ -1077,6 +1141,9 @@ def _add_ops_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -> N
             consumed=s.consumed,
             delivered=s.delivered,
             requeued=s.requeued,
+            leased=s.leased,
+            confirmed=s.confirmed,
+            lease_expired=s.lease_expired,
             paused=s.paused,
             errors=s.errors,
             lag=s.lag,
@@ -1172,6 +1239,10 @@ def render_metrics(health: Health, counts: dict[str, Any]) -> str:
             )
             yield CounterMetricFamily(
                 "crowd_receiver_messages_requeued", "queued messages left to be read again", value=r.requeued
+            )
+            yield GaugeMetricFamily("crowd_receiver_leased", "messages handed out under a lease", value=r.leased)
+            yield CounterMetricFamily(
+                "crowd_receiver_lease_expired", "leased messages queued again (lease ran out)", value=r.lease_expired
             )
             yield GaugeMetricFamily("crowd_receiver_paused", "1 while the queue is full", value=int(r.paused))
             yield GaugeMetricFamily("crowd_receiver_queue_depth", "messages waiting in the queue", value=r.queued)

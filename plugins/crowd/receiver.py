@@ -15,6 +15,11 @@ Design decisions:
   backlog waits in Kafka (its retention), not in memory, and nothing is dropped.
 * **Delivered messages are removed**: :meth:`MessageReceiver.take` pops what it returns, so a message is handed
   to at most one ``/receive`` call of this process.
+* **Leases, for readers that cannot lose a response in transit**: :meth:`MessageReceiver.lease` hands messages out
+  without removing them; they are hidden from other calls until :meth:`MessageReceiver.confirm` (then removed and
+  committed) or until the lease runs out (then queued again, first, and handed out again). Offsets are never
+  committed past a leased message, so a process that dies with open leases delivers those messages again too.
+  Leases live in the process that made them (as its queue does).
 * **Several API server workers**: each worker process runs its own receiver in the same consumer group, so the
   topic's partitions are split between workers and a ``/receive`` call sees the messages of the partitions its
   worker owns. When a partition moves to another worker, this one commits what it delivered and forgets what
@@ -42,9 +47,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,6 +61,8 @@ DEFAULT_MAX_QUEUE = 1000
 DEFAULT_MAX_QUEUE_BYTES = 64 * 1024 * 1024  # messages of up to the broker's 1 MB: not 1000 of them
 DEFAULT_MAX_TAKE_BYTES = 4 * 1024 * 1024  # one /receive response (raw bytes; decoding and JSON add to it)
 MAX_VALUE_DEPTH = 64
+MAX_LEASE_S = 600.0
+_EXPIRED_LEASES_KEPT = 1000  # ids remembered after they ran out, so that a late confirm says "expired", not "unknown"
 _LAG_EVERY_S = 2.0
 
 Partition = tuple[str, int]
@@ -110,6 +118,9 @@ class ReceiverStats:
     delivered: int = 0
     committed: int = 0
     requeued: int = 0
+    leased: int = 0  # messages held by open leases (handed out, not confirmed yet)
+    confirmed: int = 0
+    lease_expired: int = 0  # leased messages queued again because their lease ran out
     errors: int = 0
     reconnects: int = 0
     queued: int = 0
@@ -207,6 +218,31 @@ def kafka_python_security(librdkafka_config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class LeaseError(LookupError):
+    """A lease cannot be confirmed; ``expired`` tells a lease that ran out (its messages were queued again) from
+    one this process never made (another API-server process's, or one made before a restart)."""
+
+    def __init__(self, message: str, *, expired: bool) -> None:
+        super().__init__(message)
+        self.expired = expired
+
+
+@dataclass
+class _Lease:
+    deadline: float  # time.monotonic()
+    records: list[RawRecord]
+    handed_out: int  # how many messages it held when made (some may have moved away with their partition since)
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """What confirming a lease did: ``confirmed`` messages removed (committed soon); ``returned`` ones had moved
+    to another reader with their partition meanwhile (it delivers them again)."""
+
+    confirmed: int
+    returned: int
+
+
 class MessageReceiver:
     """A kafka-python consumer thread feeding a bounded queue, committing what has been delivered.
 
@@ -252,6 +288,10 @@ class MessageReceiver:
         self._queue: deque[RawRecord] = deque()
         # next offset after the last message taken per partition, not yet known to be committed
         self._delivered: dict[Partition, int] = {}
+        self._committed: dict[Partition, int] = {}  # what the last commit stored, while _delivered is ahead of it
+        self._leases: dict[str, _Lease] = {}
+        self._leased_bytes = 0
+        self._expired: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -298,28 +338,119 @@ class MessageReceiver:
         Their offsets are committed by the consumer thread within ``commit_every_s``.
         """
         with self._lock:
-            records: list[RawRecord] = []
-            size = 0
-            while (
-                self._queue
-                and len(records) < limit
-                and (not records or size + self._queue[0].size <= self.max_take_bytes)
-            ):
-                records.append(self._queue.popleft())
-                size += records[-1].size
-            self._queued_bytes -= size
+            records = self._pop(limit)
             for r in records:  # the queue is in offset order per partition: the last one taken is the highest
                 self._delivered[(r.topic, r.partition)] = r.offset + 1
             self._stats.delivered += len(records)
         return [r.decode() for r in records]  # outside the lock: the consumer thread goes on meanwhile
 
+    def lease(self, limit: int, lease_s: float) -> tuple[str | None, list[ReceivedMessage]]:
+        """Hand out up to ``limit`` of the oldest queued messages (as :meth:`take`) without removing them: hidden
+        from other calls for ``lease_s`` seconds, removed by :meth:`confirm`, queued again (first) if not
+        confirmed in time. Offsets are not committed past a leased message.
+
+        Returns:
+            (the lease's id, the messages); (None, []) when none is queued.
+        """
+        if not 0 < lease_s <= MAX_LEASE_S:
+            raise ValueError(f"lease_s={lease_s!r} must be in (0, {MAX_LEASE_S:.0f}]")
+        with self._lock:
+            records = self._pop(limit)
+            if not records:
+                return None, []
+            lease_id = secrets.token_urlsafe(18)
+            self._leases[lease_id] = _Lease(time.monotonic() + lease_s, records, len(records))
+            self._leased_bytes += sum(r.size for r in records)
+            self._stats.delivered += len(records)
+        return lease_id, [r.decode() for r in records]
+
+    def confirm(self, lease_id: str) -> Confirmation:
+        """The reader has the messages of ``lease_id``: remove them for good (their offsets are committed with the
+        next commit).
+
+        Raises:
+            LeaseError: the lease ran out (its messages were queued again) or is not this process's.
+        """
+        with self._lock:
+            self._expire_leases()
+            lease = self._leases.pop(lease_id, None)
+            if lease is None:
+                expired = lease_id in self._expired
+                raise LeaseError(
+                    "the lease ran out before it was confirmed: its messages were queued again and are (or will be) "
+                    "handed out again"
+                    if expired
+                    else "no such lease in this API-server process (a lease lives in the process that made it, "
+                    "and until it is confirmed or runs out)",
+                    expired=expired,
+                )
+            self._leased_bytes -= sum(r.size for r in lease.records)
+            for r in lease.records:
+                p = (r.topic, r.partition)
+                self._delivered[p] = max(self._delivered.get(p, -1), r.offset + 1)
+            self._stats.confirmed += len(lease.records)
+        return Confirmation(confirmed=len(lease.records), returned=lease.handed_out - len(lease.records))
+
+    def _pop(self, limit: int) -> list[RawRecord]:
+        """Take up to ``limit`` queued records within :attr:`max_take_bytes` (at least one); the lock held."""
+        self._expire_leases()
+        records: list[RawRecord] = []
+        size = 0
+        while (
+            self._queue and len(records) < limit and (not records or size + self._queue[0].size <= self.max_take_bytes)
+        ):
+            records.append(self._queue.popleft())
+            size += records[-1].size
+        self._queued_bytes -= size
+        return records
+
+    def _expire_leases(self) -> None:
+        """Queue the messages of leases that ran out again, in front (per partition in offset order, before
+        anything queued after them); the lock held."""
+        if not self._leases:
+            return
+        now = time.monotonic()
+        expired = [lease_id for lease_id, lease in self._leases.items() if lease.deadline <= now]
+        if not expired:
+            return
+        back: list[RawRecord] = []
+        for lease_id in expired:
+            back += self._leases.pop(lease_id).records
+            self._expired[lease_id] = None
+        while len(self._expired) > _EXPIRED_LEASES_KEPT:
+            self._expired.popitem(last=False)
+        back.sort(key=lambda r: (r.topic, r.partition, r.offset))
+        self._queue.extendleft(reversed(back))
+        size = sum(r.size for r in back)
+        self._leased_bytes -= size
+        self._queued_bytes += size
+        self._stats.lease_expired += len(back)
+
+    def _leased_count(self) -> int:
+        return sum(len(lease.records) for lease in self._leases.values())
+
+    def _lowest_leased(self) -> dict[Partition, int]:
+        """The lowest leased offset per partition: commits stop there; the lock held."""
+        low: dict[Partition, int] = {}
+        for lease in self._leases.values():
+            for r in lease.records:
+                p = (r.topic, r.partition)
+                if r.offset < low.get(p, r.offset + 1):
+                    low[p] = r.offset
+        return low
+
     def room(self) -> int:
         """How many more messages the queue takes before reading pauses (0 once its bytes reach their bound)."""
         with self._lock:
-            return 0 if self._queued_bytes >= self.max_queue_bytes else self.max_queue - len(self._queue)
+            self._expire_leases()
+            if self._queued_bytes + self._leased_bytes >= self.max_queue_bytes:
+                return 0
+            return self.max_queue - len(self._queue) - self._leased_count()
 
     def __len__(self) -> int:
+        """Messages queued (leased ones not counted; those whose lease ran out are queued again)."""
         with self._lock:
+            self._expire_leases()
             return len(self._queue)
 
     def stats(self) -> ReceiverStats:
@@ -327,6 +458,7 @@ class MessageReceiver:
         with self._lock:
             snapshot = ReceiverStats(**asdict(self._stats))
             snapshot.queued, snapshot.queued_bytes = len(self._queue), self._queued_bytes
+            snapshot.leased = self._leased_count()
         snapshot.running = self.running
         return snapshot
 
@@ -348,6 +480,14 @@ class MessageReceiver:
         self._stats.requeued += len(self._queue) - len(kept)
         self._queue = kept
         self._queued_bytes = sum(m.size for m in kept)
+        for lease in self._leases.values():  # read again from the committed offset, which is at or below them
+            gone = [r for r in lease.records if partitions is None or (r.topic, r.partition) in partitions]
+            if gone:
+                lease.records = [r for r in lease.records if r not in gone]
+                self._leased_bytes -= sum(r.size for r in gone)
+                for r in gone:
+                    p = (r.topic, r.partition)
+                    first[p] = min(first.get(p, r.offset), r.offset)
         return first
 
     # ---- thread ----------------------------------------------------------------------------------------------
@@ -399,8 +539,12 @@ class MessageReceiver:
         from kafka import OffsetAndMetadata, TopicPartition
 
         with self._lock:
+            low = self._lowest_leased()  # before their leases let go of them: no commit past a leased message
             first = self._drop_queued(partitions)
-            delivered = {p: self._delivered.pop(p) for p in list(self._delivered) if p in partitions}
+            delivered = {}
+            for p in [p for p in self._delivered if p in partitions]:
+                delivered[p] = min(self._delivered.pop(p), low.get(p, math.inf))
+                self._committed.pop(p, None)
         if delivered:
             offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in delivered.items()}
             try:
@@ -416,7 +560,7 @@ class MessageReceiver:
             else:
                 with self._lock:
                     self._stats.committed += 1
-        return {**delivered, **first}
+        return {p: min(o for o in (delivered.get(p), first.get(p)) if o is not None) for p in {*delivered, *first}}
 
     def _seek_assigned(self, consumer: Any, assigned: set[Partition], restart_at: dict[Partition, int]) -> None:
         """After a rebalance, start each partition of ours at its first message not delivered yet: the first one
@@ -437,7 +581,12 @@ class MessageReceiver:
         from kafka import OffsetAndMetadata, TopicPartition
 
         with self._lock:
-            pending = dict(self._delivered)
+            low = self._lowest_leased()
+            pending = {}
+            for p, o in self._delivered.items():
+                target = min(o, low.get(p, o))  # never past a message still leased
+                if self._committed.get(p) != target:
+                    pending[p] = target
         if not pending:
             return True
         try:
@@ -450,8 +599,11 @@ class MessageReceiver:
             return False
         with self._lock:
             for p, o in pending.items():
-                if self._delivered.get(p) == o:  # nothing taken meanwhile
+                if self._delivered.get(p) == o:  # nothing taken (or leased in front of it) meanwhile
                     del self._delivered[p]
+                    self._committed.pop(p, None)
+                else:
+                    self._committed[p] = o
             self._stats.committed += 1
         return True
 

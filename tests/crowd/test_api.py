@@ -36,6 +36,7 @@ V = SEED_VIDEO
 ROUTES = [
     pytest.param("POST", "/crowd/send", {"content": "hi", "sender": "t"}, id="send"),
     pytest.param("GET", "/crowd/receive", None, id="receive"),
+    pytest.param("POST", "/crowd/receive/confirm", {"lease": "not-a-lease"}, id="confirm"),
     pytest.param("GET", "/crowd/videos", None, id="videos"),
     pytest.param("GET", f"/crowd/videos/{V}", None, id="video"),
     pytest.param("GET", f"/crowd/videos/{V}/frames", None, id="frames"),
@@ -89,7 +90,7 @@ def test_route_needs_a_token(client: Any, method: str, path: str, body: Any) -> 
 def test_viewer_reads_but_cannot_send_or_take_messages(client: Any, method: str, path: str, body: Any) -> None:
     """``/receive`` removes what it returns (for every other reader too): a viewer may not take messages."""
     response = call(client, method, path, body, auth(client, "viewer"))
-    if path in ("/crowd/send", "/crowd/receive"):
+    if path in ("/crowd/send", "/crowd/receive", "/crowd/receive/confirm"):
         assert response.status_code == 403, response.text
         assert "trigger DAG runs" in response.json()["detail"]
     else:
@@ -156,6 +157,49 @@ def test_send_then_receive_round_trip(client: Any, messages_topic: str) -> None:
 
     again = client.get("/crowd/receive", params={"wait_s": 1}, headers=headers).json()
     assert again["messages"] == [] and again["remaining"] == 0, "delivered messages came back"
+
+
+def test_a_leased_receive_loses_nothing_when_its_response_is_lost(client: Any, messages_topic: str) -> None:
+    """``/receive`` removed what it returned: a response lost on the way (client timeout, proxy, crash) lost its
+    messages. With ``lease_s`` they stay hidden until confirmed, come again when the lease runs out, and a
+    confirmation after that says so."""
+    headers = auth(client, "user")
+    wait_receiver_ready(client, headers)
+    for i in range(3):
+        assert (
+            client.post("/crowd/send", json={"content": f"m{i}", "sender": "bob"}, headers=headers).status_code == 200
+        )
+
+    def leased(lease_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + 20
+        while True:
+            body = client.get(
+                "/crowd/receive", params={"limit": 10, "wait_s": 2, "lease_s": lease_s}, headers=headers
+            ).json()
+            if body["count"] == 3 or time.monotonic() > deadline:
+                return body
+            assert body["count"] == 0, body  # all three came in one poll, or none yet
+
+    first = leased(1.0)  # this response is "lost": never confirmed
+    assert first["count"] == 3 and first["lease"] and first["lease_s"] == 1.0, first
+    hidden = client.get("/crowd/receive", params={"limit": 10}, headers=headers).json()
+    assert hidden["count"] == 0, "leased messages were handed out to another call"
+    time.sleep(1.2)
+    second = leased(30.0)
+    assert [m["offset"] for m in second["messages"]] == [m["offset"] for m in first["messages"]]
+    assert [m["value"]["content"] for m in second["messages"]] == ["m0", "m1", "m2"]
+
+    late = client.post("/crowd/receive/confirm", json={"lease": first["lease"]}, headers=headers)
+    assert late.status_code == 409 and "ran out" in late.json()["detail"], late.text
+    done = client.post("/crowd/receive/confirm", json={"lease": second["lease"]}, headers=headers)
+    assert done.status_code == 200 and done.json() == {"confirmed": 3, "returned": 0}, done.text
+    again = client.post("/crowd/receive/confirm", json={"lease": second["lease"]}, headers=headers)
+    assert again.status_code == 404, again.text
+    assert client.get("/crowd/receive", params={"wait_s": 1}, headers=headers).json()["count"] == 0
+    receiver = client.get("/crowd/health", headers=headers).json()["receiver"]
+    assert receiver["confirmed"] == 3 and receiver["lease_expired"] == 3 and receiver["leased"] == 0, receiver
+    bad = client.get("/crowd/receive", params={"lease_s": 0}, headers=headers)
+    assert bad.status_code == 422, bad.text
 
 
 def test_a_value_json_cannot_carry_comes_back_as_text_and_loses_nothing(client: Any, messages_topic: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from crowd.receiver import MAX_VALUE_DEPTH, MessageReceiver, decode_value, kafka_python_security
+from crowd.receiver import MAX_VALUE_DEPTH, LeaseError, MessageReceiver, decode_value, kafka_python_security
 from tests.conftest import create_topic
 
 # --- pure parts ------------------------------------------------------------------------------------------------
@@ -315,3 +315,78 @@ def test_values_that_are_not_plain_json_neither_stop_the_consumer_nor_skip_other
     got = _take_until([receiver], len(values))
     assert got == [{"n": 0}, "[" * 5000, "[" * 300 + "]" * 300, "\ufffd not utf-8", {"n": 4}]
     assert receiver.stats().errors == 0
+
+
+@pytest.mark.services
+def test_a_lease_hides_its_messages_until_confirmed_and_hands_them_out_again_when_it_runs_out(
+    kafka_bootstrap: str, topic_factory: Callable[[int], str], receivers: Callable[..., MessageReceiver]
+) -> None:
+    topic, group = topic_factory(1), f"test-recv-{uuid.uuid4().hex[:8]}"
+    receiver = receivers(topic, group, commit_every_s=0.2)
+    _send(kafka_bootstrap, topic, _numbers(10))
+    _wait(lambda: len(receiver) == 10, "10 queued messages")
+    lost_id, lost = receiver.lease(4, lease_s=0.5)
+    assert [m.value["n"] for m in lost] == [0, 1, 2, 3] and lost_id
+    assert [m.value["n"] for m in receiver.take(2)] == [4, 5], "a leased message was handed out twice"
+    assert receiver.stats().leased == 4
+    time.sleep(0.7)
+    lease_id, again = receiver.lease(100, lease_s=30)  # ran out: first again, before what was queued after them
+    assert [m.value["n"] for m in again] == [0, 1, 2, 3, 6, 7, 8, 9]
+    assert [m.offset for m in again[:4]] == [m.offset for m in lost]
+    with pytest.raises(LeaseError) as late:
+        receiver.confirm(lost_id)
+    assert late.value.expired
+    with pytest.raises(LeaseError) as unknown:
+        receiver.confirm("never-made")
+    assert not unknown.value.expired
+    done = receiver.confirm(lease_id)
+    assert (done.confirmed, done.returned) == (8, 0)
+    stats = receiver.stats()
+    assert (stats.leased, stats.confirmed, stats.lease_expired) == (0, 8, 4), stats
+    receiver.stop()  # everything confirmed or taken: committed on the way out, nothing comes again
+    assert _take_until([receivers(topic, group)], 0, timeout_s=3) == []
+
+
+@pytest.mark.services
+def test_offsets_are_not_committed_past_a_leased_message(
+    kafka_bootstrap: str, topic_factory: Callable[[int], str], receivers: Callable[..., MessageReceiver]
+) -> None:
+    """A process that dies (or stops) with an open lease: the leased messages come again from the next consumer,
+    and so does what was taken after them from the same partition (at least once), but nothing before them."""
+    topic, group = topic_factory(1), f"test-recv-{uuid.uuid4().hex[:8]}"
+    first = receivers(topic, group, commit_every_s=0.2)
+    _send(kafka_bootstrap, topic, _numbers(10))
+    _wait(lambda: len(first) == 10, "10 queued messages")
+    assert [m.value["n"] for m in first.take(3)] == [0, 1, 2]
+    _lease_id, leased = first.lease(2, lease_s=60)
+    assert [m.value["n"] for m in leased] == [3, 4]
+    assert [m.value["n"] for m in first.take(2)] == [5, 6]
+    time.sleep(1.0)  # several periodic commits
+    first.stop()
+    second = receivers(topic, group)
+    assert _take_until([second], 7) == [{"n": i} for i in range(3, 10)]
+
+
+@pytest.mark.services
+def test_a_lease_whose_partition_is_revoked_returns_those_messages_and_nothing_is_lost_or_doubled(
+    kafka_bootstrap: str, topic_factory: Callable[[int], str], receivers: Callable[..., MessageReceiver]
+) -> None:
+    """A rebalance (kafka-python revokes every partition, then assigns) takes the leased messages of the revoked
+    partitions back: whoever owns them next reads them again from the committed offset, and confirming the lease
+    says how many were returned so."""
+    topic, group = topic_factory(2), f"test-recv-{uuid.uuid4().hex[:8]}"
+    first = receivers(topic, group, commit_every_s=0.2)
+    _send(kafka_bootstrap, topic, _numbers(40), partitions=2)
+    _wait(lambda: len(first) == 40, "40 queued messages")
+    lease_id, leased = first.lease(40, lease_s=120)
+    assert len(leased) == 40
+    second = receivers(topic, group)
+    _wait(
+        lambda: len(first.stats().assigned_partitions) == len(second.stats().assigned_partitions) == 1,
+        "each receiver to hold one partition",
+    )
+    done = first.confirm(lease_id)
+    assert done.confirmed + done.returned == 40 and done.returned > 0, done
+    again = [v["n"] for v in _take_until([first, second], done.returned)]
+    assert len(again) == len(set(again)) == done.returned, "returned messages lost or doubled"
+    assert set(again) <= {m.value["n"] for m in leased}
