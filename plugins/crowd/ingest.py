@@ -95,6 +95,11 @@ ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET
 """
 
 
+_LOCK_VIDEOS_SQL = """
+SELECT pg_advisory_xact_lock(hashtext('crowd.video:' || current_schema()), hashtext(v))
+FROM unnest(%s::text[]) WITH ORDINALITY AS t (v, i) ORDER BY i
+"""
+
 # One drain per (schema, group, topic); a topic name cannot contain ":", so "group:topic" names one pair only.
 DRAIN_LOCK_KEY_SQL = "hashtext(current_schema()), hashtext(%s || ':' || %s)"  # parameters: group id, topic
 
@@ -263,6 +268,9 @@ def write_batch(
     alerts = AlertChanges()
     with conn.transaction(), conn.cursor() as cur:
         if batch.frames:
+            # drains of other groups or topics may write the same videos: each takes its videos' locks first, in
+            # one order (the statistics triggers would lock them in two runs on a replay: a deadlock)
+            cur.execute(_LOCK_VIDEOS_SQL, (sorted({vid for vid, _ in batch.frames}),))
             frame_rows = [f for f, _ in batch.frames.values()]
             face_rows = [row for _, faces in batch.frames.values() for row in faces]
             n_faces = len(face_rows)

@@ -56,11 +56,13 @@ class Migration:
 # millions of frames).
 #
 # Counts and sums move by deltas (commutative: concurrent writers of one video cannot lose each other's). The
-# extremes (max, peak, first/last time, last ingested) only grow with new frames; where a change or a delete may
-# lower them, they are recomputed from the video's frames, idempotently: an upsert fires its UPDATE trigger before
-# its INSERT trigger, and both see all the statement's rows, so no part may be counted by both. A replay that
-# stores the same counts again (a re-run) costs no recompute. first_ingested_at is when the video's first frame
-# was stored, kept through replays.
+# extremes (max, peak, first/last time, last ingested) only grow with new frames; only where a changed or deleted
+# frame held one of them (the peak frame lowered, the first frame moved later, ...) are they recomputed from the
+# video's frames, so a replay (same or other counts) costs no pass over a long video. An upsert fires its UPDATE
+# trigger (updated rows only) before its INSERT trigger (inserted rows only); the recompute is idempotent, so
+# either order gives the same result. first_ingested_at is when the video's first frame was stored, kept through
+# replays. Writers that may share videos take per-video locks in one order first (see crowd.ingest.write_batch):
+# an upsert locks its updated videos' rows before its inserted ones', and two such orders could deadlock.
 _STATS_AGGREGATE = """
     SELECT a.video_id, a.frames, a.total_faces, a.max_faces, a.peak_frame_id, p.frame_ts_ms AS peak_ts_ms,
            a.first_ts_ms, a.last_ts_ms, a.first_ingested_at, a.last_ingested_at
@@ -114,7 +116,7 @@ CREATE TABLE video_stats (
 );
 
 -- the extremes of these videos, from their frames (a new snapshot: it sees what writers it waited for committed)
-CREATE FUNCTION crowd_video_stats_extremes(ids text[]) RETURNS void LANGUAGE plpgsql SET search_path FROM CURRENT
+CREATE FUNCTION crowd_video_stats_extremes(ids text[]) RETURNS void LANGUAGE plpgsql
 AS $fn$
 BEGIN
     UPDATE video_stats s SET
@@ -126,7 +128,7 @@ BEGIN
 END
 $fn$;
 
-CREATE FUNCTION crowd_video_stats_added() RETURNS trigger LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
+CREATE FUNCTION crowd_video_stats_added() RETURNS trigger LANGUAGE plpgsql AS $fn$
 BEGIN
     INSERT INTO video_stats AS s {_STATS_AGGREGATE.format(source="added")}
     ON CONFLICT (video_id) DO UPDATE SET
@@ -136,7 +138,7 @@ BEGIN
 END
 $fn$;
 
-CREATE FUNCTION crowd_video_stats_updated() RETURNS trigger LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
+CREATE FUNCTION crowd_video_stats_updated() RETURNS trigger LANGUAGE plpgsql AS $fn$
 DECLARE
     lowered text[];
 BEGIN
@@ -147,14 +149,17 @@ BEGIN
         extremes=_STATS_AGGREGATE.format(source="after_rows"),
     )
 }
-    -- videos where a frame's count, time or key changed, or its ingested_at went back: extremes recomputed
+    -- videos where a frame that held an extreme lost it (changed, moved away): extremes recomputed
     lowered := ARRAY(
-        SELECT o.video_id FROM before_rows o LEFT JOIN after_rows n USING (video_id, frame_id)
-        WHERE n.video_id IS NULL OR n.total_faces <> o.total_faces OR n.frame_ts_ms <> o.frame_ts_ms
-           OR n.ingested_at < o.ingested_at
-        UNION
-        SELECT n.video_id FROM after_rows n LEFT JOIN before_rows o USING (video_id, frame_id)
-        WHERE o.video_id IS NULL
+        SELECT DISTINCT o.video_id
+        FROM before_rows o
+        JOIN video_stats s ON s.video_id = o.video_id
+        LEFT JOIN after_rows n ON n.video_id = o.video_id AND n.frame_id = o.frame_id
+        WHERE (o.frame_id = s.peak_frame_id
+               AND (n.video_id IS NULL OR n.total_faces < o.total_faces OR n.frame_ts_ms <> o.frame_ts_ms))
+           OR (o.frame_ts_ms = s.first_ts_ms AND (n.video_id IS NULL OR n.frame_ts_ms > o.frame_ts_ms))
+           OR (o.frame_ts_ms = s.last_ts_ms AND (n.video_id IS NULL OR n.frame_ts_ms < o.frame_ts_ms))
+           OR (o.ingested_at = s.last_ingested_at AND (n.video_id IS NULL OR n.ingested_at < o.ingested_at))
     );
     IF cardinality(lowered) > 0 THEN
         PERFORM crowd_video_stats_extremes(lowered);
@@ -166,7 +171,7 @@ BEGIN
 END
 $fn$;
 
-CREATE FUNCTION crowd_video_stats_deleted() RETURNS trigger LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
+CREATE FUNCTION crowd_video_stats_deleted() RETURNS trigger LANGUAGE plpgsql AS $fn$
 BEGIN
     {
     _APPLY_DELTAS.format(
@@ -174,17 +179,35 @@ BEGIN
         extremes=_STATS_AGGREGATE.format(source="before_rows"),
     )
 }
-    PERFORM crowd_video_stats_extremes(ARRAY(SELECT DISTINCT video_id FROM before_rows));
+    PERFORM crowd_video_stats_extremes(ARRAY(  -- only videos where a deleted frame held an extreme
+        SELECT DISTINCT o.video_id FROM before_rows o JOIN video_stats s ON s.video_id = o.video_id
+        WHERE o.frame_id = s.peak_frame_id OR o.frame_ts_ms IN (s.first_ts_ms, s.last_ts_ms)
+           OR o.ingested_at = s.last_ingested_at
+    ));
     RETURN NULL;
 END
 $fn$;
 
-CREATE FUNCTION crowd_video_stats_truncated() RETURNS trigger LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
+CREATE FUNCTION crowd_video_stats_truncated() RETURNS trigger LANGUAGE plpgsql AS $fn$
 BEGIN
     DELETE FROM video_stats;
     RETURN NULL;
 END
 $fn$;
+
+-- the functions name this schema's tables, whoever writes frames and whatever their search_path (pg_temp last: a
+-- temporary table of the same name cannot take their writes)
+DO $do$
+DECLARE
+    fn text;
+BEGIN
+    FOREACH fn IN ARRAY ARRAY['crowd_video_stats_extremes(text[])', 'crowd_video_stats_added()',
+                              'crowd_video_stats_updated()', 'crowd_video_stats_deleted()',
+                              'crowd_video_stats_truncated()'] LOOP
+        EXECUTE format('ALTER FUNCTION %I.%s SET search_path = %I, pg_temp', current_schema(), fn, current_schema());
+    END LOOP;
+END
+$do$;
 
 CREATE TRIGGER video_stats_added AFTER INSERT ON frames REFERENCING NEW TABLE AS added
     FOR EACH STATEMENT EXECUTE FUNCTION crowd_video_stats_added();
