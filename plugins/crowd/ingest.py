@@ -758,6 +758,11 @@ def drain_task(
 _watch_conn: psycopg.Connection | None = None
 _TOPIC_ID_TTL_S = 1.0
 _topic_ids: dict[str, tuple[float, str | None]] = {}  # topic -> (when read, its id): the watcher's cache
+# (postgres conn, group, topic, partition) -> (when read, stored next offset, topic id): the drain's offsets only
+# grow, so a message below them is known stored without asking again for a few seconds (a watcher replaying a stored
+# topic, on its first unpause, asked once per message); the TTL bounds what an operator resetting offsets waits
+_STORED_NEXT_TTL_S = 5.0
+_stored_next: dict[tuple[str, str, str, int], tuple[float, int, str | None]] = {}
 
 
 def _current_topic_id(kafka_conn_id: str, topic: str) -> str | None:
@@ -791,6 +796,10 @@ def faces_pending(
     """
     global _watch_conn
     payload = {"topic": message.topic(), "partition": message.partition(), "offset": message.offset()}
+    key = (postgres_conn_id, group_id, message.topic(), message.partition())
+    read_at, stored_next, stored_topic_id = _stored_next.get(key, (float("-inf"), 0, None))
+    if message.offset() < stored_next and time.monotonic() - read_at < _STORED_NEXT_TTL_S:
+        return _stored_elsewhere(payload, stored_topic_id, kafka_conn_id)
     try:
         if _watch_conn is None or _watch_conn.closed:
             # short timeouts: this runs on the triggerer's thread, and a silent database fires the run (safe side)
@@ -807,11 +816,19 @@ def faces_pending(
             _watch_conn.close()
         _watch_conn = None
         return payload
-    if row is None or message.offset() >= int(row[0]):
+    if row is None:
         return payload
-    stored_topic_id = row[1]
+    _stored_next[key] = (time.monotonic(), int(row[0]), row[1])
+    if message.offset() >= int(row[0]):
+        return payload
+    return _stored_elsewhere(payload, row[1], kafka_conn_id)
+
+
+def _stored_elsewhere(payload: dict[str, Any], stored_topic_id: str | None, kafka_conn_id: str | None) -> Any:
+    """The watcher's answer for a message below the stored offsets: None (stored), or ``payload`` when the offsets
+    are an earlier topic's of the same name (the drain starts this one from its beginning)."""
     if stored_topic_id and kafka_conn_id:
-        current = _current_topic_id(kafka_conn_id, message.topic())
+        current = _current_topic_id(kafka_conn_id, payload["topic"])
         if current and current != stored_topic_id:
-            return payload  # the offsets are an earlier topic's: the drain starts this one from its beginning
+            return payload
     return None

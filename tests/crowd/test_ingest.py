@@ -454,6 +454,39 @@ def test_the_watcher_fires_for_a_topic_made_again_below_the_old_offsets(
     assert all(fires(m) for m in _messages_of(faces_topic, 10))
 
 
+def test_the_watcher_asks_the_database_once_for_a_run_of_stored_messages(
+    faces_topic: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watcher reading a topic the drain has stored (its first unpause, a new watcher group) asked PostgreSQL once
+    per message, on the triggerer's thread; now once per partition within a few seconds. New messages still fire."""
+    import crowd.ingest
+    from crowd import storage
+
+    monkeypatch.setattr(crowd.ingest, "_stored_next", {})
+    publish(faces_topic, [(b"k", encode(frame_dict("video-w", i, 1))) for i in range(200)])  # one partition
+    assert quick_drain(faces_topic).frames == 200
+    queries = []
+
+    class Counting:  # the watcher's connection, counting what it is asked
+        def __init__(self, conn: psycopg.Connection) -> None:
+            self.conn, self.closed = conn, False
+
+        def execute(self, *args: object, **kwargs: object) -> object:
+            queries.append(args[0])
+            return self.conn.execute(*args, **kwargs)  # type: ignore[arg-type]
+
+    with storage.connect("crowd_postgres") as conn:
+        conn.autocommit = True
+        monkeypatch.setattr(crowd.ingest, "_watch_conn", Counting(conn))
+        messages = _messages_of(faces_topic, 200)
+        fired = [crowd.ingest.faces_pending(m, "crowd_postgres", GROUP) for m in messages]
+        assert fired == [None] * 200, "stored messages must not fire"
+        assert len(queries) == 1, f"{len(queries)} queries for 200 stored messages"
+        publish(faces_topic, [(b"k", encode(frame_dict("video-w", 200, 1)))])
+        assert crowd.ingest.faces_pending(_messages_of(faces_topic, 201)[-1], "crowd_postgres", GROUP) is not None
+        assert len(queries) == 2, "a message past the stored offsets must be asked about"
+
+
 def test_a_topic_made_again_keeps_the_rejections_of_the_old_one(faces_topic: str, pg_schema: str, kafka_admin) -> None:
     """A rejected row is the only copy of a bad message once its topic is deleted: a bad message at the same
     offset of a topic made again under the name must be stored beside it, not over it."""
