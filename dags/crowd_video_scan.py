@@ -30,8 +30,9 @@ PostgreSQL.
 
 A corrupt video fails its own mapped task (no retries: the log says why) and is recorded as failed in the
 `videos` table; the other videos go on. A file moved or unreadable since the scan fails its task after the
-retries and is not recorded: the next scan takes it where it is then. `finish_videos` marks a video done when
-all its parts were published. Schedule: `CROWD_SCAN_SCHEDULE` (default every 5 minutes; `none`: by hand only).
+retries; if it is still gone when the run ends, `finish_videos` records the video failed because its file went
+away (naming the path), and a scan that finds the same content again, under any name, processes it again.
+`finish_videos` marks a video done when all its parts were published. Schedule: `CROWD_SCAN_SCHEDULE` (default every 5 minutes; `none`: by hand only).
 """
 
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaException
 
@@ -45,9 +45,16 @@ from crowd.video import (
     split_ranges,
 )
 
+if TYPE_CHECKING:
+    import psycopg
+
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIX = ".mp4"
+
+#: How the reason of a video failed because its file went away during a run starts (see :func:`finish_videos`):
+#: unlike other failures, a scan that finds the same content again, under any name, plans it again.
+FILE_WENT_AWAY = "the video file went away"
 
 
 class BadVideoError(RuntimeError):
@@ -56,8 +63,9 @@ class BadVideoError(RuntimeError):
 
 class VideoUnreachableError(RuntimeError):
     """The work item's file cannot be reached now (moved, outside this worker's roots, not readable): not a fault
-    of the video, so it is not recorded as failed; the task fails (after its retries) and the next scan takes the
-    video wherever it is then."""
+    of the video, so the task does not record it as failed; the task fails (after its retries: the file may come
+    back). If it is still not there when the run ends, :func:`finish_videos` records the video failed because its
+    file went away (:data:`FILE_WENT_AWAY`), and a scan that finds the same content again processes it again."""
 
 
 class VideoChangedError(VideoUnreachableError):
@@ -387,8 +395,10 @@ def find_new_videos(
     """Work items for every video under the roots whose content was not processed yet.
 
     Videos are known by content hash: a renamed copy of a processed (or failed) video is skipped, a changed
-    file is new. A video another run is processing (its claim alive, see :class:`~crowd.storage.VideoState`) is
-    left to it; one whose runs ended silently ``settings.max_silent_runs`` times in a row is marked failed. Two
+    file is new; but a video failed because its file went away during a run (:data:`FILE_WENT_AWAY`) is planned
+    again where it is found. A video another run is processing (its claim alive, see
+    :class:`~crowd.storage.VideoState`) is left to it; one whose runs ended silently ``settings.max_silent_runs``
+    times in a row is marked failed. Two
     copies of the same content found in one scan are processed once. A file modified less than
     ``settings.scan_min_age_s`` ago (or in the future) may still be being written (an upload, a camera's
     recording) and is left for a later scan: processed now, it would fail, or give a part of the video under a
@@ -449,7 +459,12 @@ def find_new_videos(
                 continue
             seen[video_id] = path
             state = storage.get_video_state(conn, video_id)
-            if state and state.status in already:
+            if state and state.status == "failed" and _failed_as_gone(conn, video_id):
+                log.info(
+                    "video %s failed because its file went away during a run; found again at %s: planned like a new "
+                    "video", video_id, path,
+                )  # fmt: skip
+            elif state and state.status in already:
                 already[state.status] += 1
                 log.info("skipping %s: video %s already %s", path.name, video_id, state.status)
                 continue
@@ -574,7 +589,8 @@ def detect_and_publish(
 
     Raises:
         BadVideoError: the video cannot be read (recorded as failed in the registry first).
-        VideoUnreachableError: the file is not where the item says, or not readable (nothing recorded).
+        VideoUnreachableError: the file is not where the item says, or not readable (nothing recorded; the run's
+            :func:`finish_videos` records it failed if it is still not there then).
         VideoChangedError: the file is not the one identified when the item was planned (nothing published).
         PublishError: Kafka did not acknowledge every message (retry the task).
     """
@@ -600,8 +616,9 @@ def detect_and_publish(
             except (ConfigError, VideoNotFoundError, VideoPermissionError) as exc:  # where it is, not what it holds
                 storage.note_video_reason(conn, item.video_id, run)  # a part after the first: the run has the claim
                 raise VideoUnreachableError(
-                    f"video {path.name} ({item.video_id}) cannot be reached: {exc}; not recorded as failed, the next "
-                    "scan takes it where it is then"
+                    f"video {path.name} ({item.video_id}) cannot be reached: {exc}; retried (it may come back). Not "
+                    "recorded as failed by this task: if it is still not there when the run ends, the run records "
+                    "that the file went away, and a scan that finds it again processes it again"
                 ) from exc
             except VideoError as exc:
                 storage.mark_video_failed(conn, item.video_id, str(path), str(exc), run)
@@ -701,18 +718,27 @@ def finish_videos(
     run: storage.RunStamp | None = None,
 ) -> dict[str, list[str]]:
     """Mark ``done`` every video all of whose parts succeeded; the others stay failed or in processing, the
-    run's claim on them released.
+    run's claim on them released, except those whose file went away during the run.
+
+    A video not completed whose file is no longer at its item's path (deleted, moved or renamed, not readable, other
+    content there now) is marked failed, its reason starting with :data:`FILE_WENT_AWAY` and naming the path: left
+    ``processing``, it would stay so for good, as no scan lists a file that is not there. What its parts published
+    stays stored (a rerun publishes the same keys and ids); a scan that finds the same content again, under any
+    name, plans it again. A video failed for a reason of its own (corrupt) keeps that reason.
 
     A video whose status belongs to a later run (``run`` is older) is left to that run: it is not reported done
     (its row says what the later run made of it) nor incomplete (this run was superseded, it did not fail).
 
     Returns:
-        ``{"done": [...], "incomplete": [...], "superseded": [...]}`` video ids.
+        ``{"done": [...], "incomplete": [...], "superseded": [...], "gone": [...]}`` video ids; ``gone``: those of
+        ``incomplete`` marked failed because their file went away.
     """
     settings = settings or load_settings()
     parts_needed: dict[str, int] = {}
+    planned: dict[str, WorkItem] = {}
     for item in items:
         parts_needed[item.video_id] = item.parts
+        planned.setdefault(item.video_id, item)
     parts_done: dict[str, set[int]] = {}
     for result in results:
         if result:
@@ -721,7 +747,9 @@ def finish_videos(
     incomplete = sorted(set(parts_needed) - set(complete))
     done: list[str] = []
     superseded: list[str] = []
+    gone: list[str] = []
     with storage.connect(settings.postgres_conn_id) as conn:
+        conn.autocommit = True  # no transaction left open while a file is checked (hashed again, at worst)
         for video_id in complete:
             if storage.mark_video_done(conn, video_id, run):
                 done.append(video_id)
@@ -731,10 +759,62 @@ def finish_videos(
                     "video %s: every part was published, but a later run owns its status, so it is not marked done "
                     "by this run; the later run finishes it (see its finish_videos log)", video_id,
                 )  # fmt: skip
-        for video_id in incomplete:  # still processing by this run: the next scan plans it again at once
-            storage.release_video_claim(conn, video_id, run)
+        for video_id in incomplete:
+            if _fail_if_gone(conn, planned[video_id], len(parts_done.get(video_id, ())), settings, run):
+                gone.append(video_id)
+            else:  # still processing by this run: the next scan plans it again at once
+                storage.release_video_claim(conn, video_id, run)
     log.info(
-        "videos done: %d %s; incomplete or failed: %d %s; left to a later run: %d %s", len(done), done,
-        len(incomplete), incomplete, len(superseded), superseded,
+        "videos done: %d %s; incomplete or failed: %d %s (their file went away: %d %s); left to a later run: %d %s",
+        len(done), done, len(incomplete), incomplete, len(gone), gone, len(superseded), superseded,
     )  # fmt: skip
-    return {"done": done, "incomplete": incomplete, "superseded": superseded}
+    return {"done": done, "incomplete": incomplete, "superseded": superseded, "gone": gone}
+
+
+def _fail_if_gone(
+    conn: psycopg.Connection, item: WorkItem, published: int, settings: Settings, run: storage.RunStamp | None
+) -> bool:
+    """Mark ``item``'s video failed, saying why, if its file went away during the run; True if it was.
+
+    Only a video with no status yet, or ``processing`` by this run (or by a run whose claim lapsed): one done or
+    failed keeps its status and reason, one another run is processing is left to it (and a later run's status is
+    not written over: see :func:`~crowd.storage.mark_video_failed`).
+    """
+    state = storage.get_video_state(conn, item.video_id)
+    run_id = run.run_id if run else None
+    if state is not None and not (
+        state.status == "processing" and (state.run_id == run_id or not state.claimed(settings.video_claim_timeout_s))
+    ):
+        return False
+    why = _why_gone(item, settings)
+    if why is None:
+        return False
+    reason = (
+        f"{FILE_WENT_AWAY} (deleted, moved or renamed, or no longer readable) while run {run_id or '(not recorded)'} "
+        f"was processing it: {why}; {published} of {item.parts} part(s) completed, and what was published stays "
+        "stored. A scan that finds the same content again in the video roots processes it again, or trigger "
+        "crowd_video_detect with its path"
+    )
+    if not storage.mark_video_failed(conn, item.video_id, item.path, reason, run):
+        return False  # a later run owns its status meanwhile
+    log.error("video %s marked failed: %s", item.video_id, reason)
+    return True
+
+
+def _why_gone(item: WorkItem, settings: Settings) -> str | None:
+    """Why the file ``item`` was planned for is no longer at its path (not there, outside the roots now, not
+    readable, other content there), or None while it is. An item without a file signature (not identified when
+    planned) is only checked to be there and readable."""
+    try:
+        with settings.open_video(item.path) as video:
+            now = storage.FileSignature.of(os.fstat(video.fd))
+            if item.file_signature is not None and not _same_content(item, now, video):
+                return f"{item.path!r} holds other content now ({_changes(item.file_signature, now)})"
+    except (ConfigError, VideoError, OSError) as exc:  # missing, moved out, not a file, not readable
+        return str(exc)
+    return None
+
+
+def _failed_as_gone(conn: psycopg.Connection, video_id: str) -> bool:
+    """Whether ``video_id`` is failed because its file went away during a run (see :func:`finish_videos`)."""
+    return storage.video_failed_with(conn, video_id, FILE_WENT_AWAY)

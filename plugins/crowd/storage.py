@@ -835,6 +835,16 @@ def mark_video_failed(
     return written is not None
 
 
+def video_failed_with(conn: psycopg.Connection, video_id: str, reason_prefix: str) -> bool:
+    """Whether ``video_id`` is ``failed`` with a reason starting with ``reason_prefix`` (a kind of failure that
+    its writer marks by the reason's first words, e.g. :data:`crowd.jobs.FILE_WENT_AWAY`)."""
+    with conn.transaction():
+        row = conn.execute(
+            "SELECT starts_with(error, %s) FROM videos WHERE id = %s AND status = 'failed'", (reason_prefix, video_id)
+        ).fetchone()
+    return bool(row and row[0])
+
+
 def storable_text(text: str) -> str:
     """``text`` as PostgreSQL can store it in a text column: a NUL or a lone surrogate (a reason may quote bytes
     from a file or a message) would fail the statement, and with it what the caller meant to record."""

@@ -2,7 +2,9 @@
 
 A bad video (not a video, corrupt) fails its own task at once, without retries, after the registry recorded
 why; a Kafka delivery failure, or a file not reachable now (moved since the scan, unreadable), fails the task so
-that Airflow retries it, and the video is not recorded as failed.
+that Airflow retries it, and the task does not record the video as failed. A file still gone when the run ends
+(deleted, moved or renamed mid-run) is recorded failed by ``finish_videos``, saying so; a scan that finds it again
+processes it again.
 """
 
 from __future__ import annotations
@@ -147,7 +149,8 @@ def detect_and_publish(item: dict[str, Any]) -> dict[str, Any]:
 
 @task(trigger_rule="all_done", multiple_outputs=False)
 def finish_videos(items: list[dict[str, Any]] | None, results: list[dict[str, Any] | None]) -> dict[str, list[str]]:
-    """Mark done the videos whose every part was published; fail (so the run shows failed) if any is not.
+    """Mark done the videos whose every part was published, failed those whose file went away during the run; fail
+    (so the run shows failed) if any is not done.
 
     When the first task failed there are no work items (``items`` is None): fail at once with that reason, not
     with a TypeError retried twice.
@@ -159,9 +162,16 @@ def finish_videos(items: list[dict[str, Any]] | None, results: list[dict[str, An
     # one slice: every result in one request (iterating asks for each in turn, then logs "XCom not found" for the
     # one past the end, an error line in every run's log)
     outcome = jobs.finish_videos([jobs.WorkItem(**i) for i in items], results[:], load_settings(), _run_stamp())
-    if outcome["incomplete"]:
+    incomplete, gone = outcome["incomplete"], outcome["gone"]
+    if incomplete:
+        went_away = (
+            f"; {len(gone)} of them failed: {'its file' if len(gone) == 1 else 'their files'} went away during the "
+            f"run (the videos table names the path): {', '.join(gone)}"
+            if gone
+            else ""
+        )
         raise AirflowFailException(
-            f"{len(outcome['incomplete'])} video(s) not completed (see the failed detect_and_publish tasks): "
-            f"{', '.join(outcome['incomplete'])}; {len(outcome['done'])} done"
+            f"{len(incomplete)} video(s) not completed (see the failed detect_and_publish tasks): "
+            f"{', '.join(incomplete)}{went_away}; {len(outcome['done'])} done"
         )
     return outcome

@@ -246,7 +246,8 @@ def test_a_run_that_ends_without_finishing_the_video_releases_it(pg_schema, vide
         storage.mark_video_processing(conn, item.video_id, str(video), fps=None, frame_count=None, width=None,
                                       height=None, size_bytes=None, model="m", run=run)  # fmt: skip
     assert _planned() == []
-    assert finish_videos([item], [None], run=run) == {"done": [], "incomplete": [item.video_id], "superseded": []}
+    outcome = finish_videos([item], [None], run=run)
+    assert outcome == {"done": [], "incomplete": [item.video_id], "superseded": [], "gone": []}
     assert _planned() == [item.video_id]
 
 
@@ -362,7 +363,7 @@ def test_a_superseded_run_does_not_report_the_video_done(pg_schema, airflow_logg
     published = {**item.to_dict(), "frames": 4, "faces": 4, "max_faces": 1, "messages": 4}  # every part
     with caplog.at_level(logging.WARNING, logger="crowd.jobs"):
         outcome = finish_videos([item], [published], run=scheduled)
-    assert outcome == {"done": [], "incomplete": [], "superseded": [item.video_id]}
+    assert outcome == {"done": [], "incomplete": [], "superseded": [item.video_id], "gone": []}
     assert f"video {item.video_id}: every part was published, but a later run owns its status" in caplog.text
     state = _state(item.video_id)
     assert (state.status, state.run_id) == ("processing", "manual__1")

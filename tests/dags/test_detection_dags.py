@@ -385,6 +385,38 @@ def test_publishing_to_a_dead_broker_fails_the_task(pipeline_env, monkeypatch) -
     assert _video_rows()[content_hash(video)][0] == "processing"  # not done: the next run retries it
 
 
+def test_a_video_deleted_mid_run_ends_failed_saying_so(pipeline_env, monkeypatch) -> None:
+    """The file is deleted while the first part decodes (it goes on: it reads through its descriptor); the other
+    parts cannot open it. The run fails saying the file went away, and the video ends ``failed`` with the path,
+    not ``processing`` for good."""
+    from crowd import jobs
+
+    video = shutil.copy(CARPHONE, pipeline_env["root"] / "deleted mid-run.mp4")
+    video_id = content_hash(video)
+    monkeypatch.setenv("CROWD_FRAMES_PER_TASK", "50")  # 120 frames -> 3 mapped tasks
+    publish = jobs._Publisher.__call__
+
+    def delete_after_the_first_message(self, message) -> None:
+        publish(self, message)
+        if self.sent == 1 and video.exists():
+            video.unlink()
+
+    monkeypatch.setattr(jobs._Publisher, "__call__", delete_after_the_first_message)
+    dag = _dag("crowd_video_detect")
+    for t in dag.tasks:
+        t.retries = 0
+    run = dag.test(run_conf={"video_path": str(video)})
+    states = _task_states(run)
+    assert str(run.state) == "failed" and sorted(states["detect_and_publish"]) == ["failed", "failed", "success"]
+    assert states["finish_videos"] == ["failed"], states
+    status, error = _video_rows().get(video_id, (None, None))
+    assert status == "failed", f"the video stays {status!r}"
+    assert error.startswith("the video file went away") and repr(str(video)) in error, error
+    assert "1 of 3 part(s) completed" in error, error
+    keys = [m.key().decode() for m in _consume_all(pipeline_env["topic"], pipeline_env["bootstrap"])]
+    assert set(keys) == {video_id} and len(keys) in (6, 2), len(keys)  # the part that ran first: published whole
+
+
 @pytest.mark.parametrize(("value", "timetable"), [(None, "*/5 * * * *"), ("none", None), ("@hourly", "@hourly")])
 def test_the_scan_schedule_comes_from_the_settings_and_can_be_turned_off(monkeypatch, value, timetable) -> None:
     if value is None:
