@@ -1242,6 +1242,9 @@ def render_metrics(health: Health, counts: dict[str, Any]) -> str:
             )
             yield GaugeMetricFamily("crowd_receiver_leased", "messages handed out under a lease", value=r.leased)
             yield CounterMetricFamily(
+                "crowd_receiver_messages_confirmed", "leased messages confirmed (removed)", value=r.confirmed
+            )
+            yield CounterMetricFamily(
                 "crowd_receiver_lease_expired", "leased messages queued again (lease ran out)", value=r.lease_expired
             )
             yield GaugeMetricFamily("crowd_receiver_paused", "1 while the queue is full", value=int(r.paused))

@@ -18,8 +18,10 @@ Design decisions:
 * **Leases, for readers that cannot lose a response in transit**: :meth:`MessageReceiver.lease` hands messages out
   without removing them; they are hidden from other calls until :meth:`MessageReceiver.confirm` (then removed and
   committed) or until the lease runs out (then queued again, first, and handed out again). Offsets are never
-  committed past a leased message, so a process that dies with open leases delivers those messages again too.
-  Leases live in the process that made them (as its queue does).
+  committed past a leased (or queued again) message, so a process that dies with open leases delivers those
+  messages again too. Leases live in the process that made them (as its queue does). A rebalance (an API-server
+  process starting or stopping: kafka-python revokes every partition, then assigns) returns the messages of open
+  leases too: they are read again and handed out again, by whichever process owns them next (at least once).
 * **Several API server workers**: each worker process runs its own receiver in the same consumer group, so the
   topic's partitions are split between workers and a ``/receive`` call sees the messages of the partitions its
   worker owns. When a partition moves to another worker, this one commits what it delivered and forgets what
@@ -62,7 +64,8 @@ DEFAULT_MAX_QUEUE_BYTES = 64 * 1024 * 1024  # messages of up to the broker's 1 M
 DEFAULT_MAX_TAKE_BYTES = 4 * 1024 * 1024  # one /receive response (raw bytes; decoding and JSON add to it)
 MAX_VALUE_DEPTH = 64
 MAX_LEASE_S = 600.0
-_EXPIRED_LEASES_KEPT = 1000  # ids remembered after they ran out, so that a late confirm says "expired", not "unknown"
+_EXPIRED_LEASES_KEPT = 1000  # ids remembered after they ran out or were confirmed: a late confirm says "expired",
+# a repeated one (its first answer lost) gets that answer again, not "unknown"
 _LAG_EVERY_S = 2.0
 
 Partition = tuple[str, int]
@@ -292,6 +295,7 @@ class MessageReceiver:
         self._leases: dict[str, _Lease] = {}
         self._leased_bytes = 0
         self._expired: OrderedDict[str, None] = OrderedDict()
+        self._confirmed: OrderedDict[str, Confirmation] = OrderedDict()  # a confirm retried gets the same answer
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -339,8 +343,9 @@ class MessageReceiver:
         """
         with self._lock:
             records = self._pop(limit)
-            for r in records:  # the queue is in offset order per partition: the last one taken is the highest
-                self._delivered[(r.topic, r.partition)] = r.offset + 1
+            for r in records:  # the queue is in offset order per partition (messages of a lease that ran out come
+                p = (r.topic, r.partition)  # first again, below what was delivered after them: max, not the last)
+                self._delivered[p] = max(self._delivered.get(p, -1), r.offset + 1)
             self._stats.delivered += len(records)
         return [r.decode() for r in records]  # outside the lock: the consumer thread goes on meanwhile
 
@@ -374,6 +379,8 @@ class MessageReceiver:
         with self._lock:
             self._expire_leases()
             lease = self._leases.pop(lease_id, None)
+            if lease is None and lease_id in self._confirmed:  # the answer to the first confirm was lost
+                return self._confirmed[lease_id]
             if lease is None:
                 expired = lease_id in self._expired
                 raise LeaseError(
@@ -389,7 +396,11 @@ class MessageReceiver:
                 p = (r.topic, r.partition)
                 self._delivered[p] = max(self._delivered.get(p, -1), r.offset + 1)
             self._stats.confirmed += len(lease.records)
-        return Confirmation(confirmed=len(lease.records), returned=lease.handed_out - len(lease.records))
+            done = Confirmation(confirmed=len(lease.records), returned=lease.handed_out - len(lease.records))
+            self._confirmed[lease_id] = done
+            while len(self._confirmed) > _EXPIRED_LEASES_KEPT:
+                self._confirmed.popitem(last=False)
+        return done
 
     def _pop(self, limit: int) -> list[RawRecord]:
         """Take up to ``limit`` queued records within :attr:`max_take_bytes` (at least one); the lock held."""
@@ -429,14 +440,15 @@ class MessageReceiver:
     def _leased_count(self) -> int:
         return sum(len(lease.records) for lease in self._leases.values())
 
-    def _lowest_leased(self) -> dict[Partition, int]:
-        """The lowest leased offset per partition: commits stop there; the lock held."""
+    def _commit_floor(self) -> dict[Partition, int]:
+        """Per partition, the lowest offset still leased or queued: commits stop there, whatever was delivered
+        after it (a lease that ran out puts its messages back in the queue, below later deliveries); the lock
+        held. Without leases, everything queued lies past what was delivered, so this changes nothing."""
         low: dict[Partition, int] = {}
-        for lease in self._leases.values():
-            for r in lease.records:
-                p = (r.topic, r.partition)
-                if r.offset < low.get(p, r.offset + 1):
-                    low[p] = r.offset
+        for r in [*self._queue, *(r for lease in self._leases.values() for r in lease.records)]:
+            p = (r.topic, r.partition)
+            if r.offset < low.get(p, r.offset + 1):
+                low[p] = r.offset
         return low
 
     def room(self) -> int:
@@ -539,11 +551,10 @@ class MessageReceiver:
         from kafka import OffsetAndMetadata, TopicPartition
 
         with self._lock:
-            low = self._lowest_leased()  # before their leases let go of them: no commit past a leased message
-            first = self._drop_queued(partitions)
+            first = self._drop_queued(partitions)  # their lowest queued or leased offsets: no commit past them
             delivered = {}
             for p in [p for p in self._delivered if p in partitions]:
-                delivered[p] = min(self._delivered.pop(p), low.get(p, math.inf))
+                delivered[p] = min(self._delivered.pop(p), first.get(p, math.inf))
                 self._committed.pop(p, None)
         if delivered:
             offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in delivered.items()}
@@ -581,10 +592,10 @@ class MessageReceiver:
         from kafka import OffsetAndMetadata, TopicPartition
 
         with self._lock:
-            low = self._lowest_leased()
+            low = self._commit_floor()
             pending = {}
             for p, o in self._delivered.items():
-                target = min(o, low.get(p, o))  # never past a message still leased
+                target = min(o, low.get(p, o))  # never past a message still leased or queued again
                 if self._committed.get(p) != target:
                     pending[p] = target
         if not pending:

@@ -194,7 +194,9 @@ def test_a_leased_receive_loses_nothing_when_its_response_is_lost(client: Any, m
     done = client.post("/crowd/receive/confirm", json={"lease": second["lease"]}, headers=headers)
     assert done.status_code == 200 and done.json() == {"confirmed": 3, "returned": 0}, done.text
     again = client.post("/crowd/receive/confirm", json={"lease": second["lease"]}, headers=headers)
-    assert again.status_code == 404, again.text
+    assert again.json() == done.json(), "a confirm repeated (its first answer lost) gets the same answer"
+    unknown = client.post("/crowd/receive/confirm", json={"lease": "never-made"}, headers=headers)
+    assert unknown.status_code == 404, unknown.text
     assert client.get("/crowd/receive", params={"wait_s": 1}, headers=headers).json()["count"] == 0
     receiver = client.get("/crowd/health", headers=headers).json()["receiver"]
     assert receiver["confirmed"] == 3 and receiver["lease_expired"] == 3 and receiver["leased"] == 0, receiver

@@ -341,6 +341,7 @@ def test_a_lease_hides_its_messages_until_confirmed_and_hands_them_out_again_whe
     assert not unknown.value.expired
     done = receiver.confirm(lease_id)
     assert (done.confirmed, done.returned) == (8, 0)
+    assert receiver.confirm(lease_id) == done, "a repeated confirm (its first answer lost) gets the same answer"
     stats = receiver.stats()
     assert (stats.leased, stats.confirmed, stats.lease_expired) == (0, 8, 4), stats
     receiver.stop()  # everything confirmed or taken: committed on the way out, nothing comes again
@@ -390,3 +391,30 @@ def test_a_lease_whose_partition_is_revoked_returns_those_messages_and_nothing_i
     again = [v["n"] for v in _take_until([first, second], done.returned)]
     assert len(again) == len(set(again)) == done.returned, "returned messages lost or doubled"
     assert set(again) <= {m.value["n"] for m in leased}
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("later", ["taken", "leased-and-confirmed"])
+def test_messages_of_a_lease_that_ran_out_are_not_committed_past_by_later_deliveries(
+    kafka_bootstrap: str, topic_factory: Callable[[int], str], receivers: Callable[..., MessageReceiver], later: str
+) -> None:
+    """A slow reader's lease runs out after a faster one took (or leased and confirmed) the messages behind it: the
+    expired ones are queued again, below what was delivered. Offsets were committed past them (to the delivered
+    end), so a stop (or a partition moving) lost them for good; now the commit stops below them."""
+    topic, group = topic_factory(1), f"test-recv-{uuid.uuid4().hex[:8]}"
+    first = receivers(topic, group, commit_every_s=0.2)
+    _send(kafka_bootstrap, topic, _numbers(10))
+    _wait(lambda: len(first) == 10, "10 queued messages")
+    _slow, held = first.lease(5, lease_s=0.5)
+    assert [m.value["n"] for m in held] == [0, 1, 2, 3, 4]
+    if later == "taken":
+        assert [m.value["n"] for m in first.take(5)] == [5, 6, 7, 8, 9]
+    else:
+        fast, rest = first.lease(5, lease_s=60)
+        assert [m.value["n"] for m in rest] == [5, 6, 7, 8, 9]
+        first.confirm(fast)
+    time.sleep(1.0)  # the slow lease runs out; several periodic commits
+    assert len(first) == 5
+    first.stop()
+    second = receivers(topic, group)  # one committed offset per partition: 5-9 come again too (at least once)
+    assert _take_until([second], 10) == [{"n": i} for i in range(10)]
