@@ -776,15 +776,12 @@ def _fail_if_gone(
 ) -> bool:
     """Mark ``item``'s video failed, saying why, if its file went away during the run; True if it was.
 
-    Only a video with no status yet, or ``processing`` by this run (or by a run whose claim lapsed): one done or
-    failed keeps its status and reason, one another run is processing is left to it (and a later run's status is
-    not written over: see :func:`~crowd.storage.mark_video_failed`).
+    Only a video with no status yet, or ``processing`` by this run (checked again as it is written): one done or
+    failed keeps its status and reason, one another run owns (or claims meanwhile) is left to it.
     """
     state = storage.get_video_state(conn, item.video_id)
     run_id = run.run_id if run else None
-    if state is not None and not (
-        state.status == "processing" and (state.run_id == run_id or not state.claimed(settings.video_claim_timeout_s))
-    ):
+    if state is not None and not (state.status == "processing" and state.run_id == run_id):
         return False
     why = _why_gone(item, settings)
     if why is None:
@@ -795,23 +792,36 @@ def _fail_if_gone(
         "stored. A scan that finds the same content again in the video roots processes it again, or trigger "
         "crowd_video_detect with its path"
     )
-    if not storage.mark_video_failed(conn, item.video_id, item.path, reason, run):
-        return False  # a later run owns its status meanwhile
+    if not storage.mark_video_failed_if_owned(conn, item.video_id, item.path, reason, run):
+        return False  # another run owns it meanwhile
     log.error("video %s marked failed: %s", item.video_id, reason)
     return True
 
 
 def _why_gone(item: WorkItem, settings: Settings) -> str | None:
-    """Why the file ``item`` was planned for is no longer at its path (not there, outside the roots now, not
-    readable, other content there), or None while it is. An item without a file signature (not identified when
-    planned) is only checked to be there and readable."""
+    """Why the file ``item`` was planned for is no longer at its path (not there, not readable, other content
+    there), or None while it is, or when this worker cannot tell: the path lies outside its video roots (another
+    worker's mount), its root is missing (a share not mounted here, or not now; an unmounted share whose mount
+    point stays as an empty folder cannot be told from a deleted file), or reading it failed (an I/O error is not
+    an absence). An item without a file signature is only checked to be there and readable."""
+    try:
+        given = Path(item.path).expanduser()
+        paths = {Path(os.path.abspath(given)), given.parent.resolve() / given.name}  # as planned, and linked
+        root = next((r for r in settings.video_roots for p in paths if p.is_relative_to(r)), None)
+        if root is None or not root.is_dir():
+            return None
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+        return None
     try:
         with settings.open_video(item.path) as video:
             now = storage.FileSignature.of(os.fstat(video.fd))
             if item.file_signature is not None and not _same_content(item, now, video):
                 return f"{item.path!r} holds other content now ({_changes(item.file_signature, now)})"
-    except (ConfigError, VideoError, OSError) as exc:  # missing, moved out, not a file, not readable
+    except (ConfigError, VideoError) as exc:  # missing, moved out, not a file, not readable
         return str(exc)
+    except OSError:  # a read error while hashing it again
+        log.warning("video %s: %s could not be read to the end; not counted as gone", item.video_id, item.path)
+        return None
     return None
 
 

@@ -835,6 +835,31 @@ def mark_video_failed(
     return written is not None
 
 
+def mark_video_failed_if_owned(
+    conn: psycopg.Connection, video_id: str, path: str, error: str, run: RunStamp | None = None
+) -> bool:
+    """Mark ``video_id`` failed with ``error`` only if it has no row yet or is ``processing`` by ``run`` itself
+    (checked and written in one statement: a run that claims it meanwhile keeps it).
+
+    Returns:
+        whether it was written.
+    """
+    with conn.transaction():
+        written = conn.execute(
+            """
+            INSERT INTO videos (id, path, status, error, finished_at, run_id, run_started_at)
+            VALUES (%s, %s, 'failed', %s, now(), %s, %s)
+            ON CONFLICT (id) DO UPDATE SET
+                path = EXCLUDED.path, status = 'failed', error = EXCLUDED.error, finished_at = now(),
+                updated_at = now()
+            WHERE videos.status = 'processing' AND videos.run_id IS NOT DISTINCT FROM EXCLUDED.run_id
+            RETURNING id
+            """,
+            (video_id, str(path), storable_text(str(error)[:10_000]), *_run_columns(run)),
+        ).fetchone()
+    return written is not None
+
+
 def video_failed_with(conn: psycopg.Connection, video_id: str, reason_prefix: str) -> bool:
     """Whether ``video_id`` is ``failed`` with a reason starting with ``reason_prefix`` (a kind of failure that
     its writer marks by the reason's first words, e.g. :data:`crowd.jobs.FILE_WENT_AWAY`)."""

@@ -258,3 +258,86 @@ def test_a_scan_does_not_plan_a_video_whose_file_went_away_until_it_is_found(pg_
     (video_root / "a.mp4").write_bytes(content)
     (video_root / "b.mp4").write_bytes(content)
     assert [(i.path, i.video_id) for i in find_new_videos()] == [(str(video_root / "a.mp4"), item.video_id)]
+
+
+def _part_two_fails_on_kafka(video: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list, dict, storage.RunStamp]:
+    """A two-part video: part 1 publishes, part 2's try fails on Kafka (the file is fine)."""
+    from crowd import jobs
+    from crowd.kafka import PublishError
+
+    monkeypatch.setenv("CROWD_FRAMES_PER_TASK", "30")
+    items = find_new_videos()
+    run = _run("scheduled__kafka")
+    first = detect_and_publish(items[0], OPTIONS, run=run)
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise PublishError("the broker said no (simulated)")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jobs, "_detect_and_publish", fail)
+        with pytest.raises(PublishError):
+            detect_and_publish(items[1], OPTIONS, run=run)
+    return items, first, run
+
+
+@pytest.mark.parametrize("seen_from", ["root-unmounted", "other-roots"])
+def test_a_finishing_worker_that_cannot_see_the_file_does_not_call_it_gone(
+    pg_schema: str, faces_topic: str, video_root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, seen_from: str
+) -> None:
+    """A part failed on Kafka, the file is fine, and the worker finishing the run cannot see it (its share unmounted
+    for a moment, other roots): the video was marked failed because its file "went away"."""
+    from crowd.config import load_settings
+
+    video = write_clip(CARPHONE, video_root / "cam.mp4", 60)
+    items, first, run = _part_two_fails_on_kafka(video, monkeypatch)
+    offline = video_root.with_name(video_root.name + ".offline")
+    if seen_from == "other-roots":
+        other = tmp_path / "other-mount"
+        other.mkdir()
+        (other / "someone-else.mp4").write_bytes(b"x")
+        monkeypatch.setenv("CROWD_VIDEO_ROOTS", str(other))
+    else:
+        video_root.rename(offline)
+    try:
+        outcome = finish_videos(items, [first, None], load_settings(), run)
+    finally:
+        if seen_from != "other-roots":
+            offline.rename(video_root)
+    assert outcome["gone"] == [] and outcome["incomplete"] == [items[0].video_id], outcome
+    assert _row(items[0].video_id)[0] == "processing", "a fine video was failed as gone"
+
+
+def test_a_run_that_does_not_own_the_video_leaves_it_to_its_owner(
+    pg_schema: str, faces_topic: str, video_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run X claims the video and waits for a retry (its try failed on Kafka: claim released); a manual run M of a
+    copy that is deleted meanwhile finishes: it marked the video failed as gone, over X's live run (X's retry then
+    published everything and found itself superseded)."""
+    import shutil
+
+    from crowd import jobs
+    from crowd.kafka import PublishError
+
+    original = write_clip(CARPHONE, video_root / "cam.mp4", 12)
+    copy = video_root / "upload" / "copy.mp4"
+    copy.parent.mkdir()
+    shutil.copy(original, copy)
+    x = _run("scheduled__X")
+    x_items = [i for i in find_new_videos() if i.path == str(original)]
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise PublishError("the broker said no (simulated)")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jobs, "_detect_and_publish", fail)
+        with pytest.raises(PublishError):
+            detect_and_publish(x_items[0], OPTIONS, run=x)
+    m = _run("manual__M")
+    m_items = jobs.plan_requested_video(str(copy))
+    copy.unlink()
+    with pytest.raises(VideoUnreachableError):
+        detect_and_publish(m_items[0], OPTIONS, run=m)
+    assert finish_videos(m_items, [None], run=m)["gone"] == []
+    result = detect_and_publish(x_items[0], OPTIONS, run=x)  # X's retry
+    assert finish_videos(x_items, [result], run=x)["done"] == [x_items[0].video_id]
+    assert _row(x_items[0].video_id)[0] == "done"
