@@ -755,7 +755,7 @@ def drain_task(
     return summary.as_dict()
 
 
-_watch_conn: psycopg.Connection | None = None
+_watch_conns: dict[str, psycopg.Connection] = {}  # the watcher's connection per Airflow connection id
 _TOPIC_ID_TTL_S = 1.0
 _topic_ids: dict[str, tuple[float, str | None]] = {}  # topic -> (when read, its id): the watcher's cache
 # (postgres conn, group, topic, partition) -> (when read, stored next offset, topic id): the drain's offsets only
@@ -794,27 +794,29 @@ def faces_pending(
     Returns:
         the event payload (topic, partition, offset) or None to skip.
     """
-    global _watch_conn
     payload = {"topic": message.topic(), "partition": message.partition(), "offset": message.offset()}
     key = (postgres_conn_id, group_id, message.topic(), message.partition())
     read_at, stored_next, stored_topic_id = _stored_next.get(key, (float("-inf"), 0, None))
     if message.offset() < stored_next and time.monotonic() - read_at < _STORED_NEXT_TTL_S:
         return _stored_elsewhere(payload, stored_topic_id, kafka_conn_id)
+    conn = _watch_conns.get(postgres_conn_id)
     try:
-        if _watch_conn is None or _watch_conn.closed:
+        if conn is None or conn.closed:
             # short timeouts: this runs on the triggerer's thread, and a silent database fires the run (safe side)
-            _watch_conn = storage.connect(postgres_conn_id, connect_timeout=3, tcp_user_timeout=5_000)
-            _watch_conn.autocommit = True
-        row = _watch_conn.execute(
+            conn = _watch_conns[postgres_conn_id] = storage.connect(
+                postgres_conn_id, connect_timeout=3, tcp_user_timeout=5_000
+            )
+            conn.autocommit = True
+        row = conn.execute(
             "SELECT next_offset, topic_id FROM kafka_offsets "
             "WHERE consumer_group = %s AND topic = %s AND partition = %s",
             (group_id, message.topic(), message.partition()),
         ).fetchone()
     except Exception as exc:
         log.warning("watcher cannot read stored offsets (%s); firing to be safe", exc)
-        if _watch_conn is not None:
-            _watch_conn.close()
-        _watch_conn = None
+        if conn is not None:
+            conn.close()
+        _watch_conns.pop(postgres_conn_id, None)
         return payload
     if row is None:
         return payload

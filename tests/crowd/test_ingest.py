@@ -477,7 +477,7 @@ def test_the_watcher_asks_the_database_once_for_a_run_of_stored_messages(
 
     with storage.connect("crowd_postgres") as conn:
         conn.autocommit = True
-        monkeypatch.setattr(crowd.ingest, "_watch_conn", Counting(conn))
+        monkeypatch.setattr(crowd.ingest, "_watch_conns", {"crowd_postgres": Counting(conn)})
         messages = _messages_of(faces_topic, 200)
         fired = [crowd.ingest.faces_pending(m, "crowd_postgres", GROUP) for m in messages]
         assert fired == [None] * 200, "stored messages must not fire"
@@ -485,6 +485,46 @@ def test_the_watcher_asks_the_database_once_for_a_run_of_stored_messages(
         publish(faces_topic, [(b"k", encode(frame_dict("video-w", 200, 1)))])
         assert crowd.ingest.faces_pending(_messages_of(faces_topic, 201)[-1], "crowd_postgres", GROUP) is not None
         assert len(queries) == 2, "a message past the stored offsets must be asked about"
+
+
+def test_the_watcher_asks_each_database_through_its_own_connection(
+    faces_topic: str, pg_schema: str, postgres_admin_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two watchers in one triggerer with other PostgreSQL connections (another deployment's schema): the first
+    one's connection answered for both, so a message the second had not stored was skipped."""
+    import json
+
+    import crowd.ingest
+    from crowd import storage
+
+    monkeypatch.setattr(crowd.ingest, "_stored_next", {})
+    monkeypatch.setattr(crowd.ingest, "_watch_conns", {})
+    publish(faces_topic, [(b"k", encode(frame_dict("video-two", 0, 1)))])
+    other = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_admin_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE SCHEMA "{other}"')
+    conn_b = json.loads(os.environ["AIRFLOW_CONN_CROWD_POSTGRES"])
+    conn_b["extra"] = {**conn_b.get("extra", {}), "options": f"-csearch_path={other}"}
+    monkeypatch.setenv("AIRFLOW_CONN_CROWD_POSTGRES_B", json.dumps(conn_b))
+    try:
+        for conn_id in ("crowd_postgres", "crowd_postgres_b"):
+            with storage.connect(conn_id) as conn:
+                storage.migrate(conn)
+                conn.commit()
+        (message,) = _messages_of(faces_topic, 1)
+        with storage.connect("crowd_postgres_b") as conn:  # B stored everything
+            conn.execute(
+                "INSERT INTO kafka_offsets (consumer_group, topic, partition, next_offset) VALUES (%s, %s, %s, 1000)",
+                (GROUP, faces_topic, message.partition()),
+            )
+            conn.commit()
+        assert crowd.ingest.faces_pending(message, "crowd_postgres_b", GROUP) is None
+        assert crowd.ingest.faces_pending(message, "crowd_postgres", GROUP) is not None, "A has not stored it"
+    finally:
+        for conn in crowd.ingest._watch_conns.values():
+            conn.close()
+        with psycopg.connect(postgres_admin_dsn, autocommit=True) as admin:
+            admin.execute(f'DROP SCHEMA "{other}" CASCADE')
 
 
 def test_a_topic_made_again_keeps_the_rejections_of_the_old_one(faces_topic: str, pg_schema: str, kafka_admin) -> None:

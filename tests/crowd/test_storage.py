@@ -195,7 +195,7 @@ def test_a_database_that_never_answers_fails_the_connection_and_the_watcher_fire
     port = silent.getsockname()[1]
     conn_json = {"conn_type": "postgres", "host": "127.0.0.1", "port": port, "login": "crowd", "schema": "crowd_test"}
     monkeypatch.setenv("AIRFLOW_CONN_CROWD_SILENT", json.dumps(conn_json))
-    monkeypatch.setattr(crowd.ingest, "_watch_conn", None)
+    monkeypatch.setattr(crowd.ingest, "_watch_conns", {})
     outcome: dict[str, object] = {}
 
     def connect() -> None:
