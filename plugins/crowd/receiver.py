@@ -64,7 +64,7 @@ DEFAULT_MAX_QUEUE_BYTES = 64 * 1024 * 1024  # messages of up to the broker's 1 M
 DEFAULT_MAX_TAKE_BYTES = 4 * 1024 * 1024  # one /receive response (raw bytes; decoding and JSON add to it)
 MAX_VALUE_DEPTH = 64
 MAX_LEASE_S = 600.0
-_EXPIRED_LEASES_KEPT = 1000  # ids remembered after they ran out or were confirmed: a late confirm says "expired",
+_LEASE_IDS_KEPT = 1000  # ids remembered after they ran out or were confirmed: a late confirm says "expired",
 # a repeated one (its first answer lost) gets that answer again, not "unknown"
 _LAG_EVERY_S = 2.0
 
@@ -398,7 +398,7 @@ class MessageReceiver:
             self._stats.confirmed += len(lease.records)
             done = Confirmation(confirmed=len(lease.records), returned=lease.handed_out - len(lease.records))
             self._confirmed[lease_id] = done
-            while len(self._confirmed) > _EXPIRED_LEASES_KEPT:
+            while len(self._confirmed) > _LEASE_IDS_KEPT:
                 self._confirmed.popitem(last=False)
         return done
 
@@ -428,7 +428,7 @@ class MessageReceiver:
         for lease_id in expired:
             back += self._leases.pop(lease_id).records
             self._expired[lease_id] = None
-        while len(self._expired) > _EXPIRED_LEASES_KEPT:
+        while len(self._expired) > _LEASE_IDS_KEPT:
             self._expired.popitem(last=False)
         back.sort(key=lambda r: (r.topic, r.partition, r.offset))
         self._queue.extendleft(reversed(back))
@@ -475,10 +475,16 @@ class MessageReceiver:
         return snapshot
 
     def _forget_queued(self, partitions: set[Partition] | None = None) -> dict[Partition, int]:
-        """Drop the undelivered messages of ``partitions`` (all when None), to be read again (by this process's
-        next consumer, or by the partition's new owner); returns the first dropped offset per partition."""
+        """Drop the undelivered (queued or leased) messages of ``partitions`` (all when None), to be read again by
+        this process's next consumer; returns the first dropped offset per partition. Where one lies below what was
+        delivered after it (a lease), the next consumer starts there, not past it (it seeks to the delivered end)."""
         with self._lock:
-            return self._drop_queued(partitions)
+            first = self._drop_queued(partitions)
+            for p, offset in first.items():
+                if p in self._delivered and offset < self._delivered[p]:
+                    self._delivered[p] = offset
+                    self._committed.pop(p, None)
+            return first
 
     def _drop_queued(self, partitions: set[Partition] | None) -> dict[Partition, int]:
         """:meth:`_forget_queued`, the lock held."""

@@ -418,3 +418,47 @@ def test_messages_of_a_lease_that_ran_out_are_not_committed_past_by_later_delive
     first.stop()
     second = receivers(topic, group)  # one committed offset per partition: 5-9 come again too (at least once)
     assert _take_until([second], 10) == [{"n": i} for i in range(10)]
+
+
+@pytest.mark.services
+def test_leased_messages_below_later_deliveries_come_again_after_the_consumer_is_rebuilt(
+    kafka_bootstrap: str,
+    topic_factory: Callable[[int], str],
+    receivers: Callable[..., MessageReceiver],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A consumer error rebuilds the consumer and drops what was queued or leased. When its close does not reach
+    the rebalance listener (it raises first, or the broker is gone), the new consumer started past the delivered
+    end, skipping the leased messages below it, and committed past them."""
+    made = MessageReceiver._make_consumer
+
+    def make_consumer(self: MessageReceiver) -> Any:
+        consumer = made(self)
+        close = consumer.close
+
+        def close_without_listener(*args: Any, **kwargs: Any) -> None:
+            consumer._subscription.rebalance_listener = None  # as when close fails before revoking
+            close(*args, **kwargs)
+
+        consumer.close = close_without_listener
+        return consumer
+
+    monkeypatch.setattr(MessageReceiver, "_make_consumer", make_consumer)
+    topic, group = topic_factory(1), f"test-recv-{uuid.uuid4().hex[:8]}"
+    receiver = receivers(topic, group, commit_every_s=0.2)
+    _send(kafka_bootstrap, topic, _numbers(20))
+    _wait(lambda: len(receiver) == 20, "20 queued messages")
+    lease_id, leased = receiver.lease(10, lease_s=120)
+    assert [m.value["n"] for m in leased] == list(range(10))
+    assert [m.value["n"] for m in receiver.take(10)] == list(range(10, 20))
+    original = receiver._update_lag
+
+    def fail_once(consumer: Any) -> None:
+        receiver._update_lag = original  # type: ignore[method-assign]
+        raise RuntimeError("the broker went away (simulated)")
+
+    receiver._update_lag = fail_once  # type: ignore[method-assign]
+    _wait(lambda: receiver.stats().reconnects >= 1, "the consumer to be rebuilt")
+    again = [v["n"] for v in _take_until([receiver], 20)]
+    assert again[:10] == list(range(10)), f"the leased messages did not come again: {again}"
+    assert receiver.confirm(lease_id).returned == 10
