@@ -6,12 +6,12 @@
   median of per-repetition ratios; both must return the same rows.
 * ``write``: COPY of the same frames in batches of 2,000 (the drain's batch) into two schemas, one with the
   statistics triggers (``ours``) and one with them disabled (``no_stats``), batches alternating between them.
-* ``replay``: the drain's replay path (staging table + upsert) on 2,000 frames of the largest video with other
+* ``replay``: the drain's replay path (staging table + upsert) on 2,000 frames of the first video with other
   counts (a re-run with another model), in both schemas, alternating: what a replay costs with the triggers.
 
 Example:
     source dev/env.sh
-    .venv/bin/python bench/summary.py --frames 2000000 --videos 500
+    .venv/bin/python bench/summary.py --frames 2000000 --videos 100   # the figures in bench/README.md (~4 min)
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def run(n_frames: int, n_videos: int, repeat: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=1_000_000)
-    parser.add_argument("--videos", type=int, default=250)
+    parser.add_argument("--videos", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
     out = run(args.frames, args.videos, args.repeat)

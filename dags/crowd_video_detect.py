@@ -27,7 +27,8 @@ The first task checks the parameters and fails with the reason when they are wro
 into frame ranges processed by parallel mapped tasks; every frame's result goes to the Kafka topic `Faces`.
 The video is processed even if it was processed before: with the same settings the same rows are stored
 again (the sink is idempotent); with another `frame_interval` or model the new frames are stored beside the
-earlier ones.
+earlier ones. If the file is deleted, moved or made unreadable before the run ends, the video is marked failed
+with a reason starting "the video file went away" that names the path; what was published stays stored.
 """
 
 

@@ -32,7 +32,8 @@ A corrupt video fails its own mapped task (no retries: the log says why) and is 
 `videos` table; the other videos go on. A file moved or unreadable since the scan fails its task after the
 retries; if it is still gone when the run ends, `finish_videos` records the video failed because its file went
 away (naming the path), and a scan that finds the same content again, under any name, processes it again.
-`finish_videos` marks a video done when all its parts were published. Schedule: `CROWD_SCAN_SCHEDULE` (default every 5 minutes; `none`: by hand only).
+`finish_videos` marks a video done when all its parts were published. Schedule: `CROWD_SCAN_SCHEDULE` (default
+every 5 minutes; `none`: by hand only).
 """
 
 

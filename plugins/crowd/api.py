@@ -4,7 +4,8 @@ Routes (every one needs an authenticated Airflow user; ``/send`` needs the right
 
 * ``POST /send``, ``GET /receive``: the seed's message API over Kafka (topic ``settings.messages_topic``);
   ``/receive`` serves a bounded queue filled by :class:`crowd.receiver.MessageReceiver`, a background thread
-  started and stopped with the app (FastAPI lifespan).
+  started and stopped with the app (FastAPI lifespan); with ``lease_s`` it hands messages out under a lease that
+  ``POST /receive/confirm`` confirms (``/receive`` and the confirm need the right to trigger DAG runs too).
 * ``GET /videos``, ``/videos/{id}``, ``/videos/{id}/frames``, ``/videos/{id}/frames/{frame_id}/faces``,
   ``/videos/{id}/frames.csv``, ``/videos/{id}/faces.csv``, ``/videos/{id}/images[/{name}]``, ``/alerts``: results
   read from PostgreSQL (parameterised SQL only) and PNG pictures from ``settings.results_dir/<video_id>/``. A CSV
@@ -276,7 +277,7 @@ class ReceiverHealth(BaseModel):
     delivered: int = 0
     requeued: int = Field(0, description="queued messages left to be read again (consumer rebuilt, partition moved)")
     leased: int = Field(0, description="messages handed out under a lease, not confirmed yet")
-    confirmed: int = 0
+    confirmed: int = Field(0, description="leased messages confirmed (removed for good)")
     lease_expired: int = Field(0, description="leased messages queued again because their lease ran out")
     paused: bool = Field(False, description="the queue is full: reading waits for /receive to take messages")
     errors: int = 0
@@ -532,7 +533,7 @@ def _rows(conn: Any, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) ->
 
 
 # Every video known from the registry (videos) or from stored frames (frames may arrive before the registry
-# row), with the statistics of the storage's video_summary view (one row per video, kept by the drain's writes).
+# row), with the statistics of the storage's video_summary view (one row per video, kept by triggers on frames).
 _VIDEO_QUERY = """
 WITH ids AS (SELECT id AS video_id FROM videos UNION SELECT video_id FROM video_summary)
 SELECT i.video_id, v.path, v.status, v.error, COALESCE(v.model, s.model) AS model, v.fps, v.frame_count,

@@ -13,7 +13,9 @@ How:
   anywhere replays at most the uncommitted batch, and replays overwrite the same keys.
 * After the commit the offsets are also committed to Kafka (for lag monitoring only) and pending crowd alerts
   are published (outbox, see :mod:`crowd.alerts`).
-* A session advisory lock per (group, topic) keeps two drains of the same group from running at once.
+* A session advisory lock per (group, topic) keeps two drains of the same group from running at once; each batch
+  first takes a transaction lock per video it writes, in one order, so drains of other groups or topics writing the
+  same videos wait for each other instead of deadlocking in the per-video statistics triggers.
 
 Example:
     >>> from crowd.ingest import drain
@@ -757,7 +759,8 @@ def drain_task(
 
 _watch_conns: dict[str, psycopg.Connection] = {}  # the watcher's connection per Airflow connection id
 _TOPIC_ID_TTL_S = 1.0
-_topic_ids: dict[str, tuple[float, str | None]] = {}  # topic -> (when read, its id): the watcher's cache
+# (Kafka connection, topic) -> (when read, its id): the watcher's cache
+_topic_ids: dict[tuple[str, str], tuple[float, str | None]] = {}
 # (postgres conn, group, topic, partition) -> (when read, stored next offset, topic id): the drain's offsets only
 # grow, so a message below them is known stored without asking again for a few seconds (a watcher replaying a stored
 # topic, on its first unpause, asked once per message); the TTL bounds what an operator resetting offsets waits
@@ -770,10 +773,10 @@ def _current_topic_id(kafka_conn_id: str, topic: str) -> str | None:
     the watcher message by message)."""
     from crowd.kafka import topic_id
 
-    read_at, known = _topic_ids.get(topic, (float("-inf"), None))
+    read_at, known = _topic_ids.get((kafka_conn_id, topic), (float("-inf"), None))
     if time.monotonic() - read_at >= _TOPIC_ID_TTL_S:
         known = topic_id(kafka_conn_id, topic, timeout_s=5)
-        _topic_ids[topic] = (time.monotonic(), known)
+        _topic_ids[(kafka_conn_id, topic)] = (time.monotonic(), known)
     return known
 
 
@@ -789,7 +792,9 @@ def faces_pending(
     the stored next offset of the drain's group) are skipped, so a backlog that a running drain is storing
     does not queue a DAG run per message. Offsets stored for an earlier topic of the same name (deleted and made
     again: the broker's topic id differs, asked through ``kafka_conn_id`` at most every few seconds) say nothing
-    about this one's messages: they fire. When the database cannot be asked, it fires (safe side).
+    about this one's messages: they fire. When the database cannot be asked, it fires (safe side). A message below
+    the stored offsets read in the last few seconds is known stored without asking again (a watcher replaying a
+    stored topic asks once per partition, not per message); one connection per ``postgres_conn_id``.
 
     Returns:
         the event payload (topic, partition, offset) or None to skip.

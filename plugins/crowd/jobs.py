@@ -398,8 +398,7 @@ def find_new_videos(
     file is new; but a video failed because its file went away during a run (:data:`FILE_WENT_AWAY`) is planned
     again where it is found. A video another run is processing (its claim alive, see
     :class:`~crowd.storage.VideoState`) is left to it; one whose runs ended silently ``settings.max_silent_runs``
-    times in a row is marked failed. Two
-    copies of the same content found in one scan are processed once. A file modified less than
+    times in a row is marked failed. Two copies of the same content found in one scan are processed once. A file modified less than
     ``settings.scan_min_age_s`` ago (or in the future) may still be being written (an upload, a camera's
     recording) and is left for a later scan: processed now, it would fail, or give a part of the video under a
     content hash that is not the finished file's. A file is read whole (hashed) once: its hash is kept in

@@ -13,13 +13,20 @@ from pathlib import Path
 import pytest
 
 from crowd import storage
-from crowd.jobs import DetectOptions, VideoUnreachableError, detect_and_publish, find_new_videos, finish_videos
+from crowd.jobs import (
+    FILE_WENT_AWAY,
+    DetectOptions,
+    VideoUnreachableError,
+    detect_and_publish,
+    find_new_videos,
+    finish_videos,
+)
 from tests.crowd._helpers import CARPHONE, write_clip
 
 pytestmark = pytest.mark.services
 
 OPTIONS = DetectOptions(frame_interval=10, model="mtcnn")
-WENT_AWAY = "the video file went away"  # how the reason starts
+WENT_AWAY = FILE_WENT_AWAY  # how the reason starts
 
 
 def _row(video_id: str) -> tuple[str | None, str | None]:
@@ -341,3 +348,27 @@ def test_a_run_that_does_not_own_the_video_leaves_it_to_its_owner(
     result = detect_and_publish(x_items[0], OPTIONS, run=x)  # X's retry
     assert finish_videos(x_items, [result], run=x)["done"] == [x_items[0].video_id]
     assert _row(x_items[0].video_id)[0] == "done"
+
+
+def test_a_file_replaced_by_other_content_between_parts_ends_the_old_content_failed(
+    pg_schema: str, faces_topic: str, video_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Part 2 finds other content under the path (a camera rewrote the file): it publishes nothing under the old
+    id; the run ends the old content failed as gone (its file holds other content now), and the next scan plans
+    the new content under its own id."""
+    from crowd.jobs import VideoChangedError
+
+    monkeypatch.setenv("CROWD_FRAMES_PER_TASK", "30")
+    video = write_clip(CARPHONE, video_root / "cam.mp4", 60)
+    items = find_new_videos()
+    run = _run("scheduled__1")
+    first = detect_and_publish(items[0], OPTIONS, run=run)
+    write_clip(CARPHONE, video_root / "cam.mp4", 40)  # another recording under the same name
+    with pytest.raises(VideoChangedError):
+        detect_and_publish(items[1], OPTIONS, run=run)
+    outcome = finish_videos(items, [first, None], run=run)
+    status, error = _row(items[0].video_id)
+    assert outcome["gone"] == [items[0].video_id] and status == "failed", (outcome, status, error)
+    assert error.startswith(FILE_WENT_AWAY) and "holds other content now (size" in error, error
+    again = find_new_videos()
+    assert {i.video_id for i in again} != {items[0].video_id} and all(i.path == str(video) for i in again)
