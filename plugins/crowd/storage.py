@@ -809,6 +809,33 @@ def mark_video_done(conn: psycopg.Connection, video_id: str, run: RunStamp | Non
     return False
 
 
+# the failed row, unless the row says otherwise: {condition} is the ON CONFLICT's WHERE (the row as it is: videos.*)
+_MARK_FAILED_SQL = """
+INSERT INTO videos (id, path, status, error, finished_at, run_id, run_started_at)
+VALUES (%s, %s, 'failed', %s, now(), %s, %s)
+ON CONFLICT (id) DO UPDATE SET
+    path = EXCLUDED.path, status = 'failed', error = EXCLUDED.error, finished_at = now(),
+    run_id = EXCLUDED.run_id, run_started_at = EXCLUDED.run_started_at, updated_at = now()
+WHERE {condition}
+RETURNING id
+"""
+_UNLESS_LATER_OR_DONE = """NOT COALESCE(  -- owned by a later run, or done by this one: leave it
+    videos.run_started_at > EXCLUDED.run_started_at
+    OR (videos.run_started_at = EXCLUDED.run_started_at AND videos.status = 'done'), false)"""
+_ONLY_IF_PROCESSING_BY_THIS_RUN = "videos.status = 'processing' AND videos.run_id IS NOT DISTINCT FROM EXCLUDED.run_id"
+
+
+def _mark_failed(
+    conn: psycopg.Connection, condition: str, video_id: str, path: str, error: str, run: RunStamp | None
+) -> bool:
+    with conn.transaction():
+        written = conn.execute(
+            _MARK_FAILED_SQL.format(condition=condition),
+            (video_id, str(path), storable_text(str(error)[:10_000]), *_run_columns(run)),
+        ).fetchone()
+    return written is not None
+
+
 def mark_video_failed(
     conn: psycopg.Connection, video_id: str, path: str, error: str, run: RunStamp | None = None
 ) -> bool:
@@ -817,22 +844,7 @@ def mark_video_failed(
     Returns:
         False when the video was left as it is: owned by a later run, or ``done`` by ``run`` (see :class:`RunStamp`).
     """
-    with conn.transaction():
-        written = conn.execute(
-            """
-            INSERT INTO videos (id, path, status, error, finished_at, run_id, run_started_at)
-            VALUES (%s, %s, 'failed', %s, now(), %s, %s)
-            ON CONFLICT (id) DO UPDATE SET
-                path = EXCLUDED.path, status = 'failed', error = EXCLUDED.error, finished_at = now(),
-                run_id = EXCLUDED.run_id, run_started_at = EXCLUDED.run_started_at, updated_at = now()
-            WHERE NOT COALESCE(  -- owned by a later run, or done by this one: leave it
-                videos.run_started_at > EXCLUDED.run_started_at
-                OR (videos.run_started_at = EXCLUDED.run_started_at AND videos.status = 'done'), false)
-            RETURNING id
-            """,
-            (video_id, str(path), storable_text(str(error)[:10_000]), *_run_columns(run)),
-        ).fetchone()
-    return written is not None
+    return _mark_failed(conn, _UNLESS_LATER_OR_DONE, video_id, path, error, run)
 
 
 def mark_video_failed_if_owned(
@@ -844,20 +856,7 @@ def mark_video_failed_if_owned(
     Returns:
         whether it was written.
     """
-    with conn.transaction():
-        written = conn.execute(
-            """
-            INSERT INTO videos (id, path, status, error, finished_at, run_id, run_started_at)
-            VALUES (%s, %s, 'failed', %s, now(), %s, %s)
-            ON CONFLICT (id) DO UPDATE SET
-                path = EXCLUDED.path, status = 'failed', error = EXCLUDED.error, finished_at = now(),
-                updated_at = now()
-            WHERE videos.status = 'processing' AND videos.run_id IS NOT DISTINCT FROM EXCLUDED.run_id
-            RETURNING id
-            """,
-            (video_id, str(path), storable_text(str(error)[:10_000]), *_run_columns(run)),
-        ).fetchone()
-    return written is not None
+    return _mark_failed(conn, _ONLY_IF_PROCESSING_BY_THIS_RUN, video_id, path, error, run)
 
 
 def video_failed_with(conn: psycopg.Connection, video_id: str, reason_prefix: str) -> bool:

@@ -267,15 +267,10 @@ def test_a_scan_does_not_plan_a_video_whose_file_went_away_until_it_is_found(pg_
     assert [(i.path, i.video_id) for i in find_new_videos()] == [(str(video_root / "a.mp4"), item.video_id)]
 
 
-def _part_two_fails_on_kafka(video: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list, dict, storage.RunStamp]:
-    """A two-part video: part 1 publishes, part 2's try fails on Kafka (the file is fine)."""
+def _try_failing_on_kafka(item: object, run: storage.RunStamp) -> None:
+    """One try of ``item`` whose publishing fails (the broker says no); the file is fine."""
     from crowd import jobs
     from crowd.kafka import PublishError
-
-    monkeypatch.setenv("CROWD_FRAMES_PER_TASK", "30")
-    items = find_new_videos()
-    run = _run("scheduled__kafka")
-    first = detect_and_publish(items[0], OPTIONS, run=run)
 
     def fail(*args: object, **kwargs: object) -> None:
         raise PublishError("the broker said no (simulated)")
@@ -283,7 +278,16 @@ def _part_two_fails_on_kafka(video: Path, monkeypatch: pytest.MonkeyPatch) -> tu
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(jobs, "_detect_and_publish", fail)
         with pytest.raises(PublishError):
-            detect_and_publish(items[1], OPTIONS, run=run)
+            detect_and_publish(item, OPTIONS, run=run)  # type: ignore[arg-type]
+
+
+def _part_two_fails_on_kafka(video: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list, dict, storage.RunStamp]:
+    """A two-part video: part 1 publishes, part 2's try fails on Kafka (the file is fine)."""
+    monkeypatch.setenv("CROWD_FRAMES_PER_TASK", "30")
+    items = find_new_videos()
+    run = _run("scheduled__kafka")
+    first = detect_and_publish(items[0], OPTIONS, run=run)
+    _try_failing_on_kafka(items[1], run)
     return items, first, run
 
 
@@ -323,7 +327,6 @@ def test_a_run_that_does_not_own_the_video_leaves_it_to_its_owner(
     import shutil
 
     from crowd import jobs
-    from crowd.kafka import PublishError
 
     original = write_clip(CARPHONE, video_root / "cam.mp4", 12)
     copy = video_root / "upload" / "copy.mp4"
@@ -331,14 +334,7 @@ def test_a_run_that_does_not_own_the_video_leaves_it_to_its_owner(
     shutil.copy(original, copy)
     x = _run("scheduled__X")
     x_items = [i for i in find_new_videos() if i.path == str(original)]
-
-    def fail(*args: object, **kwargs: object) -> None:
-        raise PublishError("the broker said no (simulated)")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(jobs, "_detect_and_publish", fail)
-        with pytest.raises(PublishError):
-            detect_and_publish(x_items[0], OPTIONS, run=x)
+    _try_failing_on_kafka(x_items[0], x)
     m = _run("manual__M")
     m_items = jobs.plan_requested_video(str(copy))
     copy.unlink()
