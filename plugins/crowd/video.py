@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import cv2
 import numpy as np
@@ -359,6 +359,30 @@ class _DamagedBoxes(ValueError):
     """A box of an MP4 file has an impossible size."""
 
 
+def _top_level_boxes(handle: BinaryIO) -> Iterator[tuple[bytes, int, int]]:
+    """``(type, offset, size)`` of the top-level boxes of an open MP4 file, reading their headers only.
+
+    Raises:
+        _DamagedBoxes: a box is smaller than its header.
+    """
+    end = os.fstat(handle.fileno()).st_size
+    pos = 0
+    for _ in range(_MAX_BOXES):
+        if pos + 8 > end:
+            return
+        handle.seek(pos)
+        header = handle.read(16)
+        size, kind = struct.unpack_from(">I4s", header)
+        if size == 1 and len(header) == 16:  # 64-bit size follows the type
+            size = struct.unpack_from(">Q", header, 8)[0]
+        elif size == 0:  # the box runs to the end of the file
+            size = end - pos
+        if size < 8:
+            raise _DamagedBoxes(f"box {kind!r} at byte {pos} has size {size}")
+        yield kind, pos, size
+        pos += size
+
+
 def _mp4_index(path: str | os.PathLike[str] | int) -> bytes | None:
     """The index (``moov`` box) of an ISO base media file (MP4, MOV), ``b""`` if it has none.
 
@@ -372,29 +396,53 @@ def _mp4_index(path: str | os.PathLike[str] | int) -> bytes | None:
         return None
     try:
         with open(path, "rb") as handle:
-            end = os.fstat(handle.fileno()).st_size
             if handle.read(8)[4:8] != b"ftyp":
                 return None
-            pos = 0
-            for _ in range(_MAX_BOXES):
-                if pos + 8 > end:
-                    break
-                handle.seek(pos)
-                header = handle.read(16)
-                size, kind = struct.unpack_from(">I4s", header)
-                if size == 1 and len(header) == 16:  # 64-bit size follows the type
-                    size = struct.unpack_from(">Q", header, 8)[0]
-                elif size == 0:  # the box runs to the end of the file
-                    size = end - pos
-                if size < 8:
-                    raise _DamagedBoxes(f"box {kind!r} at byte {pos} has size {size}")
+            for kind, pos, size in _top_level_boxes(handle):
                 if kind == b"moov":
                     handle.seek(pos)
                     return handle.read(min(size, _MAX_INDEX_BYTES))
-                pos += size
     except OSError:  # gone or unreadable since it was checked
         return None
     return b""
+
+
+def _fragmented_frame_count(path: str | os.PathLike[str] | int) -> int | None:
+    """Frames of the first video track of a fragmented MP4 (its index has an ``mvex`` box): those the index lists
+    plus those of every fragment's ``trun`` boxes (ISO/IEC 14496-12, 8.8). ``None`` when the file is not a
+    fragmented MP4 or its boxes cannot be read. FFmpeg's count of such a file covers its first fragment at best.
+    """
+    try:
+        index = _mp4_index(path)
+        moov = next((p for k, p in _boxes(index) if k == b"moov"), None) if index else None
+        if moov is None or _child(moov, b"mvex") is None:
+            return None
+        trak = next(
+            (t for k, t in _boxes(moov) if k == b"trak" and (_child(t, b"mdia", b"hdlr") or b"")[8:12] == b"vide"),
+            None,
+        )
+        tkhd = trak and _child(trak, b"tkhd")
+        stbl = trak and _child(trak, b"mdia", b"minf", b"stbl")
+        if not tkhd or stbl is None:
+            return None
+        track_id = struct.unpack_from(">I", tkhd, 20 if tkhd[0] == 1 else 12)[0]
+        frames = _sample_count(stbl) or 0
+        with open(path, "rb") as handle:
+            for kind, pos, size in _top_level_boxes(handle):
+                if kind != b"moof":
+                    continue
+                handle.seek(pos)
+                moof = handle.read(min(size, _MAX_INDEX_BYTES))
+                for part, traf in _boxes(moof, 16 if struct.unpack_from(">I", moof)[0] == 1 else 8):
+                    tfhd = _child(traf, b"tfhd") if part == b"traf" else None
+                    if tfhd is None or struct.unpack_from(">I", tfhd, 4)[0] != track_id:
+                        continue
+                    frames += sum(struct.unpack_from(">I", run, 4)[0] for k, run in _boxes(traf) if k == b"trun")
+                if frames > MAX_INDEXED_FRAMES:
+                    return None
+        return frames
+    except (OSError, _DamagedBoxes, struct.error):
+        return None
 
 
 def _mp4_problem(path: str | os.PathLike[str]) -> str | None:
@@ -481,6 +529,10 @@ def _mp4_timing(path: str | os.PathLike[str] | int) -> _Timing | None:
     mvhd = moov and _child(moov, b"mvhd")
     if not moov or not mvhd or len(mvhd) < 24:
         return None
+    if _child(moov, b"mvex") is not None:
+        # fragmented: more samples follow in moof boxes (ffmpeg's frag_keyframe lists the first fragment's in the
+        # index, and its count would end the read there); the video is read to where decoding ends
+        return None
     for kind, trak in _boxes(moov):
         hdlr = _child(trak, b"mdia", b"hdlr") if kind == b"trak" else None
         if hdlr is None or hdlr[8:12] != b"vide":
@@ -517,10 +569,10 @@ def _track_timing(trak: bytes, movie_scale: int) -> _Timing | None:
     ctts = _child(stbl, b"ctts")
     if ctts:
         table = np.frombuffer(ctts, ">i4", count=2 * struct.unpack_from(">I", ctts, 4)[0], offset=8).reshape(-1, 2)
-        offsets = np.repeat(table[:, 1].astype(np.int64), table[:, 0].astype(np.int64))
-        if len(offsets) != len(pts):
+        counts = table[:, 0].astype(np.int64) & 0xFFFFFFFF  # unsigned in the file
+        if int(counts.sum()) != len(pts):  # checked before expanding: a damaged count would claim gigabytes
             return None
-        pts = pts + offsets
+        pts = pts + np.repeat(table[:, 1].astype(np.int64), counts)
     elst = _child(trak, b"edts", b"elst")
     if elst:
         wide = elst[0] == 1
@@ -582,6 +634,8 @@ def probe_video(source: str | os.PathLike[str] | int) -> VideoInfo:
                 info, frame_count=timing.frames, index_duration_s=timing.duration_s,
                 constant_rate=timing.constant_rate_at(info.fps),
             )  # fmt: skip
+        elif (fragmented := _fragmented_frame_count(source)) is not None:
+            info = dataclasses.replace(info, frame_count=fragmented)  # still an estimate: no edit list, not split
         if not cap.grab():
             raise NotAVideoError(source, "not a video container (read 0 frames)")
         return info
@@ -718,10 +772,12 @@ class FrameReader:
 
     @property
     def expected_frames(self) -> int | None:
-        """How many frames this reader should yield, or ``None`` for live sources."""
-        if self.info.frame_count is None:
+        """How many frames this reader should yield (from FFmpeg's estimate when the index does not list them), or
+        ``None`` for live sources and ranges starting past the estimate."""
+        count = self.info.frame_count
+        if count is None or self.start > count:
             return None
-        return len(sampled_frame_ids(self.info.frame_count, self.frame_interval, (self.start, self.stop)))
+        return len(sampled_frame_ids(count, self.frame_interval, (self.start, self.stop)))
 
     def _put(self, item: object) -> bool:
         while not self._stop_event.is_set():
@@ -835,11 +891,21 @@ class FrameReader:
         count, duration_s, fps = self.info.frame_count, self.info.duration_s, self.info.fps
         if self.info.is_live or count is None:
             return _END
-        if pos >= count - 1 and pos >= self.start:
+        if self.info.exact_frame_count is not None:
+            # the MP4 index lists every frame: one missing, even the last, is data lost (the slack below is for
+            # FFmpeg's estimates)
+            if pos >= count:
+                return _END
+        elif pos >= count - 1 and pos >= self.start:
             # containers sometimes over-count by one frame; reading to within one frame of the end is complete
             return _END
         reached_s = None if last_ms is None else (last_ms + gap_ms) / 1000.0
-        if reached_s is not None and duration_s is not None and reached_s + 1.0 / fps >= duration_s:
+        if (
+            self.info.exact_frame_count is None
+            and reached_s is not None
+            and duration_s is not None
+            and reached_s + 1.0 / fps >= duration_s
+        ):
             return _END
         at = "" if reached_s is None else f" ({reached_s:.2f} s of {duration_s:.2f} s)"
         return CorruptVideoError(

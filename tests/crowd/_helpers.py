@@ -218,11 +218,19 @@ def call_where_file_modes_apply(setup: str, call: str, *, env: dict[str, str] | 
 
 
 def write_numbered(
-    path: Path, pts_ms: Sequence[int], *, fmt: str | None = None, codec: str = "libx264", gop: int = 30
+    path: Path,
+    pts_ms: Sequence[int],
+    *,
+    fmt: str | None = None,
+    codec: str = "libx264",
+    gop: int = 30,
+    b_frames: int | None = None,
+    movflags: str | None = None,
 ) -> Path:
     """Encode with FFmpeg (PyAV) one frame per entry of ``pts_ms``, shown at that time (ms): frame i shows i as
     the stripes :func:`frame_index` reads. Uneven ``pts_ms`` make a variable-frame-rate video; ``fmt`` picks the
-    container (``"matroska"``, or ``"h264"``: a raw stream, which has no timestamps). Keyframe every ``gop``.
+    container (``"matroska"``, or ``"h264"``: a raw stream, which has no timestamps). Keyframe every ``gop``;
+    ``b_frames`` for libx264 (its default: 3); ``movflags`` for the MP4 muxer (``"frag_keyframe"``: fragmented).
     """
     import fractions
 
@@ -230,8 +238,11 @@ def write_numbered(
 
     ms = fractions.Fraction(1, 1000)
     raw = fmt in ("h264", "m4v")
-    with av.open(str(path), "w", format=fmt) as out:
-        stream = out.add_stream(codec, rate=30, options={"g": str(gop)} if codec == "libx264" else {})
+    codec_options = {"g": str(gop)} if codec == "libx264" else {}
+    if b_frames is not None:
+        codec_options["bf"] = str(b_frames)
+    with av.open(str(path), "w", format=fmt, options={"movflags": movflags} if movflags else {}) as out:
+        stream = out.add_stream(codec, rate=30, options=codec_options)
         stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
         if not raw:
             stream.time_base = stream.codec_context.time_base = ms

@@ -426,6 +426,106 @@ def test_truncated_h264_mp4_still_reports_where_it_stopped(tmp_path: Path) -> No
     assert "decoding stopped at frame" in str(reader.error)  # a guard: the loose count must not hide this
 
 
+def _faststart(src: Path, dst: Path) -> Path:
+    """``src`` remuxed with its index (moov) first, as cameras and ``ffmpeg -movflags faststart`` write it."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w", format="mp4", options={"movflags": "faststart"}) as out:
+        target = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = target
+                out.mux(packet)
+    return dst
+
+
+def test_a_fragmented_mp4_is_read_past_its_first_fragment(tmp_path: Path) -> None:
+    """``movflags=frag_keyframe`` (streaming cameras, MSE recorders) lists the first fragment's frames in the index
+    and the rest in moof boxes after it: the index's count ended the read after 30 of 90 frames, reported as a
+    complete video. A fragmented file's count is not exact: it is read to where decoding ends."""
+    path = write_numbered(tmp_path / "frag.mp4", [round(i * 1000 / 30) for i in range(90)], movflags="frag_keyframe")
+    assert path.read_bytes().count(b"moof") >= 3  # fragments after the index
+    info = probe_video(path)
+    assert info.exact_frame_count is None and not info.constant_rate  # not split either
+    assert info.frame_count == 90  # counted in the fragments (FFmpeg says 4): progress and the end check use it
+    reader = FrameReader(path, frame_interval=1)
+    frames = list(reader)
+    assert reader.error is None
+    assert [f.frame_id for f in frames] == list(range(90))
+    assert [frame_index(f.image) for f in frames] == list(range(90))
+    cut = tmp_path / "cut.mp4"  # a fragment cut short: its frames are counted, not all decoded
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size * 9 // 10])  # inside the last fragment's data
+    reader = FrameReader(cut, frame_interval=1)
+    frames = list(reader)
+    assert 30 < len(frames) < 89 and isinstance(reader.error, CorruptVideoError)
+
+
+def test_a_damaged_presentation_offset_count_is_not_expanded(tmp_path: Path) -> None:
+    """One ctts entry claiming 10^8 samples (4 bytes changed): the probe expanded it (800 MB and 3 s a probe, at
+    every scan and task; a count near the worker's memory had it killed) before checking it against the frame
+    count. Now the counts are checked first and the index is not used. Peak memory measured in a subprocess."""
+    import resource
+    import subprocess
+    import sys
+
+    path = write_numbered(tmp_path / "b.mp4", [round(i * 1000 / 30) for i in range(60)])  # B-frames: a ctts box
+    data = bytearray(path.read_bytes())
+    at = data.find(b"ctts")
+    assert at > 0 and struct.unpack_from(">I", data, at + 8)[0] > 1
+    struct.pack_into(">I", data, at + 12, 10**8)
+    damaged = tmp_path / "damaged-ctts.mp4"
+    damaged.write_bytes(bytes(data))
+    code = (
+        "import resource, sys; from crowd.video import probe_video\n"
+        "info = probe_video(sys.argv[1])\n"
+        "print(info.constant_rate, info.index_duration_s, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    plugins = str(Path(__file__).resolve().parents[2] / "plugins")
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(damaged)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": plugins},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    constant_rate, duration, peak_kib = run.stdout.split()
+    assert (constant_rate, duration) == ("False", "None")
+    assert int(peak_kib) < 400 * 1024, f"peak RSS {int(peak_kib) // 1024} MiB"  # 10^8 int64 offsets are 763 MiB
+    del resource
+
+
+@pytest.mark.parametrize("cut", [1, 2], ids=["last-frame", "last-two"])
+def test_an_mp4_missing_its_last_frames_is_reported_corrupt(cut: int, tmp_path: Path) -> None:
+    """The index lists 90 frames and the file ends before the last one's data: that frame was lost, and with
+    every frame sampled it was never processed. The one-frame slack meant for FFmpeg's estimated counts hid it
+    (the run was done, 89 frames); an index count is exact."""
+    written = write_numbered(tmp_path / "full.mp4", [round(i * 1000 / 30) for i in range(90)], b_frames=0)
+    fast = _faststart(written, tmp_path / "fast.mp4")
+    data = fast.read_bytes()
+    at = data.find(b"stsz")
+    count = struct.unpack_from(">I", data, at + 12)[0]
+    assert count == 90
+    sizes = struct.unpack_from(f">{count}I", data, at + 16)
+    cut_file = tmp_path / "cut.mp4"
+    cut_file.write_bytes(data[: len(data) - sum(sizes[-cut:])])  # the data of the last frame(s), at the file's end
+    assert probe_video(cut_file).exact_frame_count == 90
+    reader = FrameReader(cut_file, frame_interval=1)
+    frames = list(reader)
+    assert [f.frame_id for f in frames] == list(range(90 - cut))
+    assert isinstance(reader.error, CorruptVideoError) and reader.error.frame_id == 90 - cut
+    whole = FrameReader(fast, frame_interval=1)
+    assert len(list(whole)) == 90 and whole.error is None  # the complete file still ends cleanly
+
+
+def test_expected_frames_of_a_range_past_the_estimated_count_is_unknown(tmp_path: Path) -> None:
+    """The count of a fragmented file is an estimate the reader does not cut ranges to: a range starting past it
+    raised "must satisfy 0 <= start <= stop" (the CLI's --start/--stop) before any frame was read."""
+    path = write_numbered(tmp_path / "frag.mp4", [round(i * 1000 / 30) for i in range(90)], movflags="frag_keyframe")
+    reader = FrameReader(path, frame_interval=10, frame_range=(200, 300))
+    assert reader.info.exact_frame_count is None and reader.info.frame_count == 90
+    assert reader.expected_frames is None
+    inside = FrameReader(path, frame_interval=10, frame_range=(0, 50))
+    assert inside.expected_frames == 5
+
+
 def test_decode_thread_that_cannot_open_the_video_ends_the_iteration(clip: Path, monkeypatch) -> None:
     """An exception opening the capture on the decoding thread reaches the consumer instead of hanging it."""
     import crowd.video
