@@ -79,6 +79,7 @@ export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=http://127.0.0.1:$api/execution/
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=admin:admin,viewer:viewer
 export AIRFLOW__API__HOST=127.0.0.1
 export AIRFLOW__API__PORT=$api
+export AIRFLOW__API__BASE_URL=http://127.0.0.1:$api
 export AIRFLOW__API__WORKERS=1
 export AIRFLOW__API__SECRET_KEY=$(rand_hex 16)
 export AIRFLOW__API_AUTH__JWT_SECRET=$(rand_hex 32)

@@ -48,5 +48,18 @@ stop_pidfile() {
     log "$name did not stop in 30 s, killing it"
     kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
   fi
+  stop_session "$pid" "$name"
   rm -f "$pidfile"
+}
+
+# stop_session SID NAME: the processes left in the session we started with setsid, in process groups of their own
+# (Airflow's supervisor puts each task process in one): a signal to our group does not reach them.
+stop_session() {
+  local sid=$1 name=$2
+  command -v pgrep >/dev/null || return 0
+  pgrep -s "$sid" >/dev/null 2>&1 || return 0
+  log "stopping what $name left running (task processes)"
+  pkill -TERM -s "$sid" 2>/dev/null || true
+  for _ in $(seq 1 20); do pgrep -s "$sid" >/dev/null 2>&1 || return 0; sleep 0.5; done
+  pkill -KILL -s "$sid" 2>/dev/null || true
 }

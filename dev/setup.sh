@@ -6,11 +6,17 @@
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$CROWD_ROOT"
 
+UV_VERSION=0.13.9  # the uv these pins were resolved and installed with
+
 ensure_venv() {
   command -v python3 >/dev/null || apt_install python3 python3-venv
   local uv=(uv)
   if ! command -v uv >/dev/null; then
-    python3 -m uv --version >/dev/null 2>&1 || { log "installing uv (from PyPI)"; python3 -m pip install -q uv 2>/dev/null || python3 -m pip install -q --break-system-packages uv; }
+    if ! python3 -m uv --version >/dev/null 2>&1; then
+      log "installing uv $UV_VERSION (from PyPI)"
+      python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip  # Debian's python3 comes without pip
+      python3 -m pip install -q "uv==$UV_VERSION" 2>/dev/null || python3 -m pip install -q --break-system-packages "uv==$UV_VERSION"
+    fi
     uv=(python3 -m uv)
   fi
   local stamp=.venv/.requirements.sha256 want
@@ -34,6 +40,8 @@ ensure_browser() {
   command -v chromium >/dev/null || apt_install chromium || log "chromium not installed: the dashboard test will be skipped"
 }
 
+# curl: the scripts' health checks; procps: dev/stop.sh finds task processes by session (pgrep)
+apt_install curl procps
 ensure_venv
 ensure_browser
 ensure_test_tools

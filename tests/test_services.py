@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,55 @@ def test_postgres_round_trip_through_the_provider_hook(pg_schema: str) -> None:
     assert hook.get_records("SELECT id, note FROM smoke ORDER BY id") == [(1, "a"), (2, "c")]
     assert hook.get_first("SELECT current_schema()")[0] == pg_schema
     assert hook.get_first("SHOW server_version")[0].split(".")[0].isdigit()
+
+
+def test_stopping_a_service_stops_the_task_processes_it_left_in_groups_of_their_own(tmp_path: Path) -> None:
+    """dev/stop.sh signals the process group of what dev/*.sh started with setsid; Airflow's supervisor puts each
+    task process in a group of its own, which outlived the stop (still running with Kafka and PostgreSQL gone).
+    A stand-in: a session leader whose child moves to its own group, as a task process does."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    pidfile, childfile = tmp_path / "svc.pid", tmp_path / "child.pid"
+    child = f"import os, time; os.setpgid(0, 0); open({str(childfile)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+    leader = subprocess.Popen(
+        ["setsid", "bash", "-c", f'"{sys.executable}" -c "{child}" & wait'],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=False,
+    )  # fmt: skip
+    threading.Thread(target=leader.wait, daemon=True).start()  # reaped at once: a zombie still answers kill -0
+    deadline = time.monotonic() + 10
+    while not childfile.exists() or not childfile.read_text():
+        assert time.monotonic() < deadline, "the stand-in task process did not start"
+        time.sleep(0.05)
+    child_pid = int(childfile.read_text())
+    leader_pid = int(subprocess.run(["ps", "-o", "sid=", "-p", str(child_pid)], capture_output=True, text=True).stdout)
+    assert os.getpgid(child_pid) == child_pid != leader_pid  # its own group, the leader's session
+    pidfile.write_text(str(leader_pid))
+    try:
+        subprocess.run(
+            ["bash", "-c", f'source {root}/dev/common.sh && stop_pidfile "$1" stand-in', "_", str(pidfile)],
+            check=True, capture_output=True, timeout=90,
+        )  # fmt: skip
+        deadline = time.monotonic() + 5
+        while _alive(child_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child_pid), "the task process in a group of its own outlived stop_pidfile"
+    finally:
+        for pid in (child_pid, leader_pid):
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

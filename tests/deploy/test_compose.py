@@ -341,6 +341,16 @@ def test_rabbitmq_waits_longer_for_an_acknowledgement_than_a_task_may_run() -> N
     assert "consumer_timeout" in _readme_docker_section()  # hosted brokers need it too
 
 
+def test_a_stopped_worker_has_time_to_finish_its_running_tasks() -> None:
+    """The worker's warm shutdown (DUMB_INIT_SETSID=0) waits for its tasks, but Docker kills a container 10 s after
+    `docker compose stop` unless told otherwise: every stop or recreate cut the running detection tasks short."""
+    worker = resolved()["services"]["airflow-worker"]
+    assert _env_of(worker)["DUMB_INIT_SETSID"] == "0"
+    grace = str(worker.get("stop_grace_period", "10s"))
+    amount, unit = re.fullmatch(r"(\d+)([smh])", grace).groups()
+    assert int(amount) * {"s": 1, "m": 60, "h": 3600}[unit] >= 10 * 60, grace
+
+
 def test_postgres_is_healthy_only_when_it_listens_on_tcp() -> None:
     """Without -h, pg_isready asks the Unix socket, which the image's temporary init server answers before the crowd
     database exists (docker-library/postgres#146); airflow-init and the services wait for this healthcheck (the
