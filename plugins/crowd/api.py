@@ -55,6 +55,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crowd.config import Settings, load_settings
 from crowd.ingest import stored_offsets
+from crowd.messages import VIDEO_ID_PATTERN
 from crowd.receiver import MAX_LEASE_S, LeaseError, MessageReceiver, ReceivedMessage, kafka_python_security
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,6 @@ SEND_TIMEOUT_S = 5.0
 KAFKA_PROBE_TTL_S = 5.0
 DASHBOARD_HTML = Path(__file__).with_name("dashboard.html")
 
-VIDEO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 IMAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.(png|jpg|jpeg)$"
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 _CONSUMER_ONLY = frozenset({"group.id", "enable.auto.commit", "auto.offset.reset", "enable.auto.offset.store"})
@@ -578,8 +578,14 @@ def connect_or_503(settings: Settings) -> Any:
 
 
 def db(request: Request) -> Iterator[Any]:
-    """Dependency: one PostgreSQL connection per request, closed afterwards; 503 when unreachable."""
+    """Dependency: one PostgreSQL connection per request, closed afterwards; 503 when unreachable.
+
+    Its statements share one read-only snapshot (REPEATABLE READ): a page's ``total`` and its items are counted
+    from the same rows even while the ingest writes (at READ COMMITTED each statement saw the rows committed
+    when it began: a total of 8 beside 10 items)."""
     conn = connect_or_503(request.app.state.settings_factory())
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = True
     try:
         yield conn
     finally:
@@ -754,6 +760,23 @@ def requires_dag_run_trigger(action: str = "sending") -> Callable[..., None]:
     return inner
 
 
+def requires_token_header(action: str) -> Callable[..., None]:
+    """Dependency: the request carries its token in the ``Authorization`` header, not only the browser's session
+    cookie. For a GET that changes state (``/receive`` removes what it returns): browsers send the SameSite=Lax
+    cookie on a cross-site link or redirect, so a page elsewhere could make a logged-in user's browser take the
+    messages; no such navigation can set a header. (POSTs are safe: Lax cookies do not go with cross-site POSTs.)"""
+
+    def inner(request: Request) -> None:
+        if not request.headers.get("authorization", "").lower().startswith("bearer "):
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                f"Forbidden: {action} needs the token in an Authorization header (Bearer ...); a session cookie "
+                "alone is refused, so that a link cannot make a browser take messages",
+            )
+
+    return inner
+
+
 def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: Callable[[], Settings]) -> None:
     def producer_for(request: Request, settings: Settings) -> PolledProducer:
         state = request.app.state
@@ -829,7 +852,10 @@ def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: C
         "/receive",
         response_model=ReceiveResponse,
         # taking messages removes them for every other reader: a write, not for read-only viewers
-        dependencies=[Depends(requires_dag_run_trigger("taking messages"))],
+        dependencies=[
+            Depends(requires_dag_run_trigger("taking messages")),
+            Depends(requires_token_header("taking messages")),
+        ],
         responses={503: {"description": "the background consumer is not running"}},
         summary="Take messages read by the background consumer (delivered ones are removed)",
     )
@@ -961,20 +987,29 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
         conn: Db,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 500,
         offset: Annotated[int, Query(ge=0, le=100_000_000)] = 0,
+        after_frame_id: Annotated[
+            int | None,
+            Query(
+                ge=-1,
+                le=2**63 - 1,
+                description="only frames after this one (the last frame_id of the previous page): pages that neither "
+                "skip nor repeat frames while late frames of a split video arrive, which offsets do",
+            ),
+        ] = None,
     ) -> FramePage:
         total = one_video(conn, video_id)["frames"]
         rows = _rows(
             conn,
-            "SELECT frame_id, frame_ts_ms, total_faces FROM frames WHERE video_id = %s"
+            "SELECT frame_id, frame_ts_ms, total_faces FROM frames WHERE video_id = %s AND frame_id > %s"
             " ORDER BY frame_id LIMIT %s OFFSET %s",
-            (video_id, limit, offset),
+            (video_id, -1 if after_frame_id is None else after_frame_id, limit, offset),
         )
         return FramePage(
             video_id=video_id, items=[FrameCount(**r) for r in rows], total=total, limit=limit, offset=offset
         )
 
     @app.get("/videos/{video_id}/frames/{frame_id}/faces", response_model=FrameFaces, summary="One frame's faces")
-    def frame_faces(video_id: VideoId, frame_id: Annotated[int, PathParam(ge=0, le=2**31 - 1)], conn: Db) -> FrameFaces:
+    def frame_faces(video_id: VideoId, frame_id: Annotated[int, PathParam(ge=0, le=2**63 - 1)], conn: Db) -> FrameFaces:
         frames = _rows(
             conn,
             "SELECT frame_id, frame_ts_ms, total_faces, frame_width, frame_height, model FROM frames"

@@ -17,7 +17,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import IO
 
-from crowd.detection import BACKENDS, build_detector
+from crowd.detection import BACKENDS, MAX_INPUT_SIZE, build_detector
 from crowd.messages import FaceMessage, write_schema
 from crowd.models import ModelError
 from crowd.pipeline import detect_image, process_video
@@ -30,6 +30,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive whole number")
+    return value
+
+
+def _input_size(text: str) -> int:
+    value = int(text)
+    if not 32 <= value <= MAX_INPUT_SIZE or value % 32:
+        raise argparse.ArgumentTypeError(f"{value} is not a multiple of 32 from 32 to {MAX_INPUT_SIZE}")
     return value
 
 
@@ -71,7 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     det.add_argument("--max-frames", type=_positive_int, default=None, help="stop after this many processed frames")
     det.add_argument("--out", default=None, help="write JSON lines here (default: stdout)")
     det.add_argument("--backend", choices=BACKENDS, default=None, help="detector (default: CROWD_DETECTOR or auto)")
-    det.add_argument("--input-size", type=int, default=416, help="YOLO network input size")
+    det.add_argument(
+        "--input-size",
+        type=_input_size,
+        default=416,
+        help=f"YOLO network input size (multiple of 32, <= {MAX_INPUT_SIZE})",
+    )
     det.add_argument("--tiles", action="store_true", help="also detect on overlapping tiles (small faces)")
     det.add_argument(
         "--pictures", type=_writable_folder, default=None, help="folder for annotated frame, heatmap and timeline"

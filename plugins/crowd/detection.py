@@ -152,6 +152,7 @@ class YoloInput:
 
 # OpenCV's Darknet YOLO layer sets objectness * class scores below its "thresh" (0.2 unless the cfg says) to 0
 YOLO_LAYER_SCORE_FLOOR = 0.2
+MAX_INPUT_SIZE = 2048  # a YOLO input side; memory grows with its square (608 is YOLOv3's largest published size)
 
 
 class YoloV3Detector(Detector):
@@ -179,8 +180,11 @@ class YoloV3Detector(Detector):
         nms_threshold: float = 0.4,
         name: str | None = None,
     ) -> None:
-        if input_size < 32 or input_size % 32:
-            raise ValueError(f"input_size={input_size} must be a positive multiple of 32 (e.g. 320, 416, 608)")
+        if not 32 <= input_size <= MAX_INPUT_SIZE or input_size % 32:
+            raise ValueError(
+                f"input_size={input_size} must be a multiple of 32 from 32 to {MAX_INPUT_SIZE} (e.g. 320, 416, 608): "
+                "the network's memory grows with its square (100,000 took 24 GB before the process was killed)"
+            )
         for label, path in (("cfg", cfg), ("weights", weights)):
             if not Path(path).is_file():
                 raise ModelError(f"YOLOv3 {label} file {str(path)!r} not found; see `python -m crowd.models status`")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,6 +30,8 @@ import msgspec
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "include" / "schema" / "faces-message.schema.json"
 MAX_VIDEO_ID_LENGTH = 128
+# what the API takes in a URL path: content hashes, `live-` ids (crowd.video.live_source_id), names without `/`
+VIDEO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -69,7 +72,13 @@ class FaceMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
 
     schema_version: Literal[1] = SCHEMA_VERSION
     video_id: Annotated[
-        str, msgspec.Meta(min_length=1, max_length=MAX_VIDEO_ID_LENGTH, description="content hash of the video file")
+        str,
+        msgspec.Meta(
+            min_length=1,
+            max_length=MAX_VIDEO_ID_LENGTH,
+            pattern=VIDEO_ID_PATTERN,
+            description="content hash of the video file ('live-' and a hash for a camera or stream); letters, digits, '_', '.', '-'",
+        ),
     ]
     source: Annotated[str, msgspec.Meta(description="path or URL the frame was read from")]
     frame_id: Annotated[int, msgspec.Meta(ge=0, description="index of the frame in the video")]
@@ -89,6 +98,8 @@ class FaceMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     def __post_init__(self) -> None:
         """The rules no single field can state; a ``ValueError`` here is a validation error when decoding."""
         faces = self.faces
+        if self.video_id.endswith("\n"):  # the pattern's $ lets one through in Python (re.search), not in the API
+            raise ValueError(f"video_id {self.video_id!r} must not end with a line break")
         if self.total_faces != len(faces):
             raise ValueError(f"total_faces={self.total_faces} but faces has {len(faces)} entries")
         fw, fh = self.frame_width, self.frame_height
@@ -184,7 +195,11 @@ def build_message(
     problems = [
         text
         for bad, text in (
-            (not 1 <= len(video_id) <= MAX_VIDEO_ID_LENGTH, f"video_id must have 1-{MAX_VIDEO_ID_LENGTH} characters"),
+            (
+                not re.fullmatch(VIDEO_ID_PATTERN, video_id) or video_id.endswith("\n"),
+                f"video_id {video_id[:140]!r} must be 1-{MAX_VIDEO_ID_LENGTH} letters, digits, '_', '.' or '-', "
+                "starting with a letter or digit",
+            ),
             (not model, "model must not be empty"),
             (frame_id < 0, f"frame_id {frame_id} < 0"),
             (not ts_ms >= 0, f"ts_ms {ts_ms} is not >= 0"),

@@ -21,7 +21,7 @@ from typing import Any
 from crowd.detection import Detector
 from crowd.messages import FaceMessage, build_message
 from crowd.pictures import PictureAccumulator, PicturePaths
-from crowd.video import FrameReader, content_hash, is_live_source, read_image
+from crowd.video import FrameReader, content_hash, is_live_source, live_source_id, public_source, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,8 @@ def process_video(
     )
     info = reader.info
     if video_id is None:
-        video_id = str(source) if is_live_source(source) else content_hash(source)  # type: ignore[arg-type]
+        video_id = live_source_id(source) if is_live_source(source) else content_hash(source)  # type: ignore[arg-type]
+    shown = public_source(source)  # in messages and logs: a stream URL without its credentials
     total = reader.expected_frames
     report = _progress_sink(progress)
     acc = PictureAccumulator(info.width, info.height) if pictures_dir is not None else None
@@ -141,14 +142,14 @@ def process_video(
     last_report = started
     logger.info(
         "processing %s (id %s) with %s: %s fps, %s frames, every %d-th frame, range %s..%s, %s to process",
-        source, video_id, detector.name, f"{info.fps:g}", info.frame_count, reader.frame_interval,
+        shown, video_id, detector.name, f"{info.fps:g}", info.frame_count, reader.frame_interval,
         reader.start, reader.stop_frame if reader.stop_frame is not None else "live" if info.is_live else "end",
         total if total is not None else "?",
     )  # fmt: skip
     for frame in reader:
         detections = detector.detect_prepared(frame.image, frame.prepared)
         message = build_message(
-            video_id, str(source), frame.frame_id, frame.ts_ms, frame.image.shape, detections, detector.name
+            video_id, shown, frame.frame_id, frame.ts_ms, frame.image.shape, detections, detector.name
         )
         if on_message is not None:
             on_message(message)
@@ -177,7 +178,7 @@ def process_video(
     err = reader.error
     summary = VideoSummary(
         video_id=video_id,
-        source=str(source),
+        source=shown,
         model=detector.name,
         fps=info.fps,
         frame_count=info.frame_count,
@@ -200,7 +201,7 @@ def process_video(
     level = logging.WARNING if err is not None else logging.INFO
     logger.log(
         level, "done %s: %d frames in %.1fs (%.2f frames/s), %d faces, max %d at frame %s%s",
-        source, done, wall, summary.frames_per_s, faces_total, max_faces, max_frame,
+        shown, done, wall, summary.frames_per_s, faces_total, max_faces, max_frame,
         f"; stopped early: {err}" if err is not None else "",
     )  # fmt: skip
     return summary

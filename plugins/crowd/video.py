@@ -29,6 +29,7 @@ import queue
 import stat
 import struct
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +194,28 @@ def is_live_source(source: str | os.PathLike[str] | int) -> bool:
         return True
     text = str(source)
     return text.isdigit() or "://" in text
+
+
+def public_source(source: str | os.PathLike[str] | int) -> str:
+    """``source`` as it may be shown and published: a stream URL without its user name and password.
+
+    Example:
+        >>> public_source("rtsp://admin:secret@10.0.0.5:554/stream1")
+        'rtsp://10.0.0.5:554/stream1'
+    """
+    text = str(source)
+    if "://" not in text:
+        return text
+    parts = urllib.parse.urlsplit(text)
+    if "@" not in parts.netloc:
+        return text
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def live_source_id(source: str | os.PathLike[str] | int) -> str:
+    """The video id of a live source (a camera index or a stream URL, whose content has no hash): ``live-`` and a
+    hash of its :func:`public_source`, so the id is a valid one (no ``/`` or ``:``) and carries no credentials."""
+    return "live-" + hashlib.sha256(public_source(source).encode()).hexdigest()[:32]
 
 
 def content_hash(path: str | os.PathLike[str], *, length: int = 32, chunk_size: int = 1 << 20) -> str:

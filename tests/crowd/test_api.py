@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -157,6 +158,108 @@ def test_send_then_receive_round_trip(client: Any, messages_topic: str) -> None:
 
     again = client.get("/crowd/receive", params={"wait_s": 1}, headers=headers).json()
     assert again["messages"] == [] and again["remaining"] == 0, "delivered messages came back"
+
+
+def test_a_session_cookie_alone_cannot_take_messages(client: Any, messages_topic: str) -> None:
+    """``GET /receive`` removes what it returns, and Airflow also takes its ``_token`` session cookie, which
+    browsers send on a cross-site link (SameSite=Lax): any page could make a logged-in user's browser take (and so
+    lose) the queued messages. The token must come in the Authorization header; nothing is taken otherwise."""
+    headers = auth(client, "user")
+    wait_receiver_ready(client, headers)
+    sent = client.post("/crowd/send", json={"content": "keep me", "sender": "alice"}, headers=headers)
+    assert sent.status_code == 200, sent.text
+    cookie_only = client.get(
+        "/crowd/receive", params={"limit": 10, "wait_s": 2}, cookies={"_token": headers["Authorization"][7:]}
+    )
+    assert cookie_only.status_code == 403 and "Authorization header" in cookie_only.json()["detail"], cookie_only.text
+    received: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 20
+    while not received and time.monotonic() < deadline:
+        received += client.get("/crowd/receive", params={"limit": 10, "wait_s": 2}, headers=headers).json()["messages"]
+    assert [m["value"]["content"] for m in received] == ["keep me"]
+    assert [m["offset"] for m in received] == [sent.json()["offset"]]
+    client.cookies.clear()
+
+
+def test_a_frame_above_2_to_the_31_is_readable(client: Any, pg_schema: str) -> None:
+    """``frames.frame_id`` is a bigint and the message puts no bound on it: ``/frames`` listed frame 3,000,000,000
+    and its faces route answered 422 (at most 2**31 - 1)."""
+    from crowd import storage
+
+    with storage.connect("crowd_postgres") as conn:
+        storage.migrate(conn)
+        conn.execute(
+            "INSERT INTO frames (video_id, frame_id, frame_ts_ms, total_faces, model, frame_width, frame_height, source)"
+            " VALUES ('bigframe01', 3000000000, 1.0, 1, 'm', 10, 10, 's')"
+        )
+        conn.execute("INSERT INTO faces VALUES ('bigframe01', 3000000000, 0, 1, 1, 2, 2, 0.9)")
+        conn.commit()
+    viewer = auth(client, "viewer")
+    listed = client.get("/crowd/videos/bigframe01/frames", headers=viewer)
+    assert [f["frame_id"] for f in listed.json()["items"]] == [3_000_000_000], listed.text
+    response = client.get("/crowd/videos/bigframe01/frames/3000000000/faces", headers=viewer)
+    assert response.status_code == 200, response.text
+    assert [f["width"] for f in response.json()["faces"]] == [2]
+
+
+def _insert_frames(video_id: str, frame_ids: list[int]) -> None:
+    from crowd import storage
+
+    with storage.connect("crowd_postgres") as conn:
+        conn.execute(
+            "INSERT INTO frames (video_id, frame_id, frame_ts_ms, total_faces, model, frame_width, frame_height, source)"
+            " SELECT %s, f, f * 33.3, 1, 'm', 10, 10, 's' FROM unnest(%s::bigint[]) f",
+            (video_id, frame_ids),
+        )
+        conn.commit()
+
+
+def test_frame_pages_by_frame_id_neither_skip_nor_repeat_while_late_frames_arrive(client: Any) -> None:
+    """Frames of a split video arrive out of order: with offsets, frame 10 stored between two pages moved frame 20
+    onto the second page too (and the dashboard, stopping at ``total``, dropped the last frame)."""
+    _insert_frames("pagedvideo", [0, 20, 40, 60])
+    viewer = auth(client, "viewer")
+    first = client.get("/crowd/videos/pagedvideo/frames", params={"limit": 2}, headers=viewer).json()
+    assert [f["frame_id"] for f in first["items"]] == [0, 20]
+    _insert_frames("pagedvideo", [10])
+    after = first["items"][-1]["frame_id"]
+    second = client.get(
+        "/crowd/videos/pagedvideo/frames", params={"limit": 2, "after_frame_id": after}, headers=viewer
+    ).json()
+    assert [f["frame_id"] for f in second["items"]] == [40, 60] and second["total"] == 5
+    by_offset = client.get("/crowd/videos/pagedvideo/frames", params={"limit": 2, "offset": 2}, headers=viewer).json()
+    assert [f["frame_id"] for f in by_offset["items"]] == [20, 40]  # what offsets do (kept for old clients)
+
+
+@pytest.mark.parametrize(
+    ("path", "count"),
+    [
+        pytest.param("/crowd/videos", lambda body: len(body["items"]), id="videos"),
+        pytest.param("/crowd/videos/racevideo/frames", lambda body: len(body["items"]), id="frames"),
+    ],
+)
+def test_a_page_and_its_total_come_from_the_same_rows(
+    client: Any, path: str, count: Callable[[dict[str, Any]], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The total and the page were two statements at READ COMMITTED: a drain committing between them gave a total
+    that disagreed with the items (36 of 200 responses under a writer, in a review). A frame is stored after each
+    request's first statement here: the response must not count it on one side only."""
+    from crowd import api
+
+    _insert_frames("racevideo", [0, 1, 2])
+    real_rows = api._rows
+    calls: list[int] = []
+
+    def rows_then_a_write(conn: Any, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+        result = real_rows(conn, sql, params)
+        calls.append(1)
+        if len(calls) == 1:
+            _insert_frames("racevideo" if "frames" in path else f"racevideo{len(calls)}x", [100 + len(calls)])
+        return result
+
+    monkeypatch.setattr(api, "_rows", rows_then_a_write)
+    body = client.get(path, params={"limit": 1000}, headers=auth(client, "viewer")).json()
+    assert len(calls) >= 2 and body["total"] == count(body), body
 
 
 def test_a_leased_receive_loses_nothing_when_its_response_is_lost(client: Any, messages_topic: str) -> None:

@@ -353,3 +353,11 @@ def test_tile_grid_covers_frame() -> None:
 def test_detector_rejects_bad_frame(mtcnn: MtcnnDetector) -> None:
     with pytest.raises(ValueError, match="uint8"):
         mtcnn.detect(np.zeros((10, 10, 3), np.float32))
+
+
+@pytest.mark.parametrize("size", [4096, 100_000, 0, 100], ids=["4096", "100000", "zero", "not-multiple"])
+def test_an_input_size_the_network_cannot_take_is_refused_before_loading(size: int, tmp_path: Path) -> None:
+    """An input side of 100,000 was taken (only "a multiple of 32" was checked): the process grew to 24 GB before
+    the kernel killed it, without a word."""
+    with pytest.raises(ValueError, match="multiple of 32 from 32 to 2048"):
+        YoloV3Detector(FACE_CFG, tmp_path / "none.weights", input_size=size)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import random
+import string
 
 import jsonschema
 import msgspec
@@ -52,6 +53,10 @@ def test_faces_with_equal_published_confidence_are_ordered_by_position() -> None
         pytest.param({"schema_version": 2}, "schema_version", id="wrong-version"),
         pytest.param({"extra": 1}, "extra", id="unknown-field"),
         pytest.param({"frame_id": -1}, "frame_id", id="negative-frame"),
+        # the API reads a video by its id in the URL path: an id it cannot take would be stored and never readable
+        pytest.param({"video_id": "rtsp://cam1/stream"}, "video_id", id="video-id-with-slash"),
+        pytest.param({"video_id": "-x"}, "video_id", id="video-id-leading-dash"),
+        pytest.param({"video_id": "abc\n"}, "video_id", id="video-id-trailing-newline"),
         pytest.param(
             {"faces": [{"face_id": 0, "bounding_box": {"x": 1, "y": 1, "width": 2, "height": 2}, "confidence": 1.5}]},
             "confidence",
@@ -96,9 +101,14 @@ def _random_message(rng: random.Random) -> FaceMessage:
     ]  # fmt: skip
     ts = rng.choice([0.0, rng.uniform(0, 1e7), 10 ** rng.uniform(-6, 20), 1e16, float(rng.randint(0, 10**9))])
     return build_message(
-        _random_text(rng, 1)[:128], _random_text(rng, 0), rng.randint(0, 2**40), ts, (fh, fw, 3), dets,
+        _random_video_id(rng), _random_text(rng, 0), rng.randint(0, 2**40), ts, (fh, fw, 3), dets,
         _random_text(rng, 1),
     )  # fmt: skip
+
+
+def _random_video_id(rng: random.Random) -> str:
+    first = string.ascii_letters + string.digits
+    return rng.choice(first) + "".join(rng.choices(first + "_.-", k=rng.choice([0, 1, 31, 127])))
 
 
 def test_built_messages_round_trip_and_satisfy_the_schema_file() -> None:
@@ -119,7 +129,7 @@ def test_built_messages_round_trip_and_satisfy_the_schema_file() -> None:
     "change",
     [
         {"total_faces": 2}, {"frame_width": 20}, {"schema_version": 2}, {"extra": 1}, {"frame_id": -1},
-        {"frame_id": "3"}, {"video_id": ""}, {"video_id": "v" * 129}, {"model": ""},
+        {"frame_id": "3"}, {"video_id": ""}, {"video_id": "v" * 129}, {"video_id": "cam/1"}, {"model": ""},
         {"faces": [{"face_id": 0, "bounding_box": {"x": 1, "y": 1, "width": 0, "height": 2}, "confidence": 0.5}]},
         {"faces": [{"face_id": 0, "bounding_box": {"x": 1, "y": 1, "width": 2, "height": 2}, "confidence": 1.5}]},
         {"faces": [{"face_id": 0, "bounding_box": {"x": 1, "y": 1, "width": 2, "height": 2}}]},
@@ -142,6 +152,7 @@ def test_schema_file_and_decoder_refuse_the_same_field_errors(change: dict[str, 
     [
         pytest.param(("", 0, 0.0, (10, 10)), "video_id", id="empty-video-id"),
         pytest.param(("v" * 129, 0, 0.0, (10, 10)), "video_id", id="long-video-id"),
+        pytest.param(("rtsp://a:b@cam/1", 0, 0.0, (10, 10)), "video_id", id="url-as-video-id"),
         pytest.param(("v", -1, 0.0, (10, 10)), "frame_id", id="negative-frame"),
         pytest.param(("v", 0, float("nan"), (10, 10)), "ts_ms", id="nan-timestamp"),
         pytest.param(("v", 0, 0.0, (0, 10)), "frame size", id="empty-frame"),

@@ -151,6 +151,8 @@ def test_cli_refuses_bad_options_and_unwritable_places_before_the_work(tmp_path:
         ("--target-fps", "nan", "not a positive finite number"),  # was "cannot convert float NaN to integer"
         ("--target-fps", "inf", "not a positive finite number"),  # was taken: every frame
         ("--target-fps", "0", "not a positive finite number"),
+        ("--input-size", "100000", "not a multiple of 32 from 32 to 2048"),  # was killed for memory (24 GB)
+        ("--input-size", "100", "not a multiple of 32"),
     ]:
         proc = _cli("detect", str(CARPHONE), option, value)
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from crowd.messages import VIDEO_ID_PATTERN
 from crowd.video import (
     BadFpsError,
     CorruptVideoError,
@@ -24,7 +25,9 @@ from crowd.video import (
     _info_from_capture,
     content_hash,
     frame_interval_for,
+    live_source_id,
     probe_video,
+    public_source,
     sampled_frame_ids,
     split_ranges,
 )
@@ -424,6 +427,25 @@ def test_truncated_h264_mp4_still_reports_where_it_stopped(tmp_path: Path) -> No
     assert 20 < len(frames) < 140
     assert isinstance(reader.error, CorruptVideoError) and reader.error.frame_id == len(frames)
     assert "decoding stopped at frame" in str(reader.error)  # a guard: the loose count must not hide this
+
+
+@pytest.mark.parametrize(
+    ("source", "shown"),
+    [
+        pytest.param("rtsp://admin:secret@10.0.0.5:554/stream1", "rtsp://10.0.0.5:554/stream1", id="credentials"),
+        pytest.param("rtsp://admin@10.0.0.5/s", "rtsp://10.0.0.5/s", id="user-only"),
+        pytest.param("http://cam.local/live?token=1", "http://cam.local/live?token=1", id="no-userinfo"),
+        pytest.param(0, "0", id="camera-index"),
+        pytest.param("/videos/a.mp4", "/videos/a.mp4", id="file"),
+    ],
+)
+def test_a_live_source_gets_a_readable_id_and_is_shown_without_credentials(source: object, shown: str) -> None:
+    """A live source's id was the URL itself: the API (ids in URL paths, no '/') could not read its frames, and a
+    stream's password went into every message, row and log line."""
+    assert public_source(source) == shown
+    video_id = live_source_id(source)
+    assert re.fullmatch(VIDEO_ID_PATTERN, video_id) and video_id.startswith("live-")
+    assert "secret" not in video_id and video_id == live_source_id(shown)  # the same stream, whoever logs in
 
 
 def _faststart(src: Path, dst: Path) -> Path:
