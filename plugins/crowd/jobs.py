@@ -553,8 +553,15 @@ def _settled_files(paths: Iterable[Path], min_age_s: float) -> dict[str, tuple[P
     return settled
 
 
-def plan_requested_video(video_path: str, settings: Settings | None = None) -> list[WorkItem]:
+def plan_requested_video(
+    video_path: str, settings: Settings | None = None, run: storage.RunStamp | None = None
+) -> list[WorkItem]:
     """Work items for one user-given path, after checking it is an existing ``.mp4`` inside the roots.
+
+    With ``run`` (the manual run), the run claims the video at once: a scan between this plan and the run's first
+    detection task (queued behind other work, possibly for long) would otherwise plan the same video again and
+    compute it twice. The claim lapses like any other (``settings.video_claim_timeout_s``) if the run dies, and
+    while the run is queued or running in Airflow the scan leaves it the video anyway.
 
     Raises:
         ConfigError: outside the roots, missing, not a file, or not ``.mp4``.
@@ -570,7 +577,23 @@ def plan_requested_video(video_path: str, settings: Settings | None = None) -> l
         raise ConfigError(f"{exc}; trigger the run again once the file is complete") from exc
     except (VideoError, OSError) as exc:
         raise BadVideoError(f"video {path.name} cannot be read to identify it: {exc}; fix or replace the file") from exc
-    return plan_video(path, video_id, settings, max_items=settings.max_tasks_per_run, signature=signature)
+    items = plan_video(path, video_id, settings, max_items=settings.max_tasks_per_run, signature=signature)
+    if run is not None:
+        with storage.connect(settings.postgres_conn_id) as conn:
+            storage.migrate(conn)
+            if storage.mark_video_processing(
+                conn, video_id, str(path), fps=None, frame_count=None, width=None, height=None,
+                size_bytes=signature.size_bytes, model=None, run=run, claim_timeout_s=settings.video_claim_timeout_s,
+            ):  # fmt: skip
+                log.info(
+                    "video %s (%s): claimed by run %s until its tasks take it over", path.name, video_id, run.run_id
+                )
+            else:
+                log.warning(
+                    "video %s (%s): a later run owns its status; this run processes it anyway (its frames are stored "
+                    "once, whichever run publishes them)", path.name, video_id,
+                )  # fmt: skip
+    return items
 
 
 def detect_and_publish(

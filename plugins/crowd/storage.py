@@ -758,10 +758,12 @@ def mark_video_processing(
             INSERT INTO videos (id, path, fps, frame_count, width, height, size_bytes, status, model, run_id,
                                 run_started_at, alive_at)
             VALUES (%s, %s, %s, %s, %s, %s, %s, 'processing', %s, %s, %s, clock_timestamp())
-            ON CONFLICT (id) DO UPDATE SET
-                path = EXCLUDED.path, fps = EXCLUDED.fps, frame_count = EXCLUDED.frame_count,
-                width = EXCLUDED.width, height = EXCLUDED.height, size_bytes = EXCLUDED.size_bytes,
-                model = EXCLUDED.model, status = 'processing', error = NULL, finished_at = NULL,
+            ON CONFLICT (id) DO UPDATE SET  -- what is not known yet (a claim when the run is planned) is kept
+                path = EXCLUDED.path, fps = COALESCE(EXCLUDED.fps, videos.fps),
+                frame_count = COALESCE(EXCLUDED.frame_count, videos.frame_count),
+                width = COALESCE(EXCLUDED.width, videos.width), height = COALESCE(EXCLUDED.height, videos.height),
+                size_bytes = COALESCE(EXCLUDED.size_bytes, videos.size_bytes),
+                model = COALESCE(EXCLUDED.model, videos.model), status = 'processing', error = NULL, finished_at = NULL,
                 run_id = EXCLUDED.run_id, run_started_at = EXCLUDED.run_started_at, updated_at = now(),
                 alive_at = clock_timestamp(), reason_given = false,
                 silent_runs = CASE  -- the run it takes over from ended silently: count it (not a retry of itself)

@@ -114,7 +114,7 @@ def plan_requested_video() -> list[dict[str, Any]]:
     params = get_current_context()["params"]
     options = _options()  # refuse bad params before any work
     try:
-        return _planned(jobs.plan_requested_video(params["video_path"], load_settings()), options)
+        return _planned(jobs.plan_requested_video(params["video_path"], load_settings(), _run_stamp()), options)
     except ConfigError as exc:
         raise AirflowFailException(f"invalid video_path: {exc}") from exc
     except jobs.BadVideoError as exc:  # an empty or unreadable file: retrying cannot help

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from crowd import storage
-from crowd.jobs import DetectOptions, WorkItem, detect_and_publish, find_new_videos
+from crowd.jobs import DetectOptions, WorkItem, detect_and_publish, find_new_videos, plan_requested_video
 from tests.crowd._helpers import CARPHONE, write_clip
 
 pytestmark = pytest.mark.services
@@ -103,6 +103,31 @@ def test_a_video_another_run_is_processing_is_left_to_it(pg_schema, video_root, 
     _wait_lapsed(video_id, 1)
     assert _planned() == [video_id]
     assert _state(video_id).runs_ended_silently() == 1
+
+
+def test_a_manual_run_claims_its_video_when_it_is_planned(pg_schema, video_root) -> None:
+    """A manual run claimed its video only when its first detection task started: a scan in between (the run's
+    tasks queued behind other work) planned the video again, and it was computed twice. The plan claims it now;
+    what the registry knew of a video processed before is kept until the run's task probes it again."""
+    video = write_clip(CARPHONE, video_root / "a.mp4", 12)
+    (video_id,) = {item.video_id for item in plan_requested_video(str(video))}  # no run: nothing claimed
+    with storage.connect("crowd_postgres") as conn:
+        storage.migrate(conn)
+        assert storage.get_video_state(conn, video_id) is None
+        storage.mark_video_processing(conn, video_id, str(video), fps=25.0, frame_count=12, width=176, height=144,
+                                      size_bytes=1, model="m", run=_run("scheduled__0"))  # fmt: skip
+        conn.execute(
+            "UPDATE videos SET status = 'done', alive_at = now() - interval '1 day' WHERE id = %s", (video_id,)
+        )
+        conn.commit()
+    items = plan_requested_video(str(video), run=_run("manual__2"))
+    assert {item.video_id for item in items} == {video_id}
+    state = _state(video_id)
+    assert state.status == "processing" and state.run_id == "manual__2" and state.claimed(600)
+    assert _planned() == []  # the scan leaves it to the manual run
+    with storage.connect("crowd_postgres") as conn:
+        kept = conn.execute("SELECT fps, frame_count, width, height, model FROM videos WHERE id = %s", (video_id,))
+        assert kept.fetchone() == (25.0, 12, 176, 144, "m")
 
 
 def test_a_run_keeps_its_claim_while_it_makes_progress(pg_schema, faces_topic, video_root, monkeypatch) -> None:

@@ -7,7 +7,9 @@ import os
 import random
 import string
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from confluent_kafka import TopicPartition
@@ -113,7 +115,8 @@ def test_an_empty_requested_video_fails_at_once(pg_schema, video_root, monkeypat
     empty.write_bytes(b"")
     with pytest.raises(BadVideoError, match=r"empty\.mp4 cannot be read to identify it: .*0 bytes"):
         plan_requested_video(str(empty), load_settings())
-    context = {"params": {"video_path": str(empty)}}
+    run = SimpleNamespace(run_id="manual__empty", start_date=datetime.now(UTC), run_after=None)
+    context = {"params": {"video_path": str(empty)}, "dag_run": run}
     monkeypatch.setattr(tasks, "get_current_context", lambda: context)
     with pytest.raises(AirflowFailException, match="0 bytes"):
         tasks.plan_requested_video.function()
