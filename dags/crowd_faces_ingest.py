@@ -64,7 +64,10 @@ message).
         ),
         "idle_timeout_s": Param(10, type="number", minimum=0.5, description="stop after this long without messages"),
         "linger_s": Param(
-            settings.ingest_linger_s, type="number", minimum=0, description="once caught up, wait this long for more"
+            settings.ingest_linger_s,
+            type="number",
+            minimum=0,
+            description="once caught up, wait this long for more (idle_timeout_s does not cut it short)",
         ),
         "alert_threshold": Param(
             settings.alert_threshold, type=["null", "integer"], minimum=1, description="faces per frame; null: off"
@@ -78,18 +81,23 @@ def crowd_faces_ingest():
     @task(execution_timeout=timedelta(minutes=20), multiple_outputs=False)  # > max_seconds' maximum + start
     def drain_faces(params: dict | None = None) -> dict:
         """Drain the Faces topic into PostgreSQL; returns the drain summary."""
-        from crowd.ingest import drain_task
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from crowd.ingest import MessagesLostError, drain_task
 
         params = params or {}
-        return drain_task(
-            group_id=settings.ingest_group,
-            batch_size=params["batch_size"],
-            max_seconds=params["max_seconds"],
-            idle_timeout_s=params["idle_timeout_s"],
-            linger_s=params["linger_s"],
-            alert_threshold=params["alert_threshold"],
-            alert_min_duration_s=params["alert_min_duration_s"],
-        )
+        try:
+            return drain_task(
+                group_id=settings.ingest_group,
+                batch_size=params["batch_size"],
+                max_seconds=params["max_seconds"],
+                idle_timeout_s=params["idle_timeout_s"],
+                linger_s=params["linger_s"],
+                alert_threshold=params["alert_threshold"],
+                alert_min_duration_s=params["alert_min_duration_s"],
+            )
+        except MessagesLostError as exc:  # recorded and past: a retry would find nothing lost and end the run green
+            raise AirflowFailException(str(exc)) from exc
 
     drain_faces()
 

@@ -39,7 +39,11 @@ wait_for() {
 # stop_pidfile PIDFILE NAME: stop the process group started by us, then the process, and remove the pid file.
 stop_pidfile() {
   local pidfile=$1 name=$2
-  if ! pid_alive "$pidfile"; then rm -f "$pidfile"; log "$name is not running"; return 0; fi
+  if ! pid_alive "$pidfile"; then
+    # it died (a crash): what it left in its session, in groups of their own, may still run
+    [[ -f $pidfile ]] && stop_session "$(cat "$pidfile")" "$name"
+    rm -f "$pidfile"; log "$name is not running"; return 0
+  fi
   local pid; pid=$(cat "$pidfile")
   log "stopping $name (pid $pid)"
   kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true

@@ -78,10 +78,14 @@ def test_postgres_round_trip_through_the_provider_hook(pg_schema: str) -> None:
     assert hook.get_first("SHOW server_version")[0].split(".")[0].isdigit()
 
 
-def test_stopping_a_service_stops_the_task_processes_it_left_in_groups_of_their_own(tmp_path: Path) -> None:
+@pytest.mark.parametrize("service", ["running", "crashed"])
+def test_stopping_a_service_stops_the_task_processes_it_left_in_groups_of_their_own(
+    service: str, tmp_path: Path
+) -> None:
     """dev/stop.sh signals the process group of what dev/*.sh started with setsid; Airflow's supervisor puts each
     task process in a group of its own, which outlived the stop (still running with Kafka and PostgreSQL gone).
-    A stand-in: a session leader whose child moves to its own group, as a task process does."""
+    A stand-in: a session leader whose child moves to its own group, as a task process does; also when the leader
+    itself died first (a crashed standalone or worker: "not running", and its tasks went on)."""
     import os
     import subprocess
     import sys
@@ -104,6 +108,14 @@ def test_stopping_a_service_stops_the_task_processes_it_left_in_groups_of_their_
     leader_pid = int(subprocess.run(["ps", "-o", "sid=", "-p", str(child_pid)], capture_output=True, text=True).stdout)
     assert os.getpgid(child_pid) == child_pid != leader_pid  # its own group, the leader's session
     pidfile.write_text(str(leader_pid))
+    if service == "crashed":
+        os.kill(leader_pid, 9)
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{leader_pid}").exists():  # reaped, not a zombie (kill -0 still finds a zombie)
+            assert time.monotonic() < deadline, "the stand-in leader was not reaped"
+            time.sleep(0.05)
+        dead = subprocess.run(["bash", "-c", f"kill -0 {leader_pid}"], capture_output=True)
+        assert dead.returncode != 0, "kill -0 still finds the crashed leader"
     try:
         subprocess.run(
             ["bash", "-c", f'source {root}/dev/common.sh && stop_pidfile "$1" stand-in', "_", str(pidfile)],

@@ -160,7 +160,8 @@ class Settings:
 
 
 def _optional(value: str) -> str | None:
-    """``none``/``off`` (any case) or empty: None."""
+    """``none``/``off`` (any case): None. (An empty variable reads as unset, its default, as Compose's
+    ``${VAR:-default}`` does: ``none`` is the way to turn a schedule off.)"""
     return None if value.strip().lower() in {"", "none", "off"} else value
 
 

@@ -110,6 +110,11 @@ class IngestError(RuntimeError):
     """The drain cannot run (missing topic, unreachable broker); the message says what to fix."""
 
 
+class MessagesLostError(IngestError):
+    """Messages were deleted from the broker before they were stored: recorded, and past; no retry brings them
+    back (a retry finds nothing lost and succeeds, which would end the run green)."""
+
+
 class Rejected(ValueError):
     """A message that cannot be stored; ``reason`` starts with a short code (``not_json: ...``)."""
 
@@ -533,6 +538,12 @@ def _run(
     last_log = time.monotonic()
     idle_since = time.monotonic()
     carried: list[Message] = []  # fetched, not yet in a batch: the last one reached its byte budget
+
+    def idle_limit() -> float:
+        # idle_timeout_s is for a broker that gives nothing; caught up (every partition reported its end), the
+        # drain waits linger_s for more (cut at idle_timeout_s, a trickling stream got a run every 10 s)
+        return max(idle_timeout_s, linger_s) if len(at_end) == len(partitions) else idle_timeout_s
+
     while True:
         if max_batches is not None and summary.batches >= max_batches:
             summary.stopped_because = f"max_batches={max_batches}"
@@ -574,7 +585,7 @@ def _run(
                 break
             if batch.messages and time.monotonic() >= fill_until:
                 break
-            if not batch.messages and time.monotonic() - idle_since >= idle_timeout_s:
+            if not batch.messages and time.monotonic() - idle_since >= idle_limit():
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 break
@@ -612,8 +623,8 @@ def _run(
         if len(at_end) == len(partitions) and not carried and time.monotonic() - idle_since >= linger_s:
             summary.stopped_because = "caught up" if not linger_s else f"caught up, nothing new for {linger_s:g} s"
             return
-        if not batch.messages and time.monotonic() - idle_since >= idle_timeout_s:
-            summary.stopped_because = f"idle for {idle_timeout_s:g} s"
+        if not batch.messages and time.monotonic() - idle_since >= (idle_for := idle_limit()):
+            summary.stopped_because = f"idle for {idle_for:g} s"
             return
 
 
@@ -743,7 +754,7 @@ def drain_task(
             "retry drains them"
         )
     if summary.lost:
-        raise IngestError(
+        raise MessagesLostError(
             f"{summary.lost} messages of {summary.topic!r} were deleted from the broker before they were stored "
             "(retention shorter than an outage, or delete-records): the ranges are in rejected_messages (reason "
             f"'lost: ...'), everything after them is stored ({summary.frames} frames). Lengthen the topic's "

@@ -72,7 +72,7 @@ class VideoError(Exception):
     verb = "cannot open"
 
     def __init__(self, path: str | os.PathLike[str] | int, detail: str, *, frame_id: int | None = None) -> None:
-        self.path = str(path)
+        self.path = public_source(path)  # a stream URL without its credentials: errors are printed and logged
         self.detail = detail
         self.frame_id = frame_id
         super().__init__(f"{self.verb} {self.path!r}: {detail}")
@@ -196,26 +196,39 @@ def is_live_source(source: str | os.PathLike[str] | int) -> bool:
     return text.isdigit() or "://" in text
 
 
+def _without_userinfo(source: str | os.PathLike[str] | int) -> tuple[str, urllib.parse.SplitResult | None]:
+    text = str(source)
+    if "://" not in text:
+        return text, None
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:  # not a URL after all: shown as it is
+        return text, None
+    parts = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])
+    return urllib.parse.urlunsplit(parts), parts
+
+
 def public_source(source: str | os.PathLike[str] | int) -> str:
-    """``source`` as it may be shown and published: a stream URL without its user name and password.
+    """``source`` as it may be shown, logged and published: a stream URL without its user name and password, and
+    without its query, where cameras take tokens and passwords too (``?...`` says there was one).
 
     Example:
         >>> public_source("rtsp://admin:secret@10.0.0.5:554/stream1")
         'rtsp://10.0.0.5:554/stream1'
+        >>> public_source("http://cam.local/video.cgi?user=admin&pwd=secret")
+        'http://cam.local/video.cgi?...'
     """
-    text = str(source)
-    if "://" not in text:
+    text, parts = _without_userinfo(source)
+    if parts is None or not parts.query:
         return text
-    parts = urllib.parse.urlsplit(text)
-    if "@" not in parts.netloc:
-        return text
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return urllib.parse.urlunsplit(parts._replace(query="", fragment="")) + "?..."
 
 
 def live_source_id(source: str | os.PathLike[str] | int) -> str:
     """The video id of a live source (a camera index or a stream URL, whose content has no hash): ``live-`` and a
-    hash of its :func:`public_source`, so the id is a valid one (no ``/`` or ``:``) and carries no credentials."""
-    return "live-" + hashlib.sha256(public_source(source).encode()).hexdigest()[:32]
+    hash of the URL without its user name and password (its query kept: ``?channel=2`` is another stream), so
+    the id is a valid one (no ``/`` or ``:``), carries no credentials, and is the same whoever logs in."""
+    return "live-" + hashlib.sha256(_without_userinfo(source)[0].encode()).hexdigest()[:32]
 
 
 def content_hash(path: str | os.PathLike[str], *, length: int = 32, chunk_size: int = 1 << 20) -> str:
@@ -450,8 +463,11 @@ def _fragmented_frame_count(path: str | os.PathLike[str] | int) -> int | None:
             return None
         track_id = struct.unpack_from(">I", tkhd, 20 if tkhd[0] == 1 else 12)[0]
         frames = _sample_count(stbl) or 0
+        walked = 0
         with open(path, "rb") as handle:
+            file_size = os.fstat(handle.fileno()).st_size
             for kind, pos, size in _top_level_boxes(handle):
+                walked = pos + size
                 if kind != b"moof":
                     continue
                 handle.seek(pos)
@@ -463,7 +479,8 @@ def _fragmented_frame_count(path: str | os.PathLike[str] | int) -> int | None:
                     frames += sum(struct.unpack_from(">I", run, 4)[0] for k, run in _boxes(traf) if k == b"trun")
                 if frames > MAX_INDEXED_FRAMES:
                     return None
-        return frames
+        # more boxes than the walk reads (a day of 1 s fragments): a part of the count is no count
+        return frames if walked + 8 > file_size else None
     except (OSError, _DamagedBoxes, struct.error):
         return None
 

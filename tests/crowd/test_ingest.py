@@ -276,6 +276,24 @@ def test_a_drain_cut_off_by_a_silent_broker_fails_and_its_retry_stores_the_rest(
     assert scalar("SELECT count(*) FROM faces") == sum(m["total_faces"] for m in messages)
 
 
+def test_a_caught_up_drain_lingers_for_linger_s_even_past_idle_timeout_s(kafka_admin, pg_schema: str) -> None:
+    """``idle_timeout_s`` (10 s in the DAG) is for a broker that gives nothing; it cut a caught-up drain's
+    ``linger_s`` short (CROWD_INGEST_LINGER_S=30 waited 10 s), so a trickling stream got a DAG run every 10 s.
+    A message published while the drain lingers past its idle timeout is stored by the same drain."""
+    import threading
+
+    topic = new_topic(kafka_admin, "test-linger", partitions=1)
+    publish_frames(topic, [frame_dict("video-a", 0, 1)])
+    late = threading.Timer(2.0, publish_frames, (topic, [frame_dict("video-a", 1, 1)]))
+    late.start()
+    try:
+        summary = quick_drain(topic, idle_timeout_s=1, linger_s=4)
+    finally:
+        late.join()
+    assert summary.stopped_because == "caught up, nothing new for 4 s", summary.stopped_because
+    assert summary.frames == 2
+
+
 @pytest.mark.parametrize("deleted_to", [20, 30], ids=["some-left-after", "nothing-left-after"])
 def test_messages_deleted_before_they_were_stored_are_recorded_as_lost_and_fail_the_run(
     pg_schema: str, kafka_admin, deleted_to: int

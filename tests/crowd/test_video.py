@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from crowd import video as video_module
 from crowd.messages import VIDEO_ID_PATTERN
 from crowd.video import (
     BadFpsError,
@@ -434,7 +435,8 @@ def test_truncated_h264_mp4_still_reports_where_it_stopped(tmp_path: Path) -> No
     [
         pytest.param("rtsp://admin:secret@10.0.0.5:554/stream1", "rtsp://10.0.0.5:554/stream1", id="credentials"),
         pytest.param("rtsp://admin@10.0.0.5/s", "rtsp://10.0.0.5/s", id="user-only"),
-        pytest.param("http://cam.local/live?token=1", "http://cam.local/live?token=1", id="no-userinfo"),
+        pytest.param("http://cam.local/live", "http://cam.local/live", id="no-userinfo"),
+        pytest.param("http://cam.local/video.cgi?user=admin&pwd=secret", "http://cam.local/video.cgi?...", id="query"),
         pytest.param(0, "0", id="camera-index"),
         pytest.param("/videos/a.mp4", "/videos/a.mp4", id="file"),
     ],
@@ -445,7 +447,14 @@ def test_a_live_source_gets_a_readable_id_and_is_shown_without_credentials(sourc
     assert public_source(source) == shown
     video_id = live_source_id(source)
     assert re.fullmatch(VIDEO_ID_PATTERN, video_id) and video_id.startswith("live-")
-    assert "secret" not in video_id and video_id == live_source_id(shown)  # the same stream, whoever logs in
+    assert "secret" not in video_id
+    assert live_source_id(source) == live_source_id(str(source).replace("admin:secret@", "viewer:other@"))
+    assert "secret" not in str(NotAVideoError(source, "connection refused"))  # errors are printed and logged
+
+
+def test_streams_that_differ_in_their_query_get_other_ids() -> None:
+    assert live_source_id("rtsp://cam/s?channel=1") != live_source_id("rtsp://cam/s?channel=2")
+    assert public_source("rtsp://cam/s?channel=1") == public_source("rtsp://cam/s?channel=2") == "rtsp://cam/s?..."
 
 
 def _faststart(src: Path, dst: Path) -> Path:
@@ -461,7 +470,7 @@ def _faststart(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_a_fragmented_mp4_is_read_past_its_first_fragment(tmp_path: Path) -> None:
+def test_a_fragmented_mp4_is_read_past_its_first_fragment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``movflags=frag_keyframe`` (streaming cameras, MSE recorders) lists the first fragment's frames in the index
     and the rest in moof boxes after it: the index's count ended the read after 30 of 90 frames, reported as a
     complete video. A fragmented file's count is not exact: it is read to where decoding ends."""
@@ -475,6 +484,9 @@ def test_a_fragmented_mp4_is_read_past_its_first_fragment(tmp_path: Path) -> Non
     assert reader.error is None
     assert [f.frame_id for f in frames] == list(range(90))
     assert [frame_index(f.image) for f in frames] == list(range(90))
+    monkeypatch.setattr(video_module, "_MAX_BOXES", 5)  # a day of 1 s fragments is more boxes than the walk reads
+    assert video_module._fragmented_frame_count(path) is None  # unknown, not the count of the boxes walked
+    monkeypatch.undo()
     cut = tmp_path / "cut.mp4"  # a fragment cut short: its frames are counted, not all decoded
     cut.write_bytes(path.read_bytes()[: path.stat().st_size * 9 // 10])  # inside the last fragment's data
     reader = FrameReader(cut, frame_interval=1)

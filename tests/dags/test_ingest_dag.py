@@ -96,6 +96,36 @@ def test_dag_test_drains_a_fresh_topic_into_a_fresh_schema(airflow_db: Path, fac
     assert row == (120, 2)
 
 
+def test_a_run_that_finds_messages_deleted_before_they_were_stored_ends_failed(
+    airflow_db: Path, faces_topic: str, pg_schema: str, kafka_admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drain records the lost range, stores what follows and fails; its retry (30 s later) found nothing lost
+    and succeeded, so the run ended green and the loss showed only as an earlier failed try. It fails the run."""
+    from confluent_kafka import TopicPartition
+
+    from crowd.ingest import drain
+
+    group = f"crowd-ingest-lost-{uuid.uuid4().hex[:6]}"
+    monkeypatch.setenv("CROWD_INGEST_GROUP", group)
+    _publish(faces_topic, 30)  # one key: one partition
+    first = drain("kafka_default", "crowd_postgres", faces_topic, group, batch_size=10, max_batches=1)
+    (partition,) = [p for p, offset in first.next_offsets.items() if offset == 10]
+    for future in kafka_admin.delete_records([TopicPartition(faces_topic, partition, 20)]).values():
+        future.result(timeout=30)
+    dag = _load_dag()
+
+    run = dag.test(run_conf={"idle_timeout_s": 3})
+
+    assert str(run.state) == "failed", run.state
+    (task,) = run.get_task_instances()
+    assert task.try_number == 1 and str(task.state) == "failed"  # not retried
+    dsn = os.environ["CROWD_PG_DSN_FOR_TESTS"]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM frames").fetchone()[0] == 20  # 0-9 and 20-29
+        (reason,) = conn.execute("SELECT reason FROM rejected_messages").fetchone()
+    assert reason.startswith("lost: offsets 10..19 (10 messages)")
+
+
 # --- the trigger path: scheduler + triggerer + dag-processor, nobody triggers the DAG by hand ------------------
 
 
