@@ -18,6 +18,7 @@ Commands::
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import http.client
 import importlib.util
@@ -144,6 +145,21 @@ def check_weights(cfg: Path, weights: Path) -> None:
             f"({'cut off, or ' if size < expected else ''}weights of another network?); install the weights made for "
             "this cfg"
         )
+    window = min(_ZERO_WINDOW, max(1, (size - header_bytes) // 3))
+    try:
+        with open(weights, "rb") as handle:
+            for at in (header_bytes, header_bytes + (size - header_bytes) // 2, size - window):
+                handle.seek(at)
+                if not handle.read(window).strip(b"\0"):
+                    raise ModelError(
+                        f"weights {weights} have the right size but hold only zero bytes at byte {at:,} (a download "
+                        "that reserved the file and failed?): trained weights never do; install them again"
+                    )
+    except OSError as exc:
+        raise ModelError(f"cannot read weights {weights}: {exc}") from None
+
+
+_ZERO_WINDOW = 1 << 20  # bytes of weights read at the start, middle and end: none is all zeros in trained ones
 
 
 def face_files(settings: Settings | None = None) -> YoloFiles:
@@ -182,6 +198,44 @@ def _redacted(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}{tail}"
 
 
+class _NoPlainRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, except to a URL that is not https when no checksum checks what comes from it (the
+    https URL the user gave would be downgraded behind their back)."""
+
+    def __init__(self, label: str, checked: bool) -> None:
+        super().__init__()
+        self.label, self.checked = label, checked
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 - urllib's signature
+        if not self.checked and urllib.parse.urlsplit(newurl).scheme != "https":
+            raise ModelError(
+                f"{self.label} redirects to {_redacted(newurl)}, which is not https: anyone on the way could change "
+                "the weights; give --sha256 to check them"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _download(source: str, target: Path, label: str, *, checked: bool) -> None:
+    """Download ``source`` to ``target``. A ``user:password@`` in the URL goes as HTTP Basic authentication (urllib
+    would take it for a part of the host name), never to another host a redirect leads to, and never into an
+    error message: only ``label`` names the URL there."""
+    parts = urllib.parse.urlsplit(source)
+    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])))
+    secrets = [s for s in (source, request.full_url, parts.query, parts.password, parts.username) if s]
+    if parts.username is not None:
+        user = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_unredirected_header("Authorization", "Basic " + base64.b64encode(user.encode()).decode())
+    opener = urllib.request.build_opener(_NoPlainRedirects(label, checked))
+    try:
+        with opener.open(request, timeout=60) as resp, open(target, "wb") as out:
+            shutil.copyfileobj(resp, out, 1 << 20)
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # IncompleteRead: dropped midway
+        why = str(exc)
+        for secret in secrets:  # the error may quote the URL, its host part or its query
+            why = why.replace(secret, label if secret in (source, request.full_url) else "...")
+        raise ModelError(f"cannot download weights from {label}: {type(exc).__name__}: {why}") from None
+
+
 def _readable_by_all(path: Path) -> None:
     """Give a file made by :func:`tempfile.mkstemp` (mode 0600) the mode a new file gets under the umask, so that
     tasks running as another user of the group (compose: any AIRFLOW_UID, group 0) can read it."""
@@ -217,12 +271,7 @@ def install_weights(
     try:
         if is_url:
             logger.info("downloading %s", label)
-            try:
-                with urllib.request.urlopen(source, timeout=60) as resp, open(tmp, "wb") as out:  # noqa: S310
-                    shutil.copyfileobj(resp, out, 1 << 20)
-            except (OSError, ValueError, http.client.HTTPException) as exc:  # IncompleteRead: dropped midway
-                why = str(exc).replace(source, label)  # the error may quote the URL with its secrets
-                raise ModelError(f"cannot download weights from {label}: {type(exc).__name__}: {why}") from None
+            _download(source, tmp, label, checked=sha256 is not None)
         else:
             src = Path(source).expanduser()
             if not src.is_file():

@@ -361,3 +361,143 @@ def test_an_input_size_the_network_cannot_take_is_refused_before_loading(size: i
     the kernel killed it, without a word."""
     with pytest.raises(ValueError, match="multiple of 32 from 32 to 2048"):
         YoloV3Detector(FACE_CFG, tmp_path / "none.weights", input_size=size)
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made here (no network), for a local https server."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_file, key_file
+
+
+def _serve(handler: type, tls: tuple[Path, Path] | None = None):  # noqa: ANN202 - the server, serving in a thread
+    import http.server
+    import ssl
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_an_https_url_that_redirects_to_plain_http_needs_a_checksum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the URL typed was checked for https: a redirect to plain http brought weights anyone on the way could
+    change, unchecked (only their size was)."""
+    import http.server
+
+    served: list[str] = []
+
+    class Plain(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            served.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "4")
+            self.end_headers()
+            self.wfile.write(b"data")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    plain = _serve(Plain)
+
+    class Redirect(Plain):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{plain.server_port}/w.weights")
+            self.end_headers()
+
+    cert, key = _self_signed(tmp_path)
+    secure = _serve(Redirect, (cert, key))
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # urllib trusts the test's certificate
+    settings = Settings(model_dir=tmp_path / "m")
+    try:
+        with pytest.raises(ModelError, match=r"redirects to http://127\.0\.0\.1:\d+/w\.weights, which is not https"):
+            install_weights(f"https://127.0.0.1:{secure.server_port}/w.weights", settings=settings)
+        assert served == []  # nothing fetched over plain http
+        with pytest.raises(ModelError, match="expected"):  # with a checksum the redirect is followed, then checked
+            install_weights(f"https://127.0.0.1:{secure.server_port}/w.weights", sha256="0" * 64, settings=settings)
+        assert served == ["/w.weights"]
+    finally:
+        plain.shutdown()
+        secure.shutdown()
+    assert not (settings.model_dir / FACE_WEIGHTS).exists()
+
+
+def test_a_user_and_password_in_the_url_are_sent_as_basic_auth_and_never_shown(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """urllib takes ``user:password@`` for a part of the host name: the download never worked (the name went to
+    DNS), and without a port the error quoted the password ("nonnumeric port: 'S3cretPw@127.0.0.1'")."""
+    import base64
+    import http.server
+
+    seen: list[tuple[str | None, str | None]] = []
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append((self.headers.get("Authorization"), self.headers.get("Host")))
+            self.send_response(200)
+            self.send_header("Content-Length", "4")
+            self.end_headers()
+            self.wfile.write(b"data")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = _serve(Server)
+    settings = Settings(model_dir=tmp_path / "m")
+    caplog.set_level("INFO", logger="crowd.models")
+    try:
+        with pytest.raises(ModelError) as error:  # the 4 bytes are not the weights: refused after the download
+            install_weights(f"http://alice:S3cretPw@127.0.0.1:{server.server_port}/w.weights", sha256="0" * 64,
+                            settings=settings)  # fmt: skip
+    finally:
+        server.shutdown()
+    assert seen == [(f"Basic {base64.b64encode(b'alice:S3cretPw').decode()}", f"127.0.0.1:{server.server_port}")]
+    assert "expected" in str(error.value)
+    assert "S3cretPw" not in str(error.value) + caplog.text
+    with pytest.raises(ModelError) as error:  # no port: the old error quoted the password
+        install_weights("https://alice:S3cretPw@127.0.0.1/w.weights", sha256="0" * 64, settings=settings)
+    assert "S3cretPw" not in str(error.value) and "cannot download weights from 'https://127.0.0.1/w.weights'" in str(
+        error.value
+    )
+
+
+def test_weights_of_the_right_size_that_are_zeros_are_refused(tmp_path: Path) -> None:
+    """A downloader that reserves the whole file and fails leaves zeros of the right size: the size check passed
+    them, and the network found no face in any video (each then recorded done)."""
+    from crowd.models import check_weights, darknet_weights_size
+
+    zeros = tmp_path / "zeros.weights"
+    with open(zeros, "wb") as handle:
+        handle.truncate(darknet_weights_size(FACE_CFG, 16))  # sparse: no disk used
+    with pytest.raises(ModelError, match="only zero bytes at byte 16 "):
+        check_weights(FACE_CFG, zeros)
