@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -406,18 +408,13 @@ def _serve(handler: type, tls: tuple[Path, Path] | None = None):  # noqa: ANN202
     return server
 
 
-def test_an_https_url_that_redirects_to_plain_http_needs_a_checksum(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Only the URL typed was checked for https: a redirect to plain http brought weights anyone on the way could
-    change, unchecked (only their size was)."""
+def _four_bytes(record: Callable[[Any], None]) -> type:
+    """A request handler that records each request and answers with 4 bytes (not weights of any network)."""
     import http.server
 
-    served: list[str] = []
-
-    class Plain(http.server.BaseHTTPRequestHandler):
+    class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            served.append(self.path)
+            record(self)
             self.send_response(200)
             self.send_header("Content-Length", "4")
             self.end_headers()
@@ -426,6 +423,17 @@ def test_an_https_url_that_redirects_to_plain_http_needs_a_checksum(
         def log_message(self, *args: object) -> None:
             pass
 
+    return Handler
+
+
+def test_an_https_url_that_redirects_to_plain_http_needs_a_checksum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the URL typed was checked for https: a redirect to plain http brought weights anyone on the way could
+    change, unchecked (only their size was)."""
+
+    served: list[str] = []
+    Plain = _four_bytes(lambda request: served.append(request.path))  # noqa: N806 - a class
     plain = _serve(Plain)
 
     class Redirect(Plain):
@@ -457,22 +465,11 @@ def test_a_user_and_password_in_the_url_are_sent_as_basic_auth_and_never_shown(
     """urllib takes ``user:password@`` for a part of the host name: the download never worked (the name went to
     DNS), and without a port the error quoted the password ("nonnumeric port: 'S3cretPw@127.0.0.1'")."""
     import base64
-    import http.server
 
     seen: list[tuple[str | None, str | None]] = []
-
-    class Server(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            seen.append((self.headers.get("Authorization"), self.headers.get("Host")))
-            self.send_response(200)
-            self.send_header("Content-Length", "4")
-            self.end_headers()
-            self.wfile.write(b"data")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = _serve(Server)
+    server = _serve(
+        _four_bytes(lambda request: seen.append((request.headers["Authorization"], request.headers["Host"])))
+    )
     settings = Settings(model_dir=tmp_path / "m")
     caplog.set_level("INFO", logger="crowd.models")
     try:
