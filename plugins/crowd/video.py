@@ -443,20 +443,32 @@ def _mp4_index(path: str | os.PathLike[str] | int) -> bytes | None:
     return b""
 
 
-def _fragmented_frame_count(path: str | os.PathLike[str] | int) -> int | None:
-    """Frames of the first video track of a fragmented MP4 (its index has an ``mvex`` box): those the index lists
-    plus those of every fragment's ``trun`` boxes (ISO/IEC 14496-12, 8.8). ``None`` when the file is not a
-    fragmented MP4 or its boxes cannot be read. FFmpeg's count of such a file covers its first fragment at best.
-    """
+def _moov(path: str | os.PathLike[str] | int) -> bytes | None:
+    """The payload of an MP4 file's index (``moov`` box); ``None`` when it has none or is not MP4."""
     try:
         index = _mp4_index(path)
-        moov = next((p for k, p in _boxes(index) if k == b"moov"), None) if index else None
-        if moov is None or _child(moov, b"mvex") is None:
+    except _DamagedBoxes:
+        return None
+    return next((p for k, p in _boxes(index) if k == b"moov"), None) if index else None
+
+
+def _video_track(moov: bytes) -> bytes | None:
+    """The payload of the first video track (``trak`` box whose handler is ``vide``) of an index."""
+    return next(
+        (t for k, t in _boxes(moov) if k == b"trak" and (_child(t, b"mdia", b"hdlr") or b"")[8:12] == b"vide"), None
+    )
+
+
+def _fragmented_frame_count(path: str | os.PathLike[str] | int, moov: bytes) -> int | None:
+    """Frames of the first video track of a fragmented MP4 (its index ``moov`` has an ``mvex`` box): those the
+    index lists plus those of every fragment's ``trun`` boxes (ISO/IEC 14496-12, 8.8). ``None`` when the file is
+    not a fragmented MP4 or its boxes cannot be read. FFmpeg's count of such a file covers its first fragment at
+    best.
+    """
+    try:
+        if _child(moov, b"mvex") is None:
             return None
-        trak = next(
-            (t for k, t in _boxes(moov) if k == b"trak" and (_child(t, b"mdia", b"hdlr") or b"")[8:12] == b"vide"),
-            None,
-        )
+        trak = _video_track(moov)
         tkhd = trak and _child(trak, b"tkhd")
         stbl = trak and _child(trak, b"mdia", b"minf", b"stbl")
         if not tkhd or stbl is None:
@@ -552,36 +564,28 @@ class _Timing:
     constant_rate_at: Callable[[float], bool]  # fps -> is frame n shown at n / fps for every n
 
 
-def _mp4_timing(path: str | os.PathLike[str] | int) -> _Timing | None:
-    """Frame count, duration and frame-rate regularity of the first video track, from its sample tables.
+def _mp4_timing(moov: bytes) -> _Timing | None:
+    """Frame count, duration and frame-rate regularity of the first video track of an MP4 index (``moov``), from
+    its sample tables.
 
     Reads ``stts`` (decoding times), ``ctts`` (presentation offsets) and ``elst`` (the edit list of a trimmed
-    file: samples outside it are decoded but not shown). ``None`` when the file is not MP4, is fragmented (the
-    samples are listed in ``moof`` boxes, not in the index), has more than one edit, or its tables do not agree.
+    file: samples outside it are decoded but not shown). ``None`` when the file is fragmented (the samples are
+    listed in ``moof`` boxes, not in the index), has more than one edit, or its tables do not agree.
     """
-    try:
-        index = _mp4_index(path)
-    except _DamagedBoxes:
-        return None
-    if not index:
-        return None
-    moov = next((p for k, p in _boxes(index) if k == b"moov"), None)
-    mvhd = moov and _child(moov, b"mvhd")
-    if not moov or not mvhd or len(mvhd) < 24:
+    mvhd = _child(moov, b"mvhd")
+    if not mvhd or len(mvhd) < 24:
         return None
     if _child(moov, b"mvex") is not None:
         # fragmented: more samples follow in moof boxes (ffmpeg's frag_keyframe lists the first fragment's in the
         # index, and its count would end the read there); the video is read to where decoding ends
         return None
-    for kind, trak in _boxes(moov):
-        hdlr = _child(trak, b"mdia", b"hdlr") if kind == b"trak" else None
-        if hdlr is None or hdlr[8:12] != b"vide":
-            continue
-        try:
-            return _track_timing(trak, _timescale(mvhd))
-        except (struct.error, ValueError, ZeroDivisionError, MemoryError):  # tables that do not fit: no timing
-            return None
-    return None
+    trak = _video_track(moov)
+    if trak is None:
+        return None
+    try:
+        return _track_timing(trak, _timescale(mvhd))
+    except (struct.error, ValueError, ZeroDivisionError, MemoryError):  # tables that do not fit: no timing
+        return None
 
 
 def _sample_count(stbl: bytes) -> int | None:
@@ -668,13 +672,14 @@ def probe_video(source: str | os.PathLike[str] | int) -> VideoInfo:
             kind = _image_kind(source)
             if problem or kind:
                 raise NotAVideoError(source, problem or f"not a video container ({kind})")
-        timing = _mp4_timing(source)
+        moov = _moov(source)  # the index is read once: its timing, or a fragmented file's frame count
+        timing = _mp4_timing(moov) if moov else None
         if timing is not None:
             info = dataclasses.replace(
                 info, frame_count=timing.frames, index_duration_s=timing.duration_s,
                 constant_rate=timing.constant_rate_at(info.fps),
             )  # fmt: skip
-        elif (fragmented := _fragmented_frame_count(source)) is not None:
+        elif moov and (fragmented := _fragmented_frame_count(source, moov)) is not None:
             info = dataclasses.replace(info, frame_count=fragmented)  # still an estimate: no edit list, not split
         if not cap.grab():
             raise NotAVideoError(source, "not a video container (read 0 frames)")

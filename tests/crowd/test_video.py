@@ -454,7 +454,12 @@ def test_a_fragmented_mp4_is_read_past_its_first_fragment(tmp_path: Path, monkey
     complete video. A fragmented file's count is not exact: it is read to where decoding ends."""
     path = write_numbered(tmp_path / "frag.mp4", [round(i * 1000 / 30) for i in range(90)], movflags="frag_keyframe")
     assert path.read_bytes().count(b"moof") >= 3  # fragments after the index
+    index_reads = []
+    read_index = video_module._mp4_index
+    monkeypatch.setattr(video_module, "_mp4_index", lambda p: index_reads.append(p) or read_index(p))
     info = probe_video(path)
+    monkeypatch.undo()
+    assert len(index_reads) == 1  # the index is read once, for its timing and the fragments' count
     assert info.exact_frame_count is None and not info.constant_rate  # not split either
     assert info.frame_count == 90  # counted in the fragments (FFmpeg says 4): progress and the end check use it
     reader = FrameReader(path, frame_interval=1)
@@ -462,8 +467,10 @@ def test_a_fragmented_mp4_is_read_past_its_first_fragment(tmp_path: Path, monkey
     assert reader.error is None
     assert [f.frame_id for f in frames] == list(range(90))
     assert [frame_index(f.image) for f in frames] == list(range(90))
+    moov = video_module._moov(path)
+    assert moov and video_module._fragmented_frame_count(path, moov) == 90
     monkeypatch.setattr(video_module, "_MAX_BOXES", 5)  # a day of 1 s fragments is more boxes than the walk reads
-    assert video_module._fragmented_frame_count(path) is None  # unknown, not the count of the boxes walked
+    assert video_module._fragmented_frame_count(path, moov) is None  # unknown, not the count of the boxes walked
     monkeypatch.undo()
     cut = tmp_path / "cut.mp4"  # a fragment cut short: its frames are counted, not all decoded
     cut.write_bytes(path.read_bytes()[: path.stat().st_size * 9 // 10])  # inside the last fragment's data
