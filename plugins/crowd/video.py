@@ -562,6 +562,7 @@ class _Timing:
     frames: int  # frames presented (inside the edit list), in presentation order
     duration_s: float  # from the first presented frame to the end of the last one
     constant_rate_at: Callable[[float], bool]  # fps -> is frame n shown at n / fps for every n
+    exact: bool = True  # False: counted over several edits, which players join their own way (an estimate)
 
 
 def _mp4_timing(moov: bytes) -> _Timing | None:
@@ -570,7 +571,8 @@ def _mp4_timing(moov: bytes) -> _Timing | None:
 
     Reads ``stts`` (decoding times), ``ctts`` (presentation offsets) and ``elst`` (the edit list of a trimmed
     file: samples outside it are decoded but not shown). ``None`` when the file is fragmented (the samples are
-    listed in ``moof`` boxes, not in the index), has more than one edit, or its tables do not agree.
+    listed in ``moof`` boxes, not in the index), its edits change the speed, or its tables do not agree
+    (several edits: an estimate, see :func:`_edited_timing`).
     """
     mvhd = _child(moov, b"mvhd")
     if not mvhd or len(mvhd) < 24:
@@ -620,12 +622,13 @@ def _track_timing(trak: bytes, movie_scale: int) -> _Timing | None:
     elst = _child(trak, b"edts", b"elst")
     if elst:
         wide = elst[0] == 1
-        entry = struct.Struct(">Qq" if wide else ">Ii")
-        step = entry.size + 4  # + media rate
-        edits = [entry.unpack_from(elst, 8 + i * step) for i in range(struct.unpack_from(">I", elst, 4)[0])]
-        edits = [(length, start) for length, start in edits if start != -1]  # -1: an empty edit (a delay)
+        entry = struct.Struct(">Qqi" if wide else ">Iii")  # duration, media time, media rate (16.16)
+        edits = [entry.unpack_from(elst, 8 + i * entry.size) for i in range(struct.unpack_from(">I", elst, 4)[0])]
+        if any(rate != 0x10000 for _, start, rate in edits if start != -1):
+            return None  # a dwell (rate 0) or speed change: frames shown are not the ones listed
+        edits = [(length, start) for length, start, _ in edits if start != -1]  # -1: an empty edit (a delay)
         if len(edits) > 1:
-            return None
+            return _edited_timing(pts, edits, scale, movie_scale)
         if edits:
             length, start = edits[0]
             stop = start + length * scale / movie_scale if length else np.inf
@@ -641,6 +644,19 @@ def _track_timing(trak: bytes, movie_scale: int) -> _Timing | None:
         return bool(np.abs(seconds * fps - np.arange(len(seconds))).max() <= 0.25)
 
     return _Timing(frames=len(pts), duration_s=float(end - pts[0]) / scale, constant_rate_at=constant_rate_at)
+
+
+def _edited_timing(pts: np.ndarray, edits: list[tuple[int, int]], scale: int, movie_scale: int) -> _Timing:
+    """The frames of a file cut by several edits (``(duration, media time)`` each; a cut-editing tool's output):
+    each edit shows the samples inside its window, one edit after the other. An estimate (``exact=False``): how a
+    player joins the edits (a frame across a cut, a window ending mid-frame) may differ by a frame, so the end
+    of decoding is taken as the end, and the file is read whole (no frame n at n / fps to seek to)."""
+    frames = 0
+    for length, start in edits:
+        stop = start + length * scale / movie_scale if length else np.inf
+        frames += int(np.count_nonzero((pts >= start) & (pts < stop)))
+    duration_s = sum(length for length, _ in edits) / movie_scale
+    return _Timing(frames=frames, duration_s=duration_s, constant_rate_at=lambda fps: False, exact=False)
 
 
 def probe_video(source: str | os.PathLike[str] | int) -> VideoInfo:
@@ -674,7 +690,9 @@ def probe_video(source: str | os.PathLike[str] | int) -> VideoInfo:
                 raise NotAVideoError(source, problem or f"not a video container ({kind})")
         moov = _moov(source)  # the index is read once: its timing, or a fragmented file's frame count
         timing = _mp4_timing(moov) if moov else None
-        if timing is not None:
+        if timing is not None and not timing.exact:
+            info = dataclasses.replace(info, frame_count=timing.frames)  # shown frames, estimated: not split
+        elif timing is not None:
             info = dataclasses.replace(
                 info, frame_count=timing.frames, index_duration_s=timing.duration_s,
                 constant_rate=timing.constant_rate_at(info.fps),

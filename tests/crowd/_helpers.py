@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -272,6 +273,31 @@ def trim_mp4(src: Path, dst: Path, skip_ms: int) -> Path:
             packet.dts -= shift
             packet.stream = target
             out.mux(packet)
+    return dst
+
+
+def cut_mp4(src: Path, dst: Path, windows: Sequence[tuple[int, int]]) -> Path:
+    """Rewrite the edit list of ``src`` (an MP4 with its index last and one edit, as :func:`write_numbered` makes
+    at 30 fps) to show ``(first frame, frames)`` windows one after the other, as cut-editing tools do (frame i at
+    ``round(i * 1000 / 30)`` ms, as :func:`write_numbered` shows it)."""
+    data = bytearray(src.read_bytes())
+    assert data.find(b"moov") > data.find(b"mdat"), "the index must come last: a longer one moves no sample"
+    movie_scale = struct.unpack_from(">I", data, data.find(b"mvhd") + 16)[0]
+    media_scale = struct.unpack_from(">I", data, data.find(b"mdhd") + 16)[0]
+    at = data.find(b"elst") - 4
+    size, _, version_flags, _, _, shift = struct.unpack_from(">I4sIIIi", data, at)
+    entries = b"".join(
+        struct.pack(
+            ">Iihh", round(frames * movie_scale / 30), shift + round(first * 1000 / 30) * media_scale // 1000, 1, 0
+        )
+        for first, frames in windows
+    )
+    box = struct.pack(">I4sII", 16 + len(entries), b"elst", version_flags, len(windows)) + entries
+    data[at : at + size] = box
+    for parent in (b"edts", b"trak", b"moov"):  # the boxes holding it grow by as much
+        start = data.rfind(parent, 0, at) - 4
+        struct.pack_into(">I", data, start, struct.unpack_from(">I", data, start)[0] + len(box) - size)
+    dst.write_bytes(bytes(data))
     return dst
 
 

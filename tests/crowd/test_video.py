@@ -35,6 +35,7 @@ from crowd.video import (
 from tests.crowd._helpers import (
     CARPHONE,
     call_where_file_modes_apply,
+    cut_mp4,
     frame_index,
     read_frames,
     trim_mp4,
@@ -363,6 +364,21 @@ def test_trimmed_mp4_with_an_edit_list_is_read_to_its_end(tmp_path: Path) -> Non
     assert [f.frame_id for f in frames] == list(range(0, 90, 10))
     assert [frame_index(f.image) for f in frames] == [60 + f.frame_id for f in frames]  # decode index 0 = shown first
     assert frames[1].ts_ms == pytest.approx(333, abs=1)
+
+
+def test_an_mp4_cut_by_several_edits_is_read_whole(tmp_path: Path) -> None:
+    """A cut-editing tool keeps the samples and lists the windows shown: 120 listed, 101 shown (it was reported
+    corrupt, 'decoding stopped at frame 101 of about 120', and the video marked failed)."""
+    full = write_numbered(tmp_path / "full.mp4", [round(i * 1000 / 30) for i in range(120)])
+    path = cut_mp4(full, tmp_path / "cut.mp4", [(0, 51), (70, 50)])  # frames 51-69 cut out
+    reader = FrameReader(path, frame_interval=1)
+    frames = list(reader)
+    assert reader.error is None, reader.error
+    shown = list(range(51)) + list(range(70, 120))
+    assert [frame_index(f.image) for f in frames] == shown
+    assert [f.frame_id for f in frames] == list(range(101))
+    assert reader.info.frame_count == 101 and not reader.info.constant_rate  # an estimate, read whole (not split)
+    assert reader.info.exact_frame_count is None
 
 
 def test_vfr_matroska_named_mp4_ends_cleanly(tmp_path: Path) -> None:
