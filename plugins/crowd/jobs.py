@@ -659,8 +659,8 @@ def detect_and_publish(
                 claim_timeout_s=settings.video_claim_timeout_s,
             ):  # fmt: skip
                 log.warning(
-                    "video %s: its status belongs to a later run, or this run is already done with it: left as it is "
-                    "(this try is stale, or a task of a finished run was cleared)", item.video_id,
+                    "video %s: its status belongs to a later run, or this run is already done with it (another part "
+                    "found it corrupt, or this try is stale): left as it is", item.video_id,
                 )  # fmt: skip
         log.info(
             "video %s: %.1f MB, %dx%d, %g fps, %s frames; part %d/%d = frames [%d, %s); model %s; topic %s",

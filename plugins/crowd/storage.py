@@ -720,7 +720,9 @@ class RunStamp:
 
     The run started last owns the status: nothing is written over the status of a run started later, and a try
     of a run that is already done with the video (a stale one, e.g. a worker thawed or reconnected after its try
-    was retried and the run finished) cannot turn its ``done`` back into ``processing`` or ``failed``.
+    was retried and the run finished) cannot turn its ``done`` back into ``processing`` or ``failed``, nor a
+    retried first part the ``failed`` another part of its run recorded (a corrupt range) into ``processing``.
+    Clearing a task of a finished run takes the video back: Airflow gives the cleared run a new start date.
     """
 
     run_id: str
@@ -749,7 +751,8 @@ def mark_video_processing(
     it is superseded, not dead).
 
     Returns:
-        False when the video was left as it is: owned by a later run, or ``done`` by ``run`` (see :class:`RunStamp`).
+        False when the video was left as it is: owned by a later run, or ``done`` or ``failed`` by ``run`` (see
+        :class:`RunStamp`).
     """
     run_columns = _run_columns(run)
     with conn.transaction():
@@ -772,9 +775,9 @@ def mark_video_processing(
                         OR videos.alive_at > clock_timestamp() - make_interval(secs => %s)
                         THEN videos.silent_runs
                     ELSE videos.silent_runs + 1 END
-            WHERE NOT COALESCE(  -- owned by a later run, or done by this one: leave it
+            WHERE NOT COALESCE(  -- owned by a later run, or done or failed by this one: leave it
                 videos.run_started_at > EXCLUDED.run_started_at
-                OR (videos.run_started_at = EXCLUDED.run_started_at AND videos.status = 'done'), false)
+                OR (videos.run_started_at = EXCLUDED.run_started_at AND videos.status IN ('done', 'failed')), false)
             RETURNING id
             """,
             (video_id, str(path), fps, frame_count, width, height, size_bytes, model, *run_columns, claim_timeout_s),
@@ -844,7 +847,8 @@ def mark_video_failed(
     """Mark ``video_id`` failed with ``error`` (registers it if it was unknown, e.g. unreadable files).
 
     Returns:
-        False when the video was left as it is: owned by a later run, or ``done`` by ``run`` (see :class:`RunStamp`).
+        False when the video was left as it is: owned by a later run, or ``done`` or ``failed`` by ``run`` (see
+        :class:`RunStamp`).
     """
     return _mark_failed(conn, _UNLESS_LATER_OR_DONE, video_id, path, error, run)
 

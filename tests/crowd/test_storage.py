@@ -130,7 +130,10 @@ def test_a_stale_try_cannot_turn_back_the_status_of_its_own_or_a_later_run(conn:
     assert status() == ("done", "manual__newer", None)
 
     assert storage.mark_video_failed(conn, "v2", "/videos/b.mp4", "not a video", older)  # unknown: registered
-    assert storage.mark_video_processing(conn, "v2", "/videos/b.mp4", **meta, run=older)  # a retry of a failure
+    # part 1 found the video corrupt; part 0's retry (same run) leaves it failed, with its reason
+    assert not storage.mark_video_processing(conn, "v2", "/videos/b.mp4", **meta, run=older)
+    assert conn.execute("SELECT status, error FROM videos WHERE id = 'v2'").fetchone() == ("failed", "not a video")
+    assert storage.mark_video_processing(conn, "v2", "/videos/b.mp4", **meta, run=newer)  # a later run retries it
     assert storage.mark_video_processing(conn, "v1", "/videos/a.mp4", **meta)  # no run (a direct call): as before
     assert status() == ("processing", None, None)
 
