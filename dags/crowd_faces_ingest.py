@@ -79,7 +79,7 @@ message).
 )
 def crowd_faces_ingest():
     @task(execution_timeout=timedelta(minutes=20), multiple_outputs=False)  # > max_seconds' maximum + start
-    def drain_faces(params: dict | None = None) -> dict:
+    def drain_faces(params: dict | None = None, dag_run=None) -> dict:
         """Drain the Faces topic into PostgreSQL; returns the drain summary."""
         from airflow.sdk.exceptions import AirflowFailException
 
@@ -95,6 +95,7 @@ def crowd_faces_ingest():
                 linger_s=params["linger_s"],
                 alert_threshold=params["alert_threshold"],
                 alert_min_duration_s=params["alert_min_duration_s"],
+                run_started_at=dag_run.start_date if dag_run else None,  # losses an earlier try recorded fail it too
             )
         except MessagesLostError as exc:  # recorded and past: a retry would find nothing lost and end the run green
             raise AirflowFailException(str(exc)) from exc

@@ -30,6 +30,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -319,6 +320,15 @@ def _publish_alerts(conn: psycopg.Connection, kafka_conn_id: str, topic: str, su
         log.error("crowd alerts not published to %s (%s); draining goes on, they stay pending", topic, exc)
 
 
+def lost_ranges_since(conn: psycopg.Connection, topic: str, since: datetime) -> int:
+    """How many ranges of ``topic`` were recorded lost (``rejected_messages`` rows ``lost: ...``) since ``since``."""
+    row = conn.execute(
+        "SELECT count(*) FROM rejected_messages WHERE topic = %s AND reason LIKE 'lost:%%' AND rejected_at >= %s",
+        (topic, since),
+    ).fetchone()
+    return int(row[0])
+
+
 def stored_offsets(conn: psycopg.Connection, group_id: str, topic: str, topic_id: str | None = None) -> dict[int, int]:
     """Next offset to read per partition, as stored by the last committed batch.
 
@@ -460,7 +470,8 @@ def drain(
                 {p: offsets.get(p, "beginning") for p in partitions},
             )
             summary.next_offsets = dict(offsets)
-            _record_deleted_ranges(consumer, conn, summary, offsets)
+            # a partition never stored expects offset 0: a log starting past it lost its first messages
+            _record_deleted_ranges(consumer, conn, summary, {p: offsets.get(p, 0) for p in partitions})
             _run(
                 consumer,
                 conn,
@@ -650,9 +661,10 @@ def _hold_back(consumer: Consumer, summary: DrainSummary, message: Message) -> N
 def _record_deleted_ranges(
     consumer: Consumer, conn: psycopg.Connection, summary: DrainSummary, offsets: dict[int, int]
 ) -> None:
-    """Before reading: a partition whose log now starts past its stored offset lost what lay between (retention,
-    delete-records), even when nothing newer was written after it (no message would then show the gap). The ranges
-    are stored as ``lost: ...`` rows with their offsets moved past them, in one transaction."""
+    """Before reading: a partition whose log now starts past its stored offset (0 when none is stored yet) lost
+    what lay between (retention, delete-records), even when nothing newer was written after it (no message would
+    then show the gap). The ranges are stored as ``lost: ...`` rows with their offsets moved past them, in one
+    transaction."""
     batch = Batch(topic=summary.topic, topic_id=summary.topic_id)
     for partition, stored in sorted(offsets.items()):
         try:
@@ -722,8 +734,18 @@ def drain_task(
     linger_s: float = 0.0,
     alert_threshold: int | None = None,
     alert_min_duration_s: float = 0.0,
+    run_started_at: datetime | None = None,
 ) -> dict[str, Any]:
-    """Run :func:`drain` with :func:`crowd.config.load_settings` and return the summary as a dict (for XCom)."""
+    """Run :func:`drain` with :func:`crowd.config.load_settings` and return the summary as a dict (for XCom).
+
+    ``run_started_at``: when the DAG run started. Losses recorded since then, by an earlier try of the run that
+    ended in another error, fail this try too (see :class:`MessagesLostError`): its retry finds nothing lost.
+
+    Raises:
+        MessagesLostError: messages were deleted from the broker before they were stored (first: whatever else
+            the drain met, a retry cannot bring them back).
+        IngestError: the drain stopped idle with messages left, another drain holds the lock, alerts unpublished.
+    """
     from crowd.config import load_settings
 
     settings = load_settings()
@@ -746,19 +768,26 @@ def drain_task(
             "a dead one whose database session is still open: see pg_locks / pg_stat_activity); nothing was "
             "drained, the retry will try again"
         )
-    if summary.stopped_because.startswith("idle") and (summary.lag_left or not summary.lag_known):
-        left = f"{summary.lag_left} messages" if summary.lag_known else "an unknown number of messages"
+    cut_off = summary.stopped_because.startswith("idle") and (summary.lag_left or not summary.lag_known)
+    left = f"{summary.lag_left} messages" if summary.lag_known else "an unknown number of messages"
+    earlier = 0
+    if run_started_at is not None and not summary.lost:
+        with storage.connect(settings.postgres_conn_id) as conn:
+            earlier = lost_ranges_since(conn, summary.topic, run_started_at)
+    if summary.lost or earlier:
+        lost = f"{summary.lost} messages" if summary.lost else f"{earlier} ranges of messages (by an earlier try)"
+        raise MessagesLostError(
+            f"{lost} of {summary.topic!r} were deleted from the broker before they were stored (retention shorter "
+            "than an outage, or delete-records): the ranges are in rejected_messages (reason 'lost: ...'), "
+            f"everything after them is stored ({summary.frames} frames)"
+            + (f", but for {left} the broker did not give within {idle_timeout_s:g} s" if cut_off else "")
+            + ". Lengthen the topic's retention.ms, or re-run detection for the videos concerned"
+        )
+    if cut_off:
         raise IngestError(
             f"{summary.frames} frames stored, then the broker gave nothing for {idle_timeout_s:g} s with {left} of "
             f"{summary.topic!r} not stored yet (Kafka down or unreachable, a partition without a leader?); the "
             "retry drains them"
-        )
-    if summary.lost:
-        raise MessagesLostError(
-            f"{summary.lost} messages of {summary.topic!r} were deleted from the broker before they were stored "
-            "(retention shorter than an outage, or delete-records): the ranges are in rejected_messages (reason "
-            f"'lost: ...'), everything after them is stored ({summary.frames} frames). Lengthen the topic's "
-            "retention.ms, or re-run detection for the videos concerned"
         )
     if summary.alerts_error:
         raise IngestError(

@@ -18,7 +18,7 @@ import pytest
 
 import crowd.ingest
 from crowd.alerts import AlertRule
-from crowd.ingest import DRAIN_LOCK_KEY_SQL, IngestError, drain, drain_task
+from crowd.ingest import DRAIN_LOCK_KEY_SQL, IngestError, MessagesLostError, drain, drain_task
 from crowd.messages import FaceMessage
 
 pytestmark = pytest.mark.services
@@ -112,6 +112,18 @@ def publish(topic: str, items: list[tuple[bytes | None, bytes | None]]) -> None:
 
 def publish_frames(topic: str, messages: list[dict]) -> None:
     publish(topic, [(m["video_id"].encode(), encode(m)) for m in messages])
+
+
+def end_offsets(topic: str, partitions: int) -> dict[int, int]:
+    from confluent_kafka import TopicPartition
+
+    from crowd.kafka import manual_commit_consumer
+
+    consumer = manual_commit_consumer("kafka_default", group_id="test-end-offsets")
+    try:
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions)}
+    finally:
+        consumer.close()
 
 
 def pg() -> psycopg.Connection:
@@ -325,6 +337,70 @@ def test_messages_deleted_before_they_were_stored_are_recorded_as_lost_and_fail_
 
     again = drain_task(topic=topic, group_id=GROUP, idle_timeout_s=5)
     assert (again["messages"], again["lost"]) == (0, 0)
+
+
+def test_a_loss_fails_the_run_whatever_else_the_drain_met(
+    pg_schema: str, kafka_admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain that records lost messages and then meets another error (a silent broker, PostgreSQL restarting)
+    raised the retryable error: its retry found nothing lost and the run ended green. The loss comes first, and a
+    retry of the run finds the ranges an earlier try recorded since the run started."""
+    from datetime import UTC, datetime
+
+    from confluent_kafka import TopicPartition
+
+    import crowd.ingest
+    import crowd.kafka
+
+    topic = new_topic(kafka_admin, "test-lost-then", partitions=1)
+    publish_frames(topic, [frame_dict("video-a", i, 1) for i in range(60)])
+    assert quick_drain(topic, batch_size=10, max_batches=1).next_offsets == {0: 10}
+    for future in kafka_admin.delete_records([TopicPartition(topic, 0, 20)]).values():
+        future.result(timeout=30)
+    run_started_at = datetime.now(UTC)
+    real = crowd.kafka.manual_commit_consumer  # the broker falls silent after one batch: 30 messages left
+    monkeypatch.setattr(crowd.kafka, "manual_commit_consumer", lambda *a, **k: _BrokerFallsSilent(real(*a, **k), 1))
+    with pytest.raises(MessagesLostError, match=r"10 messages of .* deleted .* but for \d+ messages the broker"):
+        drain_task(topic=topic, group_id=GROUP, batch_size=10, idle_timeout_s=2, run_started_at=run_started_at)
+    monkeypatch.setattr(crowd.kafka, "manual_commit_consumer", real)
+
+    for future in kafka_admin.delete_records([TopicPartition(topic, 0, 40)]).values():
+        future.result(timeout=30)  # more is lost; the next try dies after recording it (PostgreSQL restarting)
+    real_run = crowd.ingest._run
+
+    def restarting(*args, **kwargs):
+        raise psycopg.OperationalError("the database system is shutting down")
+
+    monkeypatch.setattr(crowd.ingest, "_run", restarting)
+    with pytest.raises(psycopg.OperationalError):
+        drain_task(topic=topic, group_id=GROUP, idle_timeout_s=2, run_started_at=run_started_at)
+    monkeypatch.setattr(crowd.ingest, "_run", real_run)
+    with pytest.raises(MessagesLostError, match=r"2 ranges of messages \(by an earlier try\)"):  # the retry
+        drain_task(topic=topic, group_id=GROUP, idle_timeout_s=2, run_started_at=run_started_at)
+    with pg() as conn:
+        frame_ids = [r[0] for r in conn.execute("SELECT frame_id FROM frames ORDER BY frame_id")]
+    assert frame_ids == [*range(10), *range(20, 30), *range(40, 60)]  # all that was not lost, each once
+    assert drain_task(topic=topic, group_id=GROUP, idle_timeout_s=2)["lost"] == 0  # the next run: nothing lost
+
+
+def test_messages_deleted_before_a_partition_was_ever_stored_are_recorded_lost(pg_schema: str, kafka_admin) -> None:
+    """Only partitions with stored offsets were checked: a first drain (a new deployment, a partition added)
+    started at the log's new start and the deleted messages went unrecorded, the run green."""
+    from confluent_kafka import TopicPartition
+
+    topic = new_topic(kafka_admin, "test-lost-first", partitions=2)
+    publish(topic, [(b"k", encode(frame_dict("video-a", i, 1))) for i in range(10)])
+    (partition,) = {p for p, high in end_offsets(topic, 2).items() if high == 10}
+    for future in kafka_admin.delete_records([TopicPartition(topic, partition, 6)]).values():
+        future.result(timeout=30)
+
+    with pytest.raises(MessagesLostError, match="6 messages"):
+        drain_task(topic=topic, group_id=GROUP, idle_timeout_s=3)
+    with pg() as conn:
+        lost = conn.execute('SELECT partition, "offset", reason FROM rejected_messages').fetchall()
+        frame_ids = [r[0] for r in conn.execute("SELECT frame_id FROM frames ORDER BY frame_id")]
+    assert [(p, o) for p, o, _ in lost] == [(partition, 0)] and lost[0][2].startswith("lost: offsets 0..5")
+    assert frame_ids == [6, 7, 8, 9]
 
 
 def test_a_batch_of_large_messages_ends_at_its_byte_budget(faces_topic: str, pg_schema: str) -> None:
