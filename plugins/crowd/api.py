@@ -198,9 +198,29 @@ class FramePage(BaseModel):
 
     video_id: str
     items: list[FrameCount]
-    total: int
+    total: int = Field(description="frames stored for the video (all of them, also with after_frame_id)")
     limit: int
     offset: int
+
+
+class TimelinePoint(BaseModel):
+    """A run of consecutive stored frames of a video, summarised (one point of a chart)."""
+
+    first_frame_id: int
+    last_frame_id: int
+    start_ts_ms: float | None = None
+    end_ts_ms: float | None = None
+    frames: int = Field(description="frames stored in the run")
+    max_faces: int = Field(description="most faces in one of its frames (peaks survive the summary)")
+    mean_faces: float
+
+
+class Timeline(BaseModel):
+    """A video's face counts over time in at most ``points`` runs of frames of equal frame-id span."""
+
+    video_id: str
+    frames: int = Field(description="frames stored for the video")
+    points: list[TimelinePoint]
 
 
 class FaceBox(BaseModel):
@@ -679,8 +699,10 @@ def _add_docs_routes(app: FastAPI) -> None:
     from fastapi.openapi.docs import get_swagger_ui_html
 
     @app.get("/openapi.json", include_in_schema=False)
-    async def openapi_document() -> JSONResponse:
-        return JSONResponse(app.openapi())
+    async def openapi_document(request: Request) -> JSONResponse:
+        # the mount prefix as the server, as FastAPI's own route does: Swagger's "Try it out" calls /crowd/videos
+        prefix = request.scope.get("root_path", "").rstrip("/")
+        return JSONResponse({**app.openapi(), "servers": [{"url": prefix or "/"}]})
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
@@ -1007,6 +1029,30 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
         return FramePage(
             video_id=video_id, items=[FrameCount(**r) for r in rows], total=total, limit=limit, offset=offset
         )
+
+    @app.get(
+        "/videos/{video_id}/timeline",
+        response_model=Timeline,
+        summary="Face counts over time, summarised into at most `points` runs of frames (a chart's points)",
+    )
+    def timeline(video_id: VideoId, conn: Db, points: Annotated[int, Query(ge=1, le=10_000)] = 800) -> Timeline:
+        frames = one_video(conn, video_id)["frames"]
+        rows = _rows(
+            conn,
+            """
+            WITH span AS (SELECT min(frame_id)::numeric AS lo, max(frame_id)::numeric + 1 AS hi
+                          FROM frames WHERE video_id = %(video_id)s)
+            SELECT min(f.frame_id) AS first_frame_id, max(f.frame_id) AS last_frame_id,
+                   min(f.frame_ts_ms) AS start_ts_ms, max(f.frame_ts_ms) AS end_ts_ms, count(*) AS frames,
+                   max(f.total_faces) AS max_faces, avg(f.total_faces)::float8 AS mean_faces
+            FROM frames f, span
+            WHERE f.video_id = %(video_id)s
+            GROUP BY width_bucket(f.frame_id::numeric, span.lo, span.hi, %(points)s)
+            ORDER BY first_frame_id
+            """,
+            {"video_id": video_id, "points": points},
+        )
+        return Timeline(video_id=video_id, frames=frames, points=[TimelinePoint(**r) for r in rows])
 
     @app.get("/videos/{video_id}/frames/{frame_id}/faces", response_model=FrameFaces, summary="One frame's faces")
     def frame_faces(video_id: VideoId, frame_id: Annotated[int, PathParam(ge=0, le=2**63 - 1)], conn: Db) -> FrameFaces:

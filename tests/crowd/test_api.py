@@ -231,6 +231,31 @@ def test_frame_pages_by_frame_id_neither_skip_nor_repeat_while_late_frames_arriv
     assert [f["frame_id"] for f in by_offset["items"]] == [20, 40]  # what offsets do (kept for old clients)
 
 
+def test_a_timeline_summarises_a_long_video_keeping_its_peaks(client: Any) -> None:
+    """The dashboard drew the first 20,000 frames of a video and clamped later alerts to its edge; a timeline
+    summarises every stored frame into at most ``points`` runs, each keeping its most faces."""
+    from crowd import storage
+
+    _insert_frames("longvideo", list(range(0, 90_000, 3)))  # 30,000 frames, one face each
+    with storage.connect("crowd_postgres") as conn:
+        conn.execute("UPDATE frames SET total_faces = 50 WHERE video_id = 'longvideo' AND frame_id = 71001")
+        conn.commit()
+    viewer = auth(client, "viewer")
+    body = client.get("/crowd/videos/longvideo/timeline", params={"points": 800}, headers=viewer).json()
+    points = body["points"]
+    assert body["frames"] == 30_000 and 700 <= len(points) <= 800
+    assert sum(p["frames"] for p in points) == 30_000
+    assert [p["first_frame_id"] for p in points] == sorted(p["first_frame_id"] for p in points)
+    assert all(a["last_frame_id"] < b["first_frame_id"] for a, b in zip(points, points[1:], strict=False))
+    (peak,) = [p for p in points if p["max_faces"] == 50]  # the one frame with 50 faces is not averaged away
+    assert peak["first_frame_id"] <= 71_001 <= peak["last_frame_id"]
+    assert peak["start_ts_ms"] == pytest.approx(peak["first_frame_id"] * 33.3)
+    assert points[-1]["last_frame_id"] == 89_997
+    one = client.get("/crowd/videos/longvideo/timeline", params={"points": 1}, headers=viewer).json()["points"]
+    assert [(p["frames"], p["max_faces"]) for p in one] == [(30_000, 50)]
+    assert client.get("/crowd/videos/nosuchvideo/timeline", headers=viewer).status_code == 404
+
+
 @pytest.mark.parametrize(
     ("path", "count"),
     [
@@ -915,6 +940,7 @@ def test_openapi_is_served_under_the_prefix(client: Any) -> None:
     spec = client.get("/crowd/openapi.json", headers=headers).json()
     assert "/send" in spec["paths"] and "/videos/{video_id}/frames" in spec["paths"]
     assert "/openapi.json" not in spec["paths"] and "/docs" not in spec["paths"]
+    assert spec["servers"] == [{"url": "/crowd"}]  # Swagger's "Try it out" sent /videos to the Airflow UI
     docs = client.get("/crowd/docs", headers=headers)
     assert docs.status_code == 200 and "/crowd/openapi.json" in docs.text
 

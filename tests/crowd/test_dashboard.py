@@ -84,6 +84,40 @@ def test_dashboard_shows_the_seeded_video(live_server: str, faces_topic: str, re
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
 
 
+def test_dashboard_draws_a_long_video_whole(live_server: str) -> None:
+    """It drew the first 20,000 frames of a video (later alerts clamped to the chart's edge, a later peak
+    dropped); the chart now comes from the timeline of all its frames."""
+    from crowd import storage
+
+    sync_playwright = _browser_or_skip()
+    with storage.connect("crowd_postgres") as conn:
+        storage.migrate(conn)
+        conn.execute(
+            "INSERT INTO frames (video_id, frame_id, frame_ts_ms, total_faces, model, frame_width, frame_height, source)"
+            " SELECT 'longdashvideo', f, f * 33.3, CASE WHEN f = 80001 THEN 9 ELSE 1 END, 'm', 10, 10, 's'"
+            " FROM generate_series(0, 89997, 3) f"
+        )
+        conn.commit()
+    jwt = _login(live_server, "viewer")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(viewport={"width": 1100, "height": 900})
+            context.add_cookies([{"name": "_token", "value": jwt, "url": live_server}])
+            page = context.new_page()
+            page.goto(f"{live_server}/crowd/dashboard", wait_until="domcontentloaded")
+            page.locator('#videos tbody tr[data-id="longdashvideo"]').click()
+            page.wait_for_selector("#chart svg polyline", timeout=15_000)
+            points = page.locator("#chart svg polyline").get_attribute("points").split()
+            labels = page.locator("#chart svg text").all_text_contents()
+            peak = page.locator("#chart svg circle title").text_content()
+        finally:
+            browser.close()
+    assert 700 <= len(points) <= 800  # 30,000 frames, summarised
+    assert f"{89_997 * 33.3 / 1000:.1f} s" in labels  # drawn to its last frame (frame 60,000 was the end)
+    assert peak == f"peak: 9 faces at {80_001 * 33.3 / 1000:.1f} s"  # past frame 60,000: it was dropped
+
+
 def test_dashboard_without_login_shows_no_data(live_server: str) -> None:
     import urllib.error
     import urllib.request
