@@ -395,6 +395,10 @@ class _DamagedBoxes(ValueError):
     """A box of an MP4 file has an impossible size."""
 
 
+class _IndexCutShort(_DamagedBoxes):
+    """The index (``moov`` box) of an MP4 file runs past the end of the file: the file was cut (copied partway)."""
+
+
 def _top_level_boxes(handle: BinaryIO) -> Iterator[tuple[bytes, int, int]]:
     """``(type, offset, size)`` of the top-level boxes of an open MP4 file, reading their headers only.
 
@@ -427,6 +431,7 @@ def _mp4_index(path: str | os.PathLike[str] | int) -> bytes | None:
 
     Raises:
         _DamagedBoxes: a top-level box is smaller than its header.
+        _IndexCutShort: the index runs past the end of the file.
     """
     if isinstance(path, int):
         return None
@@ -436,6 +441,8 @@ def _mp4_index(path: str | os.PathLike[str] | int) -> bytes | None:
                 return None
             for kind, pos, size in _top_level_boxes(handle):
                 if kind == b"moov":
+                    if pos + size > os.fstat(handle.fileno()).st_size:
+                        raise _IndexCutShort(f"the index at byte {pos} needs {size} bytes")
                     handle.seek(pos)
                     return handle.read(min(size, _MAX_INDEX_BYTES))
     except OSError:  # gone or unreadable since it was checked
@@ -506,6 +513,8 @@ def _mp4_problem(path: str | os.PathLike[str]) -> str | None:
     """
     try:
         index = _mp4_index(path)
+    except _IndexCutShort:
+        return "an MP4 file whose index (the moov box) is cut short: truncated (copied partway), or still being written"
     except _DamagedBoxes:
         return "an MP4 file whose box structure is damaged"
     if index is None:
@@ -700,7 +709,7 @@ def probe_video(source: str | os.PathLike[str] | int) -> VideoInfo:
         elif moov and (fragmented := _fragmented_frame_count(source, moov)) is not None:
             info = dataclasses.replace(info, frame_count=fragmented)  # still an estimate: no edit list, not split
         if not cap.grab():
-            raise NotAVideoError(source, "not a video container (read 0 frames)")
+            raise NotAVideoError(source, _mp4_problem(source) or "not a video container (read 0 frames)")
         return info
     finally:
         cap.release()

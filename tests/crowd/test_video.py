@@ -252,6 +252,19 @@ def test_corrupt_middle_yields_frames_before_it(fourcc: str, ext: str, damage: s
         list(FrameReader(bad, frame_interval=1, raise_on_error=True))
 
 
+@pytest.mark.parametrize("cut", [100, 1000], ids=["100-bytes", "1000-bytes"])
+def test_an_mp4_whose_index_is_cut_short_says_so(cut: int, tmp_path: Path) -> None:
+    """A camera file (index last) copied partway: 'not a video container (read 0 frames)', 'OpenCV cannot open
+    it' or 'no video track (its tracks: none)' by where the cut fell, never the cause."""
+    full = write_numbered(tmp_path / "full.mp4", [round(i * 1000 / 30) for i in range(30)])
+    data = full.read_bytes()
+    assert data.find(b"moov") > data.find(b"mdat")  # the index last, as cameras write it
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data[:-cut])
+    with pytest.raises(NotAVideoError, match=r"index \(the moov box\) is cut short: truncated"):
+        probe_video(path)
+
+
 def test_file_cut_after_the_probe_fails_with_the_reason(clip: Path, tmp_path: Path) -> None:
     """The file changes between the probe (constructor) and the read (iteration): the reader says why."""
     path = tmp_path / "replaced.mp4"
