@@ -12,8 +12,11 @@ import json
 import logging
 import math
 import os
+import stat
 import sys
-from contextlib import ExitStack
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -94,6 +97,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def _output_file(path: str) -> Iterator[IO[str]]:
+    """``path`` opened for writing, replaced only when the run ends without an error: results go to a temporary
+    file beside it (an error, a missing video, left an earlier file emptied). A path that exists and is not a
+    regular file (``/dev/stdout``, a pipe) is written directly."""
+    target = Path(path)
+    try:
+        special = not stat.S_ISREG(target.stat().st_mode)
+    except FileNotFoundError:
+        special = False
+    if special:
+        with open(target, "w", encoding="utf-8") as handle:
+            yield handle
+        return
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, renamed or removed
+        "w", encoding="utf-8", dir=target.parent, prefix=f".{target.name}.", suffix=".part", delete=False
+    )
+    try:
+        with handle:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(handle.name, 0o666 & ~umask)  # as open() would make it, not the temporary file's 0600
+            yield handle
+        os.replace(handle.name, target)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     args = _parser().parse_args(argv)
@@ -108,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         detector = build_detector(args.backend, input_size=args.input_size, tiles=args.tiles)
         with ExitStack() as stack:
-            out: IO[str] = stack.enter_context(open(args.out, "w", encoding="utf-8")) if args.out else sys.stdout
+            out: IO[str] = stack.enter_context(_output_file(args.out)) if args.out else sys.stdout
 
             def emit(message: FaceMessage) -> None:
                 out.write(message.to_json().decode() + "\n")

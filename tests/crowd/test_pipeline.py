@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,28 @@ def test_cli_refuses_bad_options_and_unwritable_places_before_the_work(tmp_path:
     assert proc.returncode == 1 and "\nerror: [Errno 2]" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     with pytest.raises(ValueError, match="max_frames=0"):
         process_video(CARPHONE, MtcnnDetector(), max_frames=0)
+
+
+def test_cli_leaves_an_earlier_out_file_as_it_was_when_it_fails(tmp_path: Path) -> None:
+    """``--out`` was opened (emptied) before the source was checked: a typo in the video's name lost the results
+    of an earlier run. They are replaced only by a run that ends without an error; a special file is written."""
+    out = tmp_path / "r.jsonl"
+    out.write_text("earlier results\n")
+    proc = _cli("detect", str(tmp_path / "missing.mp4"), "--out", str(out))
+    assert proc.returncode == 1 and "no such file" in proc.stderr
+    assert out.read_text() == "earlier results\n" and sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl"]
+    proc = _cli("detect", str(CARPHONE), "--frame-interval", "60", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert [FaceMessage.from_json(line).frame_id for line in out.read_text().splitlines()] == [0, 60]
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # as open() makes it, not 0600
+    proc = _cli("detect", str(CARPHONE), "--frame-interval", "60", "--out", "/dev/stdout")
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 2, proc.stderr
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def test_cli_stops_quietly_when_the_reader_of_its_output_goes(tmp_path: Path) -> None:
