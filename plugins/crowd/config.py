@@ -52,13 +52,36 @@ def _env_number(
     return value
 
 
+def _absolute(name: str, raw: str) -> Path:
+    """``raw`` as an absolute path (``~`` expanded); a relative one is refused: each Airflow process (DAG processor,
+    worker, api-server) has a working directory of its own, so it would name a different folder in each."""
+    path = Path(raw.strip()).expanduser()
+    if not path.is_absolute():
+        raise ConfigError(f"{name}={raw.strip()!r} is a relative path: give an absolute one (or one starting with ~)")
+    return path.resolve()
+
+
 def _env_paths(name: str, default: str) -> tuple[Path, ...]:
     # spaces around a separator are not part of a path ("/a: /b" is /a and /b, not /a and ./ /b)
-    return tuple(Path(p.strip()).expanduser().resolve() for p in _env(name, default).split(os.pathsep) if p.strip())
+    return tuple(_absolute(name, p) for p in _env(name, default).split(os.pathsep) if p.strip())
 
 
 def _env_dir(name: str, default: str) -> Path:
-    return Path(_env(name, default).strip()).expanduser().resolve()
+    return _absolute(name, _env(name, default))
+
+
+def _env_schedule(name: str, default: str) -> str | None:
+    """A cron schedule (5 fields, or a preset such as ``@hourly``), or None for ``none``/``off``. Airflow takes a
+    bad one without a word where it is a sweep's timetable (the DAG imports; no run is ever scheduled)."""
+    from croniter import croniter
+
+    value = _optional(_env(name, default))
+    if value is not None and not croniter.is_valid(value):
+        raise ConfigError(
+            f"{name}={value!r} is not a cron schedule: five fields such as '*/5 * * * *', a preset such as "
+            "'@hourly', or 'none' to turn it off"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -85,6 +108,9 @@ class Settings:
     model_dir: Path = PROJECT_ROOT / "include" / "yolov3"
     model_cache: Path = Path.home() / ".cache" / "crowd" / "models"
     detector_backend: str = "auto"
+    # MTCNN downscales larger frames to this longest side first (None: full resolution): a 4K frame took 1.6 GB
+    # and 3.3 s; the smallest face found grows by as much (20 px at 1920 is 40 px in a 4K frame: tiles find less)
+    mtcnn_max_side: int | None = 1920
     scan_schedule: str | None = "*/5 * * * *"
     frames_per_task: int = 3000
     detect_task_timeout_s: int = 6 * 3600
@@ -179,7 +205,7 @@ def load_settings() -> Settings:
         messages_topic=_env("CROWD_MESSAGES_TOPIC", "messages"),
         ingest_group=_env("CROWD_INGEST_GROUP", "crowd-ingest"),
         ingest_linger_s=_env_number("CROWD_INGEST_LINGER_S", 5.0, whole=False),
-        ingest_sweep_schedule=_optional(_env("CROWD_INGEST_SWEEP_SCHEDULE", "*/15 * * * *")),
+        ingest_sweep_schedule=_env_schedule("CROWD_INGEST_SWEEP_SCHEDULE", "*/15 * * * *"),
         receiver_group=_env("CROWD_RECEIVER_GROUP", "crowd-api-receiver"),
         receiver_max_queue=_env_number("CROWD_RECEIVER_MAX_QUEUE", 1000, minimum=1),
         receiver_max_queue_bytes=_env_number("CROWD_RECEIVER_MAX_QUEUE_BYTES", 64 * 1024 * 1024, minimum=1),
@@ -191,7 +217,8 @@ def load_settings() -> Settings:
         model_dir=_env_dir("CROWD_MODEL_DIR", str(PROJECT_ROOT / "include" / "yolov3")),
         model_cache=_env_dir("CROWD_MODEL_CACHE", str(Path.home() / ".cache" / "crowd" / "models")),
         detector_backend=backend,
-        scan_schedule=_optional(_env("CROWD_SCAN_SCHEDULE", "*/5 * * * *")),
+        scan_schedule=_env_schedule("CROWD_SCAN_SCHEDULE", "*/5 * * * *"),
+        mtcnn_max_side=_env_number("CROWD_MTCNN_MAX_SIDE", 1920, minimum=0, maximum=8192) or None,
         frames_per_task=_env_number("CROWD_FRAMES_PER_TASK", 3000, minimum=1),
         detect_task_timeout_s=_env_number("CROWD_DETECT_TASK_TIMEOUT_S", 6 * 3600, minimum=1),
         publish_timeout_s=_env_number("CROWD_PUBLISH_TIMEOUT_S", 30, minimum=1, maximum=2_147_483),  # librdkafka ms

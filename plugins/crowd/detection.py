@@ -23,7 +23,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -601,13 +601,14 @@ def build_detector(
     conf_threshold: float | None = None,
     tiles: bool = False,
     tile_size: int = 640,
-    mtcnn_max_side: int | None = None,
+    mtcnn_max_side: int | None | Literal["settings"] = "settings",
 ) -> Detector:
     """Build the configured detector.
 
     ``backend``: ``auto`` (YOLOv3 face if ``yolov3-face.weights`` is in ``settings.model_dir``, else MTCNN),
     ``yolov3`` (face weights required), ``mtcnn``, or ``yolov3-tiny`` (COCO people, not faces). Default:
-    ``settings.detector_backend``. ``tiles=True`` wraps it in a :class:`TiledDetector`.
+    ``settings.detector_backend``. ``tiles=True`` wraps it in a :class:`TiledDetector`. ``mtcnn_max_side``:
+    MTCNN's :attr:`MtcnnDetector.max_side` (default: ``settings.mtcnn_max_side``, ``CROWD_MTCNN_MAX_SIDE``).
 
     Raises:
         ModelError: the requested model files are not installed (the message says how to install them).
@@ -628,7 +629,8 @@ def build_detector(
         detector = yolo_tiny_person_detector(tiny_files(settings), input_size=input_size, **kwargs)
     else:
         kwargs = {} if conf_threshold is None else {"conf_threshold": conf_threshold}
-        detector = MtcnnDetector(max_side=mtcnn_max_side, **kwargs)
+        max_side = settings.mtcnn_max_side if mtcnn_max_side == "settings" else mtcnn_max_side
+        detector = MtcnnDetector(max_side=max_side, **kwargs)
     if tiles:
         detector = TiledDetector(detector, tile_size=tile_size)
     logger.info("detector: %s", detector.name)

@@ -20,6 +20,13 @@ from crowd.config import ConfigError, load_settings
         ("CROWD_FRAMES_PER_TASK", "0", "must be >= 1"),
         ("CROWD_FRAMES_PER_TASK", "1.5", "not a whole number"),
         ("CROWD_MAX_SILENT_RUNS", "three", "not a whole number"),
+        # the sweep's timetable took it without a word: the DAG imported, no sweep was ever scheduled
+        ("CROWD_INGEST_SWEEP_SCHEDULE", "every 15 minutes", "not a cron schedule"),
+        ("CROWD_SCAN_SCHEDULE", "* * * *", "not a cron schedule"),  # Airflow's error did not name the variable
+        # relative: each Airflow process has its own working directory (different roots in each)
+        ("CROWD_VIDEO_ROOTS", "/data/videos:videos", "'videos' is a relative path"),
+        ("CROWD_RESULTS_DIR", "results", "is a relative path"),
+        ("CROWD_MTCNN_MAX_SIDE", "-1", "must be >= 0"),
     ],
 )
 def test_a_setting_that_cannot_work_is_refused_naming_it(monkeypatch, name: str, value: str, reason: str) -> None:
@@ -55,3 +62,20 @@ def test_paths_are_taken_as_written_around_separators_and_home(monkeypatch, tmp_
         home / "cache",
         home / "results",
     )
+
+
+def test_schedules_take_cron_presets_and_can_be_turned_off(monkeypatch) -> None:
+    monkeypatch.setenv("CROWD_SCAN_SCHEDULE", "@hourly")
+    monkeypatch.setenv("CROWD_INGEST_SWEEP_SCHEDULE", "off")
+    settings = load_settings()
+    assert (settings.scan_schedule, settings.ingest_sweep_schedule) == ("@hourly", None)
+
+
+def test_mtcnn_works_on_frames_of_at_most_1920_pixels_by_default(monkeypatch) -> None:
+    """Full resolution by default: a 4K frame took 1.6 GB and 3.3 s per frame, two tasks per worker."""
+    from crowd.detection import build_detector
+
+    assert build_detector("mtcnn", load_settings()).max_side == 1920
+    monkeypatch.setenv("CROWD_MTCNN_MAX_SIDE", "0")  # 0: full resolution
+    assert build_detector("mtcnn", load_settings()).max_side is None
+    assert build_detector("mtcnn", load_settings(), mtcnn_max_side=640).max_side == 640

@@ -94,7 +94,7 @@ def test_one_class_face_cfg_decode(face_cfg_weights: dict[float, Path], tmp_path
     settings = Settings(model_dir=tmp_path)
     (tmp_path / "yolov3-face.cfg").write_bytes(FACE_CFG.read_bytes())
     (tmp_path / "face.names").write_text("face\n")
-    assert build_detector("auto", settings).name == "mtcnn-onnx"  # no weights yet
+    assert build_detector("auto", settings).name == "mtcnn-onnx@1920"  # no weights yet; frames over 1920 px downscaled
     install_weights(str(face_cfg_weights[10.0]), sha256=sha256_file(face_cfg_weights[10.0]), settings=settings)
     assert build_detector("auto", settings, input_size=128).name == "yolov3-face@128"
 

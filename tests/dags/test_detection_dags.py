@@ -169,7 +169,7 @@ def test_the_configured_detector_is_used_unless_the_run_names_one(pipeline_env, 
     models = [
         FaceMessage.from_json(m.value()).model for m in _consume_all(pipeline_env["topic"], pipeline_env["bootstrap"])
     ]
-    assert sorted(models) == ["mtcnn-onnx"] * 3 + ["yolov3-tiny-coco-person@416"] * 3, models
+    assert sorted(models) == ["mtcnn-onnx@1920"] * 3 + ["yolov3-tiny-coco-person@416"] * 3, models
 
 
 def test_every_part_uses_the_model_the_run_resolved_whatever_a_worker_would_pick(pipeline_env, monkeypatch) -> None:
@@ -200,7 +200,7 @@ def test_every_part_uses_the_model_the_run_resolved_whatever_a_worker_would_pick
     models = [
         FaceMessage.from_json(m.value()).model for m in _consume_all(pipeline_env["topic"], pipeline_env["bootstrap"])
     ]
-    assert models == ["mtcnn-onnx"] * 6, models  # frames 0, 20, ..., 100
+    assert models == ["mtcnn-onnx@1920"] * 6, models  # frames 0, 20, ..., 100
     first = next(ti for ti in run.get_task_instances() if ti.task_id == "plan_requested_video")
     planned = first.xcom_pull(task_ids="plan_requested_video")
     assert [item["model"] for item in planned] == ["mtcnn"] * 3
