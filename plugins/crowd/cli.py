@@ -100,20 +100,28 @@ def _parser() -> argparse.ArgumentParser:
 @contextmanager
 def _output_file(path: str) -> Iterator[IO[str]]:
     """``path`` opened for writing, replaced only when the run ends without an error: results go to a temporary
-    file beside it (an error, a missing video, left an earlier file emptied). A path that exists and is not a
-    regular file (``/dev/stdout``, a pipe) is written directly."""
-    target = Path(path)
+    file beside the file ``path`` leads to (an error, a missing video, left an earlier file emptied). Written
+    directly, as ``open`` would, when that cannot be done: a path that is or leads to something other than a
+    regular file (``/dev/stdout``, a pipe, a terminal), or a folder where no other file can be made."""
+    target = Path(os.path.realpath(path))  # a symlink's target is replaced, not the link
+    # /dev/stdout leads through /proc/self/fd to whatever the shell redirected to: that is written, never replaced
+    devices = any(p.startswith(("/dev/", "/proc/")) for p in (os.path.abspath(path), str(target)))
     try:
-        special = not stat.S_ISREG(target.stat().st_mode)
+        direct = devices or not stat.S_ISREG(os.stat(path).st_mode)
     except FileNotFoundError:
-        special = False
-    if special:
-        with open(target, "w", encoding="utf-8") as handle:
-            yield handle
+        direct = devices
+    handle = None
+    if not direct:
+        try:
+            handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, renamed or removed
+                "w", encoding="utf-8", dir=target.parent, prefix=f".{target.name}.", suffix=".part", delete=False
+            )
+        except PermissionError:  # a file that may be written in a folder that may not: as open() would
+            handle = None
+    if handle is None:
+        with open(path, "w", encoding="utf-8") as out:
+            yield out
         return
-    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, renamed or removed
-        "w", encoding="utf-8", dir=target.parent, prefix=f".{target.name}.", suffix=".part", delete=False
-    )
     try:
         with handle:
             umask = os.umask(0)

@@ -70,13 +70,14 @@ def _env_dir(name: str, default: str) -> Path:
     return _absolute(name, _env(name, default))
 
 
-def _env_schedule(name: str, default: str) -> str | None:
-    """A cron schedule (5 fields, or a preset such as ``@hourly``), or None for ``none``/``off``. Airflow takes a
-    bad one without a word where it is a sweep's timetable (the DAG imports; no run is ever scheduled)."""
+def _env_schedule(name: str, default: str, *, presets: tuple[str, ...] = ()) -> str | None:
+    """A cron schedule (5 fields, or a preset such as ``@hourly``), one of ``presets`` (Airflow's ``@once``), or
+    None for ``none``/``off``. Airflow takes a bad one without a word where it is a sweep's timetable (the DAG
+    imports; no run is ever scheduled)."""
     from croniter import croniter
 
     value = _optional(_env(name, default))
-    if value is not None and not croniter.is_valid(value):
+    if value is not None and value not in presets and not croniter.is_valid(value):
         raise ConfigError(
             f"{name}={value!r} is not a cron schedule: five fields such as '*/5 * * * *', a preset such as "
             "'@hourly', or 'none' to turn it off"
@@ -217,7 +218,7 @@ def load_settings() -> Settings:
         model_dir=_env_dir("CROWD_MODEL_DIR", str(PROJECT_ROOT / "include" / "yolov3")),
         model_cache=_env_dir("CROWD_MODEL_CACHE", str(Path.home() / ".cache" / "crowd" / "models")),
         detector_backend=backend,
-        scan_schedule=_env_schedule("CROWD_SCAN_SCHEDULE", "*/5 * * * *"),
+        scan_schedule=_env_schedule("CROWD_SCAN_SCHEDULE", "*/5 * * * *", presets=("@once", "@continuous")),
         mtcnn_max_side=_env_number("CROWD_MTCNN_MAX_SIDE", 1920, minimum=0, maximum=8192) or None,
         frames_per_task=_env_number("CROWD_FRAMES_PER_TASK", 3000, minimum=1),
         detect_task_timeout_s=_env_number("CROWD_DETECT_TASK_TIMEOUT_S", 6 * 3600, minimum=1),

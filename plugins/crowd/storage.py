@@ -847,8 +847,8 @@ def mark_video_failed(
     """Mark ``video_id`` failed with ``error`` (registers it if it was unknown, e.g. unreadable files).
 
     Returns:
-        False when the video was left as it is: owned by a later run, or ``done`` or ``failed`` by ``run`` (see
-        :class:`RunStamp`).
+        False when the video was left as it is: owned by a later run, or ``done`` by ``run`` (see
+        :class:`RunStamp`). A later failure of the same run (another part) replaces the reason.
     """
     return _mark_failed(conn, _UNLESS_LATER_OR_DONE, video_id, path, error, run)
 

@@ -42,6 +42,7 @@ ROUTES = [
     pytest.param("GET", f"/crowd/videos/{V}", None, id="video"),
     pytest.param("GET", f"/crowd/videos/{V}/frames", None, id="frames"),
     pytest.param("GET", f"/crowd/videos/{V}/frames/0/faces", None, id="faces"),
+    pytest.param("GET", f"/crowd/videos/{V}/timeline", None, id="timeline"),
     pytest.param("GET", f"/crowd/videos/{V}/frames.csv", None, id="frames-csv"),
     pytest.param("GET", f"/crowd/videos/{V}/faces.csv", None, id="faces-csv"),
     pytest.param("GET", f"/crowd/videos/{V}/images", None, id="images"),

@@ -69,6 +69,11 @@ def test_schedules_take_cron_presets_and_can_be_turned_off(monkeypatch) -> None:
     monkeypatch.setenv("CROWD_INGEST_SWEEP_SCHEDULE", "off")
     settings = load_settings()
     assert (settings.scan_schedule, settings.ingest_sweep_schedule) == ("@hourly", None)
+    monkeypatch.setenv("CROWD_SCAN_SCHEDULE", "@once")  # Airflow's presets a DAG takes (not a sweep's cron)
+    assert load_settings().scan_schedule == "@once"
+    monkeypatch.setenv("CROWD_INGEST_SWEEP_SCHEDULE", "@once")
+    with pytest.raises(ConfigError, match="CROWD_INGEST_SWEEP_SCHEDULE='@once' is not a cron schedule"):
+        load_settings()
 
 
 def test_mtcnn_works_on_frames_of_at_most_1920_pixels_by_default(monkeypatch) -> None:

@@ -178,6 +178,22 @@ def test_cli_leaves_an_earlier_out_file_as_it_was_when_it_fails(tmp_path: Path) 
     assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # as open() makes it, not 0600
     proc = _cli("detect", str(CARPHONE), "--frame-interval", "60", "--out", "/dev/stdout")
     assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 2, proc.stderr
+    redirected = tmp_path / "redirected.jsonl"  # /dev/stdout leading to a file: written there, /dev left alone
+    with redirected.open("w") as stdout:
+        env = {"PYTHONPATH": str(ROOT / "plugins"), "PATH": "/usr/bin:/bin", "CROWD_DETECTOR": "mtcnn"}
+        command = [sys.executable, "-m", "crowd", "detect", str(CARPHONE), "--frame-interval", "60", "--out"]
+        code = subprocess.run([*command, "/dev/stdout"], stdout=stdout, env=env, cwd=ROOT).returncode
+    assert code == 0 and len(redirected.read_text().splitlines()) == 2
+    assert Path("/dev/stdout").is_symlink()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "data.jsonl").write_text("old\n")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "real" / "data.jsonl")  # the link's target gets the results
+    assert (
+        _cli("detect", str(CARPHONE), "--frame-interval", "60", "--out", str(tmp_path / "link.jsonl")).returncode == 0
+    )
+    assert (tmp_path / "link.jsonl").is_symlink() and len(
+        (tmp_path / "real" / "data.jsonl").read_text().splitlines()
+    ) == 2
 
 
 def _umask() -> int:
