@@ -2,8 +2,8 @@
 
 A producer (:func:`crowd.kafka.reliable_producer`) publishes Faces messages at ``--rate`` per second (default 30:
 ten cameras sampled at 3 frames/s) for ``--seconds``; a thread runs :func:`crowd.ingest.drain` over and over with
-the ingest DAG's defaults (batch 2000, ``batch_wait_s`` 1 s, idle timeout 10 s), as the Kafka-triggered DAG
-would; a poller sees each frame row appear (every 20 ms, from another connection, so only committed rows
+the ingest DAG's batch settings (batch 2000, ``batch_wait_s`` 1 s, idle timeout 10 s) but ``linger_s`` 0 (each
+drain returns at the end of the topic and the loop starts the next at once: a DAG run that never ends); a poller sees each frame row appear (every 20 ms, from another connection, so only committed rows
 count). Latency = row first seen - the message's Kafka CreateTime (set at ``produce``). Prints p50/p95/max.
 
 Usage: ``source dev/env.sh && python bench/latency.py [--rate 30] [--seconds 20] [--batch-wait 1.0]``
@@ -182,9 +182,12 @@ def run_trigger(args: argparse.Namespace) -> int:  # noqa: C901, PLR0915 - one l
         db = sqlite3.connect(home / "airflow.db")
 
         def ts(v: str | None) -> float | None:
-            from datetime import datetime
+            from datetime import datetime, timezone
 
-            return datetime.fromisoformat(v).timestamp() if v else None
+            if not v:
+                return None
+            moment = datetime.fromisoformat(v)  # Airflow's SQLite columns hold UTC without a zone
+            return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
         events = [ts(r[0]) for r in db.execute("SELECT timestamp FROM asset_event ORDER BY timestamp")]
         for run_id, queued, started, ended, ti_start, ti_end, ti_queued in db.execute(
