@@ -7,8 +7,10 @@ goes to ``test-artifacts/dashboard.png``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,36 +53,24 @@ def test_dashboard_shows_the_seeded_video(live_server: str, faces_topic: str, re
         storage.migrate(conn)
     # 3 faces or more: alerts at frames 20, 40-50 and 90 of the seed's counts
     seed_results(faces_topic, results_dir, alert_rule=AlertRule(threshold=3, min_duration_s=0))
-    # A token as the Airflow UI holds it: the "_token" cookie, sent by the iframe and its fetch() calls.
-    jwt = _login(live_server, "viewer")
     ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(viewport={"width": 1100, "height": 900})
-            context.add_cookies([{"name": "_token", "value": jwt, "url": live_server}])
-            page = context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(f"{live_server}/crowd/dashboard", wait_until="domcontentloaded")
-            page.wait_for_selector("#chart svg polyline", timeout=15_000)
-            page.wait_for_function("() => [...document.images].every((i) => i.complete && i.naturalWidth > 0)")
-            row = page.locator(f'#videos tbody tr[data-id="{SEED_VIDEO}"]')
-            assert row.count() == 1
-            assert row.locator("td").nth(2).inner_text() == str(len(SEED_COUNTS))
-            points = page.locator("#chart svg polyline").get_attribute("points").split()
-            assert len(points) == len(SEED_COUNTS)
-            assert page.locator("#chart svg circle").count() == 1, "peak marker missing"
-            assert page.locator("#chart svg rect.alert").count() == 3, "alert bands missing"
-            alerts = page.locator("#alerts li").all_inner_texts()
-            assert len(alerts) == 3 and alerts[1].startswith("4.0 s – 5.0 s (frames 40–50): peak 5 faces at frame 40")
-            names = sorted(page.locator("#pictures img").evaluate_all("(imgs) => imgs.map((i) => i.alt)"))
-            assert names == ["annotated.jpg", "heatmap.png"]
-            assert "Kafka ok" in page.locator("#health").inner_text()
-            assert errors == [] and page.locator("#error").inner_text() == ""
-            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
-        finally:
-            browser.close()
+    with _dashboard(sync_playwright, live_server) as (page, errors):
+        page.wait_for_selector("#chart svg polyline", timeout=15_000)
+        page.wait_for_function("() => [...document.images].every((i) => i.complete && i.naturalWidth > 0)")
+        row = page.locator(f'#videos tbody tr[data-id="{SEED_VIDEO}"]')
+        assert row.count() == 1
+        assert row.locator("td").nth(2).inner_text() == str(len(SEED_COUNTS))
+        points = page.locator("#chart svg polyline").get_attribute("points").split()
+        assert len(points) == len(SEED_COUNTS)
+        assert page.locator("#chart svg circle").count() == 1, "peak marker missing"
+        assert page.locator("#chart svg rect.alert").count() == 3, "alert bands missing"
+        alerts = page.locator("#alerts li").all_inner_texts()
+        assert len(alerts) == 3 and alerts[1].startswith("4.0 s – 5.0 s (frames 40–50): peak 5 faces at frame 40")
+        names = sorted(page.locator("#pictures img").evaluate_all("(imgs) => imgs.map((i) => i.alt)"))
+        assert names == ["annotated.jpg", "heatmap.png"]
+        assert "Kafka ok" in page.locator("#health").inner_text()
+        assert errors == [] and page.locator("#error").inner_text() == ""
+        page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
 
 
@@ -98,21 +88,16 @@ def test_dashboard_draws_a_long_video_whole(live_server: str) -> None:
             " FROM generate_series(0, 89997, 3) f"
         )
         conn.commit()
-    jwt = _login(live_server, "viewer")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(viewport={"width": 1100, "height": 900})
-            context.add_cookies([{"name": "_token", "value": jwt, "url": live_server}])
-            page = context.new_page()
-            page.goto(f"{live_server}/crowd/dashboard", wait_until="domcontentloaded")
-            page.locator('#videos tbody tr[data-id="longdashvideo"]').click()
-            page.wait_for_selector("#chart svg polyline", timeout=15_000)
-            points = page.locator("#chart svg polyline").get_attribute("points").split()
-            labels = page.locator("#chart svg text").all_text_contents()
-            peak = page.locator("#chart svg circle title").text_content()
-        finally:
-            browser.close()
+    with _dashboard(sync_playwright, live_server) as (page, errors):
+        page.locator('#videos tbody tr[data-id="longdashvideo"]').click()
+        page.wait_for_function(  # this video's chart (more points than any other's), not the first video's
+            "() => (document.querySelector('#chart svg polyline')?.getAttribute('points') || '').split(' ').length > 100",
+            timeout=15_000,
+        )
+        points = page.locator("#chart svg polyline").get_attribute("points").split()
+        labels = page.locator("#chart svg text").all_text_contents()
+        peak = page.locator("#chart svg circle title").text_content()
+        assert errors == []
     assert 700 <= len(points) <= 800  # 30,000 frames, summarised
     assert f"{89_997 * 33.3 / 1000:.1f} s" in labels  # drawn to its last frame (frame 60,000 was the end)
     assert peak == f"peak: 9 faces at {80_001 * 33.3 / 1000:.1f} s"  # past frame 60,000: it was dropped
@@ -125,6 +110,25 @@ def test_dashboard_without_login_shows_no_data(live_server: str) -> None:
     with pytest.raises(urllib.error.HTTPError) as excinfo:
         urllib.request.urlopen(f"{live_server}/crowd/dashboard", timeout=10)
     assert excinfo.value.code == 401
+
+
+@contextlib.contextmanager
+def _dashboard(sync_playwright: Any, live_server: str, user: str = "viewer") -> Iterator[tuple[Any, list[str]]]:
+    """The dashboard open in headless Chromium for ``user``, and the page's script errors as they come."""
+    # A token as the Airflow UI holds it: the "_token" cookie, sent by the iframe and its fetch() calls.
+    jwt = _login(live_server, user)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(viewport={"width": 1100, "height": 900})
+            context.add_cookies([{"name": "_token", "value": jwt, "url": live_server}])
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{live_server}/crowd/dashboard", wait_until="domcontentloaded")
+            yield page, errors
+        finally:
+            browser.close()
 
 
 def _login(base_url: str, username: str) -> str:
