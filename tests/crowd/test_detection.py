@@ -37,6 +37,21 @@ def test_yolov3_tiny_finds_the_cameraman(tiny_files: YoloFiles) -> None:
     assert any(d.height > 350 and d.x < 100 and d.x + d.width < 400 for d in found), found
 
 
+@pytest.mark.parametrize(("left", "top"), [(600, 150), (100, 0), (700, 208)], ids=["middle", "top", "bottom"])
+def test_yolo_boxes_map_back_through_the_letterbox_of_a_wide_frame(tiny_files: YoloFiles, left: int, top: int) -> None:
+    """A 16:9 frame is padded above and below for the network (91 rows of 416 at 1280x720): the cameraman pasted
+    into a grey 1280x720 frame is found where he was pasted, standing its whole height (a square picture has no
+    padding to get wrong; the padding mapped with the wrong axis puts his box 280 px lower)."""
+    det = YoloV3Detector(tiny_files.cfg, tiny_files.weights, tiny_files.names, classes=["person"], conf_threshold=0.3)
+    wide = np.full((720, 1280, 3), 127, np.uint8)
+    wide[top : top + 512, left : left + 512] = bgr(data.camera())
+    (person,) = [d for d in det.detect(wide) if d.height > 300]
+    slack = 25  # a few of the network's cells
+    assert top - slack <= person.y and person.y + person.height <= top + 512 + slack, person
+    assert left - slack <= person.x and person.x + person.width <= left + 512 + slack, person
+    assert person.height > 400, person  # he fills the picture's height
+
+
 def test_yolov3_prepared_ahead_gives_the_same_boxes(tiny_files: YoloFiles) -> None:
     det = YoloV3Detector(tiny_files.cfg, tiny_files.weights, tiny_files.names, classes=["person"], conf_threshold=0.3)
     image = bgr(data.camera())

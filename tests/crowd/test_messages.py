@@ -50,6 +50,7 @@ def test_faces_with_equal_published_confidence_are_ordered_by_position() -> None
     [
         pytest.param({"total_faces": 2}, "total_faces=2", id="count-mismatch"),
         pytest.param({"frame_width": 20}, "outside", id="box-outside-frame"),
+        pytest.param({"frame_height": 20}, "outside", id="box-below-frame"),
         pytest.param({"schema_version": 2}, "schema_version", id="wrong-version"),
         pytest.param({"extra": 1}, "extra", id="unknown-field"),
         pytest.param({"frame_id": -1}, "frame_id", id="negative-frame"),
@@ -128,7 +129,7 @@ def test_built_messages_round_trip_and_satisfy_the_schema_file() -> None:
 @pytest.mark.parametrize(
     "change",
     [
-        {"total_faces": 2}, {"frame_width": 20}, {"schema_version": 2}, {"extra": 1}, {"frame_id": -1},
+        {"total_faces": 2}, {"frame_width": 20}, {"frame_height": 20}, {"schema_version": 2}, {"extra": 1}, {"frame_id": -1},
         {"frame_id": "3"}, {"video_id": ""}, {"video_id": "v" * 129}, {"video_id": "cam/1"}, {"model": ""},
         {"faces": [{"face_id": 0, "bounding_box": {"x": 1, "y": 1, "width": 0, "height": 2}, "confidence": 0.5}]},
         {"faces": [{"face_id": 0, "bounding_box": {"x": 1, "y": 1, "width": 2, "height": 2}, "confidence": 1.5}]},
@@ -143,8 +144,8 @@ def test_schema_file_and_decoder_refuse_the_same_field_errors(change: dict[str, 
     schema_ok = validator.is_valid(_msg(**change))
     with pytest.raises(MessageError):
         FaceMessage.from_json(json.dumps(_msg(**change)))
-    cross_field = {"total_faces", "frame_width"} & set(change)  # rules of __post_init__, beyond a JSON Schema
-    assert schema_ok == bool(cross_field), validator.best_match(validator.iter_errors(_msg(**change)))
+    cross_field = {"total_faces", "frame_width", "frame_height"} & set(change)  # __post_init__'s, beyond a JSON Schema
+    assert schema_ok == bool(cross_field), jsonschema.exceptions.best_match(validator.iter_errors(_msg(**change)))
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from crowd.video import (
     EmptyVideoError,
     FrameReader,
     NotAVideoError,
+    VideoArgumentError,
     VideoError,
     VideoErrorReason,
     VideoIsDirectoryError,
@@ -74,6 +75,22 @@ def test_ranges_cover_every_sampled_frame_once() -> None:
     parts = [i for a, b in split_ranges(1003, 100) for i in sampled_frame_ids(1003, 7, (a, b))]
     assert parts == whole
     assert whole[:3] == [0, 7, 14] and whole[-1] == 1001
+
+
+def test_ranges_are_bounded_by_the_video_and_checked(clip: Path) -> None:
+    assert split_ranges(2500, 1000) == [(0, 1000), (1000, 2000), (2000, 2500)]  # the last one ends at the video's end
+    assert split_ranges(0, 10) == []
+    with pytest.raises(ValueError, match="frames_per_task=0"):
+        split_ranges(10, 0)
+    assert list(sampled_frame_ids(30, 10, (5, 21))) == [10, 20]
+    assert list(sampled_frame_ids(30, 10, (0, 100))) == [0, 10, 20]  # a stop past the end: to the end
+    for bad in [(-1, 10), (10, 5)]:
+        with pytest.raises(ValueError, match="0 <= start <= stop"):
+            sampled_frame_ids(30, 10, bad)
+        with pytest.raises(VideoArgumentError, match="0 <= start <= stop"):
+            FrameReader(clip, frame_interval=10, frame_range=bad)
+    reader = FrameReader(clip, frame_interval=10, frame_range=(0, 10_000))
+    assert reader.expected_frames == len(list(reader)) == len(range(0, reader.info.frame_count, 10))
 
 
 def test_reader_yields_sampled_ids_and_timestamps(clip: Path) -> None:
