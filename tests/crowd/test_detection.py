@@ -12,6 +12,8 @@ from skimage import data
 
 from crowd.config import Settings
 from crowd.detection import (
+    Detection,
+    Detector,
     MtcnnDetector,
     TiledDetector,
     YoloV3Detector,
@@ -356,6 +358,42 @@ def test_tiles_do_not_count_a_slice_a_tile_border_cut_as_another_one(
                 for o in found)
     ]  # fmt: skip
     assert not slices, found
+
+
+class _ScriptedDetector(Detector):
+    """Answers the whole frame (its first call) and then each tile, in ``tile_grid`` order, from a script."""
+
+    name = "scripted"
+
+    def __init__(self, whole: list[Detection], per_tile: dict[int, list[Detection]]) -> None:
+        self.answers = [whole, *(per_tile.get(i, []) for i in range(100))]
+
+    def detect(self, frame_bgr: np.ndarray) -> list[Detection]:
+        return self.answers.pop(0)
+
+
+@pytest.mark.parametrize("edge", ["right", "bottom"])
+def test_a_box_at_the_frames_own_edge_is_not_taken_for_a_slice_a_tile_cut(edge: str) -> None:
+    """Only a tile border inside the frame cuts boxes: a small box a last tile sees at the frame's outer edge,
+    mostly covered by a larger box, is a detection of its own, not a slice of the larger one (it was dropped
+    when the outer edge counted as a cut)."""
+    w, h = 1280, 720
+    grid = tile_grid(w, h, 640, 0.25)
+    # the top-right tile, or the bottom-left one: the small box touches no tile border inside the frame
+    last = max(
+        range(len(grid)), key=lambda i: (grid[i][0], -grid[i][1]) if edge == "right" else (grid[i][1], -grid[i][0])
+    )
+    tx, ty, tw, th = grid[last]
+    if edge == "right":
+        small = Detection(tw - 100, 150 - ty + 100, 100, 150, 0.9)  # touches the tile's right side: the frame's
+        large = Detection(w - 180, 100 + 100, 180, 300, 0.9)
+    else:
+        small = Detection(300 - tx, th - 100, 150, 100, 0.9)  # touches the tile's bottom: the frame's
+        large = Detection(250, h - 180, 300, 180, 0.9)
+    found = TiledDetector(_ScriptedDetector([large], {last: [small]})).detect(np.zeros((h, w, 3), np.uint8))
+    assert sorted((d.width, d.height) for d in found) == sorted(
+        [(small.width, small.height), (large.width, large.height)]
+    )
 
 
 def test_tile_grid_covers_frame() -> None:
