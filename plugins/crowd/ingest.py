@@ -693,14 +693,21 @@ def _note_gap(
     """Offsets skipped between ``expected`` and ``got``: if the broker deleted them (its log now starts past
     ``expected``: retention ran while they waited, or records were deleted), record the loss in the batch as a
     ``rejected_messages`` row (``lost: ...``) so that it is stored with the offsets and :func:`drain_task` fails the
-    run saying so. A gap the log start does not explain (transaction markers) is no loss."""
+    run saying so. A gap the log start does not explain (transaction markers) is no loss.
+
+    Raises:
+        IngestError: the log start cannot be read now: the batch is not stored (its offsets would go past a gap
+            that may be a loss, never recorded then); the retry reads from the stored offsets and checks again.
+    """
     try:
         if low is None:  # ``low``: the log start, when the caller read it already
             low, _ = consumer.get_watermark_offsets(TopicPartition(summary.topic, partition), timeout=5, cached=False)
     except Exception as exc:  # noqa: BLE001 - KafkaException: cannot tell now
-        log.warning("%s[%d]: offsets %d..%d skipped, log start unknown (%s)", summary.topic, partition, expected,
-                    got - 1, exc)  # fmt: skip
-        return
+        raise IngestError(
+            f"{summary.topic}[{partition}]: offsets {expected}..{got - 1} were skipped and the log start cannot be "
+            f"read now ({exc}) to tell a loss from transaction markers; nothing past offset {expected} of that "
+            "partition is stored by this try, the retry checks again"
+        ) from exc
     if low <= expected:
         return
     end = min(low, got)

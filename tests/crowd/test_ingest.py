@@ -383,6 +383,46 @@ def test_a_loss_fails_the_run_whatever_else_the_drain_met(
     assert drain_task(topic=topic, group_id=GROUP, idle_timeout_s=2)["lost"] == 0  # the next run: nothing lost
 
 
+class _LogStartUnknown:
+    """A real consumer whose broker does not answer for the log start (watermarks time out)."""
+
+    def __init__(self, consumer) -> None:
+        self._consumer = consumer
+
+    def get_watermark_offsets(self, *args, **kwargs):
+        from confluent_kafka import KafkaError, KafkaException
+
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "watermarks timed out (test)"))
+
+    def __getattr__(self, name: str):
+        return getattr(self._consumer, name)
+
+
+def test_a_gap_whose_cause_cannot_be_read_is_not_stored_past(
+    pg_schema: str, kafka_admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages deleted while the broker did not answer for the log start: the drain warned and stored past the
+    gap, and the loss was never recorded (the run green). Now that try fails before the gap; the next finds it."""
+    from confluent_kafka import TopicPartition
+
+    import crowd.kafka
+
+    topic = new_topic(kafka_admin, "test-gap-unknown", partitions=1)
+    publish_frames(topic, [frame_dict("video-a", i, 1) for i in range(30)])
+    assert quick_drain(topic, batch_size=10, max_batches=1).next_offsets == {0: 10}
+    for future in kafka_admin.delete_records([TopicPartition(topic, 0, 20)]).values():
+        future.result(timeout=30)
+    real = crowd.kafka.manual_commit_consumer
+    monkeypatch.setattr(crowd.kafka, "manual_commit_consumer", lambda *a, **k: _LogStartUnknown(real(*a, **k)))
+    with pytest.raises(IngestError, match=r"offsets 10\.\.19 were skipped and the log start cannot be read"):
+        quick_drain(topic)
+    assert scalar("SELECT count(*) FROM frames") == 10  # nothing stored past the gap
+    monkeypatch.setattr(crowd.kafka, "manual_commit_consumer", real)
+    with pytest.raises(MessagesLostError, match="10 messages"):
+        drain_task(topic=topic, group_id=GROUP, idle_timeout_s=3)
+    assert scalar("SELECT count(*) FROM frames") == 20
+
+
 def test_messages_deleted_before_a_partition_was_ever_stored_are_recorded_lost(pg_schema: str, kafka_admin) -> None:
     """Only partitions with stored offsets were checked: a first drain (a new deployment, a partition added)
     started at the log's new start and the deleted messages went unrecorded, the run green."""
