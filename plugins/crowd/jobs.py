@@ -425,7 +425,7 @@ def find_new_videos(
         storage.migrate(conn)
         listed = list_videos(settings.video_roots)
         # a root that is not there now (an unmounted share) keeps the hashes remembered under it for its return
-        listed_roots = [root for root in settings.video_roots if root.is_dir()]
+        listed_roots = [root for root in settings.video_roots if root_present(root)]
         settled = _settled_files(listed, settings.scan_min_age_s)
         known = storage.known_video_ids(conn, {key: signature for key, (_, signature) in settled.items()})
         hashed: dict[str, tuple[storage.FileSignature, str]] = {}
@@ -820,17 +820,27 @@ def _fail_if_gone(
     return True
 
 
+def root_present(root: Path) -> bool:
+    """Whether the video root ``root`` is there to look into: a folder with something in it. A share not mounted
+    leaves nothing, or its mount point as an empty folder: what was under it cannot be told from deleted files."""
+    try:
+        with os.scandir(root) as entries:
+            return next(entries, None) is not None
+    except OSError:  # missing, not a folder, not readable
+        return False
+
+
 def _why_gone(item: WorkItem, settings: Settings) -> str | None:
     """Why the file ``item`` was planned for is no longer at its path (not there, not readable, other content
     there), or None while it is, or when this worker cannot tell: the path lies outside its video roots (another
-    worker's mount), its root is missing (a share not mounted here, or not now; an unmounted share whose mount
-    point stays as an empty folder cannot be told from a deleted file), or reading it failed (an I/O error is not
-    an absence). An item without a file signature is only checked to be there and readable."""
+    worker's mount), its root is not there (a share not mounted here, or not now: see :func:`root_present`), or
+    reading it failed (an I/O error is not an absence). An item without a file signature is only checked to be
+    there and readable."""
     try:
         given = Path(item.path).expanduser()
         paths = {Path(os.path.abspath(given)), given.parent.resolve() / given.name}  # as planned, and linked
         root = next((r for r in settings.video_roots for p in paths if p.is_relative_to(r)), None)
-        if root is None or not root.is_dir():
+        if root is None or not root_present(root):
             return None
     except (OSError, RuntimeError):  # RuntimeError: a symlink loop
         return None

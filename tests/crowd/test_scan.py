@@ -99,12 +99,19 @@ def test_video_files_are_found_whatever_the_case_of_their_suffix(scan, video_roo
     assert sorted(planned) == sorted(hashed) == sorted(names)
 
 
-def test_a_root_that_is_gone_for_a_while_keeps_what_was_remembered_under_it(scan, video_root: Path) -> None:
+@pytest.mark.parametrize("left_behind", ["nothing", "empty-mount-point"])
+def test_a_root_that_is_gone_for_a_while_keeps_what_was_remembered_under_it(
+    scan, video_root: Path, left_behind: str
+) -> None:
     write_clip(CARPHONE, video_root / "a.mp4", 20)
     assert scan()[1] == ["a.mp4"]
     away = video_root.with_name(video_root.name + "-unmounted")
     video_root.rename(away)  # a share that is not mounted for one scan
+    if left_behind == "empty-mount-point":  # its mount point stays, an empty folder
+        video_root.mkdir()
     assert scan() == ({}, [])
+    if left_behind == "empty-mount-point":
+        video_root.rmdir()
     away.rename(video_root)
     planned, hashed = scan()
     assert list(planned) == ["a.mp4"] and hashed == [], "the file was read whole again after its root came back"
