@@ -821,8 +821,9 @@ def _fail_if_gone(
 
 
 def root_present(root: Path) -> bool:
-    """Whether the video root ``root`` is there to look into: a folder with something in it. A share not mounted
-    leaves nothing, or its mount point as an empty folder: what was under it cannot be told from deleted files."""
+    """Whether the scan takes the video root ``root`` as there: a folder with something in it. A share not mounted
+    leaves nothing, or its mount point as an empty folder, whose remembered hashes are kept for its return (a
+    folder emptied on purpose only keeps stale hashes until something is under it again)."""
     try:
         with os.scandir(root) as entries:
             return next(entries, None) is not None
@@ -833,14 +834,16 @@ def root_present(root: Path) -> bool:
 def _why_gone(item: WorkItem, settings: Settings) -> str | None:
     """Why the file ``item`` was planned for is no longer at its path (not there, not readable, other content
     there), or None while it is, or when this worker cannot tell: the path lies outside its video roots (another
-    worker's mount), its root is not there (a share not mounted here, or not now: see :func:`root_present`), or
-    reading it failed (an I/O error is not an absence). An item without a file signature is only checked to be
-    there and readable."""
+    worker's mount), its root is missing (a share not mounted here, or not now), or reading it failed (an I/O error
+    is not an absence). An empty root counts as there: its last file deleted must not leave the video
+    ``processing`` for good; an unmounted share whose mount point stays as an empty folder then fails its videos in
+    flight as gone, and a scan processes them again when the share is back. An item without a file signature is
+    only checked to be there and readable."""
     try:
         given = Path(item.path).expanduser()
         paths = {Path(os.path.abspath(given)), given.parent.resolve() / given.name}  # as planned, and linked
         root = next((r for r in settings.video_roots for p in paths if p.is_relative_to(r)), None)
-        if root is None or not root_present(root):
+        if root is None or not root.is_dir():
             return None
     except (OSError, RuntimeError):  # RuntimeError: a symlink loop
         return None
