@@ -497,7 +497,7 @@ def drain(
     summary.seconds = time.monotonic() - started
     log.info(
         "drain of %s done (%s): %d messages, %d frames, %d faces, %d rejected, %d batches, %d new alerts, "
-        "%d alerts changed, %d alert messages published, lag left %d, %.0f rows/s, %.1f s",
+        "%d alerts changed, %d alert messages published, lag left %s, %.0f rows/s, %.1f s",
         topic,
         summary.stopped_because,
         summary.messages,
@@ -508,7 +508,7 @@ def drain(
         summary.new_alerts,
         summary.alerts_changed,
         summary.alerts_published,
-        summary.lag_left,
+        summary.lag_left if summary.lag_known else f"unknown (at least {summary.lag_left}: the broker did not answer)",
         summary.rows_per_s,
         summary.seconds,
     )
@@ -577,10 +577,11 @@ def _run(
                 err = message.error()
                 if err is None:
                     at_end.discard(message.partition())
+                    # a partition never stored expects offset 0 (its log start could not be read before reading)
                     expected = batch.next_offsets.get(
-                        message.partition(), summary.next_offsets.get(message.partition())
+                        message.partition(), summary.next_offsets.get(message.partition(), 0)
                     )
-                    if expected is not None and message.offset() > expected:
+                    if message.offset() > expected:
                         _note_gap(consumer, summary, batch, message.partition(), expected, message.offset())
                     batch.add(message, threshold)
                 elif err.code() == KafkaError._PARTITION_EOF:
@@ -669,7 +670,8 @@ def _record_deleted_ranges(
     for partition, stored in sorted(offsets.items()):
         try:
             low, _ = consumer.get_watermark_offsets(TopicPartition(summary.topic, partition), timeout=5, cached=False)
-        except Exception as exc:  # noqa: BLE001 - KafkaException: a message past the gap still shows it
+        except Exception as exc:  # noqa: BLE001 - KafkaException: a message past the gap still shows it (a partition
+            # never stored expects offset 0); with none past it, no offset moves and the next drain checks again
             log.warning("%s[%d]: log start unknown (%s)", summary.topic, partition, exc)
             continue
         if low > stored:

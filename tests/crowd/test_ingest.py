@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
@@ -398,6 +399,23 @@ class _LogStartUnknown:
         return getattr(self._consumer, name)
 
 
+def test_the_drain_log_says_when_the_lag_left_is_unknown(
+    pg_schema: str, kafka_admin, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker did not answer for the watermarks at the end: the log said 'lag left 0' beside a summary that
+    knew it could not tell."""
+    import crowd.kafka
+
+    topic = new_topic(kafka_admin, "test-lag-unknown", partitions=1)
+    publish_frames(topic, [frame_dict("video-a", i, 1) for i in range(5)])
+    real = crowd.kafka.manual_commit_consumer
+    monkeypatch.setattr(crowd.kafka, "manual_commit_consumer", lambda *a, **k: _LogStartUnknown(real(*a, **k)))
+    with caplog.at_level(logging.INFO, logger="crowd.ingest"):
+        summary = quick_drain(topic, idle_timeout_s=2)
+    assert summary.messages == 5 and not summary.lag_known
+    assert "lag left unknown (at least 0: the broker did not answer)" in caplog.text, caplog.text
+
+
 def test_a_gap_whose_cause_cannot_be_read_is_not_stored_past(
     pg_schema: str, kafka_admin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -423,10 +441,16 @@ def test_a_gap_whose_cause_cannot_be_read_is_not_stored_past(
     assert scalar("SELECT count(*) FROM frames") == 20
 
 
-def test_messages_deleted_before_a_partition_was_ever_stored_are_recorded_lost(pg_schema: str, kafka_admin) -> None:
+@pytest.mark.parametrize("log_start", ["read", "unknown-at-first"])
+def test_messages_deleted_before_a_partition_was_ever_stored_are_recorded_lost(
+    pg_schema: str, kafka_admin, monkeypatch: pytest.MonkeyPatch, log_start: str
+) -> None:
     """Only partitions with stored offsets were checked: a first drain (a new deployment, a partition added)
-    started at the log's new start and the deleted messages went unrecorded, the run green."""
+    started at the log's new start and the deleted messages went unrecorded, the run green. The same when the
+    broker did not answer for the log start: a partition never stored expected no offset, so no gap was seen."""
     from confluent_kafka import TopicPartition
+
+    import crowd.kafka
 
     topic = new_topic(kafka_admin, "test-lost-first", partitions=2)
     publish(topic, [(b"k", encode(frame_dict("video-a", i, 1))) for i in range(10)])
@@ -434,6 +458,13 @@ def test_messages_deleted_before_a_partition_was_ever_stored_are_recorded_lost(p
     for future in kafka_admin.delete_records([TopicPartition(topic, partition, 6)]).values():
         future.result(timeout=30)
 
+    if log_start == "unknown-at-first":
+        real = crowd.kafka.manual_commit_consumer
+        monkeypatch.setattr(crowd.kafka, "manual_commit_consumer", lambda *a, **k: _LogStartUnknown(real(*a, **k)))
+        with pytest.raises(IngestError, match=r"offsets 0\.\.5 were skipped and the log start cannot be read"):
+            drain_task(topic=topic, group_id=GROUP, idle_timeout_s=3)
+        assert scalar("SELECT count(*) FROM frames") == 0  # nothing stored past the gap
+        monkeypatch.setattr(crowd.kafka, "manual_commit_consumer", real)
     with pytest.raises(MessagesLostError, match="6 messages"):
         drain_task(topic=topic, group_id=GROUP, idle_timeout_s=3)
     with pg() as conn:
