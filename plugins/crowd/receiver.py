@@ -432,6 +432,18 @@ class MessageReceiver:
             self._expired.popitem(last=False)
         back.sort(key=lambda r: (r.topic, r.partition, r.offset))
         self._queue.extendleft(reversed(back))
+        # leases that ran out at other times put their records in front of each other's: each partition's records
+        # go back in offset order, in the places that partition holds in the queue
+        queue = list(self._queue)
+        partitions = {(r.topic, r.partition) for r in back}
+        places = [i for i, r in enumerate(queue) if (r.topic, r.partition) in partitions]
+        in_order: dict[Partition, list[RawRecord]] = {}
+        for r in sorted((queue[i] for i in places), key=lambda r: (r.topic, r.partition, r.offset)):
+            in_order.setdefault((r.topic, r.partition), []).append(r)
+        cursors = {p: iter(records) for p, records in in_order.items()}
+        for i in places:
+            queue[i] = next(cursors[(queue[i].topic, queue[i].partition)])
+        self._queue = deque(queue)
         size = sum(r.size for r in back)
         self._leased_bytes -= size
         self._queued_bytes += size

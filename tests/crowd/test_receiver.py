@@ -349,6 +349,25 @@ def test_a_lease_hides_its_messages_until_confirmed_and_hands_them_out_again_whe
 
 
 @pytest.mark.services
+def test_leases_that_run_out_one_after_another_hand_their_messages_out_again_in_offset_order(
+    kafka_bootstrap: str, topic_factory: Callable[[int], str], receivers: Callable[..., MessageReceiver]
+) -> None:
+    """Each lease that ran out put its messages in front of the queue: a later one's went before an earlier one's
+    (5, 6, 0, 1, ...), and a client keeping the highest offset seen per partition dropped 0-4 as seen."""
+    topic, group = topic_factory(1), f"test-recv-{uuid.uuid4().hex[:8]}"
+    receiver = receivers(topic, group)
+    _send(kafka_bootstrap, topic, _numbers(10))
+    _wait(lambda: len(receiver) == 10, "10 queued messages")
+    receiver.lease(5, lease_s=0.3)
+    receiver.lease(2, lease_s=1.0)
+    time.sleep(0.6)
+    assert len(receiver) == 8  # the first lease ran out (queued again); the second has not
+    time.sleep(0.8)
+    _, again = receiver.lease(100, lease_s=30)
+    assert [m.value["n"] for m in again] == list(range(10))
+
+
+@pytest.mark.services
 def test_offsets_are_not_committed_past_a_leased_message(
     kafka_bootstrap: str, topic_factory: Callable[[int], str], receivers: Callable[..., MessageReceiver]
 ) -> None:
