@@ -1185,7 +1185,7 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
             with closing(connect_or_503(settings_factory())) as conn:
                 one_video(conn, video_id)
             return ImageList(video_id=video_id, images=[])
-        names = sorted(p.name for p in folder.iterdir() if re.match(IMAGE_NAME_PATTERN, p.name) and p.is_file())
+        names = sorted(p.name for p in folder.iterdir() if re.fullmatch(IMAGE_NAME_PATTERN, p.name) and p.is_file())
         return ImageList(video_id=video_id, images=names)
 
     @app.get(

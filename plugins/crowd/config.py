@@ -62,8 +62,15 @@ def _absolute(name: str, raw: str) -> Path:
 
 
 def _env_paths(name: str, default: str) -> tuple[Path, ...]:
+    """Folders separated by ``os.pathsep``, at least one (``":"`` named none: every scan found nothing, silently)."""
+    raw = _env(name, default)
     # spaces around a separator are not part of a path ("/a: /b" is /a and /b, not /a and ./ /b)
-    return tuple(_absolute(name, p) for p in _env(name, default).split(os.pathsep) if p.strip())
+    paths = tuple(_absolute(name, p) for p in raw.split(os.pathsep) if p.strip())
+    if not paths:
+        raise ConfigError(
+            f"{name}={raw!r} names no folder: give one or more absolute paths separated by {os.pathsep!r}"
+        )
+    return paths
 
 
 def _env_dir(name: str, default: str) -> Path:

@@ -754,6 +754,18 @@ def test_csv_exports_come_in_batches_and_one_the_database_cannot_answer_is_a_503
     assert client.get(f"/crowd/videos/{V}/faces.csv", headers=headers).text == faces.text  # lock gone: whole again
 
 
+def test_the_picture_list_names_only_pictures_it_serves(client: Any, results_dir: Path) -> None:
+    """A name ending in a newline passed the list's check (Python's ``$`` matches before a last newline), not the
+    picture route's: the dashboard drew a broken picture."""
+    (results_dir / V).mkdir()
+    for name in ("heatmap.png", "b.png\n", ".hidden.png", "notes.txt"):
+        (results_dir / V / name).write_bytes(b"\x89PNG")
+    headers = auth(client, "viewer")
+    listed = client.get(f"/crowd/videos/{V}/images", headers=headers).json()["images"]
+    assert listed == ["heatmap.png"]
+    assert all(client.get(f"/crowd/videos/{V}/images/{n}", headers=headers).status_code == 200 for n in listed)
+
+
 def test_images_of_an_unknown_video_are_404_and_of_a_known_one_without_pictures_empty(client: Any) -> None:
     """Like the video's other routes (before: 200 with no pictures for any id)."""
     from crowd import storage

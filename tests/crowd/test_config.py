@@ -26,6 +26,7 @@ from crowd.config import ConfigError, load_settings
         # relative: each Airflow process has its own working directory (different roots in each)
         ("CROWD_VIDEO_ROOTS", "/data/videos:videos", "'videos' is a relative path"),
         ("CROWD_RESULTS_DIR", "results", "is a relative path"),
+        ("CROWD_VIDEO_ROOTS", " : ", "names no folder"),  # was no roots: every scan found nothing, silently
         ("CROWD_MTCNN_MAX_SIDE", "-1", "must be >= 0"),
     ],
 )
