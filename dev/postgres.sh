@@ -57,13 +57,17 @@ start() {
   local bin; bin=$(pg_bin)
   ensure_cluster "$bin"
   if as_pg "$bin/pg_ctl" -D "$PGDATA" status >/dev/null 2>&1; then
+    local running; running=$(sed -n 4p "$PGDATA/postmaster.pid" 2>/dev/null)  # the port the server listens on
+    [[ $running == "$PG_PORT" ]] \
+      || die "PostgreSQL of $PGDATA is running on port $running, not CROWD_PG_PORT=$PG_PORT: stop it (dev/postgres.sh stop) to move it"
     log "PostgreSQL already running on 127.0.0.1:$PG_PORT"
   else
     if port_open 127.0.0.1 "$PG_PORT"; then die "port $PG_PORT is in use by another process; set CROWD_PG_PORT or free it"; fi
     rm -f "$PGDATA/postmaster.pid"  # stale after a crash or a reboot; pg_ctl status said no server runs
     log "starting PostgreSQL on 127.0.0.1:$PG_PORT (log: $LOGFILE)"
     touch "$LOGFILE"; [[ $(id -u) -eq 0 ]] && chown postgres:postgres "$LOGFILE"
-    as_pg "$bin/pg_ctl" -D "$PGDATA" -l "$LOGFILE" -w -t 60 start >/dev/null \
+    # the port on the command line: a cluster made with another CROWD_PG_PORT moves to this one
+    as_pg "$bin/pg_ctl" -D "$PGDATA" -l "$LOGFILE" -o "-p $PG_PORT" -w -t 60 start >/dev/null \
       || { tail -30 "$LOGFILE" >&2; die "PostgreSQL did not start (log tail above)"; }
   fi
   ensure_role_and_dbs

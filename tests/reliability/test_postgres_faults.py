@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -12,7 +16,7 @@ import pytest
 from crowd import storage
 from crowd.ingest import drain
 from tests.crowd.test_ingest import encode, frame_dict, publish
-from tests.reliability.conftest import PrivatePostgres, pg_counts, report, stored_offsets_sum
+from tests.reliability.conftest import PrivatePostgres, pg_counts, port_open, report, stored_offsets_sum
 
 pytestmark = [pytest.mark.services, pytest.mark.reliability, pytest.mark.slow]
 
@@ -115,3 +119,31 @@ def test_batch_failing_on_a_constraint_stores_nothing_of_it_and_is_retried(faces
         "messages": total, "bad": n_bad, "committed_when_stuck": stuck, "retry_moved": 0,
         "frames_stored": final["frames"], "rejected": final["rejected"], "lost": 0, "duplicated": 0,
     })  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_cluster_started_with_another_port_listens_there() -> None:
+    """The README's answer to 'port 5433 in use' is another CROWD_PG_PORT; the port was written into the cluster's
+    configuration when it was made, so a start with another port still bound the first (and failed, or answered
+    where no client looked)."""
+    folder = Path(tempfile.mkdtemp(prefix="crowd-rel-pg-port-"))  # under /tmp: the postgres user can reach it
+    first = PrivatePostgres(folder, port=_free_port())
+    moved = PrivatePostgres(folder, port=_free_port())
+    try:
+        first.start()
+        with pytest.raises(RuntimeError, match=f"running on port {first.port}, not CROWD_PG_PORT={moved.port}"):
+            moved.start()  # a running server is not moved behind its clients' backs
+        first.stop()
+        moved.start()
+        assert port_open(moved.port) and not port_open(first.port)
+        with psycopg.connect(moved.dsn, connect_timeout=10) as conn:
+            assert conn.execute("SHOW port").fetchone() == (str(moved.port),)
+    finally:
+        if moved.pid is not None:
+            moved.stop()
+        shutil.rmtree(folder, ignore_errors=True)
