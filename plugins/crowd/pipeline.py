@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -125,13 +126,13 @@ def process_video(
     """
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames={max_frames!r} must be at least 1 (or None for no limit)")
-    started = time.perf_counter()
+    started, opened_at = time.perf_counter(), datetime.now(timezone.utc)  # a live session's id says when it began
     reader = FrameReader(
         source, frame_interval=frame_interval, target_fps=target_fps, frame_range=frame_range, prepare=detector.prepare
     )
     info = reader.info
     if video_id is None:
-        video_id = live_source_id(source) if is_live_source(source) else content_hash(source)  # type: ignore[arg-type]
+        video_id = live_source_id(source, opened_at) if is_live_source(source) else content_hash(source)  # type: ignore[arg-type]
     shown = public_source(source)  # in messages and logs: a stream URL without its credentials
     total = reader.expected_frames
     report = _progress_sink(progress)

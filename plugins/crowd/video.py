@@ -32,6 +32,7 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -224,11 +225,14 @@ def public_source(source: str | os.PathLike[str] | int) -> str:
     return urllib.parse.urlunsplit(parts._replace(query="", fragment="")) + "?..."
 
 
-def live_source_id(source: str | os.PathLike[str] | int) -> str:
-    """The video id of a live source (a camera index or a stream URL, whose content has no hash): ``live-`` and a
-    hash of the URL without its user name and password (its query kept: ``?channel=2`` is another stream), so
-    the id is a valid one (no ``/`` or ``:``), carries no credentials, and is the same whoever logs in."""
-    return "live-" + hashlib.sha256(_without_userinfo(source)[0].encode()).hexdigest()[:32]
+def live_source_id(source: str | os.PathLike[str] | int, started_at: datetime) -> str:
+    """The video id of one capture session of a live source (a camera index or a stream URL, whose content has no
+    hash): ``live-``, a hash of the URL without its user name and password (its query kept: ``?channel=2`` is
+    another stream), and the session's start (UTC, to the millisecond): a valid id (no ``/`` or ``:``), without
+    credentials, the same prefix whoever logs in. Each session is a video of its own: its frame ids start at 0
+    again, so one id for every session had a session's frames replace the previous one's in storage."""
+    stamp = started_at.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S.%f")[:-3] + "Z"
+    return "live-" + hashlib.sha256(_without_userinfo(source)[0].encode()).hexdigest()[:32] + "-" + stamp
 
 
 def content_hash(path: str | os.PathLike[str], *, length: int = 32, chunk_size: int = 1 << 20) -> str:

@@ -4,6 +4,7 @@ import os
 import re
 import struct
 import threading
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import cv2
@@ -482,16 +483,30 @@ def test_a_live_source_gets_a_readable_id_and_is_shown_without_credentials(sourc
     """A live source's id was the URL itself: the API (ids in URL paths, no '/') could not read its frames, and a
     stream's password went into every message, row and log line."""
     assert public_source(source) == shown
-    video_id = live_source_id(source)
+    video_id = live_source_id(source, SESSION)
     assert re.fullmatch(VIDEO_ID_PATTERN, video_id) and video_id.startswith("live-")
     assert "secret" not in video_id
-    assert live_source_id(source) == live_source_id(str(source).replace("admin:secret@", "viewer:other@"))
+    assert video_id == live_source_id(str(source).replace("admin:secret@", "viewer:other@"), SESSION)
     assert "secret" not in str(NotAVideoError(source, "connection refused"))  # errors are printed and logged
 
 
+SESSION = datetime(2026, 12, 5, 7, 30, 0, 123456, tzinfo=timezone.utc)
+
+
 def test_streams_that_differ_in_their_query_get_other_ids() -> None:
-    assert live_source_id("rtsp://cam/s?channel=1") != live_source_id("rtsp://cam/s?channel=2")
+    assert live_source_id("rtsp://cam/s?channel=1", SESSION) != live_source_id("rtsp://cam/s?channel=2", SESSION)
     assert public_source("rtsp://cam/s?channel=1") == public_source("rtsp://cam/s?channel=2") == "rtsp://cam/s?..."
+
+
+def test_each_capture_session_of_a_live_source_is_a_video_of_its_own() -> None:
+    """Frame ids of a live source start at 0 at every capture session: one id for the source had the second
+    session's frames replace the first one's in storage (the same video and frame ids)."""
+    first = live_source_id("rtsp://cam/s", SESSION)
+    later = live_source_id("rtsp://cam/s", SESSION + timedelta(milliseconds=1))
+    assert first != later and first.rsplit("-", 1)[0] == later.rsplit("-", 1)[0]  # one source, two sessions
+    assert first.endswith("-20261205T073000.123Z") and re.fullmatch(VIDEO_ID_PATTERN, first)
+    in_new_york = SESSION.astimezone(timezone(timedelta(hours=-5)))
+    assert live_source_id("rtsp://cam/s", in_new_york) == first  # UTC whatever the host's zone
 
 
 def test_a_fragmented_mp4_is_read_past_its_first_fragment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
