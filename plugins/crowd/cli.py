@@ -36,6 +36,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _frame_id(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a frame id (0 or more)")
+    return value
+
+
 def _input_size(text: str) -> int:
     value = int(text)
     if not 32 <= value <= MAX_INPUT_SIZE or value % 32:
@@ -76,8 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     det.add_argument(
         "--target-fps", type=_positive_rate, default=None, help="alternative: about this many frames per second"
     )
-    det.add_argument("--start", type=int, default=0, help="first frame id of the range")
-    det.add_argument("--stop", type=int, default=None, help="frame id after the range (exclusive)")
+    det.add_argument("--start", type=_frame_id, default=0, help="first frame id of the range")
+    det.add_argument("--stop", type=_frame_id, default=None, help="frame id after the range (exclusive)")
     det.add_argument("--max-frames", type=_positive_int, default=None, help="stop after this many processed frames")
     det.add_argument("--out", default=None, help="write JSON lines here (default: stdout)")
     det.add_argument("--backend", choices=BACKENDS, default=None, help="detector (default: CROWD_DETECTOR or auto)")
@@ -136,7 +143,10 @@ def _output_file(path: str) -> Iterator[IO[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "detect" and args.stop is not None and args.stop < args.start:
+        parser.error(f"--stop {args.stop} is before --start {args.start}")
     if args.command == "schema":
         print(write_schema(args.path) if args.path else write_schema())
         return 0

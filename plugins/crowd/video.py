@@ -778,6 +778,8 @@ def _normalise_range(frame_range: tuple[int, int | None] | None, frame_count: in
     if frame_range is None:
         return 0, big
     start, stop = frame_range
+    if frame_count is not None and start > frame_count:
+        raise ValueError(f"frame_range={frame_range} starts past the video's {frame_count} frames")
     stop = big if stop is None else min(int(stop), big)
     if start < 0 or stop < start:
         raise ValueError(f"frame_range={frame_range} must satisfy 0 <= start <= stop")

@@ -154,10 +154,16 @@ def test_cli_refuses_bad_options_and_unwritable_places_before_the_work(tmp_path:
         ("--target-fps", "0", "not a positive finite number"),
         ("--input-size", "100000", "not a multiple of 32 from 32 to 2048"),  # was killed for memory (24 GB)
         ("--input-size", "100", "not a multiple of 32"),
+        ("--start", "-3", "not a frame id"),  # was exit 1, "frame_range=(-3, None) must satisfy ..."
+        ("--stop", "-1", "not a frame id"),
     ]:
         proc = _cli("detect", str(CARPHONE), option, value)
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stdout == ""
+    proc = _cli("detect", str(CARPHONE), "--start", "5", "--stop", "3")
+    assert proc.returncode == 2 and "--stop 3 is before --start 5" in proc.stderr, proc.stderr
+    proc = _cli("detect", str(CARPHONE), "--start", "100000")  # was "frame_range=(100000, None) must satisfy ..."
+    assert proc.returncode == 1 and "starts past the video's" in proc.stderr and "Traceback" not in proc.stderr
     proc = _cli("detect", str(CARPHONE), "--out", str(tmp_path / "missing" / "r.jsonl"))
     assert proc.returncode == 1 and "\nerror: [Errno 2]" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     with pytest.raises(ValueError, match="max_frames=0"):
