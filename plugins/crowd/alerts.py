@@ -56,18 +56,48 @@ class AlertRule:
         return float(self.min_duration_s) * 1000.0
 
 
-# The episodes of the videos to recompute: those with a frame at the threshold in the batch, and those with alert
-# rows already (frames that arrive later or replace others can split, shorten or end an episode stored before).
+# The stretch of each video to recompute: from the last frame below the threshold before the batch's first frame of
+# that video to the first one after its last (NULL: the video's start or end). Episodes are runs of frames at the
+# threshold, so none crosses those frames, which the batch did not change: episodes and rows outside the stretch
+# stay as they are (every batch leaves the rows the episodes of the frames stored). Only videos with a frame at the
+# threshold in the batch, or with alert rows, are recomputed; a video whose rows were made under another rule
+# (a changed threshold or minimum duration) is recomputed whole. Before session 20 every batch recomputed whole
+# videos: a long video or live source with one alert paid a pass over all its frames per batch.
+_WINDOWS_SQL = """
+CREATE TEMP TABLE crowd_alert_windows AS
+WITH b AS (
+    SELECT video_id, lo, hi FROM unnest(%(videos)s::text[], %(lows)s::bigint[], %(highs)s::bigint[]) AS b(video_id, lo, hi)
+    WHERE video_id = ANY(%(hot)s::text[]) OR EXISTS (SELECT 1 FROM alerts a WHERE a.video_id = b.video_id)
+),
+w AS (
+    SELECT b.*, EXISTS (
+        SELECT 1 FROM alerts a
+        WHERE a.video_id = b.video_id
+          AND (a.threshold, a.min_duration_ms) IS DISTINCT FROM (%(threshold)s::int, %(min_duration_ms)s::float8)
+    ) AS whole
+    FROM b
+)
+SELECT video_id,
+       CASE WHEN NOT whole THEN (SELECT max(f.frame_id) FROM frames f WHERE f.video_id = w.video_id
+                                 AND f.frame_id < w.lo AND f.total_faces < %(threshold)s) END AS after_id,
+       CASE WHEN NOT whole THEN (SELECT min(f.frame_id) FROM frames f WHERE f.video_id = w.video_id
+                                 AND f.frame_id > w.hi AND f.total_faces < %(threshold)s) END AS before_id
+FROM w
+"""
+
 _EPISODES_SQL = """
 CREATE TEMP TABLE crowd_alert_episodes AS
-WITH v AS (
-    SELECT DISTINCT v AS video_id FROM unnest(%(videos)s::text[]) v
-    WHERE v = ANY(%(hot)s::text[]) OR EXISTS (SELECT 1 FROM alerts a WHERE a.video_id = v)
-),
-f AS (
-    SELECT video_id, frame_id, frame_ts_ms, total_faces, total_faces >= %(threshold)s AS hot,
-           row_number() OVER (PARTITION BY video_id ORDER BY frame_id) AS rn
-    FROM frames WHERE video_id IN (SELECT video_id FROM v)
+WITH f AS (  -- an index range scan per stretch: as a plain join (or a LATERAL the planner pulls up: OFFSET 0 keeps
+            -- it) the planner merged the whole frames index with the stretches, reading every frame of the table
+    SELECT f.video_id, f.frame_id, f.frame_ts_ms, f.total_faces, f.total_faces >= %(threshold)s AS hot,
+           row_number() OVER (PARTITION BY f.video_id ORDER BY f.frame_id) AS rn
+    FROM crowd_alert_windows w
+    CROSS JOIN LATERAL (
+        SELECT * FROM frames f
+        WHERE f.video_id = w.video_id
+          AND f.frame_id > COALESCE(w.after_id, -1) AND f.frame_id < COALESCE(w.before_id, 9223372036854775807)
+        OFFSET 0
+    ) f
 ),
 h AS (
     SELECT video_id, frame_id, frame_ts_ms, total_faces,
@@ -83,20 +113,22 @@ FROM h GROUP BY video_id, grp
 HAVING max(frame_ts_ms) - min(frame_ts_ms) >= %(min_duration_ms)s
 """
 
-# Each stored row of those videos goes with the first episode it overlaps (the same crowd, seen before in part, or
-# before frames split it), or with none. Per episode the oldest row stays (its alert_id is what consumers know).
+# Each stored row in those stretches goes with the first episode it overlaps (the same crowd, seen before in part,
+# or before frames split it), or with none. Per episode the oldest row stays (its alert_id is what consumers know).
 _MATCH_SQL = """
 CREATE TEMP TABLE crowd_alert_matches AS
 SELECT a.id, a.video_id, m.episode,
        row_number() OVER (PARTITION BY a.video_id, m.episode ORDER BY a.id) AS k
-FROM alerts a
+FROM crowd_alert_windows w
+JOIN alerts a ON a.video_id = w.video_id
+    AND COALESCE(a.ended_frame_id, a.started_frame_id) > COALESCE(w.after_id, -1)
+    AND a.started_frame_id < COALESCE(w.before_id, 9223372036854775807)
 LEFT JOIN LATERAL (
     SELECT e.started_frame_id AS episode FROM crowd_alert_episodes e
     WHERE e.video_id = a.video_id AND e.started_frame_id <= COALESCE(a.ended_frame_id, a.started_frame_id)
       AND e.ended_frame_id >= a.started_frame_id
     ORDER BY e.started_frame_id LIMIT 1
 ) m ON true
-WHERE a.video_id = ANY(%(videos)s::text[])
 """
 
 # Rows merged into an older one, and rows whose frames no longer make an episode (a re-run replaced them, or frames
@@ -134,9 +166,10 @@ UPDATE alerts a SET
     revision = a.revision + 1, published_at = NULL
 FROM crowd_alert_matches m JOIN crowd_alert_episodes e ON e.video_id = m.video_id AND e.started_frame_id = m.episode
 WHERE a.id = m.id AND m.k = 1
-  AND (a.started_frame_id, a.ended_frame_id, a.peak_count, a.peak_frame_id, a.threshold, a.min_duration_ms)
-      IS DISTINCT FROM (e.started_frame_id, e.ended_frame_id, e.peak_count, e.peak_frame_id,
-                        %(threshold)s::int, %(min_duration_ms)s::float8)
+  AND (a.started_frame_id, a.started_ts_ms, a.ended_frame_id, a.ended_ts_ms, a.peak_count, a.peak_frame_id,
+       a.threshold, a.min_duration_ms)
+      IS DISTINCT FROM (e.started_frame_id, e.started_ts_ms, e.ended_frame_id, e.ended_ts_ms, e.peak_count,
+                        e.peak_frame_id, %(threshold)s::int, %(min_duration_ms)s::float8)
 """
 
 _INSERT_SQL = """
@@ -168,36 +201,48 @@ class AlertChanges:
 
 
 def update_alerts(
-    conn: psycopg.Connection, video_ids: Collection[str], rule: AlertRule, hot_video_ids: Collection[str] = ()
+    conn: psycopg.Connection,
+    frame_keys: Collection[tuple[str, int]],
+    rule: AlertRule,
+    hot_video_ids: Collection[str] = (),
 ) -> AlertChanges:
-    """Make the ``alerts`` rows of ``video_ids`` the episodes their stored frames show; run it inside the batch
-    transaction. Only videos in ``hot_video_ids`` (a frame at the threshold in the batch) or with alert rows are
-    recomputed: frames below the threshold alone cannot make an episode.
+    """Make the ``alerts`` rows the episodes the stored frames show, after the batch wrote the frames
+    ``frame_keys`` (``(video_id, frame_id)``); run it inside the batch transaction. Only videos in
+    ``hot_video_ids`` (a frame at the threshold in the batch) or with alert rows are recomputed (frames below the
+    threshold alone cannot make an episode), and of those only the stretch the batch's frames can change (see
+    ``_WINDOWS_SQL``).
 
     The result depends on the frames stored, not on the order they came in: rows one episode turned out to span are
     merged into the oldest, a row whose frames no longer make an episode is deleted. Changed rows get the next
     revision and deleted rows a withdrawal, both pending in the outbox for :func:`publish_pending_alerts`.
     """
+    ranges: dict[str, tuple[int, int]] = {}
+    for video_id, frame_id in frame_keys:
+        lo, hi = ranges.get(video_id, (frame_id, frame_id))
+        ranges[video_id] = (min(lo, frame_id), max(hi, frame_id))
     if not hot_video_ids and not (
-        video_ids
-        and conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM alerts WHERE video_id = ANY(%s))", (list(video_ids),)
-        ).fetchone()[0]
+        ranges
+        and conn.execute("SELECT EXISTS (SELECT 1 FROM alerts WHERE video_id = ANY(%s))", (list(ranges),)).fetchone()[0]
     ):
         return AlertChanges()  # the common batch: nothing that could make or change an episode (no scratch tables)
+    videos = sorted(ranges)
     params = {
         "threshold": rule.threshold,
         "min_duration_ms": rule.min_duration_ms,
-        "videos": sorted({*video_ids, *hot_video_ids}),
+        "videos": videos,
+        "lows": [ranges[v][0] for v in videos],
+        "highs": [ranges[v][1] for v in videos],
         "hot": sorted(hot_video_ids),
     }
     with conn.transaction():  # a savepoint inside the batch's transaction: the scratch tables go with an error too
+        conn.execute(_WINDOWS_SQL, params)
+        conn.execute("ANALYZE crowd_alert_windows")  # its few rows, not 1,070 guessed: the plan, and no JIT compile
         conn.execute(_EPISODES_SQL, params)
         conn.execute(_MATCH_SQL, params)
         merged, ended, withdrawn = conn.execute(_DROP_SQL).fetchone()
         updated = conn.execute(_UPDATE_SQL, params).rowcount
         inserted = conn.execute(_INSERT_SQL, params).rowcount
-        conn.execute("DROP TABLE crowd_alert_episodes, crowd_alert_matches")
+        conn.execute("DROP TABLE crowd_alert_windows, crowd_alert_episodes, crowd_alert_matches")
     changes = AlertChanges(int(inserted), int(updated), int(merged), int(ended), int(withdrawn))
     if merged or ended or updated:
         log.info(

@@ -300,7 +300,7 @@ def write_batch(
             [(group_id, batch.topic, p, o, batch.topic_id) for p, o in sorted(batch.next_offsets.items())],
         )
         if alert_rule is not None:
-            alerts = update_alerts(conn, {vid for vid, _ in batch.frames}, alert_rule, batch.hot_videos)
+            alerts = update_alerts(conn, batch.frames.keys(), alert_rule, batch.hot_videos)
     return len(batch.frames), n_faces, alerts
 
 

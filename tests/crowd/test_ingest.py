@@ -1041,6 +1041,63 @@ def test_alert_rows_are_the_episodes_of_the_frames_stored_whatever_their_order(
     kafka_admin.delete_topics([alerts_topic])
 
 
+def test_a_batch_recomputes_only_the_stretch_its_frames_can_change(faces_topic: str, pg_schema: str) -> None:
+    """Each batch recomputed the episodes of its videos from every stored frame: a long video or live source with
+    one alert paid a pass over all its frames per batch. Now only the stretch between the nearest frames below the
+    threshold around the batch's frames: the rows outside it stay as they were, the rows inside follow the frames."""
+    rule = AlertRule(threshold=5, min_duration_s=2.0)
+    publish_frames(
+        faces_topic, [frame_dict("video-long", i, n) for i, n in _crowd(range(300), range(10, 40), range(200, 240))]
+    )
+    quick_drain(faces_topic, batch_size=1000, alert_rule=rule)
+    with pg() as conn:
+        before = conn.execute("SELECT id, started_frame_id, ended_frame_id, revision FROM alerts ORDER BY 2").fetchall()
+    assert [row[1:] for row in before] == [(10, 39, 1), (200, 239, 1)]
+    with pg() as conn:  # frame 450, and 500-539 with a crowd, written without the rule (a drain with alerts off)
+        conn.execute(
+            "INSERT INTO frames (video_id, frame_id, frame_ts_ms, total_faces, model, frame_width, frame_height,"
+            " source) SELECT 'video-long', i, i * 100.0, CASE WHEN i < 500 THEN 1 ELSE 7 END, 'm', 640, 480, 's'"
+            " FROM generate_series(450, 539) i WHERE i = 450 OR i >= 500"
+        )
+        conn.commit()
+    # frames 300-399 (a crowd at 320-359), and 230-239 replaced with quiet frames (the second crowd ends at 229)
+    publish_frames(faces_topic, [frame_dict("video-long", i, n) for i, n in _crowd(range(300, 400), range(320, 360))])
+    publish_frames(faces_topic, [frame_dict("video-long", i, 1) for i in range(230, 240)])
+    quick_drain(faces_topic, batch_size=1000, alert_rule=rule)
+    with pg() as conn:
+        after = conn.execute("SELECT id, started_frame_id, ended_frame_id, revision FROM alerts ORDER BY 2").fetchall()
+    # 500-539 lies past the stretch (frame 450, below the threshold, ends it): not read, so no row (whole: a row)
+    assert [row[1:] for row in after] == [(10, 39, 1), (200, 229, 2), (320, 359, 1)]
+    assert [row[0] for row in after[:2]] == [row[0] for row in before]
+
+
+def test_rows_made_under_another_rule_are_recomputed_whole(faces_topic: str, pg_schema: str) -> None:
+    """The threshold changed between drains: a batch far from the video's earlier crowds still brings every row of
+    the video to the new rule (only the stretch around its frames would leave the old rows under the old one)."""
+    publish_frames(faces_topic, [frame_dict("video-r", i, n) for i, n in _crowd(range(100), range(10, 40))])
+    quick_drain(faces_topic, batch_size=1000, alert_rule=AlertRule(threshold=5, min_duration_s=2.0))
+    publish_frames(faces_topic, [frame_dict("video-r", i, 8) for i in range(200, 240)])  # far away: 8 faces
+    quick_drain(faces_topic, batch_size=1000, alert_rule=AlertRule(threshold=8, min_duration_s=2.0))
+    with pg() as conn:
+        rows = conn.execute("SELECT started_frame_id, ended_frame_id, threshold FROM alerts ORDER BY 1").fetchall()
+    assert rows == [(200, 239, 8)]  # the crowd of 7 faces at 10-39 is none under a threshold of 8
+
+
+def test_an_alert_whose_times_alone_change_is_a_new_revision(faces_topic: str, pg_schema: str, kafka_admin) -> None:
+    """The same frames published again with other timestamps (a re-run after a timing fix, another frame rate):
+    the row kept its old times and revision (only frame ids and counts were compared), and nothing was sent."""
+    alerts_topic = new_topic(kafka_admin, "test-alerts", partitions=1)
+    rule = AlertRule(threshold=5, min_duration_s=2.0)
+    for fps in (10.0, 5.0):
+        publish_frames(faces_topic, [frame_dict("video-t", i, n, fps=fps) for i, n in _crowd(range(60), range(10, 40))])
+        quick_drain(faces_topic, batch_size=200, alert_rule=rule, alerts_topic=alerts_topic)
+    with pg() as conn:
+        rows = conn.execute("SELECT id, started_ts_ms, ended_ts_ms, revision FROM alerts").fetchall()
+    assert [row[1:] for row in rows] == [(2000.0, 7800.0, 2)]
+    assert _as_a_consumer_holds_them(_read_to_end(alerts_topic)) == {rows[0][0]: (10, 39, 2000.0, 7800.0, 7, 2)}
+    kafka_admin.delete_topics([alerts_topic])
+
+
 def test_an_alert_sent_then_changed_then_ended_before_the_change_was_sent_is_withdrawn(
     faces_topic: str, pg_schema: str, kafka_admin
 ) -> None:
