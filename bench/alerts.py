@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -124,14 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", type=int, default=20_000, help="frames of the short video")
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args(argv)
+    from services import print_ratios_and_json
+
     out = run(args.frames, args.small, args.repeat)
     print(f"\n{'video frames':>14}{'stretch s':>12}{'whole s':>12}{'whole/stretch':>15}")
     for size in ("small", "large"):
         r = out[size]
         print(f"{r['frames']:>14,}{r['stretch_s']:>12.4f}{r['whole_s']:>12.4f}{r['whole_vs_stretch']:>15.1f}")
-    for key, value in out["ratios"].items():
-        print(f"{key:<28}{value:>10.2f}")
-    print(json.dumps(out))
+    print_ratios_and_json(out)
     return 0
 
 

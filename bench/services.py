@@ -80,3 +80,10 @@ class Scratch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def print_ratios_and_json(out: dict) -> None:
+    """The closing lines of a benchmark: each ratio of ``out["ratios"]``, then ``out`` as JSON (for results.json)."""
+    for key, value in out["ratios"].items():
+        print(f"{key:<28}{value:>10.2f}")
+    print(json.dumps(out))

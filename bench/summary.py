@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -160,13 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--videos", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
+    from services import print_ratios_and_json
+
     out = run(args.frames, args.videos, args.repeat)
     print(f"\n{'figure':<22}{'seconds':>10}")
     for key, r in out["results"].items():
         print(f"{key:<22}{r['seconds']:>10.4f}")
-    for key, value in out["ratios"].items():
-        print(f"{key:<28}{value:>10.2f}")
-    print(json.dumps(out))
+    print_ratios_and_json(out)
     return 0
 
 
