@@ -8,7 +8,7 @@ Routes (every one needs an authenticated Airflow user; ``/send`` needs the right
   ``POST /receive/confirm`` confirms (``/receive`` and the confirm need the right to trigger DAG runs too).
 * ``GET /videos``, ``/videos/{id}``, ``/videos/{id}/frames``, ``/videos/{id}/frames/{frame_id}/faces``,
   ``/videos/{id}/frames.csv``, ``/videos/{id}/faces.csv``, ``/videos/{id}/images[/{name}]``, ``/alerts``: results
-  read from PostgreSQL (parameterised SQL only) and PNG pictures from ``settings.results_dir/<video_id>/``. A CSV
+  read from PostgreSQL (parameterised SQL only) and pictures (PNG, JPEG) from ``settings.results_dir/<video_id>/``. A CSV
   export holds one PostgreSQL connection for as long as its client reads, so at most
   ``settings.max_csv_exports`` run at once per process (503 beyond).
 * ``GET /health``, ``GET /metrics`` (Prometheus text format), ``GET /dashboard`` (the page shown in the
@@ -71,6 +71,12 @@ KAFKA_PROBE_TTL_S = 5.0
 DASHBOARD_HTML = Path(__file__).with_name("dashboard.html")
 
 IMAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.(png|jpg|jpeg)$"
+# The answers a results route gives besides 200 and 422, for the OpenAPI document (Swagger listed only those two)
+_READ_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "a parameter PostgreSQL cannot take (e.g. a NUL character)"},
+    503: {"description": "the results database cannot be reached, or the query ran out of time"},
+}
+_VIDEO_ERRORS: dict[int | str, dict[str, Any]] = {**_READ_ERRORS, 404: {"description": "no video with this id"}}
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 _CONSUMER_ONLY = frozenset({"group.id", "enable.auto.commit", "auto.offset.reset", "enable.auto.offset.store"})
 
@@ -987,7 +993,12 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no video with id {video_id!r}")
         return rows[0]
 
-    @app.get("/videos", response_model=VideoList, summary="Videos with status, frames, max/mean faces, peak time")
+    @app.get(
+        "/videos",
+        response_model=VideoList,
+        responses=_READ_ERRORS,
+        summary="Videos with status, frames, max/mean faces, peak time",
+    )
     def list_videos(
         conn: Db,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
@@ -999,11 +1010,16 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
         rows = _rows(conn, _VIDEO_QUERY, params)
         return VideoList(items=[VideoSummary(**r) for r in rows], total=total, limit=limit, offset=offset)
 
-    @app.get("/videos/{video_id}", response_model=VideoSummary, summary="One video's summary")
+    @app.get("/videos/{video_id}", response_model=VideoSummary, responses=_VIDEO_ERRORS, summary="One video's summary")
     def get_video(video_id: VideoId, conn: Db) -> VideoSummary:
         return VideoSummary(**one_video(conn, video_id))
 
-    @app.get("/videos/{video_id}/frames", response_model=FramePage, summary="A video's frames with face counts")
+    @app.get(
+        "/videos/{video_id}/frames",
+        response_model=FramePage,
+        responses=_VIDEO_ERRORS,
+        summary="A video's frames with face counts",
+    )
     def list_frames(
         video_id: VideoId,
         conn: Db,
@@ -1033,6 +1049,7 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
     @app.get(
         "/videos/{video_id}/timeline",
         response_model=Timeline,
+        responses=_VIDEO_ERRORS,
         summary="Face counts over time, summarised into at most `points` runs of frames (a chart's points)",
     )
     def timeline(video_id: VideoId, conn: Db, points: Annotated[int, Query(ge=1, le=10_000)] = 800) -> Timeline:
@@ -1054,7 +1071,12 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
         )
         return Timeline(video_id=video_id, frames=frames, points=[TimelinePoint(**r) for r in rows])
 
-    @app.get("/videos/{video_id}/frames/{frame_id}/faces", response_model=FrameFaces, summary="One frame's faces")
+    @app.get(
+        "/videos/{video_id}/frames/{frame_id}/faces",
+        response_model=FrameFaces,
+        responses={**_READ_ERRORS, 404: {"description": "no video with this id, or no such frame of it"}},
+        summary="One frame's faces",
+    )
     def frame_faces(video_id: VideoId, frame_id: Annotated[int, PathParam(ge=0, le=2**63 - 1)], conn: Db) -> FrameFaces:
         frames = _rows(
             conn,
@@ -1149,7 +1171,12 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
         sql = f"SELECT {', '.join(header)} FROM faces WHERE video_id = %s ORDER BY frame_id, face_id"  # noqa: S608
         return csv_response(request, video_id, "faces", sql, header)
 
-    @app.get("/alerts", response_model=AlertList, summary="Crowd alerts, newest first (all videos, or one)")
+    @app.get(
+        "/alerts",
+        response_model=AlertList,
+        responses=_READ_ERRORS,
+        summary="Crowd alerts, newest first (all videos, or one)",
+    )
     def list_alerts(
         conn: Db,
         video_id: Annotated[str | None, Query(pattern=VIDEO_ID_PATTERN, description="only this video's alerts")] = None,
@@ -1174,8 +1201,8 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
     @app.get(
         "/videos/{video_id}/images",
         response_model=ImageList,
-        responses={404: {"description": "no pictures, and no video with this id"}},
-        summary="PNG pictures of a video",
+        responses={503: _READ_ERRORS[503], 404: {"description": "no pictures, and no video with this id"}},
+        summary="The pictures of a video (PNG, JPEG)",
     )
     def list_images(video_id: VideoId) -> ImageList:
         """The pictures in the video's results folder; none yet for a known video (still processing): an empty
@@ -1192,7 +1219,7 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
         "/videos/{video_id}/images/{name}",
         response_class=FileResponse,
         responses={200: {"content": {"image/png": {}, "image/jpeg": {}}, "description": "the picture"}, 404: {}},
-        summary="One PNG picture (heatmap, annotated peak frame, faces over time)",
+        summary="One picture, PNG or JPEG (heatmap, annotated peak frame, faces over time)",
     )
     def get_image(video_id: VideoId, name: Annotated[str, PathParam(pattern=IMAGE_NAME_PATTERN)]) -> FileResponse:
         folder = video_dir(video_id)

@@ -958,6 +958,21 @@ def test_openapi_is_served_under_the_prefix(client: Any) -> None:
     assert docs.status_code == 200 and "/crowd/openapi.json" in docs.text
 
 
+def test_openapi_lists_the_answers_the_routes_give(client: Any) -> None:
+    """The results routes documented 200 and 422 only: their 404 for an unknown video and the 503 of a database
+    that cannot answer were missing from Swagger."""
+    headers = auth(client, "viewer")
+    spec = client.get("/crowd/openapi.json", headers=headers).json()
+    for path in ("/videos/{video_id}", "/videos/{video_id}/frames", "/videos/{video_id}/timeline",
+                 "/videos/{video_id}/frames/{frame_id}/faces", "/videos/{video_id}/images"):  # fmt: skip
+        assert {"404", "503"} <= set(spec["paths"][path]["get"]["responses"]), path
+        url = "/crowd" + path.replace("{video_id}", "no-such-video").replace("{frame_id}", "0")
+        assert client.get(url, headers=headers).status_code == 404, path
+    for path in ("/videos", "/alerts"):
+        assert {"400", "503"} <= set(spec["paths"][path]["get"]["responses"]), path
+    assert client.get("/crowd/videos?status=%00", headers=headers).status_code == 400
+
+
 def test_schemathesis_finds_no_server_errors(client: Any, faces_topic: str, results_dir: Path) -> None:
     """Property-based cases from the plugin's own OpenAPI, sent in-process with a valid token: no 5xx."""
     import schemathesis
