@@ -6,8 +6,8 @@ then brings the video's ``alerts`` rows to the episodes of its stored frames (``
 * ``stretch`` (ours, since session 20): only the stretch between the nearest frames below the threshold around the
   batch's frames is recomputed.
 * ``whole``: every frame of the video is read again, as every batch did until session 20. Measured through the
-  same function on the path that still does it: rows made under another rule (the minimum duration 1 us apart,
-  so the episodes are the same) make it recompute the video whole.
+  same function on the path that still does it: a video whose rows were made under another rule (the minimum
+  duration 1 us apart, so the episodes are the same) is recomputed whole.
 
 Both run on the same batch, alternating, each inside a transaction rolled back afterwards (the video keeps its
 size); the median per-batch time of each, and the median of per-repetition ratios whole / stretch, at two video

@@ -2,8 +2,8 @@
 
 An *episode* is a run of consecutive received frames of one video (ordered by ``frame_id``) whose
 ``total_faces >= threshold``; it raises an alert when it lasts at least ``min_duration_ms`` of video time
-(``frame_ts_ms`` of its last frame minus its first). Episodes are recomputed from the ``frames`` table inside
-the ingest transaction, so a replayed batch finds the same episodes: one ``alerts`` row per episode, keyed by
+(the latest ``frame_ts_ms`` of its frames minus the earliest; its start and end times are those two). Episodes are
+recomputed from the ``frames`` table inside the ingest transaction (only where a batch's frames can change them), so a replayed batch finds the same episodes: one ``alerts`` row per episode, keyed by
 ``(video_id, started_frame_id)``. The rows follow the frames stored, whatever order they came in (the parts of a
 split video arrive interleaved; a re-run replaces frames): an episode seen in pieces keeps the row stored first for
 it, moved to the episode's start, the others merged into it; a row whose frames no longer make an episode (frames
@@ -56,52 +56,89 @@ class AlertRule:
         return float(self.min_duration_s) * 1000.0
 
 
-# The stretch of each video to recompute: from the last frame below the threshold before the batch's first frame of
-# that video to the first one after its last (NULL: the video's start or end). Episodes are runs of frames at the
-# threshold, so none crosses those frames, which the batch did not change: episodes and rows outside the stretch
-# stay as they are (every batch leaves the rows the episodes of the frames stored). Only videos with a frame at the
-# threshold in the batch, or with alert rows, are recomputed; a video whose rows were made under another rule
-# (a changed threshold or minimum duration) is recomputed whole. Before session 20 every batch recomputed whole
-# videos: a long video or live source with one alert paid a pass over all its frames per batch.
+#: Frame ids of one video in a batch closer than this are one cluster, with one stretch (see ``_WINDOWS_SQL``).
+CLUSTER_GAP = 1000
+
+# Whether a batch without a frame at the threshold can change a row: its videos have rows, or rows not made under
+# this rule (the rule changed, a new video, frames stored while alerts were off).
+_ANY_TO_RECOMPUTE_SQL = """
+SELECT EXISTS (SELECT 1 FROM alerts WHERE video_id = ANY(%(batch_videos)s::text[]))
+    OR EXISTS (SELECT 1 FROM unnest(%(batch_videos)s::text[]) v
+               WHERE NOT EXISTS (SELECT 1 FROM alert_rule_applied r WHERE r.video_id = v
+                                 AND r.threshold = %(threshold)s AND r.min_duration_ms = %(min_duration_ms)s))
+"""
+
+# The rule the recomputed videos' rows now follow.
+_RULE_APPLIED_SQL = """
+INSERT INTO alert_rule_applied AS r (video_id, threshold, min_duration_ms)
+SELECT DISTINCT video_id, %(threshold)s, %(min_duration_ms)s FROM crowd_alert_windows ORDER BY 1
+ON CONFLICT (video_id) DO UPDATE SET threshold = EXCLUDED.threshold, min_duration_ms = EXCLUDED.min_duration_ms
+WHERE (r.threshold, r.min_duration_ms) IS DISTINCT FROM (EXCLUDED.threshold, EXCLUDED.min_duration_ms)
+"""
+
+# Frames stored without the alert rule (alerts off): their videos' rows no longer follow it, the next batch with
+# alerts on recomputes them whole.
+FORGET_RULE_SQL = "DELETE FROM alert_rule_applied WHERE video_id = ANY(%s::text[])"
+
+
+# The stretches of each video to recompute. The batch's frames of a video are taken in clusters (ids closer than
+# CLUSTER_GAP: the parts of a split video arrive interleaved, far apart); a cluster's stretch runs from the last
+# stored frame below the threshold before it to the first one after it (NULL: the video's start or end).
+# Episodes are runs of frames at the threshold, so none crosses those frames, which the batch did not change:
+# episodes and rows outside the stretches stay as they are (every batch leaves the rows the episodes of the frames
+# stored). Overlapping stretches are merged. Only videos with a frame at the threshold in the batch, with alert
+# rows, or whose rows were not made under this rule (``alert_rule_applied``: a new video, the threshold or minimum
+# duration changed, frames stored while alerts were off) are recomputed, the last ones whole. Before session 20
+# every batch recomputed whole videos: a long video or live source with one alert paid a pass over all its frames
+# per batch. Bounds are inclusive (after_id + 1, before_id - 1): frame id 2^63-1 is a frame like any other.
 _WINDOWS_SQL = """
 CREATE TEMP TABLE crowd_alert_windows AS
 WITH b AS (
-    SELECT video_id, lo, hi FROM unnest(%(videos)s::text[], %(lows)s::bigint[], %(highs)s::bigint[]) AS b(video_id, lo, hi)
-    WHERE video_id = ANY(%(hot)s::text[]) OR EXISTS (SELECT 1 FROM alerts a WHERE a.video_id = b.video_id)
+    SELECT video_id, lo, hi,
+           NOT EXISTS (SELECT 1 FROM alert_rule_applied r WHERE r.video_id = b.video_id
+                       AND r.threshold = %(threshold)s AND r.min_duration_ms = %(min_duration_ms)s) AS whole
+    FROM unnest(%(videos)s::text[], %(lows)s::bigint[], %(highs)s::bigint[]) AS b(video_id, lo, hi)
 ),
 w AS (
-    SELECT b.*, EXISTS (
-        SELECT 1 FROM alerts a
-        WHERE a.video_id = b.video_id
-          AND (a.threshold, a.min_duration_ms) IS DISTINCT FROM (%(threshold)s::int, %(min_duration_ms)s::float8)
-    ) AS whole
+    SELECT video_id,
+           CASE WHEN NOT whole THEN (SELECT max(f.frame_id) FROM frames f WHERE f.video_id = b.video_id
+                                     AND f.frame_id < b.lo AND f.total_faces < %(threshold)s) END + 1 AS first_id,
+           CASE WHEN NOT whole THEN (SELECT min(f.frame_id) FROM frames f WHERE f.video_id = b.video_id
+                                     AND f.frame_id > b.hi AND f.total_faces < %(threshold)s) END - 1 AS last_id
     FROM b
+    WHERE whole OR video_id = ANY(%(hot)s::text[]) OR EXISTS (SELECT 1 FROM alerts a WHERE a.video_id = b.video_id)
+),
+s AS (  -- first_id 0 / last_id 2^63-1: no bound
+    SELECT video_id, COALESCE(first_id, 0) AS first_id, COALESCE(last_id, 9223372036854775807) AS last_id FROM w
+),
+m AS (  -- a stretch starting past every earlier one's end starts an island of overlapping stretches
+    SELECT *, CASE WHEN first_id > COALESCE(max(last_id) OVER (PARTITION BY video_id ORDER BY first_id, last_id
+                                                               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), -1)
+                   THEN 1 ELSE 0 END AS starts
+    FROM s
+),
+i AS (
+    SELECT *, sum(starts) OVER (PARTITION BY video_id ORDER BY first_id, last_id) AS island FROM m
 )
-SELECT video_id,
-       CASE WHEN NOT whole THEN (SELECT max(f.frame_id) FROM frames f WHERE f.video_id = w.video_id
-                                 AND f.frame_id < w.lo AND f.total_faces < %(threshold)s) END AS after_id,
-       CASE WHEN NOT whole THEN (SELECT min(f.frame_id) FROM frames f WHERE f.video_id = w.video_id
-                                 AND f.frame_id > w.hi AND f.total_faces < %(threshold)s) END AS before_id
-FROM w
+SELECT video_id, island, min(first_id) AS first_id, max(last_id) AS last_id FROM i GROUP BY video_id, island
 """
 
 _EPISODES_SQL = """
 CREATE TEMP TABLE crowd_alert_episodes AS
 WITH f AS (  -- an index range scan per stretch: as a plain join (or a LATERAL the planner pulls up: OFFSET 0 keeps
             -- it) the planner merged the whole frames index with the stretches, reading every frame of the table
-    SELECT f.video_id, f.frame_id, f.frame_ts_ms, f.total_faces, f.total_faces >= %(threshold)s AS hot,
-           row_number() OVER (PARTITION BY f.video_id ORDER BY f.frame_id) AS rn
+    SELECT f.video_id, w.island, f.frame_id, f.frame_ts_ms, f.total_faces, f.total_faces >= %(threshold)s AS hot,
+           row_number() OVER (PARTITION BY f.video_id, w.island ORDER BY f.frame_id) AS rn
     FROM crowd_alert_windows w
     CROSS JOIN LATERAL (
         SELECT * FROM frames f
-        WHERE f.video_id = w.video_id
-          AND f.frame_id > COALESCE(w.after_id, -1) AND f.frame_id < COALESCE(w.before_id, 9223372036854775807)
+        WHERE f.video_id = w.video_id AND f.frame_id BETWEEN w.first_id AND w.last_id
         OFFSET 0
     ) f
 ),
 h AS (
     SELECT video_id, frame_id, frame_ts_ms, total_faces,
-           rn - row_number() OVER (PARTITION BY video_id ORDER BY frame_id) AS grp
+           island, rn - row_number() OVER (PARTITION BY video_id, island ORDER BY frame_id) AS grp
     FROM f WHERE hot
 )
 SELECT video_id,
@@ -109,7 +146,7 @@ SELECT video_id,
        max(frame_id) AS ended_frame_id, max(frame_ts_ms) AS ended_ts_ms,
        max(total_faces) AS peak_count,
        (array_agg(frame_id ORDER BY total_faces DESC, frame_id))[1] AS peak_frame_id
-FROM h GROUP BY video_id, grp
+FROM h GROUP BY video_id, island, grp
 HAVING max(frame_ts_ms) - min(frame_ts_ms) >= %(min_duration_ms)s
 """
 
@@ -121,8 +158,7 @@ SELECT a.id, a.video_id, m.episode,
        row_number() OVER (PARTITION BY a.video_id, m.episode ORDER BY a.id) AS k
 FROM crowd_alert_windows w
 JOIN alerts a ON a.video_id = w.video_id
-    AND COALESCE(a.ended_frame_id, a.started_frame_id) > COALESCE(w.after_id, -1)
-    AND a.started_frame_id < COALESCE(w.before_id, 9223372036854775807)
+    AND COALESCE(a.ended_frame_id, a.started_frame_id) >= w.first_id AND a.started_frame_id <= w.last_id
 LEFT JOIN LATERAL (
     SELECT e.started_frame_id AS episode FROM crowd_alert_episodes e
     WHERE e.video_id = a.video_id AND e.started_frame_id <= COALESCE(a.ended_frame_id, a.started_frame_id)
@@ -208,32 +244,37 @@ def update_alerts(
 ) -> AlertChanges:
     """Make the ``alerts`` rows the episodes the stored frames show, after the batch wrote the frames
     ``frame_keys`` (``(video_id, frame_id)``); run it inside the batch transaction. Only videos in
-    ``hot_video_ids`` (a frame at the threshold in the batch) or with alert rows are recomputed (frames below the
-    threshold alone cannot make an episode), and of those only the stretch the batch's frames can change (see
-    ``_WINDOWS_SQL``).
+    ``hot_video_ids`` (a frame at the threshold in the batch), with alert rows, or whose rows were not made under
+    ``rule`` are recomputed (frames below the threshold alone cannot make an episode), and of those only the
+    stretches the batch's frames can change, unless the rule is new to the video (see ``_WINDOWS_SQL``).
 
     The result depends on the frames stored, not on the order they came in: rows one episode turned out to span are
     merged into the oldest, a row whose frames no longer make an episode is deleted. Changed rows get the next
     revision and deleted rows a withdrawal, both pending in the outbox for :func:`publish_pending_alerts`.
     """
-    ranges: dict[str, tuple[int, int]] = {}
+    clusters: list[tuple[str, int, int]] = []  # (video_id, lo, hi): the batch's frame ids of a video, in clusters
+    by_video: dict[str, list[int]] = {}
     for video_id, frame_id in frame_keys:
-        lo, hi = ranges.get(video_id, (frame_id, frame_id))
-        ranges[video_id] = (min(lo, frame_id), max(hi, frame_id))
-    if not hot_video_ids and not (
-        ranges
-        and conn.execute("SELECT EXISTS (SELECT 1 FROM alerts WHERE video_id = ANY(%s))", (list(ranges),)).fetchone()[0]
-    ):
-        return AlertChanges()  # the common batch: nothing that could make or change an episode (no scratch tables)
-    videos = sorted(ranges)
+        by_video.setdefault(video_id, []).append(frame_id)
+    for video_id, ids in sorted(by_video.items()):
+        ids.sort()
+        lo = ids[0]
+        for previous, frame_id in zip(ids, ids[1:], strict=False):
+            if frame_id - previous > CLUSTER_GAP:
+                clusters.append((video_id, lo, previous))
+                lo = frame_id
+        clusters.append((video_id, lo, ids[-1]))
     params = {
         "threshold": rule.threshold,
         "min_duration_ms": rule.min_duration_ms,
-        "videos": videos,
-        "lows": [ranges[v][0] for v in videos],
-        "highs": [ranges[v][1] for v in videos],
+        "videos": [c[0] for c in clusters],
+        "lows": [c[1] for c in clusters],
+        "highs": [c[2] for c in clusters],
         "hot": sorted(hot_video_ids),
+        "batch_videos": sorted(by_video),
     }
+    if not hot_video_ids and not (by_video and conn.execute(_ANY_TO_RECOMPUTE_SQL, params).fetchone()[0]):
+        return AlertChanges()  # the common batch: nothing that could make or change an episode (no scratch tables)
     with conn.transaction():  # a savepoint inside the batch's transaction: the scratch tables go with an error too
         conn.execute(_WINDOWS_SQL, params)
         conn.execute("ANALYZE crowd_alert_windows")  # its few rows, not 1,070 guessed: the plan, and no JIT compile
@@ -242,6 +283,7 @@ def update_alerts(
         merged, ended, withdrawn = conn.execute(_DROP_SQL).fetchone()
         updated = conn.execute(_UPDATE_SQL, params).rowcount
         inserted = conn.execute(_INSERT_SQL, params).rowcount
+        conn.execute(_RULE_APPLIED_SQL, params)
         conn.execute("DROP TABLE crowd_alert_windows, crowd_alert_episodes, crowd_alert_matches")
     changes = AlertChanges(int(inserted), int(updated), int(merged), int(ended), int(withdrawn))
     if merged or ended or updated:

@@ -37,7 +37,7 @@ import psycopg
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from crowd import storage
-from crowd.alerts import AlertChanges, AlertRule, publish_pending_alerts, update_alerts
+from crowd.alerts import FORGET_RULE_SQL, AlertChanges, AlertRule, publish_pending_alerts, update_alerts
 from crowd.messages import FaceMessage, MessageError
 
 log = logging.getLogger(__name__)
@@ -301,6 +301,8 @@ def write_batch(
         )
         if alert_rule is not None:
             alerts = update_alerts(conn, batch.frames.keys(), alert_rule, batch.hot_videos)
+        elif batch.frames:  # stored without the rule: a later batch with alerts on recomputes these videos whole
+            cur.execute(FORGET_RULE_SQL, (sorted({vid for vid, _ in batch.frames}),))
     return len(batch.frames), n_faces, alerts
 
 

@@ -450,6 +450,17 @@ MIGRATIONS: tuple[Migration, ...] = (
         "video_stats: each video's statistics kept by triggers on frames (video_summary no longer aggregates frames)",
         _VIDEO_STATS_SQL,
     ),
+    Migration(
+        12,
+        "alert_rule_applied: the alert rule each video's rows follow (a batch recomputes a stretch only under it)",
+        """
+        CREATE TABLE alert_rule_applied (
+            video_id        text PRIMARY KEY,
+            threshold       integer NOT NULL,
+            min_duration_ms double precision NOT NULL
+        );
+        """,
+    ),
 )
 
 _BOOTSTRAP_SQL = """

@@ -1083,6 +1083,86 @@ def test_rows_made_under_another_rule_are_recomputed_whole(faces_topic: str, pg_
     assert rows == [(200, 239, 8)]  # the crowd of 7 faces at 10-39 is none under a threshold of 8
 
 
+def _episodes_of_stored_frames(rule: AlertRule) -> list[tuple[str, int, int, int]]:
+    """(video_id, first frame, last frame, peak) of every episode of the stored frames, computed here from scratch."""
+    with pg() as conn:
+        frames = conn.execute(
+            "SELECT video_id, frame_id, frame_ts_ms, total_faces FROM frames ORDER BY 1, 2"
+        ).fetchall()
+    episodes, run = [], []
+    for i, (video, frame_id, ts, faces) in enumerate(frames):
+        if faces >= rule.threshold:
+            run.append((frame_id, ts, faces))
+        if run and (faces < rule.threshold or i + 1 == len(frames) or frames[i + 1][0] != video):
+            if max(r[1] for r in run) - min(r[1] for r in run) >= rule.min_duration_ms:
+                episodes.append((video, run[0][0], run[-1][0], max(r[2] for r in run)))
+            run = []
+    return episodes
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_after_every_batch_the_alert_rows_are_the_episodes_of_every_stored_frame(
+    faces_topic: str, pg_schema: str, seed: int
+) -> None:
+    """Batches recompute stretches, not videos: after each one the rows must still equal the episodes of all stored
+    frames, whatever the batches hold (two videos, frames far apart in one batch, crowds growing, splitting and
+    ending as frames are replaced with other counts)."""
+    rng = random.Random(seed)
+    rule = AlertRule(threshold=5, min_duration_s=0.5)
+    for _ in range(6):
+        batch = {}
+        for _ in range(rng.randint(1, 4)):  # a few runs of frames, anywhere in two videos of ~6,000 frame ids
+            video, start = rng.choice(["video-p", "video-q"]), rng.randrange(0, 6000)
+            faces = rng.choice([1, 7])
+            for frame_id in range(start, start + rng.randint(1, 80)):
+                batch[video, frame_id] = faces if rng.random() > 0.1 else 8 - faces
+        publish_frames(faces_topic, [frame_dict(v, f, n) for (v, f), n in batch.items()])
+        quick_drain(faces_topic, batch_size=1000, alert_rule=rule, idle_timeout_s=2)
+        with pg() as conn:
+            rows = conn.execute(
+                "SELECT video_id, started_frame_id, ended_frame_id, peak_count FROM alerts ORDER BY 1, 2"
+            ).fetchall()
+        assert rows == _episodes_of_stored_frames(rule)
+
+
+def test_a_changed_rule_recomputes_a_video_without_alert_rows_whole(faces_topic: str, pg_schema: str) -> None:
+    """A crowd too short under the old minimum duration is an alert under the new one: the video had no rows, so
+    nothing told a batch far from it that the rule had changed (the stretch alone was recomputed)."""
+    publish_frames(faces_topic, [frame_dict("video-n", i, n) for i, n in _crowd(range(100), range(10, 15))])
+    quick_drain(faces_topic, batch_size=1000, alert_rule=AlertRule(threshold=5, min_duration_s=2.0))
+    assert scalar("SELECT count(*) FROM alerts") == 0  # 0.4 s: too short
+    publish_frames(faces_topic, [frame_dict("video-n", i, 7) for i in range(200, 240)])
+    quick_drain(faces_topic, batch_size=1000, alert_rule=AlertRule(threshold=5, min_duration_s=0.0))
+    with pg() as conn:
+        rows = conn.execute("SELECT started_frame_id, ended_frame_id FROM alerts ORDER BY 1").fetchall()
+    assert rows == [(10, 14), (200, 239)]
+
+
+def test_frames_stored_while_alerts_were_off_are_seen_when_they_are_on_again(faces_topic: str, pg_schema: str) -> None:
+    rule = AlertRule(threshold=5, min_duration_s=2.0)
+    publish_frames(faces_topic, [frame_dict("video-o", i, 1) for i in range(100)])
+    quick_drain(faces_topic, batch_size=1000, alert_rule=rule)
+    publish_frames(faces_topic, [frame_dict("video-o", i, 7 if i < 140 else 1) for i in range(100, 141)])
+    quick_drain(faces_topic, batch_size=1000, alert_rule=None)  # alerts off (CROWD_ALERT_THRESHOLD=0)
+    publish_frames(faces_topic, [frame_dict("video-o", i, 1) for i in range(300, 310)])  # far away, no crowd
+    quick_drain(faces_topic, batch_size=1000, alert_rule=rule)
+    with pg() as conn:
+        rows = conn.execute("SELECT started_frame_id, ended_frame_id FROM alerts ORDER BY 1").fetchall()
+    assert rows == [(100, 139)]
+
+
+def test_the_last_frame_id_there_is_can_be_an_alert(faces_topic: str, pg_schema: str) -> None:
+    """2^63-1 stood for "no bound" in the stretch's query: a crowd ending on that frame id lost its last frame."""
+    last = 2**63 - 1
+    frames = [frame_dict("video-max", f, 7) for f in range(last - 4, last + 1)]
+    for i, message in enumerate(frames):
+        message["frame_ts_ms"] = 1000.0 * i
+    publish_frames(faces_topic, frames)
+    quick_drain(faces_topic, batch_size=1000, alert_rule=AlertRule(threshold=5, min_duration_s=1.0))
+    with pg() as conn:
+        assert conn.execute("SELECT started_frame_id, ended_frame_id FROM alerts").fetchall() == [(last - 4, last)]
+
+
 def test_an_alert_whose_times_alone_change_is_a_new_revision(faces_topic: str, pg_schema: str, kafka_admin) -> None:
     """The same frames published again with other timestamps (a re-run after a timing fix, another frame rate):
     the row kept its old times and revision (only frame ids and counts were compared), and nothing was sent."""
