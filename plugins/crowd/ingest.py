@@ -453,49 +453,52 @@ def drain(
             log.warning("another drain of %s for group %s is running; nothing to do", topic, group_id)
             summary.stopped_because = "another drain is running"
             return summary
-        conn.execute(_STAGING_SQL)
-        conn.commit()
-        if alert_rule is not None and alerts_topic:
-            _publish_alerts(conn, kafka_conn_id, alerts_topic, summary)
-
-        consumer = manual_commit_consumer(kafka_conn_id, group_id=group_id, fetch_wait_max_ms=100)
         try:
-            partitions = _partitions(consumer, topic)
-            summary.topic_id = topic_id(kafka_conn_id, topic)
-            offsets = stored_offsets(conn, group_id, topic, summary.topic_id)
-            consumer.assign([TopicPartition(topic, p, offsets.get(p, OFFSET_BEGINNING)) for p in partitions])
-            log.info(
-                "draining %s (%d partitions) for group %s from stored offsets %s",
-                topic,
-                len(partitions),
-                group_id,
-                {p: offsets.get(p, "beginning") for p in partitions},
-            )
-            summary.next_offsets = dict(offsets)
-            # a partition never stored expects offset 0: a log starting past it lost its first messages
-            _record_deleted_ranges(consumer, conn, summary, {p: offsets.get(p, 0) for p in partitions})
-            _run(
-                consumer,
-                conn,
-                summary,
-                partitions,
-                batch_size=batch_size,
-                max_batches=max_batches,
-                deadline=None if max_seconds is None else started + max_seconds,
-                idle_timeout_s=idle_timeout_s,
-                linger_s=linger_s,
-                batch_wait_s=batch_wait_s,
-                max_batch_bytes=max_batch_bytes,
-                alert_rule=alert_rule,
-                alerts_topic=alerts_topic,
-                kafka_conn_id=kafka_conn_id,
-                commit_to_kafka=commit_to_kafka,
-                log_every_s=log_every_s,
-                started=started,
-            )
-            summary.lag_left, summary.lag_known = _lag(consumer, topic, summary.next_offsets, partitions)
+            conn.execute(_STAGING_SQL)
+            conn.commit()
+            if alert_rule is not None and alerts_topic:
+                _publish_alerts(conn, kafka_conn_id, alerts_topic, summary)
+
+            consumer = manual_commit_consumer(kafka_conn_id, group_id=group_id, fetch_wait_max_ms=100)
+            try:
+                partitions = _partitions(consumer, topic)
+                summary.topic_id = topic_id(kafka_conn_id, topic)
+                offsets = stored_offsets(conn, group_id, topic, summary.topic_id)
+                consumer.assign([TopicPartition(topic, p, offsets.get(p, OFFSET_BEGINNING)) for p in partitions])
+                log.info(
+                    "draining %s (%d partitions) for group %s from stored offsets %s",
+                    topic,
+                    len(partitions),
+                    group_id,
+                    {p: offsets.get(p, "beginning") for p in partitions},
+                )
+                summary.next_offsets = dict(offsets)
+                # a partition never stored expects offset 0: a log starting past it lost its first messages
+                _record_deleted_ranges(consumer, conn, summary, {p: offsets.get(p, 0) for p in partitions})
+                _run(
+                    consumer,
+                    conn,
+                    summary,
+                    partitions,
+                    batch_size=batch_size,
+                    max_batches=max_batches,
+                    deadline=None if max_seconds is None else started + max_seconds,
+                    idle_timeout_s=idle_timeout_s,
+                    linger_s=linger_s,
+                    batch_wait_s=batch_wait_s,
+                    max_batch_bytes=max_batch_bytes,
+                    alert_rule=alert_rule,
+                    alerts_topic=alerts_topic,
+                    kafka_conn_id=kafka_conn_id,
+                    commit_to_kafka=commit_to_kafka,
+                    log_every_s=log_every_s,
+                    started=started,
+                )
+                summary.lag_left, summary.lag_known = _lag(consumer, topic, summary.next_offsets, partitions)
+            finally:
+                consumer.close()
         finally:
-            consumer.close()
+            _release_drain_lock(conn, group_id, topic)
     summary.seconds = time.monotonic() - started
     log.info(
         "drain of %s done (%s): %d messages, %d frames, %d faces, %d rejected, %d batches, %d new alerts, "
@@ -523,6 +526,23 @@ def drain(
             "the records up to the next readable batch (kafka-delete-records.sh); the next drain goes on from there"
         )
     return summary
+
+
+def _release_drain_lock(conn: psycopg.Connection, group_id: str, topic: str) -> None:
+    """Release the drain's session lock before the connection closes.
+
+    Closing a connection does not wait for the server to end the session, and the lock lives until it does: the
+    next drain started at once (a retry, the next run) found it still held and failed "another drain holds its
+    lock". An unlock takes effect at once whatever becomes of its transaction, so pending work is left to the
+    connection's exit (committed after success, rolled back after an error). A broken connection's session ends
+    on the server anyway, so a failure here is only logged.
+    """
+    try:
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            conn.rollback()  # the failed transaction is rolled back at exit anyway
+        conn.execute(f"SELECT pg_advisory_unlock({DRAIN_LOCK_KEY_SQL})", (group_id, topic))
+    except psycopg.Error as error:
+        log.info("drain lock of %s for group %s left to the session's end (%s)", topic, group_id, error)
 
 
 def _run(

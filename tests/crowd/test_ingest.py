@@ -718,6 +718,40 @@ def test_a_second_drain_of_the_same_group_backs_off(faces_topic: str, pg_schema:
     assert summary.stopped_because == "another drain is running" and summary.messages == 0
 
 
+def test_a_drain_releases_its_lock_before_its_connection_closes(
+    faces_topic: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A closed connection's session (and its lock) ends on the server a moment later: a retry started at once
+    found the lock held ("another drain holds its lock", seen in CI). The drain gives the lock back itself, also when
+    it fails."""
+    import crowd.ingest
+    import crowd.storage
+
+    publish_frames(faces_topic, [frame_dict("video-l3", 0, 1)])
+    lock_free_at_close: list[bool] = []
+    real_connect = crowd.storage.connect
+
+    def connect(*args, **kwargs):
+        conn = real_connect(*args, **kwargs)
+        real_close = conn.close
+
+        def close() -> None:
+            with pg() as other:
+                free = other.execute(f"SELECT pg_try_advisory_lock({DRAIN_LOCK_KEY_SQL})", (GROUP, faces_topic))
+                lock_free_at_close.append(free.fetchone()[0])
+            real_close()
+
+        conn.close = close  # type: ignore[method-assign]
+        return conn
+
+    monkeypatch.setattr(crowd.storage, "connect", connect)
+    assert quick_drain(faces_topic).messages == 1
+    monkeypatch.setattr(crowd.ingest, "_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("mid-drain")))
+    with pytest.raises(RuntimeError, match="mid-drain"):
+        quick_drain(faces_topic)
+    assert lock_free_at_close == [True, True]
+
+
 def test_a_drain_of_another_group_and_topic_is_not_held_by_one_that_spells_alike(
     faces_topic: str, pg_schema: str
 ) -> None:
