@@ -59,14 +59,17 @@ class AlertRule:
 #: Frame ids of one video in a batch closer than this are one cluster, with one stretch (see ``_WINDOWS_SQL``).
 CLUSTER_GAP = 1000
 
+
+# SQL condition: the rows of the video ``b.video_id`` were not made under this rule (``alert_rule_applied``).
+_ROWS_NOT_UNDER_THIS_RULE_SQL = """NOT EXISTS (SELECT 1 FROM alert_rule_applied r WHERE r.video_id = b.video_id
+                       AND r.threshold = %(threshold)s AND r.min_duration_ms = %(min_duration_ms)s)"""
+
 # Whether a batch without a frame at the threshold can change a row: its videos have rows, or rows not made under
 # this rule (the rule changed, a new video, frames stored while alerts were off).
-_ANY_TO_RECOMPUTE_SQL = """
+_ANY_TO_RECOMPUTE_SQL = f"""
 SELECT EXISTS (SELECT 1 FROM alerts WHERE video_id = ANY(%(batch_videos)s::text[]))
-    OR EXISTS (SELECT 1 FROM unnest(%(batch_videos)s::text[]) v
-               WHERE NOT EXISTS (SELECT 1 FROM alert_rule_applied r WHERE r.video_id = v
-                                 AND r.threshold = %(threshold)s AND r.min_duration_ms = %(min_duration_ms)s))
-"""
+    OR EXISTS (SELECT 1 FROM unnest(%(batch_videos)s::text[]) AS b(video_id) WHERE {_ROWS_NOT_UNDER_THIS_RULE_SQL})
+"""  # noqa: S608 - fixed fragments of this module, no input
 
 # The rule the recomputed videos' rows now follow.
 _RULE_APPLIED_SQL = """
@@ -90,13 +93,11 @@ FORGET_RULE_SQL = "DELETE FROM alert_rule_applied WHERE video_id = ANY(%s::text[
 # rows, or whose rows were not made under this rule (``alert_rule_applied``: a new video, the threshold or minimum
 # duration changed, frames stored while alerts were off) are recomputed, the last ones whole. Before session 20
 # every batch recomputed whole videos: a long video or live source with one alert paid a pass over all its frames
-# per batch. Bounds are inclusive (after_id + 1, before_id - 1): frame id 2^63-1 is a frame like any other.
-_WINDOWS_SQL = """
+# per batch. Bounds are inclusive (first_id, last_id): frame id 2^63-1 is a frame like any other.
+_WINDOWS_SQL = f"""
 CREATE TEMP TABLE crowd_alert_windows AS
 WITH b AS (
-    SELECT video_id, lo, hi,
-           NOT EXISTS (SELECT 1 FROM alert_rule_applied r WHERE r.video_id = b.video_id
-                       AND r.threshold = %(threshold)s AND r.min_duration_ms = %(min_duration_ms)s) AS whole
+    SELECT video_id, lo, hi, {_ROWS_NOT_UNDER_THIS_RULE_SQL} AS whole
     FROM unnest(%(videos)s::text[], %(lows)s::bigint[], %(highs)s::bigint[]) AS b(video_id, lo, hi)
 ),
 w AS (
@@ -121,7 +122,7 @@ i AS (
     SELECT *, sum(starts) OVER (PARTITION BY video_id ORDER BY first_id, last_id) AS island FROM m
 )
 SELECT video_id, island, min(first_id) AS first_id, max(last_id) AS last_id FROM i GROUP BY video_id, island
-"""
+"""  # noqa: S608 - fixed fragments of this module, no input
 
 _EPISODES_SQL = """
 CREATE TEMP TABLE crowd_alert_episodes AS

@@ -1087,7 +1087,9 @@ def test_a_batch_recomputes_only_the_stretch_its_frames_can_change(faces_topic: 
     with pg() as conn:
         before = conn.execute("SELECT id, started_frame_id, ended_frame_id, revision FROM alerts ORDER BY 2").fetchall()
     assert [row[1:] for row in before] == [(10, 39, 1), (200, 239, 1)]
-    with pg() as conn:  # frame 450, and 500-539 with a crowd, written without the rule (a drain with alerts off)
+    # frame 450, and 500-539 with a crowd, written by hand: a writer outside the drain, which the rule never saw (a
+    # drain with alerts off would forget the video's rule, and the next batch would recompute it whole)
+    with pg() as conn:
         conn.execute(
             "INSERT INTO frames (video_id, frame_id, frame_ts_ms, total_faces, model, frame_width, frame_height,"
             " source) SELECT 'video-long', i, i * 100.0, CASE WHEN i < 500 THEN 1 ELSE 7 END, 'm', 640, 480, 's'"
