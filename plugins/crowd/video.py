@@ -876,7 +876,8 @@ class FrameReader:
             pos = 0  # decode index of the frame the next grab() gives
             landing: float | None = None  # after a seek: the time of frame 0, to check where the seek landed
             if first > 0 and self.info.constant_rate and not self.info.is_live and cap.grab():
-                landing = self._ms(cap) or 0.0
+                ms = self._ms(cap) or 0.0
+                landing = ms - self._undecodable_start(ms) * 1000.0 / self.info.fps
                 cap.set(cv2.CAP_PROP_POS_FRAMES, float(first))
                 pos = first
             elif first > 0 and not self.info.is_live:
@@ -889,18 +890,27 @@ class FrameReader:
             last_ms: float | None = None  # time of the last frame grabbed
             gap_ms = 1000.0 / fps  # between the last two frames grabbed
             while target < self.stop and not self._stop_event.is_set():
-                if not cap.grab():
-                    self._put(self._early_end(pos, last_ms, gap_ms))
-                    return
-                ms = self._ms(cap)
-                if landing is not None:
-                    if not self._landed_at(pos, None if ms is None else ms - landing):
+                grabbed = cap.grab()
+                ms = self._ms(cap) if grabbed else None
+                if landing is not None:  # the first grab after a seek: was it the frame asked for?
+                    if not (grabbed and self._landed_at(pos, None if ms is None else ms - landing)):
+                        if not grabbed:  # a file starting without a keyframe can make the seek itself fail
+                            logger.warning("%s: seeking to frame %d gave no frame: reading from the start instead",
+                                           self.source, pos)  # fmt: skip
                         cap.release()  # read from the start instead: slower, but the right frames
                         cap, pos, last_ms, landing = self._open(), 0, None, None
                         if cap is None:
                             return
                         continue
                     landing = None
+                if not grabbed:
+                    self._put(self._early_end(pos, last_ms, gap_ms))
+                    return
+                if pos == 0 and ms is not None and (skipped := self._undecodable_start(ms)):
+                    pos = skipped  # the decoder gave the first frame it could decode: number frames by their time
+                    target = max(target, -(-pos // self.frame_interval) * self.frame_interval)
+                    if target >= self.stop:
+                        return
                 if ms is not None and last_ms is not None and ms > last_ms:
                     gap_ms = ms - last_ms
                 last_ms = ms if ms is not None else last_ms
@@ -938,6 +948,26 @@ class FrameReader:
             return None
         ms = float(cap.get(cv2.CAP_PROP_POS_MSEC))
         return ms if ms > 0 else None  # frame 0 is at 0 either way
+
+    def _undecodable_start(self, first_ms: float) -> int:
+        """How many frames the decoder left out before its first frame, at ``first_ms`` (0 for a whole video).
+
+        A file cut out of a longer recording without re-encoding can start with frames that refer to frames before
+        the cut (no keyframe first): H.264 decoders drop them and begin at the first keyframe, whose time says how
+        many were dropped. Those frames are lost with the cut; the rest are numbered as the index lists them (the
+        first decodable one is not frame 0), so a range or a part still reads the frames it names. Only for a
+        constant frame rate, where a frame's time gives its number.
+        """
+        if self.info.is_live or not self.info.constant_rate:
+            return 0
+        skipped = round(first_ms * self.info.fps / 1000.0)
+        if skipped > 0:
+            logger.warning(
+                "%s: the first %d frames cannot be decoded (the file starts without a keyframe, e.g. cut from a "
+                "longer recording, or its first frames are damaged); they are left out, reading from frame %d at %.3f s",
+                self.source, skipped, skipped, first_ms / 1000.0,
+            )  # fmt: skip
+        return max(0, skipped)
 
     def _landed_at(self, first: int, ms_after_frame0: float | None) -> bool:
         """True if the frame a seek to ``first`` gave is frame ``first``; else log why the range walks instead."""

@@ -227,11 +227,13 @@ def write_numbered(
     gop: int = 30,
     b_frames: int | None = None,
     movflags: str | None = None,
+    scene_cuts: bool = True,
 ) -> Path:
     """Encode with FFmpeg (PyAV) one frame per entry of ``pts_ms``, shown at that time (ms): frame i shows i as
     the stripes :func:`frame_index` reads. Uneven ``pts_ms`` make a variable-frame-rate video; ``fmt`` picks the
     container (``"matroska"``, or ``"h264"``: a raw stream, which has no timestamps). Keyframe every ``gop``;
-    ``b_frames`` for libx264 (its default: 3); ``movflags`` for the MP4 muxer (``"frag_keyframe"``: fragmented).
+    ``b_frames`` for libx264 (its default: 3); ``scene_cuts=False``: keyframes only every ``gop`` (libx264 adds
+    one where the picture changes a lot); ``movflags`` for the MP4 muxer (``"frag_keyframe"``: fragmented).
     """
     import fractions
 
@@ -242,6 +244,8 @@ def write_numbered(
     codec_options = {"g": str(gop)} if codec == "libx264" else {}
     if b_frames is not None:
         codec_options["bf"] = str(b_frames)
+    if not scene_cuts:
+        codec_options["sc_threshold"] = "0"
     with av.open(str(path), "w", format=fmt, options={"movflags": movflags} if movflags else {}) as out:
         stream = out.add_stream(codec, rate=30, options=codec_options)
         stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
@@ -271,6 +275,22 @@ def trim_mp4(src: Path, dst: Path, skip_ms: int) -> Path:
                 continue
             packet.pts -= shift
             packet.dts -= shift
+            packet.stream = target
+            out.mux(packet)
+    return dst
+
+
+def drop_leading_packets(src: Path, dst: Path, count: int) -> Path:
+    """Copy the video of ``src`` without its first ``count`` packets, not re-encoded: a recording cut mid-GOP, whose
+    first frames refer to a keyframe that is not in the file."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w", format="mp4") as out:
+        source = inp.streams.video[0]
+        target = out.add_stream_from_template(source)
+        packets = [packet for packet in inp.demux(source) if packet.dts is not None]
+        assert not any(packet.is_keyframe for packet in packets[1 : count + 1]), "cut inside the first GOP"
+        for packet in packets[count:]:
             packet.stream = target
             out.mux(packet)
     return dst

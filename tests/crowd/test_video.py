@@ -38,6 +38,7 @@ from tests.crowd._helpers import (
     CARPHONE,
     call_where_file_modes_apply,
     cut_mp4,
+    drop_leading_packets,
     frame_index,
     read_frames,
     trim_mp4,
@@ -454,6 +455,37 @@ def test_raw_h264_stream_named_mp4_is_read_to_its_end(tmp_path: Path) -> None:
     assert reader.error is None and reader.expected_frames is None
     assert [frame_index(f.image) for f in frames] == [f.frame_id for f in frames] == list(range(0, 80, 10))
     assert [f.ts_ms for f in frames] == [pytest.approx(i * 1000 / info.fps) for i in range(0, 80, 10)]  # nominal
+
+
+def test_an_mp4_cut_without_its_first_keyframe_is_read_from_its_first_decodable_frame(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A recording cut mid-GOP: its first 25 frames refer to a keyframe that is not in the file, and the decoder
+    starts at the next keyframe. The reader numbered that frame 0 (every id 25 off its time) and failed the video as
+    corrupt at frame 60 of 85, at any interval. Now the frames are numbered as the index lists them, the undecodable
+    ones are named in the log, and parts and intervals read the same frames as a whole read."""
+    whole = write_numbered(
+        tmp_path / "whole.mp4", [round(i * 1000 / 30) for i in range(90)], gop=30, b_frames=0, scene_cuts=False
+    )
+    cut = drop_leading_packets(whole, tmp_path / "cut.mp4", 5)  # file frame i shows frame i + 5 of the recording
+    assert probe_video(cut).exact_frame_count == 85
+
+    def read(**kwargs) -> list:
+        reader = FrameReader(cut, **kwargs)
+        frames = list(reader)
+        assert reader.error is None, reader.error
+        assert [frame_index(f.image) for f in frames] == [f.frame_id + 5 for f in frames]
+        assert [f.ts_ms for f in frames] == [pytest.approx(f.frame_id * 1000 / 30, abs=1) for f in frames]
+        return [f.frame_id for f in frames]
+
+    with caplog.at_level("WARNING", logger="crowd.video"):
+        assert read(frame_interval=1) == list(range(25, 85))
+    assert "the first 25 frames cannot be decoded" in caplog.text
+    assert read(frame_interval=10) == list(range(30, 85, 10))
+    assert read(frame_interval=1, frame_range=(0, 40)) + read(frame_interval=1, frame_range=(40, None)) == list(
+        range(25, 85)
+    )
+    assert read(frame_interval=1, frame_range=(0, 20)) == []  # a part wholly before the first keyframe
 
 
 def test_truncated_h264_mp4_still_reports_where_it_stopped(tmp_path: Path) -> None:
