@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import csv
 import io
@@ -182,6 +183,12 @@ class VideoSummary(BaseModel):
     run_id: str | None = Field(None, description="the Airflow DAG run that owns the status (its task logs say more)")
 
 
+_NEXT_DESCRIPTION = (
+    "pass as `after` for the next page (null: this is the last one); pages read that way neither skip nor repeat "
+    "items while new ones arrive at the top, which offsets do"
+)
+
+
 class VideoList(BaseModel):
     """A page of videos, newest first."""
 
@@ -189,6 +196,7 @@ class VideoList(BaseModel):
     total: int
     limit: int
     offset: int
+    next: str | None = Field(None, description=_NEXT_DESCRIPTION)
 
 
 class FrameCount(BaseModel):
@@ -282,12 +290,13 @@ class AlertItem(BaseModel):
 
 
 class AlertList(BaseModel):
-    """A page of crowd alerts, newest first."""
+    """A page of crowd alerts, newest first (by when each was first seen)."""
 
     items: list[AlertItem]
     total: int
     limit: int
     offset: int
+    next: str | None = Field(None, description=_NEXT_DESCRIPTION)
 
 
 class ReceiverHealth(BaseModel):
@@ -558,6 +567,42 @@ def _rows(conn: Any, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) ->
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
+def _cursor(at: datetime | None, key: str | int) -> str:
+    """The opaque ``next`` of a page: the sort key of its last item (see :func:`_after`)."""
+    raw = json.dumps([None if at is None else at.isoformat(), key], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _after(cursor: str | None, offset: int, key_type: type) -> dict[str, Any]:
+    """The ``after_at``/``after_id`` query parameters of a ``next`` cursor (both ``None`` without one).
+
+    Raises:
+        HTTPException: 400 for a cursor this API did not give, or one given with an offset.
+    """
+    if cursor is None:
+        return {"after_at": None, "after_id": None}
+    if offset:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "give either after (a page's next) or offset, not both")
+    try:
+        at, key = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        after_at = None if at is None else datetime.fromisoformat(at)
+        if type(key) is not key_type or (after_at is not None and after_at.tzinfo is None):
+            raise ValueError(key)
+    except (ValueError, TypeError) as exc:  # binascii.Error and JSONDecodeError are ValueErrors
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST, f"after={cursor[:40]!r} is not a page's next cursor ({exc.__class__.__name__})"
+        ) from None
+    return {"after_at": after_at, "after_id": key}
+
+
+def _page(rows: list[dict[str, Any]], limit: int, at_column: str, key_column: str) -> tuple[list[dict], str | None]:
+    """The first ``limit`` of ``rows`` (``limit + 1`` asked for) and the cursor of the next page, if there is one."""
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1]
+    return rows[:limit], _cursor(last[at_column], last[key_column])
+
+
 # Every video known from the registry (videos) or from stored frames (frames may arrive before the registry
 # row), with the statistics of the storage's video_summary view (one row per video, kept by triggers on frames).
 _VIDEO_QUERY = """
@@ -572,6 +617,12 @@ LEFT JOIN videos v ON v.id = i.video_id
 LEFT JOIN video_summary s ON s.video_id = i.video_id
 WHERE (%(video_id)s::text IS NULL OR i.video_id = %(video_id)s)
   AND (%(status)s::text IS NULL OR v.status = %(status)s)
+  AND (%(after_id)s::text IS NULL OR CASE
+       WHEN %(after_at)s::timestamptz IS NULL THEN COALESCE(v.created_at, s.first_ingested_at) IS NULL
+                                                   AND i.video_id > %(after_id)s
+       ELSE COALESCE(v.created_at, s.first_ingested_at) IS NULL
+            OR COALESCE(v.created_at, s.first_ingested_at) < %(after_at)s
+            OR (COALESCE(v.created_at, s.first_ingested_at) = %(after_at)s AND i.video_id > %(after_id)s) END)
 ORDER BY COALESCE(v.created_at, s.first_ingested_at) DESC NULLS LAST, i.video_id
 LIMIT %(limit)s OFFSET %(offset)s
 """
@@ -582,7 +633,8 @@ SELECT a.id AS alert_id, a.revision, a.video_id, v.path, a.started_frame_id, a.s
        a.published_at
 FROM alerts a LEFT JOIN videos v ON v.id = a.video_id
 {_ALERT_FILTER}
-ORDER BY a.created_at DESC, a.video_id, a.started_frame_id DESC, a.id DESC
+  AND (%(after_id)s::bigint IS NULL OR (a.created_at, a.id) < (%(after_at)s::timestamptz, %(after_id)s))
+ORDER BY a.created_at DESC, a.id DESC
 LIMIT %(limit)s OFFSET %(offset)s
 """  # noqa: S608 - a fixed filter; values are parameters
 _ALERT_COUNT = f"SELECT count(*) AS n FROM alerts a {_ALERT_FILTER}"  # noqa: S608
@@ -988,7 +1040,8 @@ def _spreadsheet_safe(value: Any) -> Any:
 
 def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -> None:
     def one_video(conn: Any, video_id: str) -> dict[str, Any]:
-        rows = _rows(conn, _VIDEO_QUERY, {"video_id": video_id, "status": None, "limit": 1, "offset": 0})
+        params = {"video_id": video_id, "status": None, "limit": 1, "offset": 0, "after_at": None, "after_id": None}
+        rows = _rows(conn, _VIDEO_QUERY, params)
         if not rows:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no video with id {video_id!r}")
         return rows[0]
@@ -1004,11 +1057,15 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
         offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
         status_filter: Annotated[str | None, Query(alias="status", max_length=32)] = None,
+        after: Annotated[str | None, Query(max_length=400, description="the `next` of the previous page")] = None,
     ) -> VideoList:
-        params = {"video_id": None, "status": status_filter, "limit": limit, "offset": offset}
+        params = {"video_id": None, "status": status_filter, "limit": limit + 1, "offset": offset}
+        params |= _after(after, offset, str)
         total = _rows(conn, _VIDEO_COUNT, params)[0]["n"]
-        rows = _rows(conn, _VIDEO_QUERY, params)
-        return VideoList(items=[VideoSummary(**r) for r in rows], total=total, limit=limit, offset=offset)
+        rows, next_page = _page(_rows(conn, _VIDEO_QUERY, params), limit, "created_at", "video_id")
+        return VideoList(
+            items=[VideoSummary(**r) for r in rows], total=total, limit=limit, offset=offset, next=next_page
+        )
 
     @app.get("/videos/{video_id}", response_model=VideoSummary, responses=_VIDEO_ERRORS, summary="One video's summary")
     def get_video(video_id: VideoId, conn: Db) -> VideoSummary:
@@ -1182,11 +1239,12 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
         video_id: Annotated[str | None, Query(pattern=VIDEO_ID_PATTERN, description="only this video's alerts")] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
         offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+        after: Annotated[str | None, Query(max_length=400, description="the `next` of the previous page")] = None,
     ) -> AlertList:
-        params = {"video_id": video_id, "limit": limit, "offset": offset}
+        params = {"video_id": video_id, "limit": limit + 1, "offset": offset} | _after(after, offset, int)
         total = _rows(conn, _ALERT_COUNT, params)[0]["n"]
-        rows = _rows(conn, _ALERT_QUERY, params)
-        return AlertList(items=[AlertItem(**r) for r in rows], total=total, limit=limit, offset=offset)
+        rows, next_page = _page(_rows(conn, _ALERT_QUERY, params), limit, "created_at", "alert_id")
+        return AlertList(items=[AlertItem(**r) for r in rows], total=total, limit=limit, offset=offset, next=next_page)
 
     def video_dir(video_id: str) -> Path:
         root = settings_factory().results_dir.resolve()

@@ -706,11 +706,15 @@ def test_alerts_route_returns_the_alerts_table(
     assert mine["total"] == 3 and [a["alert_id"] for a in mine["items"]] == [a["alert_id"] for a in items[3:]]
     page = client.get("/crowd/alerts", params={"limit": 2, "offset": 2}, headers=headers).json()
     assert page["total"] == 6 and page["items"] == items[2:4]
+    assert [len(p) for p in _walk(client, "/crowd/alerts", headers, 4)] == [4, 2]
+    assert [a for p in _walk(client, "/crowd/alerts", headers, 2) for a in p] == items  # by cursor: the same
+    assert [a for p in _walk(client, "/crowd/alerts", headers, 1, video_id=V) for a in p] == mine["items"]
     assert client.get("/crowd/alerts?video_id=seedvideo02", headers=headers).json() == {
         "items": [],
         "total": 0,
         "limit": 100,
         "offset": 0,
+        "next": None,
     }
     assert client.get("/crowd/alerts?video_id=../x", headers=headers).status_code == 422
 
@@ -937,6 +941,76 @@ def test_videos_the_registry_lacks_keep_their_place_while_their_frames_arrive(cl
     assert [v["frames"] for v in after] == [10, 20]
     pages = [client.get(f"/crowd/videos?limit=1&offset={k}", headers=headers).json()["items"] for k in (0, 1)]
     assert [page[0]["video_id"] for page in pages] == ["loose-newer", "loose-older"]
+
+
+def _walk(client: Any, path: str, headers: dict[str, str], limit: int, **params: Any) -> list[list[dict]]:
+    """Every page of ``path``, each asked for with the previous page's ``next``; between pages ``between()``."""
+    between = params.pop("between", lambda: None)
+    pages, after = [], None
+    while True:
+        response = client.get(path, params={**params, "limit": limit, **({"after": after} if after else {})},
+                              headers=headers)  # fmt: skip
+        assert response.status_code == 200, response.text
+        body = response.json()
+        pages.append(body["items"])
+        after = body["next"]
+        if after is None:
+            return pages
+        assert len(pages) < 50, "the cursor does not move on"
+        between()
+
+
+def test_video_pages_read_by_cursor_neither_skip_nor_repeat_while_videos_arrive(client: Any) -> None:
+    """Offset pages of the newest-first list shifted by one at each new video: the next page repeated the last
+    video of the previous one (and an offset page past a deleted row skipped one). ``next`` continues after the
+    last video shown, also among videos registered at the same instant."""
+    from crowd import storage
+
+    def register(video_id: str, created_at: str) -> None:
+        with storage.connect("crowd_postgres") as conn:
+            conn.execute(
+                "INSERT INTO videos (id, path, status, created_at) VALUES (%s, %s, 'done', %s)",
+                (video_id, f"/videos/{video_id}.mp4", created_at),
+            )
+            conn.commit()
+
+    for video_id in ("same-b", "same-a", "same-c"):
+        register(video_id, "2026-01-02 00:00:00+00")  # one instant: ordered by id
+    register("older", "2026-01-01 00:00:00+00")
+    arrivals = iter(["new-1", "new-2", "new-3"])
+    headers = auth(client, "viewer")
+    pages = _walk(
+        client, "/crowd/videos", headers, 1, between=lambda: register(next(arrivals, "new-x"), "2026-06-01 00:00:00+00")
+    )
+    assert [v["video_id"] for page in pages for v in page] == ["same-a", "same-b", "same-c", "older"]
+    first = client.get("/crowd/videos?limit=2", headers=headers).json()["items"]
+    register("new-4", "2026-06-02 00:00:00+00")  # how offsets repeat a video: the cursor's reason to be
+    second = client.get("/crowd/videos?limit=2&offset=2", headers=headers).json()["items"]
+    assert second[0]["video_id"] == first[1]["video_id"] == "new-2"
+    everything = client.get("/crowd/videos?limit=1000", headers=headers).json()
+    assert everything["next"] is None and len(everything["items"]) == everything["total"] == 8
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        pytest.param("after=bm90LWEtY3Vyc29y", id="not-json"),
+        pytest.param("after=WyJ4IiwxXQ", id="bad-time"),
+        pytest.param("after=WyIyMDI2LTAxLTAxVDAwOjAwOjAwIiwieCJd", id="time-without-zone"),
+        pytest.param("after=WzEsMiwzXQ", id="three-values"),
+        pytest.param("after=%25%25", id="not-base64"),
+        pytest.param("after=WyIyMDI2LTAxLTAxVDAwOjAwOjAwKzAwOjAwIiwieCJd&offset=5", id="with-offset"),
+    ],
+)
+def test_a_cursor_the_api_did_not_give_is_a_400(client: Any, query: str) -> None:
+    headers = auth(client, "viewer")
+    for path in ("/crowd/videos", "/crowd/alerts"):
+        response = client.get(f"{path}?{query}", headers=headers)
+        assert response.status_code == 400 and "after" in response.json()["detail"], (path, response.text)
+    assert (
+        client.get("/crowd/videos?after=WyIyMDI2LTAxLTAxVDAwOjAwOjAwKzAwOjAwIiwieCJd", headers=headers).status_code
+        == 200
+    )
 
 
 def test_results_routes_answer_503_without_the_schema(
