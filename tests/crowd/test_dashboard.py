@@ -103,6 +103,45 @@ def test_dashboard_draws_a_long_video_whole(live_server: str) -> None:
     assert peak == f"peak: 9 faces at {80_001 * 33.3 / 1000:.1f} s"  # past frame 60,000: it was dropped
 
 
+def test_dashboard_pages_neither_repeat_nor_skip_videos_while_new_ones_arrive(live_server: str) -> None:
+    """Pages of 200 by offset, newest first: a video registered while one read the first page pushed its last video
+    onto the second page too. "older" now continues after the last video shown, "newer" goes back."""
+    from crowd import storage
+
+    sync_playwright = _browser_or_skip()
+
+    def register(ids: list[str], at: str) -> None:
+        with storage.connect("crowd_postgres") as conn:
+            storage.migrate(conn)
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO videos (id, path, status, created_at) VALUES (%s, %s, 'done', %s::timestamptz)",
+                    [(v, f"/videos/{v}.mp4", at) for v in ids],
+                )
+            conn.commit()
+
+    register([f"pagevideo{i:03d}" for i in range(250)], "2026-01-01 00:00:00+00")
+
+    def shown(page: Any) -> list[str]:
+        return page.locator("#videos tbody tr").evaluate_all("(rows) => rows.map((r) => r.dataset.id)")
+
+    with _dashboard(sync_playwright, live_server) as (page, errors):
+        page.wait_for_selector('#videos tbody tr[data-id="pagevideo000"]', timeout=15_000)
+        first = shown(page)
+        assert page.locator("#videos-shown").inner_text() == "videos 1–200 of 250, newest first"
+        register(["pagevideonew"], "2026-06-01 00:00:00+00")  # a newer video, while the first page is read
+        page.locator("#older").click()
+        page.wait_for_selector('#videos tbody tr[data-id="pagevideo249"]', timeout=15_000)
+        second = shown(page)
+        assert page.locator("#videos-shown").inner_text() == "videos 201–250 of 251, newest first"
+        assert page.locator("#older").is_disabled()
+        page.locator("#newer").click()
+        page.wait_for_selector('#videos tbody tr[data-id="pagevideonew"]', timeout=15_000)
+        assert page.locator("#newer").is_disabled()
+        assert errors == []
+    assert first + second == [f"pagevideo{i:03d}" for i in range(250)]
+
+
 def test_dashboard_without_login_shows_no_data(live_server: str) -> None:
     import urllib.error
     import urllib.request
