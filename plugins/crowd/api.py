@@ -573,8 +573,10 @@ def _cursor(at: datetime | None, key: str | int) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _after(cursor: str | None, offset: int, key_type: type) -> dict[str, Any]:
+def _after(cursor: str | None, offset: int, key_type: type, *, null_at: bool = False) -> dict[str, Any]:
     """The ``after_at``/``after_id`` query parameters of a ``next`` cursor (both ``None`` without one).
+
+    ``null_at``: the list's time may be NULL (a cursor may then hold none).
 
     Raises:
         HTTPException: 400 for a cursor this API did not give, or one given with an offset.
@@ -586,8 +588,10 @@ def _after(cursor: str | None, offset: int, key_type: type) -> dict[str, Any]:
     try:
         at, key = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         after_at = None if at is None else datetime.fromisoformat(at)
-        if type(key) is not key_type or (after_at is not None and after_at.tzinfo is None):
+        if type(key) is not key_type or (after_at.tzinfo is None if after_at is not None else not null_at):
             raise ValueError(key)
+        if isinstance(key, str):
+            key.encode()  # a lone surrogate (JSON "\ud800") cannot go to PostgreSQL: UnicodeEncodeError, a 400
     except (ValueError, TypeError) as exc:  # binascii.Error and JSONDecodeError are ValueErrors
         raise HTTPException(
             status.HTTP_400_BAD_REQUEST, f"after={cursor[:40]!r} is not a page's next cursor ({exc.__class__.__name__})"
@@ -605,25 +609,28 @@ def _page(rows: list[dict[str, Any]], limit: int, at_column: str, key_column: st
 
 # Every video known from the registry (videos) or from stored frames (frames may arrive before the registry
 # row), with the statistics of the storage's video_summary view (one row per video, kept by triggers on frames).
+# Listed by when it became known (listed_at: registered, or its first frame stored, whichever came first): a key
+# that never changes, so a page's cursor holds (a part of a split video can be stored before the part that registers
+# the video, which would move it to the top and out of a walk by cursor).
 _VIDEO_QUERY = """
 WITH ids AS (SELECT id AS video_id FROM videos UNION SELECT video_id FROM video_summary)
 SELECT i.video_id, v.path, v.status, v.error, COALESCE(v.model, s.model) AS model, v.fps, v.frame_count,
        v.width, v.height, COALESCE(v.created_at, s.first_ingested_at) AS created_at, v.updated_at, v.finished_at,
        v.run_id,
        COALESCE(s.frames, 0) AS frames, COALESCE(s.total_faces, 0) AS total_faces, s.max_faces, s.mean_faces,
-       s.peak_frame_id, s.peak_ts_ms
+       s.peak_frame_id, s.peak_ts_ms, LEAST(v.created_at, s.first_ingested_at) AS listed_at
 FROM ids i
 LEFT JOIN videos v ON v.id = i.video_id
 LEFT JOIN video_summary s ON s.video_id = i.video_id
 WHERE (%(video_id)s::text IS NULL OR i.video_id = %(video_id)s)
   AND (%(status)s::text IS NULL OR v.status = %(status)s)
   AND (%(after_id)s::text IS NULL OR CASE
-       WHEN %(after_at)s::timestamptz IS NULL THEN COALESCE(v.created_at, s.first_ingested_at) IS NULL
+       WHEN %(after_at)s::timestamptz IS NULL THEN LEAST(v.created_at, s.first_ingested_at) IS NULL
                                                    AND i.video_id > %(after_id)s
-       ELSE COALESCE(v.created_at, s.first_ingested_at) IS NULL
-            OR COALESCE(v.created_at, s.first_ingested_at) < %(after_at)s
-            OR (COALESCE(v.created_at, s.first_ingested_at) = %(after_at)s AND i.video_id > %(after_id)s) END)
-ORDER BY COALESCE(v.created_at, s.first_ingested_at) DESC NULLS LAST, i.video_id
+       ELSE LEAST(v.created_at, s.first_ingested_at) IS NULL
+            OR LEAST(v.created_at, s.first_ingested_at) < %(after_at)s
+            OR (LEAST(v.created_at, s.first_ingested_at) = %(after_at)s AND i.video_id > %(after_id)s) END)
+ORDER BY LEAST(v.created_at, s.first_ingested_at) DESC NULLS LAST, i.video_id
 LIMIT %(limit)s OFFSET %(offset)s
 """
 _ALERT_FILTER = "WHERE (%(video_id)s::text IS NULL OR a.video_id = %(video_id)s)"
@@ -1060,9 +1067,9 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
         after: Annotated[str | None, Query(max_length=400, description="the `next` of the previous page")] = None,
     ) -> VideoList:
         params = {"video_id": None, "status": status_filter, "limit": limit + 1, "offset": offset}
-        params |= _after(after, offset, str)
+        params |= _after(after, offset, str, null_at=True)
         total = _rows(conn, _VIDEO_COUNT, params)[0]["n"]
-        rows, next_page = _page(_rows(conn, _VIDEO_QUERY, params), limit, "created_at", "video_id")
+        rows, next_page = _page(_rows(conn, _VIDEO_QUERY, params), limit, "listed_at", "video_id")
         return VideoList(
             items=[VideoSummary(**r) for r in rows], total=total, limit=limit, offset=offset, next=next_page
         )
