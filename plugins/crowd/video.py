@@ -132,7 +132,10 @@ def check_name(path: str | os.PathLike[str]) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        shown = os.fsencode(text).decode("utf-8", "backslashreplace")  # the odd bytes as \xNN
+        try:
+            shown = os.fsencode(text).decode("utf-8", "backslashreplace")  # the odd bytes as \xNN
+        except UnicodeEncodeError:  # a lone surrogate that no bytes stand for (JSON "\ud800" in a run's conf)
+            shown = text.encode("utf-8", "backslashreplace").decode("ascii")
         raise BadFileNameError(shown, "its name is not valid UTF-8: rename the file (e.g. with convmv)") from None
     return text
 

@@ -23,6 +23,9 @@ from crowd.config import ConfigError, load_settings
         # the sweep's timetable took it without a word: the DAG imported, no sweep was ever scheduled
         ("CROWD_INGEST_SWEEP_SCHEDULE", "every 15 minutes", "not a cron schedule"),
         ("CROWD_SCAN_SCHEDULE", "* * * *", "not a cron schedule"),  # Airflow's error did not name the variable
+        # a sixth field is seconds to croniter: Quartz's "every 5 minutes" ran the sweep every second
+        ("CROWD_INGEST_SWEEP_SCHEDULE", "0 */5 * * * *", "not a cron schedule"),
+        ("CROWD_SCAN_SCHEDULE", "*/15 * * * * 30 2027", "not a cron schedule"),
         # relative: each Airflow process has its own working directory (different roots in each)
         ("CROWD_VIDEO_ROOTS", "/data/videos:videos", "'videos' is a relative path"),
         ("CROWD_RESULTS_DIR", "results", "is a relative path"),
@@ -75,6 +78,21 @@ def test_schedules_take_cron_presets_and_can_be_turned_off(monkeypatch) -> None:
     monkeypatch.setenv("CROWD_INGEST_SWEEP_SCHEDULE", "@once")
     with pytest.raises(ConfigError, match="CROWD_INGEST_SWEEP_SCHEDULE='@once' is not a cron schedule"):
         load_settings()
+
+
+def test_every_airflow_cron_preset_is_taken_and_the_sweep_runs_on_it(monkeypatch) -> None:
+    """``@quarterly`` is an Airflow preset croniter does not know: it was refused, and the DAG files failed to
+    import."""
+    from airflow.utils.dates import cron_presets
+
+    from crowd.assets import faces_ingest_schedule
+
+    for preset, cron in cron_presets.items():
+        monkeypatch.setenv("CROWD_INGEST_SWEEP_SCHEDULE", preset)
+        settings = load_settings()
+        assert settings.ingest_sweep_schedule == preset
+        timetable = faces_ingest_schedule(settings).timetable
+        assert timetable.expression == cron, (preset, timetable.expression)
 
 
 def test_mtcnn_works_on_frames_of_at_most_1920_pixels_by_default(monkeypatch) -> None:

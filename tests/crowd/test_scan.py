@@ -187,6 +187,10 @@ def test_a_manual_path_that_is_not_utf8_is_refused_with_the_reason(video_root: P
         load_settings().check_video_path(odd)
     with pytest.raises(ConfigError, match="not valid UTF-8"):
         load_settings().check_video_path(str(odd))
+    # a run's JSON conf can spell a lone surrogate, which no file name's bytes decode to: UnicodeEncodeError, and
+    # the task retried on a traceback
+    with pytest.raises(ConfigError, match=r"x\\\\ud800\.mp4' is not valid UTF-8"):
+        load_settings().check_video_path(str(video_root / "x\ud800.mp4"))
 
 
 def test_opening_a_name_that_is_not_utf8_is_a_video_error_not_a_crash(tmp_path: Path) -> None:
