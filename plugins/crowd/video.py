@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import enum
 import hashlib
@@ -45,6 +46,10 @@ MAX_FPS = 1000.0
 MAX_DIMENSION = 8192
 # Frames an MP4 index may list for its timing to be used (77 h at 30 fps; ~0.3 GB of per-frame arrays at most).
 MAX_INDEXED_FRAMES = 1 << 23
+#: The presentation times kept from an MP4 index for its first frames (see ``VideoInfo.head_times_s``).
+HEAD_TIMES = 8192
+#: An MP4 edit list longer than this is not read (the file is read whole, as one without timing).
+MAX_EDITS = 10_000
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 
@@ -163,6 +168,9 @@ class VideoInfo:
     is_live: bool = False
     constant_rate: bool = False
     index_duration_s: float | None = None
+    #: when the first (up to ``HEAD_TIMES``) frames are shown, in seconds from the first, from the MP4 index; ()
+    #: when not read. Names the first frame a decoder gives when the file starts with frames it cannot decode.
+    head_times_s: tuple[float, ...] = dataclasses.field(default=(), repr=False, compare=False)
 
     @property
     def exact_frame_count(self) -> int | None:
@@ -579,6 +587,7 @@ class _Timing:
     duration_s: float  # from the first presented frame to the end of the last one
     constant_rate_at: Callable[[float], bool]  # fps -> is frame n shown at n / fps for every n
     exact: bool = True  # False: counted over several edits, which players join their own way (an estimate)
+    head_s: tuple[float, ...] = ()  # the first HEAD_TIMES frames' times, in seconds from the first
 
 
 def _mp4_timing(moov: bytes) -> _Timing | None:
@@ -639,7 +648,10 @@ def _track_timing(trak: bytes, movie_scale: int) -> _Timing | None:
     if elst:
         wide = elst[0] == 1
         entry = struct.Struct(">Qqi" if wide else ">Iii")  # duration, media time, media rate (16.16)
-        edits = [entry.unpack_from(elst, 8 + i * entry.size) for i in range(struct.unpack_from(">I", elst, 4)[0])]
+        count = struct.unpack_from(">I", elst, 4)[0]
+        if count > MAX_EDITS:  # a cut-editing tool makes a few; a damaged or hostile count would take minutes
+            return None
+        edits = [entry.unpack_from(elst, 8 + i * entry.size) for i in range(count)]
         if any(rate != 0x10000 for _, start, rate in edits if start != -1):
             return None  # a dwell (rate 0) or speed change: frames shown are not the ones listed
         edits = [(length, start) for length, start, _ in edits if start != -1]  # -1: an empty edit (a delay)
@@ -659,7 +671,10 @@ def _track_timing(trak: bytes, movie_scale: int) -> _Timing | None:
         # OpenCV seeks to frame n at time n / fps: exact when every frame is within a quarter frame of it
         return bool(np.abs(seconds * fps - np.arange(len(seconds))).max() <= 0.25)
 
-    return _Timing(frames=len(pts), duration_s=float(end - pts[0]) / scale, constant_rate_at=constant_rate_at)
+    return _Timing(
+        frames=len(pts), duration_s=float(end - pts[0]) / scale, constant_rate_at=constant_rate_at,
+        head_s=tuple(seconds[:HEAD_TIMES].tolist()),
+    )  # fmt: skip
 
 
 def _edited_timing(pts: np.ndarray, edits: list[tuple[int, int]], scale: int, movie_scale: int) -> _Timing:
@@ -667,10 +682,11 @@ def _edited_timing(pts: np.ndarray, edits: list[tuple[int, int]], scale: int, mo
     each edit shows the samples inside its window, one edit after the other. An estimate (``exact=False``): how a
     player joins the edits (a frame across a cut, a window ending mid-frame) may differ by a frame, so the end
     of decoding is taken as the end, and the file is read whole (no frame n at n / fps to seek to)."""
-    frames = 0
-    for length, start in edits:
-        stop = start + length * scale / movie_scale if length else np.inf
-        frames += int(np.count_nonzero((pts >= start) & (pts < stop)))
+    # each edit's frames by binary searches, all in one call: a pass over every frame per edit took minutes
+    times = np.sort(pts).astype(np.float64)
+    starts = np.array([start for _, start in edits], np.float64)
+    stops = np.array([start + length * scale / movie_scale if length else np.inf for length, start in edits])
+    frames = int((np.searchsorted(times, stops, "left") - np.searchsorted(times, starts, "left")).sum())
     duration_s = sum(length for length, _ in edits) / movie_scale
     return _Timing(frames=frames, duration_s=duration_s, constant_rate_at=lambda fps: False, exact=False)
 
@@ -711,7 +727,7 @@ def probe_video(source: str | os.PathLike[str] | int) -> VideoInfo:
         elif timing is not None:
             info = dataclasses.replace(
                 info, frame_count=timing.frames, index_duration_s=timing.duration_s,
-                constant_rate=timing.constant_rate_at(info.fps),
+                constant_rate=timing.constant_rate_at(info.fps), head_times_s=timing.head_s,
             )  # fmt: skip
         elif moov and (fragmented := _fragmented_frame_count(source, moov)) is not None:
             info = dataclasses.replace(info, frame_count=fragmented)  # still an estimate: no edit list, not split
@@ -880,9 +896,17 @@ class FrameReader:
             landing: float | None = None  # after a seek: the time of frame 0, to check where the seek landed
             if first > 0 and self.info.constant_rate and not self.info.is_live and cap.grab():
                 ms = self._ms(cap) or 0.0
-                landing = ms - self._undecodable_start(ms) * 1000.0 / self.info.fps
-                cap.set(cv2.CAP_PROP_POS_FRAMES, float(first))
-                pos = first
+                skipped = self._undecodable_start(ms)
+                if skipped < first:
+                    landing = ms - self._frame_ms(skipped)  # the time of frame 0, which a decoder may not give
+                    # OpenCV counts frames from the first one it decoded
+                    cap.set(cv2.CAP_PROP_POS_FRAMES, float(first - skipped))
+                    pos = first
+                else:  # the range starts among the frames no decoder gives: read from the start
+                    cap.release()
+                    cap = self._open()
+                    if cap is None:
+                        return
             elif first > 0 and not self.info.is_live:
                 logger.info(
                     "%s: frame rate not known to be constant: walking to frame %d from the start (no seek)",
@@ -958,19 +982,37 @@ class FrameReader:
         A file cut out of a longer recording without re-encoding can start with frames that refer to frames before
         the cut (no keyframe first): H.264 decoders drop them and begin at the first keyframe, whose time says how
         many were dropped. Those frames are lost with the cut; the rest are numbered as the index lists them (the
-        first decodable one is not frame 0), so a range or a part still reads the frames it names. Only for a
-        constant frame rate, where a frame's time gives its number.
+        first decodable one is not frame 0), so a range or a part still reads the frames it names. The time is
+        looked up in the MP4 index's frame times (B-frames cut in decode order leave holes among the first
+        frames' times, so the frame rate is not constant there); without them only at a constant frame rate,
+        where a frame's time gives its number.
         """
-        if self.info.is_live or not self.info.constant_rate:
+        if self.info.is_live or first_ms <= 0:
             return 0
-        skipped = round(first_ms * self.info.fps / 1000.0)
+        times, fps = self.info.head_times_s, self.info.fps
+        seconds = first_ms / 1000.0
+        k = bisect.bisect_left(times, seconds)
+        nearest = min(
+            (i for i in (k - 1, k) if 0 <= i < len(times)), key=lambda i: abs(times[i] - seconds), default=None
+        )
+        if nearest is not None and abs(times[nearest] - seconds) <= 0.5 / fps:
+            skipped = nearest
+        elif self.info.constant_rate and k >= len(times):
+            skipped = round(seconds * fps)
+        else:
+            return 0  # not a time the index lists: the frames are numbered as decoded
         if skipped > 0:
             logger.warning(
                 "%s: the first %d frames cannot be decoded (the file starts without a keyframe, e.g. cut from a "
                 "longer recording, or its first frames are damaged); they are left out, reading from frame %d at %.3f s",
-                self.source, skipped, skipped, first_ms / 1000.0,
+                self.source, skipped, skipped, seconds,
             )  # fmt: skip
-        return max(0, skipped)
+        return skipped
+
+    def _frame_ms(self, frame_id: int) -> float:
+        """When frame ``frame_id`` is shown, in ms from the first frame: from the index where it says."""
+        times = self.info.head_times_s
+        return times[frame_id] * 1000.0 if frame_id < len(times) else frame_id * 1000.0 / self.info.fps
 
     def _landed_at(self, first: int, ms_after_frame0: float | None) -> bool:
         """True if the frame a seek to ``first`` gave is frame ``first``; else log why the range walks instead."""

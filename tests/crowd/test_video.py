@@ -462,13 +462,13 @@ def test_an_mp4_cut_without_its_first_keyframe_is_read_from_its_first_decodable_
 ) -> None:
     """A recording cut mid-GOP: its first 25 frames refer to a keyframe that is not in the file, and the decoder
     starts at the next keyframe. The reader numbered that frame 0 (every id 25 off its time) and failed the video as
-    corrupt at frame 60 of 85, at any interval. Now the frames are numbered as the index lists them, the undecodable
-    ones are named in the log, and parts and intervals read the same frames as a whole read."""
+    corrupt short of the index's count (210 of 235), at any interval. Now the frames are numbered as the index lists
+    them, the undecodable ones are named in the log, and parts and intervals read the same frames as a whole read."""
     whole = write_numbered(
-        tmp_path / "whole.mp4", [round(i * 1000 / 30) for i in range(90)], gop=30, b_frames=0, scene_cuts=False
+        tmp_path / "whole.mp4", [round(i * 1000 / 30) for i in range(240)], gop=30, b_frames=0, scene_cuts=False
     )
     cut = drop_leading_packets(whole, tmp_path / "cut.mp4", 5)  # file frame i shows frame i + 5 of the recording
-    assert probe_video(cut).exact_frame_count == 85
+    assert probe_video(cut).exact_frame_count == 235
 
     def read(**kwargs) -> list:
         reader = FrameReader(cut, **kwargs)
@@ -479,13 +479,61 @@ def test_an_mp4_cut_without_its_first_keyframe_is_read_from_its_first_decodable_
         return [f.frame_id for f in frames]
 
     with caplog.at_level("WARNING", logger="crowd.video"):
-        assert read(frame_interval=1) == list(range(25, 85))
-    assert "the first 25 frames cannot be decoded" in caplog.text
-    assert read(frame_interval=10) == list(range(30, 85, 10))
-    assert read(frame_interval=1, frame_range=(0, 40)) + read(frame_interval=1, frame_range=(40, None)) == list(
-        range(25, 85)
+        assert read(frame_interval=1) == list(range(25, 235))
+        assert "the first 25 frames cannot be decoded" in caplog.text
+        assert read(frame_interval=10) == list(range(30, 235, 10))
+        caplog.clear()
+        assert read(frame_interval=1, frame_range=(0, 120)) + read(frame_interval=1, frame_range=(120, None)) == list(
+            range(25, 235)
+        )
+        assert read(frame_interval=1, frame_range=(0, 20)) == []  # a part wholly before the first keyframe
+    # the part at 120 seeks (OpenCV counts frames from the first it decoded): it read every part from frame 0
+    assert "reading from the start instead" not in caplog.text
+
+
+@pytest.mark.parametrize(("dropped", "first"), [(9, 21), (2, 28)])
+def test_an_mp4_with_b_frames_cut_in_decode_order_is_numbered_by_its_index(
+    tmp_path: Path, dropped: int, first: int
+) -> None:
+    """B-frames cut in decode order leave holes among the first frames' times, so the index's frame rate is not
+    constant: the first decodable frame was numbered 0 (every id off) and the video failed as corrupt. Its number
+    comes from the index's frame times."""
+    whole = write_numbered(
+        tmp_path / "whole.mp4", [round(i * 1000 / 30) for i in range(90)], gop=30, b_frames=3, scene_cuts=False
     )
-    assert read(frame_interval=1, frame_range=(0, 20)) == []  # a part wholly before the first keyframe
+    cut = drop_leading_packets(whole, tmp_path / "cut.mp4", dropped)
+    info = probe_video(cut)
+    assert not info.constant_rate  # the holes: read whole, no seek
+    reader = FrameReader(cut, frame_interval=1)
+    frames = list(reader)
+    assert reader.error is None, reader.error
+    assert frames[0].frame_id == first and [f.frame_id for f in frames] == list(range(first, info.frame_count))
+    shift = {frame_index(f.image) - f.frame_id for f in frames}  # the recording's frame each one shows
+    assert len(shift) == 1, shift
+
+
+def test_edits_are_counted_as_a_pass_over_each_would(tmp_path: Path) -> None:
+    """Each edit's frames are counted by binary search (a pass over every frame per edit: 8M frames and 10,000
+    edits took minutes in the probe of a 1 MB file); too many edits are not read at all."""
+    rng = np.random.default_rng(7)
+    pts = rng.permutation(np.arange(0, 30_000, 3, dtype=np.int64))
+    edits = [(int(rng.integers(0, 3000)), int(rng.integers(-100, 31_000))) for _ in range(200)] + [(0, 29_000)]
+    timing = video_module._edited_timing(pts, edits, 1000, 600)
+    brute = 0
+    for length, start in edits:
+        stop = start + length * 1000 / 600 if length else np.inf
+        brute += int(np.count_nonzero((pts >= start) & (pts < stop)))
+    assert timing.frames == brute > 0
+
+    full = write_numbered(tmp_path / "full.mp4", [round(i * 1000 / 30) for i in range(120)])
+    index = video_module._moov(cut_mp4(full, tmp_path / "cut.mp4", [(k * 10, 5) for k in range(12)]))
+    assert video_module._mp4_timing(index) is not None
+    original = video_module.MAX_EDITS
+    try:
+        video_module.MAX_EDITS = 11
+        assert video_module._mp4_timing(index) is None  # not read: FFmpeg's estimate, the file read whole
+    finally:
+        video_module.MAX_EDITS = original
 
 
 def test_truncated_h264_mp4_still_reports_where_it_stopped(tmp_path: Path) -> None:
