@@ -2,7 +2,8 @@
 
 Results go to ``--out`` as JSON lines (one message per processed frame) or to stdout; progress and the
 summary go to stderr. Exit code 0 = all fine, 1 = bad input, missing model, a file that cannot be written or a
-reader of stdout gone, 2 = bad options, 3 = decoding stopped early (the frames before it were written).
+reader of stdout gone, 2 = bad options, 3 = decoding stopped early (the frames before it were written),
+128 + the signal = stopped by Ctrl-C (SIGINT) or SIGTERM (what was detected until then is written, ``--out`` too).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import json
 import logging
 import math
 import os
+import signal
 import stat
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
@@ -86,7 +89,11 @@ def _parser() -> argparse.ArgumentParser:
     det.add_argument("--start", type=_frame_id, default=0, help="first frame id of the range")
     det.add_argument("--stop", type=_frame_id, default=None, help="frame id after the range (exclusive)")
     det.add_argument("--max-frames", type=_positive_int, default=None, help="stop after this many processed frames")
-    det.add_argument("--out", default=None, help="write JSON lines here (default: stdout)")
+    det.add_argument(
+        "--out",
+        default=None,
+        help="write JSON lines here (default: stdout); replaced when the run ends, kept as it was after an error",
+    )
     det.add_argument("--backend", choices=BACKENDS, default=None, help="detector (default: CROWD_DETECTOR or auto)")
     det.add_argument(
         "--input-size",
@@ -131,14 +138,61 @@ def _output_file(path: str) -> Iterator[IO[str]]:
         return
     try:
         with handle:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(handle.name, 0o666 & ~umask)  # as open() would make it, not the temporary file's 0600
+            _take_mode_of(handle.name, target)
             yield handle
         os.replace(handle.name, target)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
+
+
+def _take_mode_of(path: str, target: Path) -> None:
+    """Give ``path`` the mode (and owner, where allowed) ``target`` has, as writing into it would keep them; for a
+    new file, what ``open()`` would make (not the temporary file's 0600). A 0600 output became world-readable."""
+    try:
+        now = os.stat(target)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)
+        return
+    os.chmod(path, stat.S_IMODE(now.st_mode))
+    with suppress(PermissionError):  # only root may give a file away; a file of one's own keeps its owner anyway
+        os.chown(path, now.st_uid, now.st_gid)
+
+
+class _Stopped(Exception):
+    """A second Ctrl-C or SIGTERM: stop at once (the first lets the frame being processed finish)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[tuple[threading.Event, list[int]]]:
+    """The first SIGINT or SIGTERM sets the event (the run ends after its frame, as at the end of a range: the
+    results, summary and pictures are written, ``--out`` replaced) and is listed; a second raises :class:`_Stopped`.
+    Ctrl-C, the usual end of a camera's run, deleted every result, and SIGTERM left the output under a hidden
+    temporary name."""
+    event, received = threading.Event(), []
+
+    def stop(signum: int, _frame: object) -> None:
+        if event.is_set():
+            raise _Stopped(signum)
+        received.append(signum)
+        event.set()
+        print(f"{signal.Signals(signum).name}: stopping after this frame (again to stop at once)", file=sys.stderr)
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield event, received
+        return
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield event, received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,28 +209,44 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command == "detect" and is_image_path(args.source):
+        video_only = {"--start": args.start, "--stop": args.stop, "--max-frames": args.max_frames,
+                      "--frame-interval": args.frame_interval, "--target-fps": args.target_fps}  # fmt: skip
+        if given := [option for option, value in video_only.items() if value]:
+            parser.error(f"{', '.join(given)}: for a video, not an image ({args.source})")
+    written = 0
     try:
         detector = build_detector(args.backend, input_size=args.input_size, tiles=args.tiles)
         with ExitStack() as stack:
             out: IO[str] = stack.enter_context(_output_file(args.out)) if args.out else sys.stdout
 
             def emit(message: FaceMessage) -> None:
+                nonlocal written
                 out.write(message.to_json().decode() + "\n")
+                written += 1
 
             if is_image_path(args.source):
-                emit(detect_image(args.source, detector))
+                emit(detect_image(args.source, detector, pictures_dir=args.pictures))
                 return 0
-            summary = process_video(
-                args.source,
-                detector,
-                frame_interval=args.frame_interval,
-                target_fps=args.target_fps,
-                frame_range=(args.start, args.stop) if args.start or args.stop is not None else None,
-                on_message=emit,
-                pictures_dir=args.pictures,
-                max_frames=args.max_frames,
-            )
+            try:
+                with _stop_on_signals() as (stop, signals):
+                    summary = process_video(
+                        args.source,
+                        detector,
+                        frame_interval=args.frame_interval,
+                        target_fps=args.target_fps,
+                        frame_range=(args.start, args.stop) if args.start or args.stop is not None else None,
+                        on_message=emit,
+                        pictures_dir=args.pictures,
+                        max_frames=args.max_frames,
+                        stop=stop,
+                    )
+            except _Stopped as stopped:  # a stop, not an error: what was written stays (--out is replaced)
+                print(json.dumps({"stopped_by": str(stopped), "messages_written": written}), file=sys.stderr)
+                return 128 + stopped.signum
         print(json.dumps(summary.to_dict()), file=sys.stderr)
+        if signals:
+            return 128 + signals[0]
         return EXIT_STOPPED_EARLY if summary.stopped_early else 0
     except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -21,7 +22,7 @@ from typing import Any
 
 from crowd.detection import Detector
 from crowd.messages import FaceMessage, build_message
-from crowd.pictures import PictureAccumulator, PicturePaths
+from crowd.pictures import PictureAccumulator, PicturePaths, annotate, save_image
 from crowd.video import FrameReader, content_hash, is_live_source, live_source_id, public_source, read_image
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ def process_video(
     video_id: str | None = None,
     max_frames: int | None = None,
     pictures_prefix: str = "",
+    stop: threading.Event | None = None,
 ) -> VideoSummary:
     """Detect faces on the sampled frames of ``source`` and hand one message per frame to ``on_message``.
 
@@ -120,6 +122,7 @@ def process_video(
         video_id: id recorded in messages (default: :func:`~crowd.video.content_hash` of the file, or the
             source string for live sources).
         max_frames: stop after this many processed frames (useful for live sources); at least 1.
+        stop: once set, stop after the frame being processed, as at the end of the range (e.g. on Ctrl-C).
 
     Raises:
         ValueError: ``max_frames`` below 1 (a frame would still be processed).
@@ -168,7 +171,7 @@ def process_video(
             known = total if total is not None and done <= total else None
             eta = (known - done) / rate if known is not None and rate > 0 else None
             report(Progress(done, known, rate, eta, frame.frame_id))
-        if max_frames is not None and done >= max_frames:
+        if (max_frames is not None and done >= max_frames) or (stop is not None and stop.is_set()):
             break
     reader.close()
     wall = time.perf_counter() - started
@@ -215,11 +218,21 @@ def _progress_sink(progress: ProgressFn | logging.Logger | None) -> ProgressFn:
     return lambda p: log.info("%s", p)
 
 
-def detect_image(image_path: str | os.PathLike[str], detector: Detector, *, video_id: str | None = None) -> FaceMessage:
-    """Detect faces in one still image; returns the message of "frame 0"."""
+def detect_image(
+    image_path: str | os.PathLike[str],
+    detector: Detector,
+    *,
+    video_id: str | None = None,
+    pictures_dir: str | os.PathLike[str] | None = None,
+) -> FaceMessage:
+    """Detect faces in one still image; returns the message of "frame 0". With ``pictures_dir``, the image with
+    its boxes drawn is written there as ``annotated.jpg``."""
     image = read_image(image_path)
     vid = video_id or content_hash(image_path)
-    return build_message(vid, str(image_path), 0, 0.0, image.shape, detector.detect(image), detector.name)
+    detections = detector.detect(image)
+    if pictures_dir is not None:
+        save_image(Path(pictures_dir) / "annotated.jpg", annotate(image, detections))
+    return build_message(vid, str(image_path), 0, 0.0, image.shape, detections, detector.name)
 
 
 def detect_faces(image_path: str | os.PathLike[str], detector: Detector | None = None) -> dict[str, Any]:

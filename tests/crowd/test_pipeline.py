@@ -213,3 +213,53 @@ def test_cli_stops_quietly_when_the_reader_of_its_output_goes(tmp_path: Path) ->
     command = f"{sys.executable} -m crowd detect {CARPHONE} --frame-interval 1 -q | head -c 1"
     proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.stdout == "{" and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("signum", [2, 15], ids=["ctrl-c", "sigterm"])
+def test_cli_stopped_by_a_signal_keeps_what_it_detected(tmp_path: Path, signum: int) -> None:
+    """Ctrl-C, the usual end of a camera's run, raised KeyboardInterrupt: the temporary output was deleted (every
+    result lost) and a traceback printed; SIGTERM left it under a hidden name. The first signal now ends the run
+    after its frame, as at the end of a range: results, summary and pictures written, exit 128 + the signal."""
+    import time
+
+    video = write_video(tmp_path / "long.mp4", 6000)
+    out, pictures = tmp_path / "r.jsonl", tmp_path / "pics"
+    env = {"PYTHONPATH": str(ROOT / "plugins"), "PATH": "/usr/bin:/bin", "CROWD_DETECTOR": "mtcnn"}
+    command = [sys.executable, "-m", "crowd", "detect", str(video), "--frame-interval", "1", "--out", str(out)]
+    proc = subprocess.Popen(
+        [*command, "--pictures", str(pictures)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.read_text().count("\n") >= 3 for p in tmp_path.glob(".r.jsonl.*.part")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no results came"
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, stderr
+    lines = [FaceMessage.from_json(line) for line in out.read_text().splitlines()]
+    assert 3 <= len(lines) < 6000 and [m.frame_id for m in lines] == list(range(len(lines)))
+    assert f'"frames_processed": {len(lines)}' in stderr and "Traceback" not in stderr
+    assert not list(tmp_path.glob(".r.jsonl.*")), "a temporary output left behind"
+    assert (pictures / "annotated.jpg").is_file() and (pictures / "faces_over_time.png").is_file()
+
+
+def test_cli_keeps_the_mode_of_the_out_file_it_replaces(tmp_path: Path) -> None:
+    """The replacement took the mode a new file gets: a 0600 output (faces of private footage) became 0644."""
+    out = tmp_path / "private.jsonl"
+    out.write_text("earlier\n")
+    out.chmod(0o600)
+    assert _cli("detect", str(CARPHONE), "--frame-interval", "60", "--out", str(out)).returncode == 0
+    assert len(out.read_text().splitlines()) == 2 and oct(out.stat().st_mode & 0o777) == oct(0o600)
+
+
+def test_cli_on_an_image_draws_its_picture_and_refuses_video_options(tmp_path: Path) -> None:
+    """--pictures and the range options were ignored for an image without a word."""
+    proc = _cli("detect", str(GRACE_HOPPER), "--pictures", str(tmp_path / "pics"))
+    assert proc.returncode == 0 and json.loads(proc.stdout)["total_faces"] == 1, proc.stderr
+    assert cv2.imread(str(tmp_path / "pics" / "annotated.jpg")).shape == cv2.imread(str(GRACE_HOPPER)).shape
+    proc = _cli("detect", str(GRACE_HOPPER), "--start", "3", "--max-frames", "5")
+    assert proc.returncode == 2 and "--start, --max-frames: for a video, not an image" in proc.stderr
