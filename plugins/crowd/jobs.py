@@ -268,32 +268,54 @@ def note_failure_reason(settings: Settings, video_id: str, run: storage.RunStamp
         log.warning("video %s: could not record why this try failed (%s)", video_id, exc)
 
 
-def list_videos(roots: Iterable[Path]) -> list[Path]:
+def list_videos(roots: Iterable[Path], *, incomplete: set[Path] | None = None) -> list[Path]:
     """Every ``*.mp4`` regular file under ``roots`` (``.MP4`` and any other case too: cameras write them), sorted;
-    symlinks leading outside the roots are left out."""
+    symlinks leading outside the roots are left out.
+
+    A folder or file that cannot be read (no permission to enter it, moved or deleted while the walk goes on, an
+    I/O error of a share) is skipped with a warning, and its root is added to ``incomplete``: its videos wait for
+    a later scan. One such folder stopped the scan of every video, at every scan.
+    """
     roots = [Path(r) for r in roots]
     found: set[Path] = set()
     for root in roots:
-        if not root.is_dir():
+
+        def cannot_read(error: OSError, root: Path = root) -> None:
+            log.warning("video root %s: skipping what cannot be read: %s", root, error)
+            if incomplete is not None:
+                incomplete.add(root)
+
+        try:
+            there = root.is_dir()
+        except OSError as exc:  # is_dir() passes on a permission or I/O error
+            cannot_read(exc)
+            continue
+        if not there:
             log.warning("video root %s does not exist or is not a folder; skipping it", root)
             continue
-        for path in root.rglob("*"):
-            if path.suffix.lower() != VIDEO_SUFFIX:
-                continue
-            try:
-                check_name(path)  # OpenCV would crash the scan on it, PostgreSQL refuse it
-            except BadFileNameError as exc:
-                log.warning("skipping it: %s", exc)
-                continue
-            try:
-                resolved = path.resolve()
-            except (OSError, RuntimeError) as exc:  # a symlink loop must not break the scan of every video
-                log.warning("skipping %s: cannot resolve it (%s)", path, exc)
-                continue
-            if not any(resolved.is_relative_to(r) for r in roots):
-                log.warning("skipping %s: it points outside the video roots (%s)", path, resolved)
-            elif resolved.is_file():
-                found.add(path)
+        for folder, _, names in os.walk(root, onerror=cannot_read):  # symlinked folders are not entered
+            for name in names:
+                path = Path(folder, name)
+                if path.suffix.lower() != VIDEO_SUFFIX:
+                    continue
+                try:
+                    check_name(path)  # OpenCV would crash the scan on it, PostgreSQL refuse it
+                except BadFileNameError as exc:
+                    log.warning("skipping it: %s", exc)
+                    continue
+                try:
+                    resolved = path.resolve()
+                except (OSError, RuntimeError) as exc:  # a symlink loop must not break the scan of every video
+                    log.warning("skipping %s: cannot resolve it (%s)", path, exc)
+                    continue
+                if not any(resolved.is_relative_to(r) for r in roots):
+                    log.warning("skipping %s: it points outside the video roots (%s)", path, resolved)
+                    continue
+                try:
+                    if resolved.is_file():
+                        found.add(path)
+                except OSError as exc:
+                    cannot_read(exc)
     return sorted(found)
 
 
@@ -423,9 +445,10 @@ def find_new_videos(
     with storage.connect(settings.postgres_conn_id) as conn:
         conn.autocommit = True  # no transaction left open while files are hashed (minutes for a large backlog)
         storage.migrate(conn)
-        listed = list_videos(settings.video_roots)
-        # a root that is not there now (an unmounted share) keeps the hashes remembered under it for its return
-        listed_roots = [root for root in settings.video_roots if root_present(root)]
+        incomplete: set[Path] = set()
+        listed = list_videos(settings.video_roots, incomplete=incomplete)
+        # a root that is not there now (an unmounted share), or not read whole, keeps the hashes remembered under it
+        listed_roots = [root for root in settings.video_roots if root not in incomplete and root_present(root)]
         settled = _settled_files(listed, settings.scan_min_age_s)
         known = storage.known_video_ids(conn, {key: signature for key, (_, signature) in settled.items()})
         hashed: dict[str, tuple[storage.FileSignature, str]] = {}

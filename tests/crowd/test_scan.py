@@ -272,8 +272,8 @@ def test_a_file_swapped_for_a_symlink_out_of_the_roots_is_not_hashed(scan, video
     secret = write_clip(CARPHONE, tmp_path / "secret.mp4", 20)
     list_videos = jobs.list_videos
 
-    def list_then_swap(roots):
-        listed = list_videos(roots)
+    def list_then_swap(roots, **kwargs):
+        listed = list_videos(roots, **kwargs)
         _swap_for_symlink(video, secret)
         return listed
 
@@ -401,3 +401,50 @@ def test_a_full_run_reads_no_more_new_files(scan, airflow_logging, video_root: P
         storage.mark_video_failed(conn, planned["v0.mp4"], str(video_root / "v0.mp4"), "over")
     planned, hashed = scan()
     assert (list(planned), hashed) == (names[1:2], names[1:2])
+
+
+def test_a_folder_that_cannot_be_entered_leaves_out_its_videos_only(tmp_path: Path) -> None:
+    """A folder that can be listed but not entered (mode 0644) raised PermissionError from the check of its first
+    video, which stopped the scan of every video under every root, at every scan. In a process file modes apply to."""
+    from tests.crowd._helpers import call_where_file_modes_apply
+
+    root = tmp_path / "videos"
+    for folder, name in (("good", "a.mp4"), ("locked", "b.mp4")):
+        (root / folder).mkdir(parents=True)
+        write_clip(CARPHONE, root / folder / name, 12)
+    (root / "locked").chmod(0o644)
+    try:
+        setup = f"from pathlib import Path\nfrom crowd.jobs import list_videos\nroot = Path({str(root)!r})\n"
+        call = "(lambda gaps: ([p.name for p in list_videos([root], incomplete=gaps)], sorted(map(str, gaps))))(set())"
+        outcome = call_where_file_modes_apply(setup, call)
+    finally:
+        (root / "locked").chmod(0o755)
+    assert outcome.get("returned") == repr((["a.mp4"], [str(root)])), outcome  # b.mp4 left out, the root noted
+
+
+def test_a_folder_moved_while_the_scan_walks_keeps_what_was_remembered_under_its_root(
+    scan, video_root: Path, monkeypatch
+) -> None:
+    """A folder moved away after its parent was listed (an archive job) stopped the walk with FileNotFoundError:
+    the scan failed. Its videos now wait for a later scan, and the hashes remembered under that root are kept."""
+    from crowd import jobs
+
+    for frames, folder in enumerate(("day1", "day2"), start=12):
+        (video_root / folder).mkdir()
+        write_clip(CARPHONE, video_root / folder / f"{folder}.mp4", frames)
+    first, _ = scan()
+    assert sorted(first) == ["day1.mp4", "day2.mp4"]
+    moved: list[str] = []
+    real_check = jobs.check_name
+
+    def move_the_other_folder(path):  # while one folder is walked, the other one goes
+        if not moved:
+            other = "day2" if Path(path).parent.name == "day1" else "day1"
+            (video_root / other).rename(video_root.parent / other)
+            moved.append(other)
+        return real_check(path)
+
+    monkeypatch.setattr(jobs, "check_name", move_the_other_folder)
+    planned, _ = scan()
+    assert sorted(planned) == sorted(first.keys() - {f"{moved[0]}.mp4"})
+    assert sorted(_remembered()) == ["day1.mp4", "day2.mp4"]  # the root was not read whole: nothing forgotten
