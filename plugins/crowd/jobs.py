@@ -402,6 +402,19 @@ def _same_content(item: WorkItem, now: storage.FileSignature, video: PinnedFile)
     return same
 
 
+def _changed_while_read(item: WorkItem, opened: storage.FileSignature, video: PinnedFile) -> str | None:
+    """What changed in the file read through ``video`` since it was opened (``opened``), if its content changed.
+
+    Another size or modification time says so at once; a change of the change time alone (permissions, a hard
+    link) is settled by hashing the file again."""
+    now = storage.FileSignature.of(os.fstat(video.fd))
+    if now == opened:
+        return None
+    if (now.size_bytes, now.mtime_ns) == (opened.size_bytes, opened.mtime_ns) and content_hash(video) == item.video_id:
+        return None
+    return _changes(astuple(opened), now)
+
+
 def _changes(planned: Iterable[int], now: storage.FileSignature) -> str:
     """What differs between a planned signature and ``now``, e.g. ``size 1200 -> 900 bytes, inode``."""
     names = ("size", "modification time", "change time", "inode")
@@ -692,7 +705,7 @@ def detect_and_publish(
             settings.faces_topic,
         )  # fmt: skip
         try:
-            return _detect_and_publish(item, options, settings, run, video, info, detector)
+            return _detect_and_publish(item, options, settings, run, video, info, detector, now)
         except (PublishError, ResultsFolderError, KafkaException):  # Kafka, the results folder: not the video
             note_failure_reason(settings, item.video_id, run)
             raise
@@ -706,8 +719,10 @@ def _detect_and_publish(
     video: PinnedFile,
     info: VideoInfo,
     detector: Detector,
+    opened: storage.FileSignature,
 ) -> dict[str, Any]:
-    """:func:`detect_and_publish` once the video is opened, checked and claimed."""
+    """:func:`detect_and_publish` once the video is opened (its file's signature then: ``opened``), checked and
+    claimed."""
     path = Path(str(video))  # the name, for logs and errors (``video`` is read through its descriptor)
     pictures_dir = settings.results_dir / item.video_id
     # the API and dashboard list a video's folder: a part's pictures go there too, named after the part
@@ -745,6 +760,16 @@ def _detect_and_publish(
         for kind, picture in (summary.pictures or {}).items():
             if picture:
                 log.info("picture %s: %s", kind, picture)
+        if (changes := _changed_while_read(item, opened, video)) is not None:
+            with storage.connect(settings.postgres_conn_id) as conn:
+                storage.note_video_reason(conn, item.video_id, run)
+            raise VideoChangedError(
+                f"video {path.name} ({item.video_id}) changed while it was read ({changes}: rewritten in place, or "
+                f"still being written): {delivered} frames were published under this content's id, maybe from the "
+                "new content. Not recorded as failed (a decoding error it caused would have failed the content for "
+                "good, under any name): the run records that its file went away, and the next scan identifies the "
+                "file again"
+            )
         if summary.stopped_early:
             with storage.connect(settings.postgres_conn_id) as conn:
                 storage.mark_video_failed(conn, item.video_id, str(path), summary.error or "stopped early", run)

@@ -56,11 +56,23 @@ def _after_messages(n: int, action):
 
 
 @pytest.mark.parametrize("change", ["truncate", "delete"])
-def test_video_changed_while_read_fails_alone_and_the_next_one_finishes(env: dict, change: str) -> None:
-    from crowd.jobs import BadVideoError, DetectOptions, detect_and_publish, finish_videos, plan_requested_video
+def test_video_changed_while_read_fails_alone_and_the_next_one_finishes(env: dict, change: str, tmp_path: Path) -> None:
+    """Truncated while read, the victim was failed as corrupt: its content, known by hash, was then skipped for
+    good, also when found intact under another name. The task now sees the file changed under it: the run records
+    that the file went away, and the intact content found again is planned again."""
+    from crowd.jobs import (
+        FILE_WENT_AWAY,
+        DetectOptions,
+        VideoChangedError,
+        detect_and_publish,
+        find_new_videos,
+        finish_videos,
+        plan_requested_video,
+    )
 
     settings = env["settings"]()
     victim = long_face_video(env["root"] / "victim.mp4", repeats=4)  # 480 frames, ~1 MB
+    intact = shutil.copy2(victim, tmp_path / "intact.mp4")
     other = long_face_video(env["root"] / "other.mp4", repeats=1)
     (victim_item,) = plan_requested_video(str(victim), settings)
     (other_item,) = plan_requested_video(str(other), settings)
@@ -77,7 +89,7 @@ def test_video_changed_while_read_fails_alone_and_the_next_one_finishes(env: dic
     with _after_messages(20, hit):
         try:
             outcome = detect_and_publish(victim_item, options, settings)
-        except BadVideoError as exc:
+        except VideoChangedError as exc:
             outcome = exc
     other_result = detect_and_publish(other_item, options, settings)
     finish = finish_videos([victim_item, other_item], [None if isinstance(outcome, Exception) else outcome,
@@ -88,9 +100,12 @@ def test_video_changed_while_read_fails_alone_and_the_next_one_finishes(env: dic
     assert other_result["messages"] == 120 and keys.count(other_item.video_id) == 120
     assert other_item.video_id in finish["done"]
     if change == "truncate":
-        assert isinstance(outcome, BadVideoError), outcome
-        assert status == "failed" and "victim.mp4" in error and "decoding stopped at frame" in error, error
+        assert isinstance(outcome, VideoChangedError) and "changed while it was read (size" in str(outcome), outcome
+        assert status == "failed" and error.startswith(FILE_WENT_AWAY) and "victim.mp4" in error, error
         assert 20 <= published_victim < 480
+        victim.unlink()
+        shutil.copy2(intact, env["root"] / "archive-copy.mp4")  # the intact content, found again elsewhere
+        assert [item.video_id for item in find_new_videos(settings)] == [victim_item.video_id]
     else:  # the open file keeps its data on Linux: the whole video is read and published
         assert not victim.exists(), "the file was not deleted during the read"
         assert not isinstance(outcome, Exception) and outcome["messages"] == 480, outcome
