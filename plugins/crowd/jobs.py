@@ -649,7 +649,8 @@ def detect_and_publish(
         BadVideoError: the video cannot be read (recorded as failed in the registry first).
         VideoUnreachableError: the file is not where the item says, or not readable (nothing recorded; the run's
             :func:`finish_videos` records it failed if it is still not there then).
-        VideoChangedError: the file is not the one identified when the item was planned (nothing published).
+        VideoChangedError: the file is not the one identified when the item was planned (nothing published), or
+            it changed while it was read (what was published stays; the run records the file gone).
         PublishError: Kafka did not acknowledge every message (retry the task).
     """
     settings = settings or load_settings()

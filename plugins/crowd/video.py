@@ -30,6 +30,7 @@ import queue
 import stat
 import struct
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -246,11 +247,14 @@ def live_source_id(source: str | os.PathLike[str] | int, started_at: datetime) -
     return "live-" + hashlib.sha256(_without_userinfo(source)[0].encode()).hexdigest()[:32] + "-" + stamp
 
 
-def content_hash(path: str | os.PathLike[str], *, length: int = 32, chunk_size: int = 1 << 20) -> str:
+def content_hash(
+    path: str | os.PathLike[str], *, length: int = 32, chunk_size: int = 1 << 20, progress_every_s: float = 10.0
+) -> str:
     """Stable id of a file: the first ``length`` hex characters of the SHA-256 of its content.
 
     The file is streamed in 1 MiB chunks, so large videos do not need memory. Renaming or moving the file
-    keeps its id; any change of content changes it.
+    keeps its id; any change of content changes it. A read that takes longer than ``progress_every_s`` logs how
+    far it got every that many seconds (a file of many GB on a share: minutes without a line before).
 
     Example:
         >>> content_hash("clip.mp4")  # doctest: +SKIP
@@ -258,9 +262,16 @@ def content_hash(path: str | os.PathLike[str], *, length: int = 32, chunk_size: 
     """
     check_file(path)
     digest = hashlib.sha256()
+    started = last = time.monotonic()
+    done = 0
     with open(path, "rb") as handle:
         while block := handle.read(chunk_size):
             digest.update(block)
+            done += len(block)
+            if (now := time.monotonic()) - last >= progress_every_s:
+                last = now
+                size = os.fstat(handle.fileno()).st_size
+                logger.info("hashing %s: %.0f of %.0f MB read in %.0f s", path, done / 1e6, size / 1e6, now - started)
     return digest.hexdigest()[:length]
 
 

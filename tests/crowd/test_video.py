@@ -748,3 +748,14 @@ def test_a_fifo_in_a_video_s_place_is_refused_without_hanging(tmp_path: Path) ->
     os.mkfifo(fifo)
     with pytest.raises(NotAVideoError, match="not a regular file"):
         PinnedFile(fifo)
+
+
+def test_a_long_hash_says_how_far_it_got(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Hashing a file of many GB on a share took minutes without a line in the scan's or the task's log."""
+    path = tmp_path / "big.mp4"
+    path.write_bytes(os.urandom(3 << 20))
+    with caplog.at_level("INFO", logger="crowd.video"):
+        digest = content_hash(path, chunk_size=1 << 20, progress_every_s=0)
+    assert digest == content_hash(path)  # the same id, with or without the reports
+    reports = [r.getMessage() for r in caplog.records if r.getMessage().startswith("hashing")]
+    assert len(reports) == 3 and reports[-1].startswith(f"hashing {path}: 3 of 3 MB read"), reports
