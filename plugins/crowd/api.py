@@ -181,6 +181,11 @@ class VideoSummary(BaseModel):
     updated_at: datetime | None = None
     finished_at: datetime | None = None
     run_id: str | None = Field(None, description="the Airflow DAG run that owns the status (its task logs say more)")
+    listed_at: datetime | None = Field(
+        None,
+        description="when the video became known (registered, or its first frame stored, whichever came first): "
+        "the list's order, newest first",
+    )
 
 
 _NEXT_DESCRIPTION = (

@@ -161,7 +161,7 @@ def _take_mode_of(path: str, target: Path) -> None:
         os.chown(path, now.st_uid, now.st_gid)
 
 
-class _Stopped(Exception):
+class _Stopped(BaseException):  # as KeyboardInterrupt: an ``except Exception`` (logging's emit) cannot swallow it
     """A second Ctrl-C or SIGTERM: stop at once (the first lets the frame being processed finish)."""
 
     def __init__(self, signum: int) -> None:
@@ -182,7 +182,8 @@ def _stop_on_signals() -> Iterator[tuple[threading.Event, list[int]]]:
             raise _Stopped(signum)
         received.append(signum)
         event.set()
-        print(f"{signal.Signals(signum).name}: stopping after this frame (again to stop at once)", file=sys.stderr)
+        # os.write: a print interrupting a print to stderr would raise "reentrant call"
+        os.write(2, f"{signal.Signals(signum).name}: stopping after this frame (again to stop at once)\n".encode())
 
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield event, received

@@ -962,6 +962,9 @@ def test_a_video_registered_after_its_frames_keeps_its_place_in_a_walk_by_cursor
 
     pages = _walk(client, "/crowd/videos", headers, 1, between=register_split_part)
     assert [v["video_id"] for page in pages for v in page] == ["after-split", "split-part"]
+    listed = client.get("/crowd/videos", headers=headers).json()["items"]
+    assert [v["video_id"] for v in listed] == ["after-split", "split-part"]  # the order the list shows: listed_at
+    assert listed[0]["listed_at"] > listed[1]["listed_at"] and listed[1]["created_at"] > listed[1]["listed_at"]
 
 
 def _b64(value: object) -> str:

@@ -263,3 +263,24 @@ def test_cli_on_an_image_draws_its_picture_and_refuses_video_options(tmp_path: P
     assert cv2.imread(str(tmp_path / "pics" / "annotated.jpg")).shape == cv2.imread(str(GRACE_HOPPER)).shape
     proc = _cli("detect", str(GRACE_HOPPER), "--start", "3", "--max-frames", "5")
     assert proc.returncode == 2 and "--start, --max-frames: for a video, not an image" in proc.stderr
+
+
+def test_a_second_signal_stops_the_cli_even_where_errors_are_caught() -> None:
+    """The second Ctrl-C raised an Exception: where it landed in an ``except Exception`` (logging's emit writing to a
+    slow stderr), it was swallowed and the run went on."""
+    import signal
+    import time
+
+    from crowd.cli import _stop_on_signals, _Stopped
+
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(_Stopped), _stop_on_signals() as (stop, received):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.is_set() and received == [signal.SIGINT]
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+        except Exception:  # noqa: BLE001 - what logging's emit does
+            pass
+    assert signal.getsignal(signal.SIGINT) is previous  # the handler is put back
