@@ -341,6 +341,15 @@ def test_rabbitmq_waits_longer_for_an_acknowledgement_than_a_task_may_run() -> N
     assert "consumer_timeout" in _readme_docker_section()  # hosted brokers need it too
 
 
+def test_tasks_may_wait_for_a_worker_slot_longer_than_a_task_runs() -> None:
+    """Airflow fails a task queued longer than [scheduler] task_queued_timeout (default 600 s) after requeueing it
+    twice, retries unused: with more mapped parts than worker slots, the last parts of a long video failed without
+    running once the parts before them took more than ~10 minutes."""
+    scheduler = _env_of(resolved()["services"]["airflow-scheduler"])
+    task_timeout_s = int(_env_of(resolved()["services"]["airflow-worker"])["CROWD_DETECT_TASK_TIMEOUT_S"])
+    assert float(scheduler["AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT"]) >= task_timeout_s
+
+
 def test_a_stopped_worker_has_time_to_finish_its_running_tasks() -> None:
     """The worker's warm shutdown (DUMB_INIT_SETSID=0) waits for its tasks, but Docker kills a container 10 s after
     `docker compose stop` unless told otherwise: every stop or recreate cut the running detection tasks short."""
