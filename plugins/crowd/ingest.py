@@ -38,15 +38,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Top
 
 from crowd import storage
 from crowd.alerts import FORGET_RULE_SQL, AlertChanges, AlertRule, publish_pending_alerts, update_alerts
-from crowd.messages import FaceMessage, MessageError
+from crowd.messages import INT4_MAX, INT8_MAX, FaceMessage, MessageError
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_BATCH_BYTES = 64 * 1024 * 1024  # per transaction: a batch of large messages ends here, whatever its count
 DEFAULT_GROUP_ID = "crowd-ingest"
-_INT4_MAX = 2**31 - 1
-_INT8_MAX = 2**63 - 1
 
 FRAME_COLUMNS = (
     "video_id",
@@ -191,11 +189,11 @@ def validate(value: bytes | None) -> FaceMessage:
         msg = FaceMessage.from_json(value)
     except MessageError as exc:
         raise Rejected(exc.code, exc.problem) from None
-    if msg.frame_id > _INT8_MAX:
-        raise Rejected("out_of_range", f"frame_id {msg.frame_id} > {_INT8_MAX}")
+    if msg.frame_id > INT8_MAX:
+        raise Rejected("out_of_range", f"frame_id {msg.frame_id} > {INT8_MAX}")
     for name in ("total_faces", "frame_width", "frame_height"):  # boxes lie inside the frame, so they fit too
-        if getattr(msg, name) > _INT4_MAX:
-            raise Rejected("out_of_range", f"{name} {getattr(msg, name)} > {_INT4_MAX}")
+        if getattr(msg, name) > INT4_MAX:
+            raise Rejected("out_of_range", f"{name} {getattr(msg, name)} > {INT4_MAX}")
     _check_text("video_id", msg.video_id)
     _check_text("source", msg.source)
     _check_text("model", msg.model)

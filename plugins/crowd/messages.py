@@ -19,6 +19,7 @@ Regenerate the schema file after changing the model with ``python -m crowd schem
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -172,6 +173,12 @@ def _clip_box(x: int, y: int, w: int, h: int, fw: int, fh: int) -> tuple[int, in
     return x0, y0, x1 - x0, y1 - y0
 
 
+#: The largest values PostgreSQL's ``integer`` and ``bigint`` columns take: the ingest rejects a message over them,
+#: so a message is not built with them either.
+INT4_MAX = 2**31 - 1
+INT8_MAX = 2**63 - 1
+
+
 def build_message(
     video_id: str,
     source: str | os.PathLike[str],
@@ -201,9 +208,10 @@ def build_message(
                 "starting with a letter or digit",
             ),
             (not model, "model must not be empty"),
-            (frame_id < 0, f"frame_id {frame_id} < 0"),
-            (not ts_ms >= 0, f"ts_ms {ts_ms} is not >= 0"),
+            (not 0 <= frame_id <= INT8_MAX, f"frame_id {frame_id} is not in 0..{INT8_MAX}"),
+            (not (math.isfinite(ts_ms) and ts_ms >= 0), f"ts_ms {ts_ms} is not a finite number >= 0"),
             (fw < 1 or fh < 1, f"frame size {fw}x{fh} is empty"),
+            (max(fw, fh) > INT4_MAX, f"frame size {fw}x{fh} is over {INT4_MAX} a side"),
         )
         if bad
     ]

@@ -157,6 +157,11 @@ def test_schema_file_and_decoder_refuse_the_same_field_errors(change: dict[str, 
         pytest.param(("v", -1, 0.0, (10, 10)), "frame_id", id="negative-frame"),
         pytest.param(("v", 0, float("nan"), (10, 10)), "ts_ms", id="nan-timestamp"),
         pytest.param(("v", 0, 0.0, (0, 10)), "frame size", id="empty-frame"),
+        # built and published, then rejected by every drain (infinity is JSON null): the frame never stored
+        pytest.param(("v", 0, float("inf"), (10, 10)), "ts_ms", id="infinite-timestamp"),
+        pytest.param(("v", 0, 1e400, (10, 10)), "ts_ms", id="timestamp-over-a-double"),
+        pytest.param(("v", 2**63, 0.0, (10, 10)), "frame_id", id="frame-id-over-bigint"),
+        pytest.param(("v", 0, 0.0, (10, 2**31)), "frame size", id="frame-over-integer"),
     ],
 )
 def test_build_message_refuses_values_the_schema_forbids(args: tuple, text: str) -> None:
@@ -165,3 +170,10 @@ def test_build_message_refuses_values_the_schema_forbids(args: tuple, text: str)
         build_message(video_id, "v.mp4", frame_id, ts, shape, [], "m")
     with pytest.raises(MessageError, match="model"):
         build_message("v", "v.mp4", 0, 0.0, (10, 10), [], "")
+
+
+def test_the_largest_values_built_are_taken_by_the_ingest() -> None:
+    from crowd.ingest import validate
+
+    message = build_message("v", "v.mp4", 2**63 - 1, 1e300, (2**31 - 1, 2**31 - 1), [], "m")
+    assert validate(message.to_json()).frame_id == 2**63 - 1
