@@ -147,6 +147,16 @@ class DrainSummary:
     next_offsets: dict[int, int] = field(default_factory=dict)
     unreadable: dict[int, str] = field(default_factory=dict)  # partition -> where and why it cannot be read
     lost: int = 0  # messages deleted from the broker (retention, delete-records) before they were stored
+    rejected_by_code: dict[str, int] = field(default_factory=dict)  # e.g. {"not_json": 3}
+    rejected_example: dict[str, str] = field(default_factory=dict)  # code -> where and why, of its first rejection
+
+    def count_rejected(self, rejected: list[tuple]) -> None:
+        """Add a batch's ``rejected_messages`` rows to the counts, by code, with a first example of each."""
+        self.rejected += len(rejected)
+        for _, partition, offset, _, _, reason, _ in rejected:
+            code = reason.split(":", 1)[0]
+            self.rejected_by_code[code] = self.rejected_by_code.get(code, 0) + 1
+            self.rejected_example.setdefault(code, f"partition {partition} offset {offset}: {reason[:300]}")
 
     @property
     def rows_per_s(self) -> float:
@@ -515,6 +525,16 @@ def drain(
         summary.rows_per_s,
         summary.seconds,
     )
+    if summary.rejected:  # a producer sending a broken format must not leave the runs green without a word
+        log.warning(
+            "%d message(s) rejected (of %d read): not stored as frames, kept with their raw bytes and reason in the "
+            "rejected_messages table (topic %r); by kind: %s",
+            summary.rejected, summary.messages, topic,
+            "; ".join(
+                f"{code} x{n}, first at {summary.rejected_example[code]}"
+                for code, n in sorted(summary.rejected_by_code.items(), key=lambda kv: -kv[1])
+            ),
+        )  # fmt: skip
     if summary.unreadable:
         raise IngestError(
             f"{topic}: {'; '.join(summary.unreadable[p] for p in sorted(summary.unreadable))}. The record batch "
@@ -627,7 +647,7 @@ def _run(
             summary.messages += batch.messages
             summary.frames += frames
             summary.faces += faces
-            summary.rejected += len(batch.rejected)
+            summary.count_rejected(batch.rejected)
             summary.duplicates_in_batch += batch.duplicates
             summary.new_alerts += alerts.new
             summary.alerts_changed += alerts.updated + alerts.merged + alerts.ended
@@ -700,7 +720,7 @@ def _record_deleted_ranges(
     if batch.rejected:
         write_batch(conn, batch, summary.group_id)
         summary.next_offsets.update(batch.next_offsets)
-        summary.rejected += len(batch.rejected)
+        summary.count_rejected(batch.rejected)
 
 
 def _note_gap(

@@ -126,6 +126,48 @@ def test_a_run_that_finds_messages_deleted_before_they_were_stored_ends_failed(
     assert reason.startswith("lost: offsets 10..19 (10 messages)")
 
 
+@pytest.fixture
+def airflow_logging() -> None:
+    """Airflow loaded before the test's logs are caught: loading it sets up its logging, which drops pytest's
+    handler."""
+    import airflow.configuration  # noqa: F401
+
+
+@pytest.mark.services
+def test_rejected_messages_are_counted_by_kind_and_warned_about(
+    airflow_logging: None,
+    faces_topic: str,
+    pg_schema: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A producer sending a broken format left every run green with a lone INFO count: the drain task warns, by kind
+    of rejection with the first one's place and reason, and says where the messages are kept."""
+    import logging
+
+    from crowd.ingest import drain_task
+    from crowd.kafka import DeliveryTracker, reliable_producer
+
+    monkeypatch.setenv("CROWD_INGEST_GROUP", f"crowd-ingest-rejects-{uuid.uuid4().hex[:6]}")
+    producer = reliable_producer("kafka_default", timeout_s=30)
+    tracker = DeliveryTracker()
+    bad_schema = json.dumps({**frame_dict("rejects", 9, 0), "total_faces": 3}).encode()
+    values = [encode(frame_dict("rejects", i, 1)) for i in range(4)] + [b"<xml/>"] * 3 + [bad_schema]
+    for value in values:  # one key: one partition, in this order
+        producer.produce(faces_topic, key=b"rejects", value=value, on_delivery=tracker.callback)
+    assert tracker.wait(producer, timeout_s=30) == len(values)
+
+    with caplog.at_level(logging.INFO, logger="crowd.ingest"):
+        summary = drain_task(topic=faces_topic, group_id=os.environ["CROWD_INGEST_GROUP"], idle_timeout_s=3)
+
+    assert (summary["frames"], summary["rejected"]) == (4, 4)
+    assert summary["rejected_by_code"] == {"not_json": 3, "schema": 1}
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith("4 message(s) rejected (of 8 read)") and "rejected_messages" in warning
+    assert "not_json x3, first at partition" in warning and " offset 4: not_json" in warning
+    assert "schema x1, first at partition" in warning and "total_faces=3" in warning
+
+
 # --- the trigger path: scheduler + triggerer + dag-processor, nobody triggers the DAG by hand ------------------
 
 
