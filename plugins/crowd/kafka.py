@@ -28,6 +28,7 @@ from airflow.providers.apache.kafka.hooks.client import KafkaAdminClientHook
 from airflow.providers.apache.kafka.hooks.consume import KafkaConsumerHook
 from airflow.providers.apache.kafka.hooks.produce import KafkaProducerHook
 from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka.admin import AdminClient
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,14 @@ class _ReliableProducerHook(KafkaProducerHook):
     def _get_client(self, config: dict[str, Any]) -> Producer:
         producer_config = {k: v for k, v in config.items() if k not in _CONSUMER_ONLY}
         return Producer({**producer_config, **self._overrides})
+
+
+class _AdminHook(KafkaAdminClientHook):
+    """The provider's admin hook without the connection's consumer settings (librdkafka warned about each one on
+    stderr at every use, which Airflow's task runner logs at ERROR: every green drain looked failed)."""
+
+    def _get_client(self, config: dict[str, Any]) -> AdminClient:
+        return super()._get_client({k: v for k, v in config.items() if k not in _CONSUMER_ONLY})
 
 
 class _ManualCommitConsumerHook(KafkaConsumerHook):
@@ -174,7 +183,7 @@ def ensure_topics(kafka_conn_id: str, topics: list[str], *, partitions: int = 3)
 
     Kafka partitions are how the pipeline scales out: one video's frames share a key, hence a partition.
     """
-    KafkaAdminClientHook(kafka_config_id=kafka_conn_id).create_topic([(t, partitions, -1) for t in topics])
+    _AdminHook(kafka_config_id=kafka_conn_id).create_topic([(t, partitions, -1) for t in topics])
 
 
 def topic_id(kafka_conn_id: str, topic: str, *, timeout_s: float = 15) -> str | None:
@@ -183,7 +192,7 @@ def topic_id(kafka_conn_id: str, topic: str, *, timeout_s: float = 15) -> str | 
     from confluent_kafka import TopicCollection
 
     try:
-        admin = KafkaAdminClientHook(kafka_config_id=kafka_conn_id).get_conn
+        admin = _AdminHook(kafka_config_id=kafka_conn_id).get_conn
         description = admin.describe_topics(TopicCollection([topic]), request_timeout=timeout_s)[topic].result(
             timeout_s
         )

@@ -72,3 +72,20 @@ def test_the_consumer_commits_nothing_even_when_the_connection_asks_for_auto_com
     finally:
         checker.close()
     assert [tp.offset for tp in committed] == [OFFSET_INVALID] * 3, committed
+
+
+def test_admin_calls_do_not_warn_about_the_connections_consumer_settings(
+    faces_topic: str, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The connection carries the drain's consumer settings; the admin client (topic ids at every drain, topic
+    creation) passed them on and librdkafka printed a CONFWARN per setting on stderr, which Airflow's task runner
+    logs at ERROR: every green drain showed three errors."""
+    from crowd.kafka import ensure_topics, topic_id
+
+    conn_id = _connection(monkeypatch, kafka_bootstrap, enable_auto_commit="false", auto_offset_reset="earliest")
+    capfd.readouterr()
+    assert topic_id(conn_id, faces_topic)
+    ensure_topics(conn_id, [faces_topic])
+    time.sleep(0.5)  # librdkafka logs from its own threads
+    err = capfd.readouterr().err
+    assert "CONFWARN" not in err, err
