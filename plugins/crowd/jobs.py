@@ -501,7 +501,8 @@ def find_new_videos(
                 )  # fmt: skip
             elif state and state.status in already:
                 already[state.status] += 1
-                log.info("skipping %s: video %s already %s", path.name, video_id, state.status)
+                # DEBUG: at INFO every scan would list the whole library (the summary line counts them)
+                log.debug("skipping %s: video %s already %s", path.name, video_id, state.status)
                 continue
             if state and state.claimed(settings.video_claim_timeout_s):
                 in_progress += 1
