@@ -34,6 +34,11 @@ retries; if it is still gone when the run ends, `finish_videos` records the vide
 away (naming the path), and a scan that finds the same content again, under any name, processes it again.
 `finish_videos` marks a video done when all its parts were published. Schedule: `CROWD_SCAN_SCHEDULE` (default
 every 5 minutes; `none`: by hand only).
+
+The params (`frame_interval`, `confidence`, `tiles`, `model`) apply to the new videos of this run only, and
+scheduled runs take their defaults. A video is done once, by content: a manual scan run with other params
+processes its new videos that way, and later scans do not redo them with the defaults (trigger
+`crowd_video_detect` with a path to process one video again with other settings).
 """
 
 

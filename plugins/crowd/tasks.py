@@ -81,7 +81,8 @@ def _planned(items: list[jobs.WorkItem], options: jobs.DetectOptions) -> list[di
     return [dataclasses.replace(item, model=options.model).to_dict() for item in items]
 
 
-@task
+# the work items (up to max_map_length of them, ~300 characters each) are summed up in the log, not printed whole
+@task(show_return_value_in_logs=False)
 def scan_video_folders() -> list[dict[str, Any]]:
     """List the new videos under the configured roots and split them into work items."""
     from crowd import jobs
@@ -106,7 +107,7 @@ def _manual_run_is_active(run_id: str) -> bool:
     return state in ("queued", "running")
 
 
-@task
+@task(show_return_value_in_logs=False)
 def plan_requested_video() -> list[dict[str, Any]]:
     """Check the ``video_path`` param (an existing .mp4 inside the roots) and split it into work items."""
     from crowd import jobs
@@ -116,9 +117,9 @@ def plan_requested_video() -> list[dict[str, Any]]:
     try:
         return _planned(jobs.plan_requested_video(params["video_path"], load_settings(), _run_stamp()), options)
     except ConfigError as exc:
-        raise AirflowFailException(f"invalid video_path: {exc}") from exc
+        raise AirflowFailException(f"invalid video_path: {exc}") from None
     except jobs.BadVideoError as exc:  # an empty or unreadable file: retrying cannot help
-        raise AirflowFailException(str(exc)) from exc
+        raise AirflowFailException(str(exc)) from None
 
 
 @task(map_index_template="{{ work_item_label }}", multiple_outputs=False)  # one XCom, not one per key
@@ -141,10 +142,11 @@ def detect_and_publish(item: dict[str, Any]) -> dict[str, Any]:
         raise
     try:
         return jobs.detect_and_publish(work, options, load_settings(), _run_stamp())
+    # expected conditions: the message says it all, a chain of tracebacks around it only hid it (from None)
     except (jobs.BadVideoError, jobs.VideoChangedError) as exc:  # retrying cannot help
-        raise AirflowFailException(str(exc)) from exc
+        raise AirflowFailException(str(exc)) from None
     except ModelError as exc:  # the files changed since the first task checked them: retrying them cannot help
-        raise AirflowFailException(f"model not usable: {exc}") from exc
+        raise AirflowFailException(f"model not usable: {exc}") from None
 
 
 @task(trigger_rule="all_done", multiple_outputs=False)
@@ -164,14 +166,15 @@ def finish_videos(items: list[dict[str, Any]] | None, results: list[dict[str, An
     outcome = jobs.finish_videos([jobs.WorkItem(**i) for i in items], results[:], load_settings(), _run_stamp())
     incomplete, gone = outcome["incomplete"], outcome["gone"]
     if incomplete:
+        names = {i["video_id"]: i["path"].rsplit("/", 1)[-1] for i in items}
         went_away = (
             f"; {len(gone)} of them failed: {'its file' if len(gone) == 1 else 'their files'} went away during the "
-            f"run (the videos table names the path): {', '.join(gone)}"
+            f"run (the videos table names the path): {', '.join(f'{names[v]} ({v})' for v in gone)}"
             if gone
             else ""
         )
         raise AirflowFailException(
             f"{len(incomplete)} video(s) not completed (see the failed detect_and_publish tasks): "
-            f"{', '.join(incomplete)}{went_away}; {len(outcome['done'])} done"
+            f"{', '.join(f'{names[v]} ({v})' for v in incomplete)}{went_away}; {len(outcome['done'])} done"
         )
     return outcome

@@ -118,8 +118,9 @@ def test_an_empty_requested_video_fails_at_once(pg_schema, video_root, monkeypat
     run = SimpleNamespace(run_id="manual__empty", start_date=datetime.now(UTC), run_after=None)
     context = {"params": {"video_path": str(empty)}, "dag_run": run}
     monkeypatch.setattr(tasks, "get_current_context", lambda: context)
-    with pytest.raises(AirflowFailException, match="0 bytes"):
+    with pytest.raises(AirflowFailException, match="0 bytes") as failure:
         tasks.plan_requested_video.function()
+    assert failure.value.__cause__ is None, "an expected failure logs its reason, not a chain of tracebacks"
 
 
 def test_a_video_moved_after_the_scan_is_not_recorded_as_failed(pg_schema, video_root, monkeypatch) -> None:
@@ -178,8 +179,9 @@ def test_a_file_changed_after_the_scan_is_not_published_under_the_old_id(
     context = {"params": {}, "dag_run": None}
     monkeypatch.setattr(tasks, "get_current_context", lambda: context)
     monkeypatch.setattr(tasks, "_run_stamp", lambda: None)
-    with pytest.raises(AirflowFailException, match="not the file identified"):
+    with pytest.raises(AirflowFailException, match="not the file identified") as failure:
         tasks.detect_and_publish.function(item.to_dict())
+    assert failure.value.__cause__ is None, "an expected failure logs its reason, not a chain of tracebacks"
 
     (again,) = find_new_videos()
     assert again.video_id == content_hash(video) != item.video_id

@@ -166,6 +166,7 @@ def test_a_video_whose_file_goes_away_before_its_task_ends_failed(
     status, error = _row(item.video_id)
     assert status == "failed", f"the video stays {status!r}: {error}"
     assert "1 video(s) not completed" in str(failure.value) and "1 of them failed: its file went" in str(failure.value)
+    assert f"completed (see the failed detect_and_publish tasks): cam.mp4 ({item.video_id})" in str(failure.value)
     assert error.startswith(WENT_AWAY) and repr(str(video)) in error and "scheduled__1" in error, error
     assert "0 of 1 part(s)" in error, error
     assert find_new_videos() == []  # nowhere in the roots

@@ -103,3 +103,15 @@ def test_every_declaration_of_an_asset_is_identical(dag_bag) -> None:
     for name, places in declared.items():
         shapes = {(a.uri, tuple(w.name for w in a.watchers)) for _, a in places}
         assert len(shapes) == 1, f"asset {name} is declared differently: {[(p, a.uri, a.watchers) for p, a in places]}"
+
+
+def test_planning_tasks_do_not_print_their_work_items(dag_bag) -> None:
+    """Airflow logs a task's return value whole: a scan's list of up to max_map_length work items was one line of
+    ~300 KB in every run's log (the planning itself logs a summary)."""
+    planners = {
+        ("crowd_video_scan", "scan_video_folders"),
+        ("crowd_video_detect", "plan_requested_video"),
+    }
+    for dag_id, task_id in planners:
+        task = dag_bag.get_dag(dag_id).get_task(task_id)
+        assert task.show_return_value_in_logs is False, f"{dag_id}.{task_id}"
