@@ -66,6 +66,9 @@ MAX_PAGE = 1000
 CSV_BATCH_ROWS = 2000  # rows per fetch of a CSV export (one chunk of the response)
 CSV_RETRY_AFTER_S = 10  # Retry-After of the 503 when every CSV export slot is taken
 CSV_SEND_TIMEOUT_S = 60.0  # a client that takes no chunk of an export for this long loses it (and its slot)
+# an export still running after this long is cut off: a client reading just fast enough never to hit the send
+# timeout (~4 KB/s) held a slot and an open transaction for hours (a few of them: every export of the process 503)
+CSV_EXPORT_MAX_S = 3600.0
 MAX_WAIT_S = 5.0
 SEND_TIMEOUT_S = 5.0
 KAFKA_PROBE_TTL_S = 5.0
@@ -541,17 +544,29 @@ class ExportSlots:
 class ClosingStreamingResponse(StreamingResponse):
     """A streaming response that calls ``on_close`` (in the thread pool) once it ends, however it ends: sent whole,
     client gone, cancelled, or a client that stays connected but takes no chunk for :data:`CSV_SEND_TIMEOUT_S`
-    (its socket full: it would hold the resources for ever). A generator left unfinished runs its ``finally`` only
-    when garbage-collected, and one never started not at all: its resources would stay held until then."""
+    (its socket full: it would hold the resources for ever) or is still reading after :data:`CSV_EXPORT_MAX_S`
+    (then the transfer is cut off, which clients report as an error). A generator left unfinished runs its
+    ``finally`` only when garbage-collected, and one never started not at all: its resources would stay held until
+    then."""
 
     def __init__(self, content: Iterable[str], on_close: Callable[[], None], **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.monotonic()
+
         async def send_in_time(message: Message) -> None:
-            with anyio.fail_after(CSV_SEND_TIMEOUT_S):
-                await send(message)
+            left_s = CSV_EXPORT_MAX_S - (time.monotonic() - started)
+            try:
+                with anyio.fail_after(max(0.0, min(CSV_SEND_TIMEOUT_S, left_s))):
+                    await send(message)
+            except TimeoutError:
+                log.warning(
+                    "%s: transfer cut off after %.0f s (the client took no data for %g s, or the export ran longer "
+                    "than %g s)", scope.get("path"), time.monotonic() - started, CSV_SEND_TIMEOUT_S, CSV_EXPORT_MAX_S,
+                )  # fmt: skip
+                raise
 
         try:
             await super().__call__(scope, receive, send_in_time)

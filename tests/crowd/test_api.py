@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import itertools
 import json
 import os
 import socket
@@ -908,6 +910,53 @@ def test_a_client_that_stops_reading_an_export_loses_it_after_the_send_timeout(
         assert again.status_code == 200 and again.text.count("\n") == CSV_ROWS + 1
     finally:
         stalled.close()
+
+
+def test_a_client_reading_an_export_too_slowly_loses_it_after_the_export_time_limit(
+    request: pytest.FixtureRequest, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client taking a little now and then, never silent for the send timeout, held its export slot (and an open
+    transaction) until the whole file went through: hours for a big video. The export is cut off after
+    ``CSV_EXPORT_MAX_S`` and the slot comes back."""
+    import httpx
+
+    from crowd import api, storage
+
+    monkeypatch.setenv("CROWD_MAX_CSV_EXPORTS", "1")
+    monkeypatch.setattr(api, "CSV_EXPORT_MAX_S", 3.0)
+    with storage.connect("crowd_postgres") as conn:
+        storage.migrate(conn)
+        conn.execute("INSERT INTO videos (id, path, status) VALUES ('bigvideo03', '/v/big.mp4', 'done')")
+        conn.execute(
+            "INSERT INTO frames (video_id, frame_id, frame_ts_ms, total_faces, model, frame_width, frame_height, source)"
+            " SELECT 'bigvideo03', f, f * 33.3, mod(f, 7), 'some-model', 640, 480, 's' FROM generate_series(0, %s) f",
+            (CSV_ROWS - 1,),
+        )
+        conn.commit()
+    live_server = request.getfixturevalue("live_server")
+    host, port = urlsplit(live_server).hostname, urlsplit(live_server).port
+    with httpx.Client(base_url=live_server, timeout=60) as http:
+        bearer = token(http, "viewer")
+    slow = socket.create_connection((host, port))
+    try:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.sendall(f"GET /crowd/videos/bigvideo03/frames.csv HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     f"{bearer}\r\n\r\n".encode())  # fmt: skip
+        assert slow.recv(100).startswith(b"HTTP/1.1 200")
+        slow.settimeout(1.0)
+        received, started = 0, time.monotonic()
+        with httpx.Client(base_url=live_server, timeout=60, headers={"Authorization": f"Bearer {bearer}"}) as http:
+            for i in itertools.count():  # ~20 KB/s: 10 MB would take ~8 min, and it never stops reading for long
+                assert time.monotonic() - started < 60, f"the slow client kept the only export slot ({received} B)"
+                with contextlib.suppress(TimeoutError):
+                    received += len(slow.recv(2048))
+                time.sleep(0.1)
+                if i % 10 == 9 and (again := http.get("/crowd/videos/bigvideo03/frames.csv")).status_code != 503:
+                    break
+        assert again.status_code == 200 and again.text.count("\n") == CSV_ROWS + 1
+        assert time.monotonic() - started >= 3 and received < 5_000_000, "the slow client was not the one cut off"
+    finally:
+        slow.close()
 
 
 def _store_frames_without_registry(faces_topic: str, video_id: str, frame_ids: range) -> None:
