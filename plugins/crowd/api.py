@@ -412,10 +412,12 @@ def kafka_client_config(conn_id: str) -> dict[str, Any]:
 
 
 def pg_connect(settings: Settings) -> Any:
-    """A psycopg 3 connection to the results database (the caller closes it)."""
+    """A psycopg 3 connection to the results database (the caller closes it); its statements are cancelled after
+    ``settings.api_statement_timeout_s`` (a request's thread, shared with the whole Airflow API server, is not held
+    without bound by a slow query or one waiting on a lock)."""
     from crowd import storage
 
-    return storage.connect(settings.postgres_conn_id)
+    return storage.connect(settings.postgres_conn_id, statement_timeout_s=settings.api_statement_timeout_s or None)
 
 
 class KafkaProbe:

@@ -120,6 +120,7 @@ class Settings:
     receiver_max_queue: int = 1000
     receiver_max_queue_bytes: int = 64 * 1024 * 1024
     max_csv_exports: int = 4
+    api_statement_timeout_s: float = 30.0  # a results query of the API running longer is cancelled (503)
     alert_threshold: int | None = 10
     alert_min_duration_s: float = 2.0
     video_roots: tuple[Path, ...] = field(default_factory=tuple)
@@ -229,6 +230,13 @@ def load_settings() -> Settings:
         receiver_max_queue=_env_number("CROWD_RECEIVER_MAX_QUEUE", 1000, minimum=1),
         receiver_max_queue_bytes=_env_number("CROWD_RECEIVER_MAX_QUEUE_BYTES", 64 * 1024 * 1024, minimum=1),
         max_csv_exports=_env_number("CROWD_MAX_CSV_EXPORTS", 4, minimum=1),
+        api_statement_timeout_s=_env_number(
+            "CROWD_API_STATEMENT_TIMEOUT_S",
+            30.0,
+            minimum=0,
+            maximum=2_147_483,
+            whole=False,  # PostgreSQL ms: int4
+        ),
         alert_threshold=_env_number("CROWD_ALERT_THRESHOLD", 10, minimum=0) or None,
         alert_min_duration_s=_env_number("CROWD_ALERT_MIN_DURATION_S", 2.0, whole=False),
         video_roots=_env_paths("CROWD_VIDEO_ROOTS", str(PROJECT_ROOT / ".local" / "videos")),

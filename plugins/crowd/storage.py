@@ -486,17 +486,23 @@ CONNECTION_SAFETY: dict[str, int] = {
 }
 
 
-def connect(postgres_conn_id: str, **overrides: int) -> psycopg.Connection:
+def connect(postgres_conn_id: str, *, statement_timeout_s: float | None = None, **overrides: int) -> psycopg.Connection:
     """Open a psycopg 3 connection (not autocommit) from an Airflow Postgres connection id.
 
     The connection's extra decides; :data:`CONNECTION_SAFETY` fills in what it leaves out, and ``overrides``
-    (libpq settings, e.g. ``connect_timeout=3``) win over both. The caller closes it (use it as a context manager).
+    (libpq settings, e.g. ``connect_timeout=3``) win over both. ``statement_timeout_s``: the session's
+    ``statement_timeout``, unless the extra's ``options`` set one (they come after it, so they win). The caller
+    closes it (use it as a context manager).
     """
     from airflow.providers.postgres.hooks.postgres import PostgresHook
 
     class _Hook(PostgresHook):
         def _create_connection(self, conn_args: dict) -> psycopg.Connection:
-            return super()._create_connection({**CONNECTION_SAFETY, **conn_args, **overrides})
+            args = {**CONNECTION_SAFETY, **conn_args, **overrides}
+            if statement_timeout_s:
+                ms = max(1, round(statement_timeout_s * 1000))
+                args["options"] = f"-c statement_timeout={ms} {args.get('options') or ''}".strip()
+            return super()._create_connection(args)
 
     conn = _Hook(postgres_conn_id=postgres_conn_id).get_conn()
     if not isinstance(conn, psycopg.Connection):

@@ -760,6 +760,34 @@ def test_csv_exports_come_in_batches_and_one_the_database_cannot_answer_is_a_503
     assert client.get(f"/crowd/videos/{V}/faces.csv", headers=headers).text == faces.text  # lock gone: whole again
 
 
+def test_a_results_query_stuck_behind_a_lock_is_cancelled_after_the_api_statement_timeout(
+    client: Any, faces_topic: str, results_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No statement timeout was set: a query waiting on a lock (a migration, a maintenance job) or running long held
+    its request's thread, one of the pool the whole Airflow API server shares, without bound. Now it answers 503
+    after ``CROWD_API_STATEMENT_TIMEOUT_S``; the lock here is released after 20 s, so without the timeout the
+    request succeeds late and the test fails."""
+    from crowd import storage
+
+    seed_results(faces_topic, results_dir)
+    headers = auth(client, "viewer")
+    monkeypatch.setenv("CROWD_API_STATEMENT_TIMEOUT_S", "1")
+    with storage.connect("crowd_postgres") as locker:
+        locker.execute("LOCK TABLE frames IN ACCESS EXCLUSIVE MODE")
+        release = threading.Timer(20, locker.rollback)
+        release.start()
+        try:
+            started = time.monotonic()
+            blocked = client.get(f"/crowd/videos/{V}/frames", headers=headers)
+            waited = time.monotonic() - started
+        finally:
+            release.cancel()
+            locker.rollback()
+    assert blocked.status_code == 503, (blocked.status_code, blocked.text[:200], waited)
+    assert "statement timeout" in blocked.json()["detail"], blocked.text
+    assert client.get(f"/crowd/videos/{V}/frames", headers=headers).status_code == 200
+
+
 def test_the_picture_list_names_only_pictures_it_serves(client: Any, results_dir: Path) -> None:
     """A name ending in a newline passed the list's check (Python's ``$`` matches before a last newline), not the
     picture route's: the dashboard drew a broken picture."""
