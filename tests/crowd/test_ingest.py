@@ -248,6 +248,50 @@ def test_rows_and_offsets_are_committed_together(faces_topic: str, pg_schema: st
     assert scalar("SELECT sum(next_offset) FROM kafka_offsets") == 100
 
 
+def test_a_frames_write_that_fails_moves_no_offset(faces_topic: str, pg_schema: str) -> None:
+    """The other order: rows that cannot be written take their batch's offsets with them, in PostgreSQL and in
+    Kafka (offsets committed before their rows would skip those messages for good once the rows fail). Once the
+    frames table takes writes again, the next drain reads the batch again and stores every frame once."""
+    from confluent_kafka import TopicPartition
+
+    from crowd.kafka import manual_commit_consumer
+
+    quick_drain(faces_topic)  # migrates the schema
+    with pg() as conn:
+        conn.execute(
+            "CREATE FUNCTION refuse_frames() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'frames refused by the test'; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER refuse_frames BEFORE INSERT OR UPDATE ON frames "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_frames()"
+        )
+    messages = two_videos(60, 40)
+    publish_frames(faces_topic, messages)
+
+    with pytest.raises(psycopg.errors.RaiseException, match="frames refused by the test"):
+        quick_drain(faces_topic, batch_size=30)
+    assert scalar("SELECT count(*) FROM frames") == 0
+    assert scalar("SELECT count(*) FROM faces") == 0
+    assert scalar("SELECT count(*) FROM kafka_offsets") == 0
+    consumer = manual_commit_consumer("kafka_default", group_id=GROUP)
+    try:
+        committed = consumer.committed([TopicPartition(faces_topic, p) for p in range(3)], timeout=10)
+    finally:
+        consumer.close()
+    assert all(tp.offset < 0 for tp in committed), committed  # none committed to Kafka either
+
+    with pg() as conn:
+        conn.execute("DROP TRIGGER refuse_frames ON frames")
+    summary = quick_drain(faces_topic, batch_size=30)
+    assert (summary.messages, summary.frames) == (100, 100)
+    with pg() as conn:
+        stored = sorted(conn.execute("SELECT video_id, frame_id FROM frames").fetchall())
+    assert stored == sorted((m["video_id"], m["frame_id"]) for m in messages)  # every frame, once
+    assert scalar("SELECT count(*) FROM faces") == sum(m["total_faces"] for m in messages)
+    assert scalar("SELECT sum(next_offset) FROM kafka_offsets") == 100
+
+
 class _BrokerFallsSilent:
     """A real consumer whose broker stops answering after ``batches`` fetches that gave messages (what librdkafka
     shows while every broker is down: no message, no end-of-partition event, no error)."""

@@ -239,6 +239,8 @@ def test_a_process_killed_while_writing_a_picture_leaves_a_whole_one(tmp_path: P
 def test_unusable_results_folder_fails_the_task_clearly_and_leaves_kafka_and_postgres_intact(
     env: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kind: str, expected: str, request: pytest.FixtureRequest
 ) -> None:
+    """An unusable results folder fails the task with ``ResultsFolderError`` naming it and leaves the video
+    ``processing`` (not ``failed``: the video is fine); a rerun with a good folder stores each frame once."""
     from crowd.jobs import DetectOptions, ResultsFolderError, detect_and_publish, finish_videos, plan_requested_video
 
     if kind == "enotdir":
@@ -256,8 +258,9 @@ def test_unusable_results_folder_fails_the_task_clearly_and_leaves_kafka_and_pos
     with pytest.raises(ResultsFolderError, match=expected) as failure:
         detect_and_publish(item, options, settings)
     error = failure.value
-    status, _ = _status(item.video_id)
-    assert status != "done"
+    status, reason = _status(item.video_id)
+    # the folder is at fault, not the video: neither done nor failed, so the retry (or the next scan) processes it
+    assert status == "processing", (status, reason)
 
     # PostgreSQL and Kafka are intact: what reached the topic drains cleanly, and a rerun with a usable folder
     # completes the video with each frame stored once.

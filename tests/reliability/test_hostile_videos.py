@@ -104,49 +104,56 @@ def image_bytes(ext: str) -> bytes:
     return buf.tobytes()
 
 
+_OPENCV_REFUSES = r"not a video container \(OpenCV cannot open it, read 0 frames\)"
+_NO_INDEX = r"an MP4 file without its index \(the moov box\): truncated, or still being written"
+
 # name -> (file name, builder(root, tmp, good) -> path, expected) ; expected: ("failed", regex) | ("done", None)
-# | ("unplanned", None): left out of the scan's plan (and refused when given directly).
+# | ("unplanned", regex): left out of the scan's plan (and refused when given directly, the reason matching regex).
 CASES: dict[str, tuple] = {
     "zero-bytes": (
         "zero.mp4",
         lambda r, t, g: _write(r / "zero.mp4", b""),
-        ("unplanned", "empty"),
+        ("unplanned", r"file is empty \(0 bytes\)"),
     ),  # skipped until it has content
     "text": (
         "notes.mp4",
         lambda r, t, g: _write(r / "notes.mp4", b"just some text\n" * 100),
-        ("failed", "not a video"),
+        ("failed", _OPENCV_REFUSES),
     ),
-    "png-renamed": ("png.mp4", lambda r, t, g: _write(r / "png.mp4", image_bytes(".png")), ("failed", "not a video")),
+    "png-renamed": (
+        "png.mp4",
+        lambda r, t, g: _write(r / "png.mp4", image_bytes(".png")),
+        ("failed", r"not a video container \(it is a PNG image, not a video\)"),
+    ),
     "jpeg-renamed": (
         "jpeg.mp4",
         lambda r, t, g: _write(r / "jpeg.mp4", image_bytes(".jpg")),
-        ("failed", "not a video"),
+        ("failed", r"not a video container \(it is a JPEG image, not a video\)"),
     ),
     "random-bytes": (
         "random.mp4",
         lambda r, t, g: _write(r / "random.mp4", np.random.default_rng(1).bytes(256 * 1024)),
-        ("failed", "not a video"),
+        ("failed", _OPENCV_REFUSES),
     ),
     "ftyp-box-only": (
         "ftyp.mp4",
         lambda r, t, g: _write(r / "ftyp.mp4", struct.pack(">I", 24) + b"ftypisom\0\0\2\0isomiso2"),
-        ("failed", "MP4 file without its index"),
+        ("failed", _NO_INDEX),
     ),
     "truncated-to-2k": (
         "head.mp4",
         lambda r, t, g: _write(r / "head.mp4", g.read_bytes()[:2048]),
-        ("failed", "MP4 file without its index"),
+        ("failed", _NO_INDEX),
     ),
     "truncated-half": (
         "half.mp4",
         lambda r, t, g: _write(r / "half.mp4", g.read_bytes()[: g.stat().st_size // 2]),
-        ("failed", "MP4 file without its index"),  # cv2 writes the index (moov) last: half a file has none
+        ("failed", _NO_INDEX),  # cv2 writes the index (moov) last: half a file has none
     ),
     "garbage-in-the-middle": (
         "garbage.mp4",
         lambda r, t, g: patched(g, r / "garbage.mp4", garbage_middle),
-        ("failed", "corrupt|decod|stopped"),
+        ("failed", r"decoding stopped at frame 10 of about 30 \(0\.33 s of 1\.00 s\) \(truncated or corrupt data"),
     ),
     "huge-dimensions-header": (
         "huge.mp4",
@@ -156,7 +163,7 @@ CASES: dict[str, tuple] = {
     "zero-fps": (
         "zerofps.mp4",
         lambda r, t, g: patched(g, r / "zerofps.mp4", zero_timescale),
-        ("failed", "fps|frame rate|decoding stopped"),  # FFmpeg decodes frame 0, then stops: reported as corrupt
+        ("failed", r"decoding stopped at frame 1 of about 30 \(truncated or corrupt data\)"),  # FFmpeg decodes frame 0
     ),
     "audio-only": (
         "audio.mp4",
@@ -181,11 +188,11 @@ CASES: dict[str, tuple] = {
         lambda r, t, g: clip(r / "café crowd ☃ 1.mp4", 12, start=60),
         ("done", None),
     ),
-    "directory-named-mp4": ("dir.mp4", lambda r, t, g: _mkdir(r / "dir.mp4"), ("unplanned", "directory|regular")),
+    "directory-named-mp4": ("dir.mp4", lambda r, t, g: _mkdir(r / "dir.mp4"), ("unplanned", "is not a regular file")),
     "symlink-out-of-roots": (
         "escape.mp4",
         lambda r, t, g: _symlink(r / "escape.mp4", clip(t / "outside.mp4", 5, start=90)),
-        ("unplanned", "outside the video roots"),
+        ("unplanned", r"resolves to '.*/outside\.mp4', outside the video roots"),
     ),
     "dangling-symlink": (
         "dangling.mp4",
@@ -195,15 +202,29 @@ CASES: dict[str, tuple] = {
     "symlink-loop": (
         "loop.mp4",
         lambda r, t, g: _symlink(r / "loop.mp4", r / "loop.mp4"),
-        ("unplanned", "cannot be resolved|loop"),
+        ("unplanned", "cannot be resolved: Symlink loop"),
     ),
-    "fifo-named-mp4": ("fifo.mp4", lambda r, t, g: _mkfifo(r / "fifo.mp4"), ("unplanned", "regular")),
+    "fifo-named-mp4": ("fifo.mp4", lambda r, t, g: _mkfifo(r / "fifo.mp4"), ("unplanned", "is not a regular file")),
     "still-being-written": (
         "growing.mp4",
         lambda r, t, g: _write(r / "growing.mp4", g.read_bytes()[: int(g.stat().st_size * 0.4)]),
-        ("failed", "MP4 file without its index"),  # once complete its hash changes and the next scan takes it
+        ("failed", _NO_INDEX),  # once complete its hash changes and the next scan takes it
     ),
 }
+
+
+# The frames each planned file publishes (frame ids; every fps/3-th frame is sampled), and their size: the clips of
+# carphone at 29.97 fps give frames 0, 9, 18, 27, the camera recording at 15 fps every 5th of its 20. A file not
+# listed publishes nothing (refused when opened).
+PUBLISHED: dict[str, list[int]] = {
+    "garbage-in-the-middle": [0, 9],  # the frames before decoding stopped at frame 10
+    "zero-fps": [0],  # FFmpeg decodes frame 0, then stops
+    "huge-dimensions-header": [0, 9, 18, 27],  # 4 frames, at 176x144 (not the container's 65535x65535)
+    "video-with-sound-track": [0, 5, 10, 15],  # the same frames as the video track alone (its 20, at 15 fps)
+    "one-frame": [0],
+    "unicode-and-spaces-name": [0, 9],  # 12 frames
+}
+FRAME_SIZE = (176, 144)
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -316,11 +337,13 @@ def hostile_run(kafka_admin, postgres_admin_dsn: str, tmp_path_factory: pytest.T
 
         bootstrap = json.loads(os.environ["AIRFLOW_CONN_KAFKA_DEFAULT"])["extra"]["bootstrap.servers"]
         keys: dict[str, int] = {}
+        published: dict[str, list[dict]] = {}  # video id -> its messages, in topic order
         for m in _consume_all(env["CROWD_FACES_TOPIC"], bootstrap):
             keys[m.key().decode()] = keys.get(m.key().decode(), 0) + 1
+            published.setdefault(m.key().decode(), []).append(json.loads(m.value()))
         yield {
             "root": root, "paths": paths, "good": good, "items": items, "outcomes": outcomes, "rows": rows, "ids": ids,
-            "keys": keys, "finish": finish, "direct": direct,
+            "keys": keys, "published": published, "finish": finish, "direct": direct,
         }  # fmt: skip
         if os.path.exists(root / "fifo.mp4"):
             os.unlink(root / "fifo.mp4")
@@ -332,6 +355,8 @@ def _row(run: dict, path: Path) -> tuple | None:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile_file_fails_alone_with_a_clear_reason(hostile_run: dict, name: str) -> None:
+    """Each file ends as RELIABILITY.md says: left out of the plan, failed with its reason, or done; and publishes
+    exactly the frames listed in ``PUBLISHED`` (none when refused when opened), each once, at the stream's size."""
     import re
 
     _, _, (kind, reason) = CASES[name]
@@ -347,9 +372,13 @@ def test_hostile_file_fails_alone_with_a_clear_reason(hostile_run: dict, name: s
     row = _row(hostile_run, path)
     assert row is not None, f"no videos row for {name}"
     status, error, video_id = row
+    published = hostile_run["published"].get(video_id, [])
+    assert [m["frame_id"] for m in published] == PUBLISHED.get(name, []), [m["frame_id"] for m in published]
+    assert all((m["frame_width"], m["frame_height"]) == FRAME_SIZE for m in published), published[:1]
+    if name == "video-with-sound-track":  # the video track's own frames and times (15 fps), as without sound
+        assert [m["frame_ts_ms"] for m in published] == pytest.approx([i * 1000 / 15 for i in (0, 5, 10, 15)])
     if kind == "done":
         assert status == "done", (status, error)
-        assert hostile_run["keys"].get(video_id, 0) >= 1
         return
     outcome = hostile_run["outcomes"][str(path)]
     assert isinstance(outcome, Exception), f"{name} was processed: {outcome}"

@@ -82,6 +82,59 @@ def drain_in_background(topic: str, total: int, *, until: float, before: str) ->
     return thread, out
 
 
+def wait_for_stored_offsets_to_stall(steady_s: float, timeout_s: float) -> int:
+    """The sum of the stored offsets once it has not grown for ``steady_s`` (a drain whose broker is gone has
+    stored what it had fetched before)."""
+    deadline = time.monotonic() + timeout_s
+    value, since = stored_offsets_sum(), time.monotonic()
+    while time.monotonic() - since < steady_s:
+        assert time.monotonic() < deadline, f"the stored offsets still grow after {timeout_s} s (now {value})"
+        time.sleep(0.1)
+        if (now := stored_offsets_sum()) != value:
+            value, since = now, time.monotonic()
+    return value
+
+
+def assert_each_frame_stored_once_as_last_published(topic: str, bootstrap: str, frames: int) -> None:
+    """Frames 0..``frames``-1 are stored, each once, with the columns and faces of the last message published for it
+    (the one the sink keeps of duplicates: a rerun's replaces the failed try's), and nothing else is."""
+    from tests.dags.test_detection_dags import _consume_all
+
+    last: dict[tuple[str, int], tuple[int, int, dict]] = {}
+    for message in _consume_all(topic, bootstrap):
+        value = json.loads(message.value())
+        key = (value["video_id"], value["frame_id"])
+        if key not in last or last[key][:2] < (message.partition(), message.offset()):
+            last[key] = (message.partition(), message.offset(), value)
+    with storage.connect("crowd_postgres") as conn:
+        stored = {
+            (v, f): rest
+            for v, f, *rest in conn.execute(
+                "SELECT video_id, frame_id, kafka_partition, kafka_offset, frame_ts_ms, total_faces, frame_width, "
+                "frame_height, source, model FROM frames"
+            )
+        }
+        faces = {
+            (v, f, i): (x, y, w, h, round(c, 4))
+            for v, f, i, x, y, w, h, c in conn.execute(
+                "SELECT video_id, frame_id, face_id, x, y, width, height, confidence FROM faces"
+            )
+        }
+    assert sorted(f for _, f in stored) == list(range(frames))  # every frame, once
+    assert stored == {
+        key: [p, o, *(m[c] for c in ("frame_ts_ms", "total_faces", "frame_width", "frame_height", "source", "model"))]
+        for key, (p, o, m) in last.items()
+    }
+    assert faces == {
+        (m["video_id"], m["frame_id"], f["face_id"]): (
+            *(f["bounding_box"][k] for k in ("x", "y", "width", "height")),
+            round(f["confidence"], 4),
+        )
+        for _, _, m in last.values()
+        for f in m["faces"]
+    }
+
+
 def assert_backlog_stored_once(messages: list[dict], n_bad: int, total: int) -> dict[str, int]:
     """Every valid message of the backlog is one frame (faces exact), every bad one a rejection, every offset
     stored; the counts."""
@@ -99,6 +152,10 @@ def assert_backlog_stored_once(messages: list[dict], n_bad: int, total: int) -> 
 def test_broker_killed_mid_publish_fails_the_task_and_the_rerun_stores_each_frame_once(
     private_faces: str, kafka_up: PrivateKafka, pg_schema: str, video_root: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
+    """The broker killed after 100 of 600 messages: the task fails with ``PublishError``, the video stays
+    ``processing``. The failed try's messages are drained first (the deployment's drain runs as they arrive), then
+    the rerun publishes all 600 again and a second drain meets frames already stored: each frame ends stored once,
+    as the rerun's message says, none lost."""
     from crowd.config import load_settings
     from crowd.jobs import DetectOptions, detect_and_publish, finish_videos, plan_requested_video
     from crowd.kafka import PublishError
@@ -130,22 +187,30 @@ def test_broker_killed_mid_publish_fails_the_task_and_the_rerun_stores_each_fram
         assert storage.get_video_status(conn, item.video_id) == "processing"  # not done, not failed: retried
 
     restart_s = kafka_up.start()
+    # the failed try's messages are stored before the rerun, so the rerun's duplicates meet them in the table (not
+    # only in one batch)
+    from_failed_try = kafka_up.high_watermarks(private_faces)
+    first = drain("kafka_default", "crowd_postgres", private_faces, GROUP, batch_wait_s=0.2, idle_timeout_s=5)
+    stored_first = pg_counts()
+    assert (first.messages, first.lag_left) == (from_failed_try, 0), first
+    assert 0 < stored_first["frames"] == stored_first["consistent_frames"] == from_failed_try < expected, stored_first
+
     rerun = detect_and_publish(item, options, settings)  # what Airflow's retry runs
     assert rerun["messages"] == expected
     assert finish_videos([item], [rerun], settings)["done"] == [item.video_id]
     in_topic = kafka_up.high_watermarks(private_faces)
 
-    summary = drain("kafka_default", "crowd_postgres", private_faces, GROUP, batch_wait_s=0.2, idle_timeout_s=5)
+    second = drain("kafka_default", "crowd_postgres", private_faces, GROUP, batch_wait_s=0.2, idle_timeout_s=5)
     counts = pg_counts()
+    assert (second.messages, second.lag_left) == (in_topic - from_failed_try, 0) == (expected, 0), second
     assert counts["frames"] == counts["consistent_frames"] == expected, counts
-    assert counts["rejected"] == 0 and counts["offsets"] == in_topic == summary.messages
-    with storage.connect("crowd_postgres") as conn:
-        ids = [r[0] for r in conn.execute("SELECT frame_id FROM frames ORDER BY frame_id")]
-    assert ids == list(range(expected))
+    assert counts["rejected"] == 0 and counts["offsets"] == in_topic
+    assert_each_frame_stored_once_as_last_published(private_faces, kafka_up.bootstrap, expected)
     figures = {
         "frames_expected": expected, "in_topic_before_kill": published_before_kill,
         "task_failed_after_kill_s": round(failed_after_s, 1), "error": str(out["error"])[:200],
-        "broker_restart_s": round(restart_s, 1), "messages_in_topic": in_topic, "frames_stored": counts["frames"],
+        "broker_restart_s": round(restart_s, 1), "stored_from_the_failed_try": stored_first["frames"],
+        "messages_in_topic": in_topic, "frames_stored": counts["frames"], "drains": 2,
         "lost": expected - counts["frames"], "duplicates_in_topic_absorbed": in_topic - expected,
     }  # fmt: skip
     report("fault-1 broker kill -9 mid-publish", figures)
@@ -157,6 +222,9 @@ def test_broker_killed_mid_publish_fails_the_task_and_the_rerun_stores_each_fram
 def test_broker_restart_mid_drain_loses_nothing_and_doubles_nothing(
     private_faces: str, kafka_up: PrivateKafka, pg_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """kill -9 of the broker at a fifth of the backlog: the drain stores what it had fetched, then stalls while the
+    broker is down; with an idle timeout of 40 s (longer than the outage; the DAG's default is 10 s) the same call
+    goes on after the restart and stores every message once."""
     n_videos, per_video = 6, 5000
     messages, items = backlog_with_garbage(n_videos, per_video, faces_every=4, garbage_every=500, garbage=b"not json")
     publish_private(private_faces, items)
@@ -170,8 +238,10 @@ def test_broker_restart_mid_drain_loses_nothing_and_doubles_nothing(
     at_kill = stored_offsets_sum()
     kafka_up.kill9()
     time.sleep(3)  # the drain sees a dead broker for a while
-    at_restart = stored_offsets_sum()
+    # progress stalls: what was fetched before the kill is stored, then nothing more until the broker is back
+    at_restart = wait_for_stored_offsets_to_stall(steady_s=2, timeout_s=20)
     assert at_restart < total, "the drain had everything prefetched: the outage was not met"
+    assert thread.is_alive(), f"the drain ended during the outage: {out}"
     restart_s = kafka_up.start()
     thread.join(180)
     assert not thread.is_alive()
