@@ -6,6 +6,9 @@
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 if [[ $# -gt 0 ]]; then  # before the cd: a relative path is the caller's
   [[ -f $1 ]] || { echo "dev/demo.sh: no video file at '$1'" >&2; exit 2; }
+  shopt -s nocasematch
+  [[ $1 == *.mp4 ]] || { echo "dev/demo.sh: '$1' is not an .mp4 file (the pipeline takes .mp4 videos)" >&2; exit 2; }
+  shopt -u nocasematch
   set -- "$(realpath "$1")" "${@:2}"
 fi
 cd "$CROWD_ROOT"
