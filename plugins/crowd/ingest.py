@@ -189,7 +189,7 @@ def validate(value: bytes | None) -> FaceMessage:
 
     Codes: ``tombstone`` (null value), ``oversize`` (> 1 MiB), ``not_utf8``, ``not_json``, ``schema`` (missing,
     extra or mistyped fields, inconsistent counts, boxes outside the frame), ``out_of_range`` (numbers the
-    database columns cannot hold).
+    database columns cannot hold). The drain also checks the key (:func:`check_key`, code ``wrong_key``).
     """
     if value is None:
         raise Rejected("tombstone", "null message value")
@@ -208,6 +208,18 @@ def validate(value: bytes | None) -> FaceMessage:
     _check_text("source", msg.source)
     _check_text("model", msg.model)
     return msg
+
+
+def check_key(key: bytes | None, video_id: str) -> None:
+    """Raise :class:`Rejected` (``wrong_key``) unless a message's Kafka key is its ``video_id``.
+
+    The key is what keeps a video's frames in one partition, in the order they were published: two versions of a
+    frame sent under other keys (or none) can land in two partitions, and the one stored would be the one fetched
+    last, not the one published last.
+    """
+    if key != video_id.encode():
+        shown = "no key" if key is None else f"key {key[:140]!r}"
+        raise Rejected("wrong_key", f"{shown}, but a Faces message's key must be its video_id {video_id!r}")
 
 
 # --- one batch ------------------------------------------------------------------------------------------------
@@ -237,6 +249,7 @@ class Batch:
         self.bytes += len(value or b"") + len(message.key() or b"")
         try:
             msg = validate(value)
+            check_key(message.key(), msg.video_id)
         except Rejected as exc:
             self.rejected.append((self.topic, partition, offset, message.key(), value, exc.reason, self.topic_id))
             return

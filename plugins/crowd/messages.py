@@ -19,7 +19,6 @@ Regenerate the schema file after changing the model with ``python -m crowd schem
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Sequence
@@ -33,6 +32,10 @@ SCHEMA_PATH = Path(__file__).resolve().parents[2] / "include" / "schema" / "face
 MAX_VIDEO_ID_LENGTH = 128
 # what the API takes in a URL path: content hashes, `live-` ids (crowd.video.live_source_id), names without `/`
 VIDEO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+#: A frame's time from its video's start can be this far at most (100 years): a time beyond it is a broken clock or
+#: producer, and would make every duration computed from it (alerts) nonsense.
+MAX_FRAME_TS_MS = 100 * 365.25 * 24 * 3600 * 1000.0
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -87,6 +90,7 @@ class FaceMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
         float,
         msgspec.Meta(
             ge=0.0,
+            le=MAX_FRAME_TS_MS,
             description="when the frame is shown, ms from the video's start (the container's presentation time; frame_id * 1000 / fps for a stream without timestamps)",
         ),
     ]
@@ -209,7 +213,7 @@ def build_message(
             ),
             (not model, "model must not be empty"),
             (not 0 <= frame_id <= INT8_MAX, f"frame_id {frame_id} is not in 0..{INT8_MAX}"),
-            (not (math.isfinite(ts_ms) and ts_ms >= 0), f"ts_ms {ts_ms} is not a finite number >= 0"),
+            (not 0 <= ts_ms <= MAX_FRAME_TS_MS, f"ts_ms {ts_ms} is not in 0..{MAX_FRAME_TS_MS:.0f} (100 years)"),
             (fw < 1 or fh < 1, f"frame size {fw}x{fh} is empty"),
             (max(fw, fh) > INT4_MAX, f"frame size {fw}x{fh} is over {INT4_MAX} a side"),
         )

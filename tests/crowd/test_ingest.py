@@ -497,7 +497,7 @@ def test_messages_deleted_before_a_partition_was_ever_stored_are_recorded_lost(
     import crowd.kafka
 
     topic = new_topic(kafka_admin, "test-lost-first", partitions=2)
-    publish(topic, [(b"k", encode(frame_dict("video-a", i, 1))) for i in range(10)])
+    publish_frames(topic, [frame_dict("video-a", i, 1) for i in range(10)])
     (partition,) = {p for p, high in end_offsets(topic, 2).items() if high == 10}
     for future in kafka_admin.delete_records([TopicPartition(topic, partition, 6)]).values():
         future.result(timeout=30)
@@ -655,11 +655,11 @@ def test_the_watcher_fires_for_a_topic_made_again_below_the_old_offsets(
     def fires(message) -> bool:
         return crowd.ingest.faces_pending(message, "crowd_postgres", GROUP, kafka_conn_id="kafka_default") is not None
 
-    publish(faces_topic, [(b"k", encode(frame_dict("video-old", i, 1))) for i in range(30)])  # one partition
+    publish_frames(faces_topic, [frame_dict("video-old", i, 1) for i in range(30)])
     assert quick_drain(faces_topic).frames == 30
     assert not any(fires(m) for m in _messages_of(faces_topic, 30)), "stored messages must not fire"
     make_topic_again(kafka_admin, faces_topic)
-    publish(faces_topic, [(b"k", encode(frame_dict("video-new", i, 1))) for i in range(10)])
+    publish_frames(faces_topic, [frame_dict("video-new", i, 1) for i in range(10)])
     assert all(fires(m) for m in _messages_of(faces_topic, 10))
 
 
@@ -672,7 +672,7 @@ def test_the_watcher_asks_the_database_once_for_a_run_of_stored_messages(
     from crowd import storage
 
     monkeypatch.setattr(crowd.ingest, "_stored_next", {})
-    publish(faces_topic, [(b"k", encode(frame_dict("video-w", i, 1))) for i in range(200)])  # one partition
+    publish_frames(faces_topic, [frame_dict("video-w", i, 1) for i in range(200)])  # one partition
     assert quick_drain(faces_topic).frames == 200
     queries = []
 
@@ -691,7 +691,7 @@ def test_the_watcher_asks_the_database_once_for_a_run_of_stored_messages(
         fired = [crowd.ingest.faces_pending(m, "crowd_postgres", GROUP) for m in messages]
         assert fired == [None] * 200, "stored messages must not fire"
         assert len(queries) == 1, f"{len(queries)} queries for 200 stored messages"
-        publish(faces_topic, [(b"k", encode(frame_dict("video-w", 200, 1)))])
+        publish_frames(faces_topic, [frame_dict("video-w", 200, 1)])
         assert crowd.ingest.faces_pending(_messages_of(faces_topic, 201)[-1], "crowd_postgres", GROUP) is not None
         assert len(queries) == 2, "a message past the stored offsets must be asked about"
 
@@ -708,7 +708,7 @@ def test_the_watcher_asks_each_database_through_its_own_connection(
 
     monkeypatch.setattr(crowd.ingest, "_stored_next", {})
     monkeypatch.setattr(crowd.ingest, "_watch_conns", {})
-    publish(faces_topic, [(b"k", encode(frame_dict("video-two", 0, 1)))])
+    publish_frames(faces_topic, [frame_dict("video-two", 0, 1)])
     other = f"test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(postgres_admin_dsn, autocommit=True) as admin:
         admin.execute(f'CREATE SCHEMA "{other}"')
@@ -853,6 +853,9 @@ BAD_MESSAGES = [
     pytest.param(_bad(frame_ts_ms=123.25).replace(b"123.25", b"1e400"), "schema", id="timestamp-overflows-float"),
     pytest.param(_bad(video_id="nul\x00byte"), "schema", id="nul-in-text"),
     pytest.param(_bad(**{"nul\x00name": 1}), "schema", id="nul-in-field-name"),
+    pytest.param(_bad(frame_ts_ms=1e308), "schema", id="timestamp-past-100-years"),  # was stored
+    # valid, under a key that is not its video_id: its partition, and so its order, is not its video's (was stored)
+    pytest.param(_bad(), "wrong_key", id="key-not-video-id"),
 ]
 
 
@@ -909,6 +912,16 @@ def test_bad_message_is_rejected_with_its_reason_and_raw_bytes(
     assert raw == value
 
 
+def test_a_message_without_a_key_or_under_another_is_rejected_as_wrong_key() -> None:
+    from crowd.ingest import Rejected, check_key
+
+    check_key(b"video-a", "video-a")
+    for key, shown in ((None, "no key"), (b"video-b", "key b'video-b'"), (b"", "key b''")):
+        with pytest.raises(Rejected, match=f"wrong_key: {shown}, .*video_id 'video-a'") as refused:
+            check_key(key, "video-a")
+        assert refused.value.code == "wrong_key"
+
+
 def test_good_messages_around_bad_ones_are_stored_and_every_offset_is_accounted_for(bad_run: dict) -> None:
     assert bad_run["good"] == len(BAD_MESSAGES) + 1
     assert len(bad_run["rejected"]) == len(BAD_MESSAGES)
@@ -929,7 +942,7 @@ def test_a_damaged_record_batch_holds_its_partition_back_and_fails_the_drain_lou
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "compression.type": "lz4", "linger.ms": 100})
     for part, frames in ((0, range(0, 5)), (0, range(5, 10)), (0, range(10, 15)), (1, range(0, 6))):
         for i in frames:
-            producer.produce(topic, encode(frame_dict(f"video-p{part}", i, 2)), partition=part)
+            producer.produce(topic, encode(frame_dict(f"video-p{part}", i, 2)), f"video-p{part}", partition=part)
         assert producer.flush(30) == 0  # one record batch each
     segment = (
         Path(os.environ.get("CROWD_STATE", Path(__file__).parents[2] / ".local"))

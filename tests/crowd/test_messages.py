@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from crowd.detection import Detection
-from crowd.messages import SCHEMA_PATH, FaceMessage, MessageError, build_message, schema_text
+from crowd.messages import MAX_FRAME_TS_MS, SCHEMA_PATH, FaceMessage, MessageError, build_message, schema_text
 
 
 def _msg(**over: object) -> dict[str, object]:
@@ -54,6 +54,8 @@ def test_faces_with_equal_published_confidence_are_ordered_by_position() -> None
         pytest.param({"schema_version": 2}, "schema_version", id="wrong-version"),
         pytest.param({"extra": 1}, "extra", id="unknown-field"),
         pytest.param({"frame_id": -1}, "frame_id", id="negative-frame"),
+        # 1e308 was stored: an alert from it lasted 10^297 years
+        pytest.param({"frame_ts_ms": MAX_FRAME_TS_MS * 1.0001}, "frame_ts_ms", id="timestamp-past-100-years"),
         # the API reads a video by its id in the URL path: an id it cannot take would be stored and never readable
         pytest.param({"video_id": "rtsp://cam1/stream"}, "video_id", id="video-id-with-slash"),
         pytest.param({"video_id": "-x"}, "video_id", id="video-id-leading-dash"),
@@ -100,7 +102,9 @@ def _random_message(rng: random.Random) -> FaceMessage:
                   rng.choice([rng.random(), rng.uniform(-1, 2), 1.0, 0.0, 1e-9, float("nan")]))
         for _ in range(rng.choice([0, 1, 2, 5, 40]))
     ]  # fmt: skip
-    ts = rng.choice([0.0, rng.uniform(0, 1e7), 10 ** rng.uniform(-6, 20), 1e16, float(rng.randint(0, 10**9))])
+    ts = rng.choice(
+        [0.0, rng.uniform(0, 1e7), 10 ** rng.uniform(-6, 12.4), MAX_FRAME_TS_MS, float(rng.randint(0, 10**9))]
+    )
     return build_message(
         _random_video_id(rng), _random_text(rng, 0), rng.randint(0, 2**40), ts, (fh, fw, 3), dets,
         _random_text(rng, 1),
@@ -160,6 +164,7 @@ def test_schema_file_and_decoder_refuse_the_same_field_errors(change: dict[str, 
         # built and published, then rejected by every drain (infinity is JSON null): the frame never stored
         pytest.param(("v", 0, float("inf"), (10, 10)), "ts_ms", id="infinite-timestamp"),
         pytest.param(("v", 0, 1e400, (10, 10)), "ts_ms", id="timestamp-over-a-double"),
+        pytest.param(("v", 0, MAX_FRAME_TS_MS + 1, (10, 10)), "ts_ms", id="timestamp-past-100-years"),
         pytest.param(("v", 2**63, 0.0, (10, 10)), "frame_id", id="frame-id-over-bigint"),
         pytest.param(("v", 0, 0.0, (10, 2**31)), "frame size", id="frame-over-integer"),
     ],
@@ -175,5 +180,5 @@ def test_build_message_refuses_values_the_schema_forbids(args: tuple, text: str)
 def test_the_largest_values_built_are_taken_by_the_ingest() -> None:
     from crowd.ingest import validate
 
-    message = build_message("v", "v.mp4", 2**63 - 1, 1e300, (2**31 - 1, 2**31 - 1), [], "m")
+    message = build_message("v", "v.mp4", 2**63 - 1, MAX_FRAME_TS_MS, (2**31 - 1, 2**31 - 1), [], "m")
     assert validate(message.to_json()).frame_id == 2**63 - 1

@@ -97,7 +97,9 @@ def wait_for_stored_offsets_to_stall(steady_s: float, timeout_s: float) -> int:
 
 def assert_each_frame_stored_once_as_last_published(topic: str, bootstrap: str, frames: int) -> None:
     """Frames 0..``frames``-1 are stored, each once, with the columns and faces of the last message published for it
-    (the one the sink keeps of duplicates: a rerun's replaces the failed try's), and nothing else is."""
+    (the one the sink keeps of duplicates: a rerun's replaces the failed try's), and nothing else is. "Last" is the
+    highest (partition, offset): publish order, as a video's frames share its key, so one partition (the drain
+    rejects a frame under another key)."""
     from tests.dags.test_detection_dags import _consume_all
 
     last: dict[tuple[str, int], tuple[int, int, dict]] = {}
