@@ -1,13 +1,14 @@
 """Video reading: probe a file, sample frames by interval or target fps, decode in a background thread.
 
 A frame id is a decode index: the n-th frame the decoder gives is frame n, and ``ts_ms`` is its presentation
-time. Sampled frame ids are the multiples of ``frame_interval`` (0, n, 2n, ...), independent of how the video is
-split into ranges, so ranges ``[a, b)`` that tile ``[0, frame_count)`` process every sampled frame exactly once.
-Frames in between are skipped with sequential ``grab()`` (no per-frame seeking). A range may seek once, to its
-start, and only in a video whose frame n is shown at n / fps (``VideoInfo.constant_rate``, from the MP4 index):
-OpenCV seeks by time, so in a variable-frame-rate video it would land on another frame. Other ranges walk from
-frame 0. The container's frame count is an estimate: decoding that ends cleanly near the container's duration is
-the end of the video, not an error.
+time, kept increasing where the file's times go back (recordings joined end to end: see ``_FrameClock``). Sampled
+frame ids are the multiples of ``frame_interval`` (0, n, 2n, ...), independent of how the video is split into
+ranges, so ranges ``[a, b)`` that tile ``[0, frame_count)`` process every sampled frame exactly once. Frames in
+between are skipped with sequential ``grab()`` (no per-frame seeking). A range may seek once, to its start, and
+only in a video whose frame n is shown at n / fps (``VideoInfo.constant_rate``, from the MP4 index): OpenCV seeks
+by time, so in a variable-frame-rate video it would land on another frame. Other ranges walk from frame 0. The
+container's frame count is an estimate: decoding that ends cleanly near the container's duration is the end of
+the video, not an error.
 
 Example:
     >>> from crowd.video import FrameReader
@@ -192,7 +193,8 @@ class Frame:
     """One sampled frame: ``frame_id`` is its decode index in the video, ``ts_ms`` its presentation time.
 
     ``ts_ms`` comes from the container (relative to the video's start); a stream without timestamps (raw H.264)
-    gets the nominal ``frame_id * 1000 / fps``.
+    gets the nominal ``frame_id * 1000 / fps``. It increases frame after frame: where the container's times go
+    back (two recordings joined end to end), the later frames continue one frame after the earlier ones.
     """
 
     frame_id: int
@@ -388,20 +390,26 @@ def _info_from_capture(source: str | os.PathLike[str] | int, cap: cv2.VideoCaptu
     )
 
 
+# The first bytes of still-image (and animated-image) files. Whole signatures, so no video starts with one: a BMP's
+# reserved bytes 6-9 are zero where an MP4 or QuickTime file has a box type, "GIF87a"/"GIF89a" in full.
 _IMAGE_MAGIC = {
-    b"\x89PNG": "a PNG image",
+    b"\x89PNG\r\n\x1a\n": "a PNG image",
     b"\xff\xd8\xff": "a JPEG image",
-    b"GIF8": "a GIF image",
-    b"BM": "a BMP image",
+    b"GIF87a": "a GIF image",
+    b"GIF89a": "a GIF image",
 }
 
 
 def _image_kind(path: str | os.PathLike[str] | int) -> str | None:
+    """``"it is a GIF image, not a video"`` when the file starts as an image format does, else ``None`` (one read
+    of 10 bytes)."""
     try:
         with open(path, "rb") as handle:
-            head = handle.read(8)
+            head = handle.read(10)
     except OSError:  # gone or unreadable since it was checked: no diagnosis
         return None
+    if head.startswith(b"BM") and head[6:10] == bytes(4):
+        return "it is a BMP image, not a video"
     for magic, kind in _IMAGE_MAGIC.items():
         if head.startswith(magic):
             return f"it is {kind}, not a video"
@@ -705,7 +713,8 @@ def _edited_timing(pts: np.ndarray, edits: list[tuple[int, int]], scale: int, mo
 def probe_video(source: str | os.PathLike[str] | int) -> VideoInfo:
     """Open ``source``, check it and return its :class:`VideoInfo`; the file is closed again.
 
-    Checks, in order: exists, not a directory, readable, not empty, OpenCV can open it, fps in (0, 1000],
+    Checks, in order: exists, not a directory, readable, not empty, not an image (PNG, JPEG, GIF, BMP: an
+    animated GIF renamed ``.mp4`` is not taken for a video), OpenCV can open it, fps in (0, 1000],
     size in 1..8192 per side, and the first frame decodes. An MP4 file's frame count, duration and frame-rate
     regularity come from its index (see :func:`_mp4_timing`); a stream whose length is unknown (a raw H.264 or
     MPEG-4 stream named ``.mp4``) has ``frame_count=None`` and is read to its end.
@@ -716,6 +725,9 @@ def probe_video(source: str | os.PathLike[str] | int) -> VideoInfo:
     live = is_live_source(source)
     if not live:
         check_file(source)
+        # an image renamed .mp4 is refused whatever OpenCV makes of it: FFmpeg plays an animated GIF as a video
+        if kind := _image_kind(source):
+            raise NotAVideoError(source, f"not a video container ({kind})")
     cap = _open_capture(source)
     try:
         if not cap.isOpened():
@@ -726,11 +738,9 @@ def probe_video(source: str | os.PathLike[str] | int) -> VideoInfo:
         info = _info_from_capture(source, cap, live)
         if live:
             return info
-        if info.frame_count is None:  # unknown length (a raw stream says none), or not a video at all
-            problem = _mp4_problem(source)
-            kind = _image_kind(source)
-            if problem or kind:
-                raise NotAVideoError(source, problem or f"not a video container ({kind})")
+        # unknown length: a raw stream (read to its end), or an MP4 file with no video to read
+        if info.frame_count is None and (problem := _mp4_problem(source)):
+            raise NotAVideoError(source, problem)
         moov = _moov(source)  # the index is read once: its timing, or a fragmented file's frame count
         timing = _mp4_timing(moov) if moov else None
         if timing is not None and not timing.exact:
@@ -817,6 +827,61 @@ def _normalise_range(frame_range: tuple[int, int | None] | None, frame_count: in
 
 
 _END = object()
+
+
+class _FrameClock:
+    """The times of a video's frames, fed every decoded frame in order: the container's, kept increasing.
+
+    Recordings joined end to end (``cat a.ts b.ts``, each starting at time 0) or a clock set back mid-file make the
+    container's times go back. A frame shown at or before the previous frame is put one nominal frame
+    (``1000 / fps`` ms) after it, and every later frame is moved on by as much: the second recording continues
+    after the first, and a span (last time minus first) covers both. Equal times (a duplicated timestamp) are
+    moved the same way. The first jump is logged (once per reader). Frames before any frame had a time (frame 0,
+    every frame of a raw stream or a live source) get their nominal time ``frame_id * 1000 / fps``; a later frame
+    at exactly 0 (OpenCV's reading of "no time") one frame after the previous one, moving no other frame.
+
+    A read from frame 0 meets every jump, whatever its range or interval, so a part gives the whole read's times;
+    a part that seeks (a constant-rate MP4 only, whose index times increase frame after frame) starts at its first
+    frame's own time, which is the whole read's too.
+    """
+
+    __slots__ = ("source", "fps", "frame_ms", "offset", "last", "timed", "jumps")
+
+    def __init__(self, source: str | os.PathLike[str] | int, fps: float) -> None:
+        self.source = source
+        self.fps = fps
+        self.frame_ms = 1000.0 / fps
+        self.offset = 0.0  # added to the container's times: the sum of the jumps back so far
+        self.last: float | None = None  # the previous frame's time
+        self.timed = False  # a frame had a time (> 0): a time <= 0 after it is a time, not "none"
+        self.jumps = 0
+
+    def ts_ms(self, frame_id: int, time_ms: float | None) -> float:
+        """The time of frame ``frame_id``, from the container's ``time_ms`` (``None``: a live source)."""
+        if time_ms is None or (time_ms <= 0 and not self.timed):
+            ts = frame_id * 1000.0 / self.fps
+        elif time_ms == 0 and self.last is not None:  # no time (FFmpeg's "none" reads 0): one frame on, no jump
+            ts = self.last + self.frame_ms  # a joined recording's first frame; a lone frame without one is not a jump
+        else:
+            self.timed = True
+            ts = time_ms + self.offset
+        last = self.last
+        if last is not None and ts <= last:
+            moved = last + self.frame_ms - ts
+            if not self.jumps:
+                logger.warning(
+                    "%s: frame %d is at %.3f s in the file, not after frame %d at %.3f s: its times go back "
+                    "(recordings joined end to end, or a clock set back). It is put one frame later, at %.3f s, and "
+                    "the frames after it are moved on by %.3f s as well (a later jump is moved the same way, without "
+                    "another warning)",
+                    self.source, frame_id, (time_ms or 0.0) / 1000.0, frame_id - 1, last / 1000.0,
+                    (last + self.frame_ms) / 1000.0, moved / 1000.0,
+                )  # fmt: skip
+            self.jumps += 1
+            self.offset += moved
+            ts = last + self.frame_ms
+        self.last = ts
+        return ts
 
 
 class FrameReader:
@@ -927,9 +992,11 @@ class FrameReader:
             target = first
             last_ms: float | None = None  # time of the last frame grabbed
             gap_ms = 1000.0 / fps  # between the last two frames grabbed
+            clock = _FrameClock(self.source, fps)
             while target < self.stop and not self._stop_event.is_set():
                 grabbed = cap.grab()
-                ms = self._ms(cap) if grabbed else None
+                time_ms = self._pos_ms(cap) if grabbed else None
+                ms = time_ms if time_ms is not None and time_ms > 0 else None  # frame 0 is at 0 either way
                 if landing is not None:  # the first grab after a seek: was it the frame asked for?
                     if not (grabbed and self._landed_at(pos, None if ms is None else ms - landing)):
                         if not grabbed:  # a file starting without a keyframe can make the seek itself fail
@@ -937,6 +1004,7 @@ class FrameReader:
                                            self.source, pos)  # fmt: skip
                         cap.release()  # read from the start instead: slower, but the right frames
                         cap, pos, last_ms, landing = self._open(), 0, None, None
+                        clock = _FrameClock(self.source, fps)
                         if cap is None:
                             return
                         continue
@@ -952,14 +1020,14 @@ class FrameReader:
                 if ms is not None and last_ms is not None and ms > last_ms:
                     gap_ms = ms - last_ms
                 last_ms = ms if ms is not None else last_ms
+                ts_ms = clock.ts_ms(pos, time_ms)  # every frame: a jump back between samples moves the next ones
                 if pos == target:
                     ok, image = cap.retrieve()
                     if not ok or image is None:
                         self._put(self._early_end(pos, last_ms, gap_ms))
                         return
                     prepared = self._prepare(image) if self.prepare is not None else None
-                    ts_ms = round(ms if ms is not None else target * 1000.0 / fps, 3)
-                    if not self._put(Frame(frame_id=target, ts_ms=ts_ms, image=image, prepared=prepared)):
+                    if not self._put(Frame(frame_id=target, ts_ms=round(ts_ms, 3), image=image, prepared=prepared)):
                         return
                     target += self.frame_interval
                 pos += 1
@@ -980,12 +1048,15 @@ class FrameReader:
         self._put(NotAVideoError(self.source, why))
         return None
 
+    def _pos_ms(self, cap: cv2.VideoCapture) -> float | None:
+        """Presentation time of the frame just grabbed, in ms from the stream's start as FFmpeg gives it: 0 where the
+        stream has none (raw H.264), below 0 for a frame before the start; ``None`` for a live source."""
+        return None if self.info.is_live else float(cap.get(cv2.CAP_PROP_POS_MSEC))
+
     def _ms(self, cap: cv2.VideoCapture) -> float | None:
         """Presentation time of the frame just grabbed, or ``None`` where the stream has none (raw H.264 says 0)."""
-        if self.info.is_live:
-            return None
-        ms = float(cap.get(cv2.CAP_PROP_POS_MSEC))
-        return ms if ms > 0 else None  # frame 0 is at 0 either way
+        ms = self._pos_ms(cap)
+        return ms if ms is not None and ms > 0 else None  # frame 0 is at 0 either way
 
     def _undecodable_start(self, first_ms: float) -> int:
         """How many frames the decoder left out before its first frame, at ``first_ms`` (0 for a whole video).

@@ -36,6 +36,7 @@ from crowd.video import (
 )
 from tests.crowd._helpers import (
     CARPHONE,
+    _numbered,
     call_where_file_modes_apply,
     cut_mp4,
     drop_leading_packets,
@@ -214,6 +215,54 @@ def test_bad_inputs(kind: str, error: type[VideoError], text: str, tmp_path: Pat
     with pytest.raises(error, match=text) as info:
         FrameReader(path)
     assert str(path) in str(info.value) and isinstance(info.value.reason, VideoErrorReason)
+
+
+def _write_gif(path: Path, frames: int) -> Path:
+    """An animated GIF (Pillow, which matplotlib brings) of ``frames`` numbered frames, 10 per second."""
+    from PIL import Image
+
+    images = [Image.fromarray(_numbered(i, 160, 120)) for i in range(frames)]  # black and white: RGB = BGR
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=100, loop=0)
+    return path
+
+
+def test_an_animated_gif_named_mp4_is_refused_like_other_images(tmp_path: Path) -> None:
+    """FFmpeg plays an animated GIF as a video: OpenCV opens it, counts its frames and decodes them, so a GIF
+    renamed ``.mp4`` was processed as a video while a PNG or JPEG renamed so was refused. An image is now refused
+    by its first bytes, whatever OpenCV makes of it."""
+    path = _write_gif(tmp_path / "animation.mp4", 12)
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    try:  # what made it pass for a video
+        assert cap.isOpened() and cap.get(cv2.CAP_PROP_FRAME_COUNT) == 12 and cap.get(cv2.CAP_PROP_FPS) == 10
+        decoded = [frame_index(cap.read()[1]) for _ in range(12)]
+        assert decoded == list(range(12))
+    finally:
+        cap.release()
+    for call in (probe_video, FrameReader):
+        with pytest.raises(NotAVideoError, match=r"not a video container \(it is a GIF image, not a video\)") as info:
+            call(path)
+        assert str(path) in str(info.value) and info.value.reason is VideoErrorReason.NOT_VIDEO
+
+
+@pytest.mark.parametrize(
+    ("head", "kind"),
+    [
+        pytest.param(b"GIF89a\x10\x00\x10\x00", "a GIF image", id="gif89a"),
+        pytest.param(b"GIF87a\x10\x00\x10\x00", "a GIF image", id="gif87a"),
+        pytest.param(b"\x89PNG\r\n\x1a\n\x00\x00", "a PNG image", id="png"),
+        pytest.param(b"\xff\xd8\xff\xe0\x00\x10JFIF", "a JPEG image", id="jpeg"),
+        pytest.param(b"BM6\x0c\x00\x00\x00\x00\x00\x00", "a BMP image", id="bmp"),
+        # a QuickTime file may start with its media data: 'BM' there is the first half of a ~1.1 GB box's size
+        pytest.param(b"BMx\x00mdat\x00\x00", None, id="mdat-box-of-0x424dxxxx-bytes"),
+        pytest.param(b"GIF8\x00\x00\x00\x00\x00\x00", None, id="not-a-whole-gif-signature"),
+        pytest.param(b"\x00\x00\x00\x18ftypisom", None, id="mp4"),
+    ],
+)
+def test_images_are_known_by_their_whole_signature(head: bytes, kind: str | None, tmp_path: Path) -> None:
+    """The image check runs on every file before OpenCV does: a video must never be taken for an image."""
+    path = tmp_path / "x.mp4"
+    path.write_bytes(head + bytes(100))
+    assert video_module._image_kind(path) == (kind and f"it is {kind}, not a video")
 
 
 def _box(kind: bytes, payload: bytes = b"", *, size: int | None = None) -> bytes:
@@ -445,16 +494,105 @@ def test_a_count_estimated_too_low_does_not_cut_the_video_short(tmp_path: Path) 
     assert plan_video(path, "v", Settings(video_roots=(tmp_path,))) == [WorkItem(str(path), "v")]
 
 
-def test_raw_h264_stream_named_mp4_is_read_to_its_end(tmp_path: Path) -> None:
+def test_raw_h264_stream_named_mp4_is_read_to_its_end(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A DVR export: an H.264 elementary stream, no container; FFmpeg gives a nonsense count (about -1.9e14)."""
     path = write_numbered(tmp_path / "dvr.mp4", range(80), fmt="h264")
     info = probe_video(path)
     assert info.frame_count is None
     reader = FrameReader(path, frame_interval=10)
-    frames = list(reader)
+    with caplog.at_level("WARNING", logger="crowd.video"):
+        frames = list(reader)
+    assert "times go back" not in caplog.text  # every frame's time is 0 (none): nominal times, not a jump back
     assert reader.error is None and reader.expected_frames is None
     assert [frame_index(f.image) for f in frames] == [f.frame_id for f in frames] == list(range(0, 80, 10))
     assert [f.ts_ms for f in frames] == [pytest.approx(i * 1000 / info.fps) for i in range(0, 80, 10)]  # nominal
+
+
+def _recording(path: Path, start_ms: int, frames: int) -> Path:
+    """An MPEG-TS recording (as cameras and DVRs write; FFmpeg via PyAV) of ``frames`` numbered frames at 30 fps,
+    its times from ``start_ms``; no B-frames, so its first frame's time is ``start_ms`` exactly."""
+    return write_numbered(path, [start_ms + round(i * 1000 / 30) for i in range(frames)], fmt="mpegts", b_frames=0)
+
+
+def _joined(tmp: Path, recordings: tuple[tuple[int, int], ...]) -> Path:
+    """``cat a.ts b.ts ... > joined.mp4`` of recordings ``(start_ms, frames)``, each with its own clock."""
+    parts = [_recording(tmp / f"part{i}.ts", start, n).read_bytes() for i, (start, n) in enumerate(recordings)]
+    path = tmp / "joined.mp4"
+    path.write_bytes(b"".join(parts))
+    return path
+
+
+@pytest.mark.parametrize(
+    "recordings",
+    [
+        pytest.param(((0, 30), (0, 45)), id="second-starts-at-0-again"),
+        pytest.param(((0, 30), (967, 45)), id="second-starts-at-the-first-s-last-time"),  # equal times
+        pytest.param(((2000, 30), (0, 45)), id="second-starts-before-the-first"),  # before the file's start: < 0
+        pytest.param(((0, 30), (0, 45), (0, 30)), id="three-recordings"),
+    ],
+)
+def test_recordings_joined_end_to_end_keep_their_times_increasing(
+    recordings: tuple[tuple[int, int], ...], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Recordings joined end to end (``cat a.ts b.ts > x.mp4``), each with its own clock: the file's times go back
+    where the next one starts. Frames were given those times as they were (frame 31 at 33 ms, after frame 29 at
+    967 ms), so a span (latest time minus earliest) came out wrong. Now each recording continues one frame after the
+    previous one's last frame, at its own pace, with one warning naming the first frame whose time went back."""
+    path = _joined(tmp_path, recordings)
+    with caplog.at_level("WARNING", logger="crowd.video"):
+        reader = FrameReader(path, frame_interval=1)
+        frames = list(reader)
+    assert reader.error is None, reader.error
+    counts = [n for _, n in recordings]
+    assert [frame_index(f.image) for f in frames] == [i for n in counts for i in range(n)]  # every frame, in order
+    ts = [f.ts_ms for f in frames]
+    assert all(a < b for a, b in zip(ts, ts[1:], strict=False)), ts
+    firsts = [sum(counts[:k]) for k in range(len(counts))]
+    for first, n in zip(firsts, counts, strict=True):
+        own = [round(i * 1000 / 30) for i in range(n)]  # each recording's frames, as far apart as in the file
+        # (a recording's first frame at 0 reads as "no time", put one nominal frame on: 33.333, not 33, ms apart)
+        assert [t - ts[first] for t in ts[first : first + n]] == [pytest.approx(t, abs=0.5) for t in own]
+        if first:  # one frame after the previous recording's last frame
+            assert ts[first] == pytest.approx(ts[first - 1] + 1000 / 30, abs=0.01)
+    assert ts[-1] - ts[0] == pytest.approx((len(frames) - 1) * 1000 / 30, abs=len(counts))  # (times in whole ms)
+    warnings = [r.getMessage() for r in caplog.records if "times go back" in r.getMessage()]
+    # the first frame whose time goes back: the second recording's first, or its second when the first is at 0
+    jumped = 31 if recordings[1][0] == 0 and recordings[0][0] == 0 else 30
+    assert len(warnings) == 1 and f"frame {jumped} is at" in warnings[0], warnings
+    assert f"not after frame {jumped - 1} at" in warnings[0], warnings
+
+
+def test_a_lone_frame_without_a_time_moves_no_other_frame(caplog: pytest.LogCaptureFixture) -> None:
+    """OpenCV reads a frame without a time (no pts) as 0: taken as a time, it was a jump back of the whole time
+    so far, and every later frame moved on by it. It is put one frame after the previous one, the rest as they are."""
+    clock = video_module._FrameClock("v.mp4", 30.0)
+    with caplog.at_level("WARNING", logger="crowd.video"):
+        got = [clock.ts_ms(i, t) for i, t in enumerate([0.0, 33.0, 67.0, 0.0, 133.0, 167.0])]
+    assert got == pytest.approx([0.0, 33.0, 67.0, 100.333, 133.0, 167.0], abs=0.001)
+    assert "times go back" not in caplog.text
+
+
+def test_parts_of_joined_recordings_give_the_whole_read_s_times(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A range walks from frame 0 (not a constant-rate MP4: no seek) and meets the same jumps as a whole read,
+    also those between the frames it samples: each frame gets the same time, whichever part reads it."""
+    path = _joined(tmp_path, ((0, 30), (0, 45), (0, 30)))
+    whole = {f.frame_id: f.ts_ms for f in FrameReader(path, frame_interval=1)}
+    assert len(whole) == 105
+    for interval in (1, 7):
+        for ranges in ([(0, 20), (20, 40), (40, 80), (80, None)], [(31, 76), (76, None)]):
+            got = {
+                f.frame_id: f.ts_ms for r in ranges for f in FrameReader(path, frame_interval=interval, frame_range=r)
+            }
+            first = ranges[0][0]
+            assert sorted(got) == list(range(-(-first // interval) * interval, 105, interval)), (interval, ranges)
+            assert got == {i: whole[i] for i in got}, (interval, ranges)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="crowd.video"):  # a recording alone: its own times, no warning
+        alone = [f.ts_ms for f in FrameReader(_recording(tmp_path / "alone.ts", 500, 30), frame_interval=1)]
+    assert alone == [pytest.approx(round(i * 1000 / 30), abs=0.01) for i in range(30)]
+    assert "times go back" not in caplog.text
 
 
 def test_an_mp4_cut_without_its_first_keyframe_is_read_from_its_first_decodable_frame(

@@ -104,6 +104,36 @@ def image_bytes(ext: str) -> bytes:
     return buf.tobytes()
 
 
+def animated_gif(dst: Path) -> Path:
+    """Ten carphone frames as an animated GIF (Pillow, which matplotlib brings): FFmpeg plays it as a 10 fps video."""
+    from PIL import Image
+
+    images = [Image.fromarray(cv2.cvtColor(f, cv2.COLOR_BGR2RGB)) for f in read_frames(CARPHONE, 10, start=20)]
+    images[0].save(dst, format="GIF", save_all=True, append_images=images[1:], duration=100, loop=0)
+    return dst
+
+
+def joined_recordings(dst: Path, tmp: Path) -> Path:
+    """Two MPEG-TS recordings of 15 carphone frames at 30 fps (FFmpeg via PyAV), joined as ``cat a.ts b.ts > x.mp4``
+    does: each has its own clock from 0, so the file's times go back to 0 at frame 15."""
+    import av  # FFmpeg's encoders; a test dependency only
+
+    parts = []
+    for k, start in enumerate((70, 100)):
+        part = tmp / f"recording-{k}.ts"
+        with av.open(str(part), "w", format="mpegts") as out:
+            stream = out.add_stream("libx264", rate=30, options={"bf": "0"})
+            stream.width, stream.height, stream.pix_fmt = 176, 144, "yuv420p"
+            for i, image in enumerate(read_frames(CARPHONE, 15, start=start)):
+                frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+                frame.pts = i
+                out.mux(stream.encode(frame))
+            out.mux(stream.encode(None))
+        parts.append(part.read_bytes())
+    dst.write_bytes(b"".join(parts))
+    return dst
+
+
 _OPENCV_REFUSES = r"not a video container \(OpenCV cannot open it, read 0 frames\)"
 _NO_INDEX = r"an MP4 file without its index \(the moov box\): truncated, or still being written"
 
@@ -129,6 +159,11 @@ CASES: dict[str, tuple] = {
         "jpeg.mp4",
         lambda r, t, g: _write(r / "jpeg.mp4", image_bytes(".jpg")),
         ("failed", r"not a video container \(it is a JPEG image, not a video\)"),
+    ),
+    "animated-gif-renamed": (  # FFmpeg opens it and decodes its 10 frames: it was processed as a video
+        "gif.mp4",
+        lambda r, t, g: animated_gif(r / "gif.mp4"),
+        ("failed", r"not a video container \(it is a GIF image, not a video\)"),
     ),
     "random-bytes": (
         "random.mp4",
@@ -182,6 +217,11 @@ CASES: dict[str, tuple] = {
         ),
         ("done", None),
     ),
+    "joined-recordings": (  # two MPEG-TS recordings joined end to end: times back to 0 at frame 15
+        "joined.mp4",
+        lambda r, t, g: joined_recordings(r / "joined.mp4", t),
+        ("done", None),
+    ),
     "one-frame": ("one.mp4", lambda r, t, g: clip(r / "one.mp4", 1, start=50), ("done", None)),
     "unicode-and-spaces-name": (
         "café crowd ☃ 1.mp4",
@@ -221,6 +261,7 @@ PUBLISHED: dict[str, list[int]] = {
     "zero-fps": [0],  # FFmpeg decodes frame 0, then stops
     "huge-dimensions-header": [0, 9, 18, 27],  # 4 frames, at 176x144 (not the container's 65535x65535)
     "video-with-sound-track": [0, 5, 10, 15],  # the same frames as the video track alone (its 20, at 15 fps)
+    "joined-recordings": [0, 10, 20],  # 30 frames at 30 fps
     "one-frame": [0],
     "unicode-and-spaces-name": [0, 9],  # 12 frames
 }
@@ -377,6 +418,8 @@ def test_hostile_file_fails_alone_with_a_clear_reason(hostile_run: dict, name: s
     assert all((m["frame_width"], m["frame_height"]) == FRAME_SIZE for m in published), published[:1]
     if name == "video-with-sound-track":  # the video track's own frames and times (15 fps), as without sound
         assert [m["frame_ts_ms"] for m in published] == pytest.approx([i * 1000 / 15 for i in (0, 5, 10, 15)])
+    if name == "joined-recordings":  # frame 20 (the second recording's 6th) after frame 10: the times go on
+        assert [m["frame_ts_ms"] for m in published] == pytest.approx([i * 1000 / 30 for i in (0, 10, 20)], abs=0.01)
     if kind == "done":
         assert status == "done", (status, error)
         return
