@@ -245,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
             except _Stopped as stopped:  # a stop, not an error: what was written stays (--out is replaced)
                 print(json.dumps({"stopped_by": str(stopped), "messages_written": written}), file=sys.stderr)
                 return 128 + stopped.signum
+            ranged = args.start or args.stop is not None
+            if ranged and not summary.frames_processed and summary.error is None and not signals:
+                # e.g. past the end of a video whose length was estimated (no MP4 index): nothing read, and exit 0
+                asked = f"--start {args.start}" + (f" --stop {args.stop}" if args.stop is not None else "")
+                count = "unknown" if summary.frame_count is None else summary.frame_count
+                every = f"every {summary.frame_interval}-th frame, " if summary.frame_interval > 1 else ""
+                raise ValueError(f"no frame to process in {asked} ({every}the video's frame count: {count})")
         print(json.dumps(summary.to_dict()), file=sys.stderr)
         if signals:
             return 128 + signals[0]

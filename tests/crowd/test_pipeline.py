@@ -15,7 +15,7 @@ from crowd.detection import Detection, Detector, MtcnnDetector
 from crowd.messages import FaceMessage
 from crowd.pipeline import Progress, detect_faces, process_video
 from crowd.video import NotAVideoError
-from tests.crowd._helpers import CARPHONE, GRACE_HOPPER, bgr, write_video
+from tests.crowd._helpers import CARPHONE, GRACE_HOPPER, bgr, write_numbered, write_video
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -168,6 +168,31 @@ def test_cli_refuses_bad_options_and_unwritable_places_before_the_work(tmp_path:
     assert proc.returncode == 1 and "\nerror: [Errno 2]" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     with pytest.raises(ValueError, match="max_frames=0"):
         process_video(CARPHONE, MtcnnDetector(), max_frames=0)
+
+
+def test_cli_fails_a_range_with_no_frame_in_it(tmp_path: Path) -> None:
+    """A fragmented MP4's frame count is an estimate, so a range past it is only found empty by reading: the CLI
+    exited 0 with no message and no warning. Now it fails saying so and leaves an earlier --out file as it was."""
+    path = write_numbered(tmp_path / "frag.mp4", [round(i * 1000 / 30) for i in range(90)], movflags="frag_keyframe")
+    out = tmp_path / "r.jsonl"
+    out.write_text("earlier results\n")
+    for args, asked in (
+        (["--start", "200"], "--start 200"),
+        (["--start", "95", "--stop", "120"], "--start 95 --stop 120"),
+    ):
+        proc = _cli("detect", str(path), *args, "--frame-interval", "1", "--out", str(out))
+        assert (
+            proc.returncode == 1
+            and f"error: no frame to process in {asked} (the video's frame count: 90)" in proc.stderr
+        ), proc.stderr
+        assert out.read_text() == "earlier results\n"
+    proc = _cli("detect", str(path), "--start", "85", "--frame-interval", "10")  # every 10th: frame 90 is past the end
+    assert (
+        proc.returncode == 1
+        and "no frame to process in --start 85 (every 10-th frame, the video's frame count: 90)" in proc.stderr
+    )
+    proc = _cli("detect", str(path), "--start", "80", "--frame-interval", "10")  # inside: still works
+    assert proc.returncode == 0 and [json.loads(line)["frame_id"] for line in proc.stdout.splitlines()] == [80]
 
 
 def test_cli_leaves_an_earlier_out_file_as_it_was_when_it_fails(tmp_path: Path) -> None:
