@@ -30,7 +30,7 @@ from crowd.detection import Detector, build_detector
 from crowd.kafka import DeliveryTracker, PublishError, reliable_producer
 from crowd.messages import FaceMessage
 from crowd.models import ModelError
-from crowd.pipeline import process_video
+from crowd.pipeline import Progress, format_duration, process_video
 from crowd.video import (
     BadFileNameError,
     PinnedFile,
@@ -713,6 +713,43 @@ def detect_and_publish(
             raise
 
 
+#: Seconds between a detection task's progress lines.
+PROGRESS_EVERY_S = 5.0
+
+
+class _TaskProgress:
+    """A detection task's progress sink: logs each report, and warns once when the part's expected time (from its
+    speed so far) runs past the task's execution timeout, which would stop it and retry it from its start."""
+
+    def __init__(self, item: WorkItem, name: str, settings: Settings) -> None:
+        self.item, self.name, self.timeout_s = item, name, settings.detect_task_timeout_s
+        self.frames_per_task = settings.frames_per_task
+        self.started = time.perf_counter()
+        self.warned = False
+
+    def __call__(self, progress: Progress) -> None:
+        log.info("%s", progress)
+        elapsed = time.perf_counter() - self.started
+        # not from the first seconds' speed (decoder and model warming up), nor twice
+        if self.warned or progress.eta_s is None or elapsed < min(60.0, self.timeout_s / 20):
+            return
+        if (expected := elapsed + progress.eta_s) > self.timeout_s:
+            self.warned = True
+            item = self.item
+            read_whole = item.parts == 1 and progress.total is not None and progress.total > self.frames_per_task
+            log.warning(
+                "video %s part %d/%d: at %.1f frames/s this part needs about %s, past the task's execution timeout "
+                "of %s (CROWD_DETECT_TASK_TIMEOUT_S): it will be stopped there and retried from its start. %s",
+                self.name, item.part + 1, item.parts, progress.frames_per_s, format_duration(expected),
+                format_duration(self.timeout_s),
+                "It is read whole (no constant frame rate in an MP4 index, so not split): remux it to constant rate "
+                "MP4, or raise the timeout (and RabbitMQ's consumer_timeout with it)"
+                if read_whole
+                else "Lower CROWD_FRAMES_PER_TASK or the frame rate sampled, or raise the timeout (and RabbitMQ's "
+                "consumer_timeout with it)",
+            )  # fmt: skip
+
+
 def _detect_and_publish(
     item: WorkItem,
     options: DetectOptions,
@@ -740,7 +777,8 @@ def _detect_and_publish(
             summary = process_video(
                 video, detector, frame_interval=options.frame_interval, frame_range=(item.start, item.stop),
                 on_message=publisher, pictures_dir=pictures_dir, pictures_prefix=pictures_prefix,
-                video_id=item.video_id,
+                video_id=item.video_id, progress=_TaskProgress(item, path.name, settings),
+                progress_every_s=PROGRESS_EVERY_S,
             )  # fmt: skip
         except OSError as exc:  # video errors are VideoError; an OSError here is the pictures' write
             try:  # the frames' messages are good: deliver them before failing on the pictures

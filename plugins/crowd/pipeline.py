@@ -42,12 +42,13 @@ class Progress:
 
     def __str__(self) -> str:
         if self.total:
-            eta = f", ETA {_fmt_duration(self.eta_s)}" if self.eta_s is not None else ""
+            eta = f", ETA {format_duration(self.eta_s)}" if self.eta_s is not None else ""
             return f"frame {self.done}/{self.total} ({100 * self.done // self.total}%), {self.frames_per_s:.1f} frames/s{eta}"
         return f"frame {self.done} (id {self.frame_id}), {self.frames_per_s:.1f} frames/s"
 
 
-def _fmt_duration(seconds: float | None) -> str:
+def format_duration(seconds: float | None) -> str:
+    """``"2h05m"``, ``"12m"``, ``"3m07s"``, ``"42s"``; ``"?"`` for ``None``."""
     if seconds is None:
         return "?"
     s = int(round(seconds))

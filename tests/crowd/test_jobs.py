@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import re
 import string
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -101,6 +104,45 @@ def test_a_task_that_fails_to_publish_releases_its_producer(pg_schema, video_roo
         detect_and_publish(item, DetectOptions(frame_interval=5, model="mtcnn"), settings)
     assert failed.value.__traceback__ is not None  # still held here, as a caller of the task would
     assert _librdkafka_threads() <= before, "the failed task's producer is still running"
+
+
+def test_a_part_slower_than_its_timeout_allows_warns_once_early(
+    pg_schema, faces_topic, video_root, monkeypatch, caplog
+) -> None:
+    """A part whose speed so far makes it end past the task's execution timeout warns once, early, saying what to
+    change: before, nothing was said until the timeout stopped it (6 h), and again at each of its retries."""
+    import dataclasses
+
+    import crowd.jobs
+    from crowd.config import load_settings
+    from crowd.detection import MtcnnDetector
+    from crowd.jobs import DetectOptions, detect_and_publish, plan_video
+    from crowd.video import content_hash
+    from tests.crowd._helpers import CARPHONE, write_clip
+
+    class Slow(MtcnnDetector):  # about 30 frames in 3 s: 3x the timeout below
+        def detect_prepared(self, image, prepared):
+            time.sleep(0.1)
+            return super().detect_prepared(image, prepared)
+
+    monkeypatch.setattr(crowd.jobs, "build_detector", lambda *a, **k: Slow())
+    monkeypatch.setattr(crowd.jobs, "PROGRESS_EVERY_S", 0.2)
+    settings = dataclasses.replace(load_settings(), faces_topic=faces_topic, detect_task_timeout_s=1)
+    video = write_clip(CARPHONE, video_root / "slow.mp4", 30)
+    (item,) = plan_video(video, content_hash(video), settings)
+    with caplog.at_level(logging.INFO, logger="crowd"):
+        detect_and_publish(item, DetectOptions(frame_interval=1, model="mtcnn"), settings)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "timeout" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert re.search(r"slow\.mp4 part 1/1: at [\d.]+ frames/s this part needs about \ds, past the task's "
+                     r"execution timeout of 1s \(CROWD_DETECT_TASK_TIMEOUT_S\).*Lower CROWD_FRAMES_PER_TASK",
+                     warnings[0]), warnings[0]  # fmt: skip
+    progress = [r for r in caplog.records if r.getMessage().startswith("frame ") and "frames/s" in r.getMessage()]
+    assert progress, "the progress lines are still logged"
+    caplog.clear()
+    fast = dataclasses.replace(settings, detect_task_timeout_s=3600)
+    detect_and_publish(item, DetectOptions(frame_interval=1, model="mtcnn"), fast)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "timeout" in r.getMessage()]
 
 
 def test_an_empty_requested_video_fails_at_once(pg_schema, video_root, monkeypatch) -> None:
