@@ -234,8 +234,8 @@ def load_settings() -> Settings:
             "CROWD_API_STATEMENT_TIMEOUT_S",
             30.0,
             minimum=0,
-            maximum=2_147_483,
-            whole=False,  # PostgreSQL ms: int4
+            maximum=2_147_483,  # PostgreSQL takes the timeout in ms, an int4
+            whole=False,
         ),
         alert_threshold=_env_number("CROWD_ALERT_THRESHOLD", 10, minimum=0) or None,
         alert_min_duration_s=_env_number("CROWD_ALERT_MIN_DURATION_S", 2.0, whole=False),
