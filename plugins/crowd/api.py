@@ -30,10 +30,13 @@ import asyncio
 import base64
 import contextlib
 import csv
+import errno
 import io
 import json
 import logging
+import os
 import re
+import stat
 import threading
 import time
 import uuid
@@ -41,7 +44,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, closing
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 import anyio
 import psycopg
@@ -346,7 +349,11 @@ class Health(BaseModel):
 
 
 class BodyLimitMiddleware:
-    """Answer 413 to any request whose body is larger than ``max_bytes`` (declared or streamed)."""
+    """Answer 413 to any request whose body is larger than ``max_bytes`` (declared or streamed), and 400 to one whose
+    ``Content-Length`` is not a byte count (``-1``, ``abc``: a 413 said the body was too large, which it was not).
+
+    (uvicorn itself answers 400 to such a header before the app; other ASGI servers, and in-process clients, may
+    not.)"""
 
     def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
         self.app = app
@@ -358,7 +365,13 @@ class BodyLimitMiddleware:
             return
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+        if declared is not None and not declared.isdigit():  # isdigit of bytes: ASCII digits only, no sign
+            shown = declared[:40].decode("latin-1")
+            await self._answer(
+                send, 400, f"invalid Content-Length {shown!r}: it must be the body's size in bytes (0 or more)"
+            )
+            return
+        if declared is not None and int(declared) > self.max_bytes:
             await self._reject(send)
             return
         if scope["method"] in ("GET", "HEAD", "OPTIONS") and declared is None:
@@ -390,11 +403,15 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _reject(self, send: Send) -> None:
-        payload = json.dumps({"detail": f"request body larger than {self.max_bytes} bytes"}).encode()
+        await self._answer(send, 413, f"request body larger than {self.max_bytes} bytes")
+
+    @staticmethod
+    async def _answer(send: Send, code: int, detail: str) -> None:
+        payload = json.dumps({"detail": detail}).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": code,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
             }
         )
@@ -575,6 +592,83 @@ class ClosingStreamingResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await run_in_threadpool(self.on_close)
+
+
+class OpenedFileResponse(FileResponse):
+    """A :class:`FileResponse` that sends a file opened already, the one that was checked: FileResponse opens its
+    path again when it sends, by then perhaps swapped for a symlink leading elsewhere by a writer in the folder.
+    Headers, ranges and HEAD as FileResponse's (from ``stat_result``, the open file's); the file is closed when the
+    response ends, however it ends (and by garbage collection if it is never sent).
+
+    Example:
+        >>> file = open("heatmap.png", "rb")  # doctest: +SKIP
+        >>> OpenedFileResponse(file, os.fstat(file.fileno()), media_type="image/png")  # doctest: +SKIP
+    """
+
+    def __init__(self, file: BinaryIO, stat_result: os.stat_result, **kwargs: Any) -> None:
+        # no path: nothing may be opened by name (FileResponse would open its path if it stopped using _open_file)
+        super().__init__("", stat_result=stat_result, **kwargs)
+        self.file = file
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # without the server's pathsend extension, which sends a file by its path
+        extensions = {k: v for k, v in (scope.get("extensions") or {}).items() if k != "http.response.pathsend"}
+        try:
+            await super().__call__({**scope, "extensions": extensions}, receive, send)
+        finally:
+            self.file.close()  # after the reads: a cancelled read's thread is waited for
+
+    @asynccontextmanager
+    async def _open_file(self) -> AsyncIterator[anyio.AsyncFile[bytes]]:
+        yield anyio.wrap_file(self.file)  # closed by __call__, once the response ended
+
+
+def _one_name(name: str) -> str:
+    """``name`` if it is one entry of a folder; NotADirectoryError otherwise (``..``, a path)."""
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise NotADirectoryError(errno.ENOTDIR, "not one name", name)
+    return name
+
+
+def open_video_dir(root: Path, video_id: str) -> int:
+    """A descriptor of the folder ``root/<video_id>``, opened only if it is a folder and no symlink (the caller
+    closes it): a symlink could lead out of ``root``, and checking where it leads is no help, since it can be
+    swapped after the check.
+
+    Raises:
+        OSError: no such folder, or a symlink (ELOOP), or a file (ENOTDIR).
+    """
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)  # the configured root may be (or lie behind) a symlink
+    try:
+        return os.open(_one_name(video_id), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
+    finally:
+        os.close(root_fd)
+
+
+def open_picture(root: Path, video_id: str, name: str) -> tuple[BinaryIO, os.stat_result] | None:
+    """The file ``root/<video_id>/<name>`` open for reading, with its status, if it is a regular file reached
+    through no symlink (see :func:`open_video_dir`); None otherwise. Serve that open file, never the name again.
+    """
+    try:
+        dir_fd = open_video_dir(root, video_id)
+        try:
+            # O_NONBLOCK: a FIFO named like a picture would wait for a writer; fstat then refuses it
+            fd = os.open(_one_name(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # not a missing name or a symlink
+            log.warning("picture %r of video %r under %s cannot be opened: %s", name, video_id, root, exc)
+        return None
+    try:
+        stat_result = os.fstat(fd)
+        if not stat.S_ISREG(stat_result.st_mode):  # a folder, a FIFO, a device
+            os.close(fd)
+            return None
+        return os.fdopen(fd, "rb"), stat_result  # the file closes fd when closed, or collected
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _settle(future: asyncio.Future[Any], value: Any) -> None:
@@ -1275,16 +1369,6 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
         rows, next_page = _page(_rows(conn, _ALERT_QUERY, params), limit, "created_at", "alert_id")
         return AlertList(items=[AlertItem(**r) for r in rows], total=total, limit=limit, offset=offset, next=next_page)
 
-    def video_dir(video_id: str) -> Path:
-        root = settings_factory().results_dir.resolve()
-        try:
-            folder = (root / video_id).resolve()
-        except (OSError, RuntimeError):  # a symlink loop: not a video folder
-            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such video folder") from None
-        if not folder.is_relative_to(root) or folder == root:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such video folder")
-        return folder
-
     @app.get(
         "/videos/{video_id}/images",
         response_model=ImageList,
@@ -1293,13 +1377,23 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
     )
     def list_images(video_id: VideoId) -> ImageList:
         """The pictures in the video's results folder; none yet for a known video (still processing): an empty
-        list; no folder and no such video: 404, like the video's other routes."""
-        folder = video_dir(video_id)
-        if not folder.is_dir():
+        list; no folder and no such video: 404, like the video's other routes. Only the pictures the picture route
+        serves: regular files, in a folder that is no symlink."""
+        try:
+            dir_fd = open_video_dir(settings_factory().results_dir, video_id)
+        except OSError:  # no folder (or a symlink, or a file)
             with closing(connect_or_503(settings_factory())) as conn:
                 one_video(conn, video_id)
             return ImageList(video_id=video_id, images=[])
-        names = sorted(p.name for p in folder.iterdir() if re.fullmatch(IMAGE_NAME_PATTERN, p.name) and p.is_file())
+        try:
+            with os.scandir(dir_fd) as entries:
+                names = sorted(
+                    e.name
+                    for e in entries
+                    if re.fullmatch(IMAGE_NAME_PATTERN, e.name) and e.is_file(follow_symlinks=False)
+                )
+        finally:
+            os.close(dir_fd)
         return ImageList(video_id=video_id, images=names)
 
     @app.get(
@@ -1309,16 +1403,19 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
         summary="One picture, PNG or JPEG (heatmap, annotated peak frame, faces over time)",
     )
     def get_image(video_id: VideoId, name: Annotated[str, PathParam(pattern=IMAGE_NAME_PATTERN)]) -> FileResponse:
-        folder = video_dir(video_id)
-        try:
-            path = (folder / name).resolve()
-        except (OSError, RuntimeError):  # a symlink loop
-            path = folder
-        if not path.is_relative_to(folder) or not path.is_file() or path.suffix.lower() not in IMAGE_TYPES:
+        # served from the file opened here, never by name again: a symlink swapped in meanwhile leads nowhere
+        media_type = IMAGE_TYPES.get(Path(name).suffix.lower())
+        opened = open_picture(settings_factory().results_dir, video_id, name) if media_type else None
+        if opened is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no picture {name!r} for video {video_id!r}")
-        return FileResponse(
-            path, media_type=IMAGE_TYPES[path.suffix.lower()], headers={"Cache-Control": "private, max-age=60"}
-        )
+        file, stat_result = opened
+        try:
+            return OpenedFileResponse(
+                file, stat_result, media_type=media_type, headers={"Cache-Control": "private, max-age=60"}
+            )
+        except BaseException:
+            file.close()
+            raise
 
 
 def _add_ops_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -> None:

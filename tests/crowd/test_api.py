@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -510,6 +510,16 @@ def test_send_validates_input(client: Any, body: bytes, content_type: str, expec
     assert response.status_code == expected, response.text
 
 
+@pytest.mark.parametrize("declared", ["-1", "abc", "+5", "1.5"])  # the ids are the values
+def test_a_content_length_that_is_no_byte_count_is_a_400_not_a_413(client: Any, declared: str) -> None:
+    """It answered 413 (body too large), which it was not. In process: over a socket, uvicorn answers such a
+    header with a 400 of its own before the app sees it."""
+    headers = {**auth(client, "user"), "Content-Type": "application/json", "Content-Length": declared}
+    response = client.post("/crowd/send", content=b"", headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"].startswith(f"invalid Content-Length {declared!r}"), response.text
+
+
 def test_send_answers_503_when_the_broker_is_down(
     airflow_app: Any, messages_topic: str, pg_schema: str, results_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -604,6 +614,108 @@ def test_symlink_out_of_results_dir_is_not_served(client: Any, results_dir: Path
     headers = auth(client, "viewer")
     assert client.get(f"/crowd/videos/{V}/images/leak.png", headers=headers).status_code == 404
     assert client.get("/crowd/videos/escape/images/secret.png", headers=headers).status_code == 404
+
+
+def test_a_symlinked_video_folder_is_not_served_even_inside_the_results_dir(client: Any, results_dir: Path) -> None:
+    """A folder reached through a symlink can be swapped for one leading out between a check and the open: no
+    symlink is followed under the results folder, and the list names no picture that its route refuses."""
+    (results_dir / V).mkdir()
+    (results_dir / V / "heatmap.png").write_bytes(b"\x89PNG")
+    (results_dir / V / "copy.png").symlink_to(results_dir / V / "heatmap.png")
+    (results_dir / "alias").symlink_to(results_dir / V)
+    headers = auth(client, "viewer")
+    assert client.get("/crowd/videos/alias/images/heatmap.png", headers=headers).status_code == 404
+    assert client.get("/crowd/videos/alias/images", headers=headers).status_code == 404  # no video 'alias'
+    assert client.get(f"/crowd/videos/{V}/images/copy.png", headers=headers).status_code == 404
+    assert client.get(f"/crowd/videos/{V}/images", headers=headers).json()["images"] == ["heatmap.png"]
+
+
+def test_a_picture_swapped_for_a_symlink_after_its_check_is_not_served(
+    client: Any, results_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The route checked where the picture's name led, then FileResponse opened the name again: a writer in the
+    results folder who swapped the picture for a symlink leading out in between had the outside file served. The
+    swap here comes as soon as the server has looked at the picture (a stat of its name, or of what it opened)."""
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG top secret")
+    (results_dir / V).mkdir()
+    picture = results_dir / V / "heatmap.png"
+    picture.write_bytes(b"\x89PNG the heatmap")
+    seen = picture.stat()
+    swapped: list[str] = []
+
+    def swap_after(look: Callable[..., os.stat_result]) -> Callable[..., os.stat_result]:
+        def looked(*args: Any, **kwargs: Any) -> os.stat_result:
+            result = look(*args, **kwargs)
+            if (result.st_dev, result.st_ino) == (seen.st_dev, seen.st_ino) and not swapped:
+                swapped.append(look.__name__)
+                link = picture.with_name("swap.tmp")
+                link.symlink_to(secret)
+                link.replace(picture)
+            return result
+
+        return looked
+
+    headers = auth(client, "viewer")
+    monkeypatch.setattr(os, "stat", swap_after(os.stat))
+    monkeypatch.setattr(os, "fstat", swap_after(os.fstat))
+    response = client.get(f"/crowd/videos/{V}/images/heatmap.png", headers=headers)
+    assert swapped, "the server never looked at the picture: nothing was swapped"
+    assert b"secret" not in response.content, f"the file outside the results folder was served (swap after {swapped})"
+    assert response.status_code == 200 and response.content == b"\x89PNG the heatmap", response.status_code
+    assert response.headers["content-length"] == str(len(response.content))
+    assert response.headers["cache-control"] == "private, max-age=60" and response.headers["etag"]
+    assert client.get(f"/crowd/videos/{V}/images/heatmap.png", headers=headers).status_code == 404  # the symlink now
+
+
+def test_a_picture_name_that_is_no_regular_file_is_a_404(client: Any, results_dir: Path) -> None:
+    """Not a hang: opening a FIFO waits for a writer (the route opens without waiting, then refuses it)."""
+    (results_dir / V).mkdir()
+    os.mkfifo(results_dir / V / "pipe.png")
+    (results_dir / V / "folder.png").mkdir()
+    headers = auth(client, "viewer")
+    for name in ("pipe.png", "folder.png"):
+        assert client.get(f"/crowd/videos/{V}/images/{name}", headers=headers).status_code == 404, name
+    assert client.get(f"/crowd/videos/{V}/images", headers=headers).json()["images"] == []
+
+
+def _descriptors_open_on(path: Path) -> int:
+    """How many descriptors of this process are open on ``path`` (Linux's /proc/self/fd)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, gone already
+            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc/self/fd (Linux)")
+def test_a_picture_is_closed_however_its_transfer_ends(live_server: str, results_dir: Path) -> None:
+    """The route opens the picture itself (the response sends that open file): it is closed once the picture went
+    whole, and when the client hangs up mid-transfer, or each such client would cost the server a descriptor."""
+    import httpx
+
+    (results_dir / V).mkdir()
+    picture = results_dir / V / "big.png"
+    picture.write_bytes(b"\x89PNG" + bytes(16 << 20))  # far more than the socket buffers
+    with httpx.Client(base_url=live_server, timeout=60) as http:
+        bearer = token(http, "viewer")
+        whole = http.get(f"/crowd/videos/{V}/images/big.png", headers={"Authorization": f"Bearer {bearer}"})
+    assert whole.status_code == 200 and len(whole.content) == picture.stat().st_size
+    assert _descriptors_open_on(picture) == 0, "the picture stayed open after it was sent"
+    url = urlsplit(live_server)
+    with socket.create_connection((url.hostname, url.port)) as gone:
+        gone.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        gone.sendall(f"GET /crowd/videos/{V}/images/big.png HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     f"{bearer}\r\n\r\n".encode())  # fmt: skip
+        assert gone.recv(100).startswith(b"HTTP/1.1 200")
+        deadline = time.monotonic() + 30
+        while _descriptors_open_on(picture) != 1:  # sending: the count sees the open picture
+            assert time.monotonic() < deadline, "the picture is not open while it is sent: nothing is counted"
+            time.sleep(0.1)
+    deadline = time.monotonic() + 30
+    while _descriptors_open_on(picture):
+        assert time.monotonic() < deadline, "the picture stayed open after its client hung up"
+        time.sleep(0.2)
 
 
 def test_results_routes_return_what_the_ingest_stored(client: Any, faces_topic: str, results_dir: Path) -> None:
@@ -829,6 +941,56 @@ def _idle_connections(application_name: str) -> tuple[int, int, int]:
         ).fetchone()
 
 
+def _seed_big_video(video_id: str) -> None:
+    """Register ``video_id`` with CSV_ROWS frames: its CSV export is far larger than the socket buffers."""
+    from crowd import storage
+
+    with storage.connect("crowd_postgres") as conn:
+        storage.migrate(conn)
+        conn.execute("INSERT INTO videos (id, path, status) VALUES (%s, '/v/big.mp4', 'done')", (video_id,))
+        conn.execute(
+            "INSERT INTO frames (video_id, frame_id, frame_ts_ms, total_faces, model, frame_width, frame_height, source)"
+            " SELECT %s, f, f * 33.3, mod(f, 7), 'some-model', 640, 480, 's' FROM generate_series(0, %s) f",
+            (video_id, CSV_ROWS - 1),
+        )
+        conn.commit()
+
+
+def _start_export(live_server: str, bearer: str, video_id: str) -> tuple[socket.socket, bytes]:
+    """Start the frames.csv export of ``video_id`` over a raw socket with a small receive buffer (a client reading
+    slowly, or not at all, soon stalls the server's sending); returns the socket and the answer's first bytes."""
+    url = urlsplit(live_server)
+    sock = socket.create_connection((url.hostname, url.port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(f"GET /crowd/videos/{video_id}/frames.csv HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     f"{bearer}\r\n\r\n".encode())  # fmt: skip
+        return sock, sock.recv(100)
+    except BaseException:
+        sock.close()
+        raise
+
+
+@contextmanager
+def _big_export(request: pytest.FixtureRequest, video_id: str) -> Iterator[tuple[socket.socket, Any]]:
+    """Seed ``video_id`` (:func:`_seed_big_video`), start the live server and the video's export over a raw socket
+    (:func:`_start_export`; its answer a 200, and the rest left to the test to read or not); yields that socket,
+    closed on leaving, and an httpx client of the server logged in as viewer."""
+    import httpx
+
+    _seed_big_video(video_id)
+    live_server = request.getfixturevalue("live_server")  # after the test's settings: its lifespan reads them
+    with httpx.Client(base_url=live_server, timeout=60) as http:
+        bearer = token(http, "viewer")
+        http.headers["Authorization"] = f"Bearer {bearer}"
+        sock, head = _start_export(live_server, bearer, video_id)
+        try:
+            assert head.startswith(b"HTTP/1.1 200"), head
+            yield sock, http
+        finally:
+            sock.close()
+
+
 def test_csv_exports_hold_one_connection_each_and_are_capped_per_process(
     request: pytest.FixtureRequest, pg_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -837,38 +999,20 @@ def test_csv_exports_hold_one_connection_each_and_are_capped_per_process(
     ``CROWD_MAX_CSV_EXPORTS`` at once (503 with Retry-After beyond), and both come back when the clients go."""
     import httpx
 
-    from crowd import storage
-
     cap = 2
     monkeypatch.setenv("CROWD_MAX_CSV_EXPORTS", str(cap))
     app_name = f"crowd-csv-test-{pg_schema}"  # only this test's connections (others share the database)
     conn_json = json.loads(os.environ["AIRFLOW_CONN_CROWD_POSTGRES"])
     conn_json["extra"]["options"] += f" -capplication_name={app_name}"
     monkeypatch.setenv("AIRFLOW_CONN_CROWD_POSTGRES", json.dumps(conn_json))
-    with storage.connect("crowd_postgres") as conn:
-        storage.migrate(conn)
-        conn.execute("INSERT INTO videos (id, path, status) VALUES ('bigvideo01', '/v/big.mp4', 'done')")
-        conn.execute(
-            "INSERT INTO frames (video_id, frame_id, frame_ts_ms, total_faces, model, frame_width, frame_height, source)"
-            " SELECT 'bigvideo01', f, f * 33.3, mod(f, 7), 'some-model', 640, 480, 's' FROM generate_series(0, %s) f",
-            (CSV_ROWS - 1,),
-        )
-        conn.commit()
+    _seed_big_video("bigvideo01")
     live_server = request.getfixturevalue("live_server")  # its lifespan reads the cap
-    host, port = urlsplit(live_server).hostname, urlsplit(live_server).port
     with httpx.Client(base_url=live_server, timeout=60) as http:
         bearer = token(http, "viewer")
 
-    def export(path: str) -> tuple[socket.socket, bytes]:
-        """Start an export and stop reading once its first bytes came (a stalled client)."""
-        sock = socket.create_connection((host, port))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bearer}\r\n\r\n".encode())
-        return sock, sock.recv(100)
-
-    stalled: list[socket.socket] = []
+    stalled: list[socket.socket] = []  # clients that stop reading once the export's first bytes came
     try:
-        sock, head = export("/crowd/videos/bigvideo01/frames.csv")
+        sock, head = _start_export(live_server, bearer, "bigvideo01")
         stalled.append(sock)
         assert head.startswith(b"HTTP/1.1 200"), head
         deadline = time.monotonic() + 60
@@ -878,7 +1022,7 @@ def test_csv_exports_hold_one_connection_each_and_are_capped_per_process(
         assert counts == (1, 0, 1), f"(connections, active, idle in transaction) for one stalled export: {counts}"
 
         for _ in range(cap - 1):
-            sock, head = export("/crowd/videos/bigvideo01/frames.csv")
+            sock, head = _start_export(live_server, bearer, "bigvideo01")
             stalled.append(sock)
             assert head.startswith(b"HTTP/1.1 200"), head
         with httpx.Client(base_url=live_server, timeout=60) as http:
@@ -905,39 +1049,16 @@ def test_a_client_that_stops_reading_an_export_loses_it_after_the_send_timeout(
 ) -> None:
     """A client that stays connected but takes nothing (its receive window shut) held its export slot and its
     connection for ever: with CROWD_MAX_CSV_EXPORTS such clients, every export of the process got 503 for good."""
-    import httpx
-
-    from crowd import api, storage
+    from crowd import api
 
     monkeypatch.setenv("CROWD_MAX_CSV_EXPORTS", "1")
     monkeypatch.setattr(api, "CSV_SEND_TIMEOUT_S", 2.0)
-    with storage.connect("crowd_postgres") as conn:
-        storage.migrate(conn)
-        conn.execute("INSERT INTO videos (id, path, status) VALUES ('bigvideo02', '/v/big.mp4', 'done')")
-        conn.execute(
-            "INSERT INTO frames (video_id, frame_id, frame_ts_ms, total_faces, model, frame_width, frame_height, source)"
-            " SELECT 'bigvideo02', f, f * 33.3, mod(f, 7), 'some-model', 640, 480, 's' FROM generate_series(0, %s) f",
-            (CSV_ROWS - 1,),
-        )
-        conn.commit()
-    live_server = request.getfixturevalue("live_server")
-    host, port = urlsplit(live_server).hostname, urlsplit(live_server).port
-    with httpx.Client(base_url=live_server, timeout=60) as http:
-        bearer = token(http, "viewer")
-    stalled = socket.create_connection((host, port))
-    try:
-        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stalled.sendall(f"GET /crowd/videos/bigvideo02/frames.csv HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                        f"{bearer}\r\n\r\n".encode())  # fmt: skip
-        assert stalled.recv(100).startswith(b"HTTP/1.1 200")  # then it reads no more, and stays connected
-        with httpx.Client(base_url=live_server, timeout=60, headers={"Authorization": f"Bearer {bearer}"}) as http:
-            deadline = time.monotonic() + 60  # a liveness bound: the old code never gave the slot back
-            while (again := http.get("/crowd/videos/bigvideo02/frames.csv")).status_code == 503:
-                assert time.monotonic() < deadline, "the stalled client kept the only export slot"
-                time.sleep(0.5)
+    with _big_export(request, "bigvideo02") as (_stalled, http):  # it reads no more, and stays connected
+        deadline = time.monotonic() + 60  # a liveness bound: the old code never gave the slot back
+        while (again := http.get("/crowd/videos/bigvideo02/frames.csv")).status_code == 503:
+            assert time.monotonic() < deadline, "the stalled client kept the only export slot"
+            time.sleep(0.5)
         assert again.status_code == 200 and again.text.count("\n") == CSV_ROWS + 1
-    finally:
-        stalled.close()
 
 
 def test_a_client_reading_an_export_too_slowly_loses_it_after_the_export_time_limit(
@@ -946,45 +1067,22 @@ def test_a_client_reading_an_export_too_slowly_loses_it_after_the_export_time_li
     """A client taking a little now and then, never silent for the send timeout, held its export slot (and an open
     transaction) until the whole file went through: hours for a big video. The export is cut off after
     ``CSV_EXPORT_MAX_S`` and the slot comes back."""
-    import httpx
-
-    from crowd import api, storage
+    from crowd import api
 
     monkeypatch.setenv("CROWD_MAX_CSV_EXPORTS", "1")
     monkeypatch.setattr(api, "CSV_EXPORT_MAX_S", 3.0)
-    with storage.connect("crowd_postgres") as conn:
-        storage.migrate(conn)
-        conn.execute("INSERT INTO videos (id, path, status) VALUES ('bigvideo03', '/v/big.mp4', 'done')")
-        conn.execute(
-            "INSERT INTO frames (video_id, frame_id, frame_ts_ms, total_faces, model, frame_width, frame_height, source)"
-            " SELECT 'bigvideo03', f, f * 33.3, mod(f, 7), 'some-model', 640, 480, 's' FROM generate_series(0, %s) f",
-            (CSV_ROWS - 1,),
-        )
-        conn.commit()
-    live_server = request.getfixturevalue("live_server")
-    host, port = urlsplit(live_server).hostname, urlsplit(live_server).port
-    with httpx.Client(base_url=live_server, timeout=60) as http:
-        bearer = token(http, "viewer")
-    slow = socket.create_connection((host, port))
-    try:
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        slow.sendall(f"GET /crowd/videos/bigvideo03/frames.csv HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                     f"{bearer}\r\n\r\n".encode())  # fmt: skip
-        assert slow.recv(100).startswith(b"HTTP/1.1 200")
+    with _big_export(request, "bigvideo03") as (slow, http):
         slow.settimeout(1.0)
         received, started = 0, time.monotonic()
-        with httpx.Client(base_url=live_server, timeout=60, headers={"Authorization": f"Bearer {bearer}"}) as http:
-            for i in itertools.count():  # ~20 KB/s: 10 MB would take ~8 min, and it never stops reading for long
-                assert time.monotonic() - started < 60, f"the slow client kept the only export slot ({received} B)"
-                with contextlib.suppress(TimeoutError):
-                    received += len(slow.recv(2048))
-                time.sleep(0.1)
-                if i % 10 == 9 and (again := http.get("/crowd/videos/bigvideo03/frames.csv")).status_code != 503:
-                    break
+        for i in itertools.count():  # ~20 KB/s: 10 MB would take ~8 min, and it never stops reading for long
+            assert time.monotonic() - started < 60, f"the slow client kept the only export slot ({received} B)"
+            with contextlib.suppress(TimeoutError):
+                received += len(slow.recv(2048))
+            time.sleep(0.1)
+            if i % 10 == 9 and (again := http.get("/crowd/videos/bigvideo03/frames.csv")).status_code != 503:
+                break
         assert again.status_code == 200 and again.text.count("\n") == CSV_ROWS + 1
         assert time.monotonic() - started >= 3 and received < 5_000_000, "the slow client was not the one cut off"
-    finally:
-        slow.close()
 
 
 def _store_frames_without_registry(faces_topic: str, video_id: str, frame_ids: range) -> None:
