@@ -912,7 +912,7 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 
     errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: lambda b: b.decode("utf-8", "replace")})  # type: ignore[attr-defined]
     body = json.dumps({"detail": errors}, ensure_ascii=True)
-    return Response(body, status_code=status.HTTP_422_UNPROCESSABLE_ENTITY, media_type="application/json")
+    return Response(body, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, media_type="application/json")
 
 
 #: The DAGs whose runs make crowd's results: reading the runs of any of them is enough to read the results.
@@ -981,6 +981,8 @@ def requires_token_header(action: str) -> Callable[..., None]:
 
 
 def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: Callable[[], Settings]) -> None:
+    from airflow.api_fastapi.core_api.security import get_user
+
     def producer_for(request: Request, settings: Settings) -> PolledProducer:
         state = request.app.state
         with state.producer_lock:
@@ -1007,7 +1009,8 @@ def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: C
         responses={503: {"description": "Kafka did not acknowledge the message in time"}, 413: {}},
         summary="Publish a message to Kafka and wait for the broker's acknowledgement",
     )
-    async def send(body: SendRequest, request: Request) -> SendResponse:
+    async def send(body: SendRequest, request: Request, user: Any = Depends(get_user)) -> SendResponse:  # noqa: B008
+        # ``sender`` is what the client says (the seed's field, the Kafka key); ``sent_by`` the account that sent it
         # Async: the wait for the acknowledgement (up to send_timeout_s) holds no thread of the server's pool.
         settings = settings_factory()
         try:  # making the producer reads the Airflow connection (maybe from the database): in the pool
@@ -1022,7 +1025,12 @@ def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: C
                 loop.call_soon_threadsafe(_settle, delivered, (err, msg))
 
         value = json.dumps(
-            {"content": body.content, "sender": body.sender, "sent_at": datetime.now(timezone.utc).isoformat()}
+            {
+                "content": body.content,
+                "sender": body.sender,
+                "sent_by": user.get_name(),
+                "sent_at": datetime.now(timezone.utc).isoformat(),
+            }
         ).encode()
         try:
             polled.producer.produce(

@@ -158,6 +158,10 @@ def test_send_then_receive_round_trip(client: Any, messages_topic: str) -> None:
     assert [m["offset"] for m in received] == [s["offset"] for s in sent]
     assert [m["value"]["content"] for m in received] == ["hello 0", "hello 1", "hello 2"]
     assert all(m["key"] == "alice" and m["topic"] == messages_topic for m in received)
+    # "sender" is what the client says; "sent_by" the account the server authenticated, which a body cannot set
+    assert all(m["value"]["sender"] == "alice" and m["value"]["sent_by"] == "user" for m in received)
+    forged = client.post("/crowd/send", json={"content": "x", "sender": "alice", "sent_by": "admin"}, headers=headers)
+    assert forged.status_code == 422, forged.text
 
     again = client.get("/crowd/receive", params={"wait_s": 1}, headers=headers).json()
     assert again["messages"] == [] and again["remaining"] == 0, "delivered messages came back"
