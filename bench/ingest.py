@@ -92,8 +92,8 @@ def run(n_messages: int, n_seed: int, batch_sizes: list[int], repeat: int) -> di
         batch = Batch(topic=topic)
 
         class _Msg:  # the minimum of confluent_kafka.Message that Batch.add uses
-            def __init__(self, offset: int, value: bytes) -> None:
-                self._offset, self._value = offset, value
+            def __init__(self, offset: int, key: bytes, value: bytes) -> None:
+                self._offset, self._key, self._value = offset, key, value
 
             def partition(self) -> int:
                 return 0
@@ -104,11 +104,12 @@ def run(n_messages: int, n_seed: int, batch_sizes: list[int], repeat: int) -> di
             def value(self) -> bytes:
                 return self._value
 
-            def key(self) -> None:
-                return None
+            def key(self) -> bytes:
+                return self._key
 
         for i, value in enumerate(values):
-            batch.add(_Msg(i, value))  # type: ignore[arg-type]
+            batch.add(_Msg(i, f"video-{i % 8}".encode(), value))  # type: ignore[arg-type]
+        assert not batch.rejected, batch.rejected[:1]
         frame_rows = [f for f, _ in batch.frames.values()]
         face_rows = [r for _, faces in batch.frames.values() for r in faces]
         n_rows = len(frame_rows) + len(face_rows)

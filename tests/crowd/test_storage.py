@@ -423,7 +423,7 @@ class _Record:
     def __init__(self, offset: int, video: str, frame: int) -> None:
         from crowd.messages import FaceMessage
 
-        self._offset = offset
+        self._offset, self._key = offset, video.encode()
         self._value = FaceMessage.from_dict(
             {"video_id": video, "frame_id": frame, "frame_ts_ms": frame * 40.0, "total_faces": 0, "faces": [],
              "model": "m", "frame_width": 640, "frame_height": 480, "source": "s"}
@@ -438,8 +438,8 @@ class _Record:
     def value(self) -> bytes:
         return self._value
 
-    def key(self) -> None:
-        return None
+    def key(self) -> bytes:
+        return self._key
 
 
 def test_two_drains_writing_the_same_videos_in_turns_do_not_deadlock(pg_schema: str) -> None:
