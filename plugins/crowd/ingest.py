@@ -84,10 +84,11 @@ DELETE FROM faces f USING crowd_stage_frames s WHERE f.video_id = s.video_id AND
 # keyed by the topic's id too: the rejected row is the only copy of a bad message once its topic is gone, and a
 # topic made again under the same name starts its offsets over
 _REJECT_SQL = """
-INSERT INTO rejected_messages (topic, partition, "offset", key, raw, reason, topic_id)
-VALUES (%s, %s, %s, %s, %s, %s, %s)
+INSERT INTO rejected_messages (topic, partition, "offset", key, raw, reason, topic_id, consumer_group)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (topic, partition, "offset", (coalesce(topic_id, ''))) DO UPDATE SET
-    key = EXCLUDED.key, raw = EXCLUDED.raw, reason = EXCLUDED.reason, rejected_at = now()
+    key = EXCLUDED.key, raw = EXCLUDED.raw, reason = EXCLUDED.reason, rejected_at = now(),
+    consumer_group = EXCLUDED.consumer_group
 """
 _STORE_OFFSET_SQL = """
 INSERT INTO kafka_offsets (consumer_group, topic, partition, next_offset, topic_id) VALUES (%s, %s, %s, %s, %s)
@@ -315,7 +316,7 @@ def write_batch(
                 if face_rows:  # the batch is deduplicated and its frames' old faces are gone
                     _copy(cur, "faces", FACE_COLUMNS, FACE_TYPES, face_rows)
         if batch.rejected:
-            cur.executemany(_REJECT_SQL, batch.rejected)
+            cur.executemany(_REJECT_SQL, [(*row, group_id) for row in batch.rejected])
         cur.executemany(
             _STORE_OFFSET_SQL,
             [(group_id, batch.topic, p, o, batch.topic_id) for p, o in sorted(batch.next_offsets.items())],
@@ -343,11 +344,14 @@ def _publish_alerts(conn: psycopg.Connection, kafka_conn_id: str, topic: str, su
         log.error("crowd alerts not published to %s (%s); draining goes on, they stay pending", topic, exc)
 
 
-def lost_ranges_since(conn: psycopg.Connection, topic: str, since: datetime) -> int:
-    """How many ranges of ``topic`` were recorded lost (``rejected_messages`` rows ``lost: ...``) since ``since``."""
+def lost_ranges_since(conn: psycopg.Connection, topic: str, since: datetime, group_id: str) -> int:
+    """How many ranges of ``topic`` the drains of ``group_id`` recorded lost (``rejected_messages`` rows
+    ``lost: ...``) since ``since``. Another group's losses are its own: a group started on a topic whose log start
+    has moved on records the deleted start as lost, which this group may have stored long ago."""
     row = conn.execute(
-        "SELECT count(*) FROM rejected_messages WHERE topic = %s AND reason LIKE 'lost:%%' AND rejected_at >= %s",
-        (topic, since),
+        "SELECT count(*) FROM rejected_messages WHERE topic = %s AND reason LIKE 'lost:%%' AND rejected_at >= %s"
+        " AND consumer_group = %s",
+        (topic, since, group_id),
     ).fetchone()
     return int(row[0])
 
@@ -835,7 +839,7 @@ def drain_task(
     earlier = 0
     if run_started_at is not None and not summary.lost:
         with storage.connect(settings.postgres_conn_id) as conn:
-            earlier = lost_ranges_since(conn, summary.topic, run_started_at)
+            earlier = lost_ranges_since(conn, summary.topic, run_started_at, group_id)
     if summary.lost or earlier:
         lost = f"{summary.lost} messages" if summary.lost else f"{earlier} ranges of messages (by an earlier try)"
         raise MessagesLostError(

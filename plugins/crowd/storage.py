@@ -461,6 +461,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        13,
+        "rejected_messages: the consumer group that recorded the row (a loss another group met is not this one's)",
+        "ALTER TABLE rejected_messages ADD COLUMN consumer_group text",
+    ),
 )
 
 _BOOTSTRAP_SQL = """

@@ -428,6 +428,29 @@ def test_a_loss_fails_the_run_whatever_else_the_drain_met(
     assert drain_task(topic=topic, group_id=GROUP, idle_timeout_s=2)["lost"] == 0  # the next run: nothing lost
 
 
+def test_a_loss_another_group_recorded_does_not_fail_this_group_s_run(pg_schema: str, kafka_admin) -> None:
+    """A group started on a topic whose log start has moved on (a replay, a changed CROWD_INGEST_GROUP) records the
+    deleted start as lost, for itself. A run of the group that had stored those messages long before counted that
+    row as its own loss and failed, without a retry; now it counts its group's losses only."""
+    from datetime import UTC, datetime
+
+    from confluent_kafka import TopicPartition
+
+    topic = new_topic(kafka_admin, "test-lost-other", partitions=1)
+    publish_frames(topic, [frame_dict("video-a", i, 1) for i in range(20)])
+    assert drain_task(topic=topic, group_id=GROUP, idle_timeout_s=2)["lost"] == 0  # all 20 stored
+    for future in kafka_admin.delete_records([TopicPartition(topic, 0, 10)]).values():
+        future.result(timeout=30)
+    run_started_at = datetime.now(UTC)
+    with pytest.raises(MessagesLostError, match="10 messages"):  # the new group never had the first 10
+        drain_task(topic=topic, group_id="test-replay", idle_timeout_s=2, run_started_at=run_started_at)
+    publish_frames(topic, [frame_dict("video-a", i, 1) for i in range(20, 25)])
+    summary = drain_task(topic=topic, group_id=GROUP, idle_timeout_s=2, run_started_at=run_started_at)
+    assert summary["lost"] == 0 and summary["frames"] == 5, summary
+    with pg() as conn:
+        assert conn.execute("SELECT consumer_group FROM rejected_messages").fetchall() == [("test-replay",)]
+
+
 class _LogStartUnknown:
     """A real consumer whose broker does not answer for the log start (watermarks time out)."""
 

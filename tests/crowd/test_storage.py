@@ -412,7 +412,7 @@ def test_the_statistics_migration_counts_the_frames_already_stored(conn: psycopg
     storage.migrate(conn, before)
     with conn.cursor() as cur:
         cur.executemany(_FRAME_INSERT, [(v, f, f * 10.0, (f * 7) % 5) for v in ("m1", "m2") for f in range(30)])
-    assert storage.migrate(conn) == [11, 12]
+    assert storage.migrate(conn) == [v for v in (m.version for m in storage.MIGRATIONS) if v >= 11]
     _assert_stats_match(conn, "the migration")
     assert [r[:4] for r in conn.execute(_KEPT_STATS).fetchall()] == [("m1", 30, 60, 4), ("m2", 30, 60, 4)]
 
