@@ -38,7 +38,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Top
 
 from crowd import storage
 from crowd.alerts import FORGET_RULE_SQL, AlertChanges, AlertRule, publish_pending_alerts, update_alerts
-from crowd.messages import INT4_MAX, INT8_MAX, FaceMessage, MessageError
+from crowd.messages import INT4_MAX, FaceMessage, MessageError
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +200,6 @@ def validate(value: bytes | None) -> FaceMessage:
         msg = FaceMessage.from_json(value)
     except MessageError as exc:
         raise Rejected(exc.code, exc.problem) from None
-    if msg.frame_id > INT8_MAX:
-        raise Rejected("out_of_range", f"frame_id {msg.frame_id} > {INT8_MAX}")
     for name in ("total_faces", "frame_width", "frame_height"):  # boxes lie inside the frame, so they fit too
         if getattr(msg, name) > INT4_MAX:
             raise Rejected("out_of_range", f"{name} {getattr(msg, name)} > {INT4_MAX}")

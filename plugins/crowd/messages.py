@@ -37,6 +37,13 @@ VIDEO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 #: producer, and would make every duration computed from it (alerts) nonsense.
 MAX_FRAME_TS_MS = 100 * 365.25 * 24 * 3600 * 1000.0
 
+#: The largest frame id: the largest integer a JSON number keeps exactly in JavaScript (a larger id came back from the
+#: API rounded, and a JavaScript client paging by ``after_frame_id`` asked for the same frame again and again).
+MAX_FRAME_ID = 2**53 - 1
+#: ``model`` is exported to CSV: no ``;``, ``|`` or control character (a spreadsheet that splits on them would read a
+#: formula from the part after it) and no formula start (``= + - @``).
+MODEL_PATTERN = r"^[^=+\-@;|\x00-\x1f\x7f][^;|\x00-\x1f\x7f]*$"
+
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 
@@ -85,7 +92,7 @@ class FaceMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
         ),
     ]
     source: Annotated[str, msgspec.Meta(description="path or URL the frame was read from")]
-    frame_id: Annotated[int, msgspec.Meta(ge=0, description="index of the frame in the video")]
+    frame_id: Annotated[int, msgspec.Meta(ge=0, le=MAX_FRAME_ID, description="index of the frame in the video")]
     frame_ts_ms: Annotated[
         float,
         msgspec.Meta(
@@ -96,7 +103,15 @@ class FaceMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     ]
     frame_width: PositiveInt
     frame_height: PositiveInt
-    model: Annotated[str, msgspec.Meta(min_length=1, description="detector id, e.g. 'yolov3-face@416'")]
+    model: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1,
+            max_length=256,
+            pattern=MODEL_PATTERN,
+            description="detector id, e.g. 'yolov3-face@416'; no ';', '|' or control character, not starting with '=', '+', '-' or '@'",
+        ),
+    ]
     total_faces: NonNegInt
     faces: list[Face]
 
@@ -105,6 +120,8 @@ class FaceMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
         faces = self.faces
         if self.video_id.endswith("\n"):  # the pattern's $ lets one through in Python (re.search), not in the API
             raise ValueError(f"video_id {self.video_id!r} must not end with a line break")
+        if self.model.endswith("\n"):  # as video_id's
+            raise ValueError(f"model {self.model[:80]!r} must not end with a line break")
         if self.total_faces != len(faces):
             raise ValueError(f"total_faces={self.total_faces} but faces has {len(faces)} entries")
         fw, fh = self.frame_width, self.frame_height
@@ -177,10 +194,9 @@ def _clip_box(x: int, y: int, w: int, h: int, fw: int, fh: int) -> tuple[int, in
     return x0, y0, x1 - x0, y1 - y0
 
 
-#: The largest values PostgreSQL's ``integer`` and ``bigint`` columns take: the ingest rejects a message over them,
-#: so a message is not built with them either.
+#: The largest value PostgreSQL's ``integer`` columns take: the ingest rejects a message over it, so a message is
+#: not built with it either (frame ids, ``bigint``, stop at :data:`MAX_FRAME_ID` before).
 INT4_MAX = 2**31 - 1
-INT8_MAX = 2**63 - 1
 
 
 def build_message(
@@ -211,8 +227,12 @@ def build_message(
                 f"video_id {video_id[:140]!r} must be 1-{MAX_VIDEO_ID_LENGTH} letters, digits, '_', '.' or '-', "
                 "starting with a letter or digit",
             ),
-            (not model, "model must not be empty"),
-            (not 0 <= frame_id <= INT8_MAX, f"frame_id {frame_id} is not in 0..{INT8_MAX}"),
+            (
+                len(model) > 256 or not re.fullmatch(MODEL_PATTERN, model) or model.endswith("\n"),
+                f"model {model[:80]!r} must be 1-256 characters, no ';', '|' or control character, not starting "
+                "with '=', '+', '-' or '@'",
+            ),
+            (not 0 <= frame_id <= MAX_FRAME_ID, f"frame_id {frame_id} is not in 0..{MAX_FRAME_ID}"),
             (not 0 <= ts_ms <= MAX_FRAME_TS_MS, f"ts_ms {ts_ms} is not in 0..{MAX_FRAME_TS_MS:.0f} (100 years)"),
             (fw < 1 or fh < 1, f"frame size {fw}x{fh} is empty"),
             (max(fw, fh) > INT4_MAX, f"frame size {fw}x{fh} is over {INT4_MAX} a side"),

@@ -871,7 +871,12 @@ BAD_MESSAGES = [
     pytest.param(_bad(faces__0__bounding_box__x=-3), "schema", id="negative-box"),
     pytest.param(_bad(faces__1__confidence=1.5), "schema", id="confidence-above-1"),
     pytest.param(_bad(surprise="field"), "schema", id="unknown-field"),
-    pytest.param(_bad(frame_id=2**63), "out_of_range", id="frame-id-overflows-bigint"),
+    pytest.param(_bad(frame_id=2**63), "schema", id="frame-id-overflows-bigint"),
+    # was stored: JavaScript reads it rounded, and a client paging by after_frame_id got the same frame again
+    pytest.param(_bad(frame_id=2**53), "schema", id="frame-id-past-javascript-s-integers"),
+    # was stored, and exported to CSV: a spreadsheet splitting on ';' or tabs read "=1+1" as a formula
+    pytest.param(_bad(model="x;=1+1"), "schema", id="model-with-a-separator"),
+    pytest.param(_bad(model="y\t=2+2"), "schema", id="model-with-a-tab"),
     pytest.param(_bad(frame_width=2**31), "out_of_range", id="frame-width-overflows-int"),
     pytest.param(_bad(frame_ts_ms=123.25).replace(b"123.25", b"1e400"), "schema", id="timestamp-overflows-float"),
     pytest.param(_bad(video_id="nul\x00byte"), "schema", id="nul-in-text"),
@@ -1268,8 +1273,11 @@ def test_frames_stored_while_alerts_were_off_are_seen_when_they_are_on_again(fac
 
 
 def test_the_last_frame_id_there_is_can_be_an_alert(faces_topic: str, pg_schema: str) -> None:
-    """2^63-1 stood for "no bound" in the stretch's query: a crowd ending on that frame id lost its last frame."""
-    last = 2**63 - 1
+    """2^63-1 stood for "no bound" in the stretch's query: a crowd ending on that frame id lost its last frame. The
+    largest frame id is 2^53-1 now (:data:`~crowd.messages.MAX_FRAME_ID`): a crowd ending there keeps it too."""
+    from crowd.messages import MAX_FRAME_ID
+
+    last = MAX_FRAME_ID
     frames = [frame_dict("video-max", f, 7) for f in range(last - 4, last + 1)]
     for i, message in enumerate(frames):
         message["frame_ts_ms"] = 1000.0 * i

@@ -54,6 +54,10 @@ def test_faces_with_equal_published_confidence_are_ordered_by_position() -> None
         pytest.param({"schema_version": 2}, "schema_version", id="wrong-version"),
         pytest.param({"extra": 1}, "extra", id="unknown-field"),
         pytest.param({"frame_id": -1}, "frame_id", id="negative-frame"),
+        pytest.param({"frame_id": 2**53}, "frame_id", id="frame-id-past-javascript-s-integers"),
+        pytest.param({"model": "x;=1+1"}, "model", id="model-with-a-separator"),  # exported to CSV: a formula
+        pytest.param({"model": "-2+3"}, "model", id="model-starting-a-formula"),
+        pytest.param({"model": "m\n"}, "model", id="model-trailing-newline"),
         # 1e308 was stored: an alert from it lasted 10^297 years
         pytest.param({"frame_ts_ms": MAX_FRAME_TS_MS * 1.0001}, "frame_ts_ms", id="timestamp-past-100-years"),
         # the API reads a video by its id in the URL path: an id it cannot take would be stored and never readable
@@ -107,8 +111,14 @@ def _random_message(rng: random.Random) -> FaceMessage:
     )
     return build_message(
         _random_video_id(rng), _random_text(rng, 0), rng.randint(0, 2**40), ts, (fh, fw, 3), dets,
-        _random_text(rng, 1),
+        _random_model(rng),
     )  # fmt: skip
+
+
+def _random_model(rng: random.Random) -> str:
+    """Text ``model`` takes: no ';', '|' or control character, no formula start (``MODEL_PATTERN``)."""
+    rest = 'abcXYZ09 _-+=@/.:é漢😀"\\,'
+    return rng.choice("abcXYZ09é漢😀 ") + "".join(rng.choice(rest) for _ in range(rng.randint(0, 40)))
 
 
 def _random_video_id(rng: random.Random) -> str:
@@ -166,6 +176,7 @@ def test_schema_file_and_decoder_refuse_the_same_field_errors(change: dict[str, 
         pytest.param(("v", 0, 1e400, (10, 10)), "ts_ms", id="timestamp-over-a-double"),
         pytest.param(("v", 0, MAX_FRAME_TS_MS + 1, (10, 10)), "ts_ms", id="timestamp-past-100-years"),
         pytest.param(("v", 2**63, 0.0, (10, 10)), "frame_id", id="frame-id-over-bigint"),
+        pytest.param(("v", 2**53, 0.0, (10, 10)), "frame_id", id="frame-id-past-javascript-s-integers"),
         pytest.param(("v", 0, 0.0, (10, 2**31)), "frame size", id="frame-over-integer"),
     ],
 )
@@ -180,5 +191,5 @@ def test_build_message_refuses_values_the_schema_forbids(args: tuple, text: str)
 def test_the_largest_values_built_are_taken_by_the_ingest() -> None:
     from crowd.ingest import validate
 
-    message = build_message("v", "v.mp4", 2**63 - 1, MAX_FRAME_TS_MS, (2**31 - 1, 2**31 - 1), [], "m")
-    assert validate(message.to_json()).frame_id == 2**63 - 1
+    message = build_message("v", "v.mp4", 2**53 - 1, MAX_FRAME_TS_MS, (2**31 - 1, 2**31 - 1), [], "m")
+    assert validate(message.to_json()).frame_id == 2**53 - 1
