@@ -44,7 +44,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, closing
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO
+from typing import Annotated, Any, BinaryIO, Literal
 
 import anyio
 import psycopg
@@ -88,6 +88,7 @@ IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 _CONSUMER_ONLY = frozenset({"group.id", "enable.auto.commit", "auto.offset.reset", "enable.auto.offset.store"})
 
 VideoId = Annotated[str, PathParam(pattern=VIDEO_ID_PATTERN, description="video id (content hash)")]
+VideoStatus = Literal["pending", "processing", "done", "failed"]  # crowd.storage.VIDEO_STATUSES
 
 
 # ---- response and request models ----------------------------------------------------------------------------
@@ -170,7 +171,7 @@ class VideoSummary(BaseModel):
 
     video_id: str
     path: str | None = None
-    status: str | None = None
+    status: VideoStatus | None = None
     error: str | None = None
     model: str | None = None
     fps: float | None = None
@@ -1083,7 +1084,10 @@ def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: C
                 "confirm it with POST /receive/confirm, or they come again (a response lost on the way loses nothing)",
             ),
         ] = None,
+        *,
+        response: Response,
     ) -> ReceiveResponse:
+        response.headers["Cache-Control"] = "no-store"  # a GET that takes what it returns: no cache may answer it
         receiver: MessageReceiver | None = request.app.state.receiver
         if receiver is None:
             reason = request.app.state.receiver_error or "disabled"
@@ -1161,12 +1165,20 @@ async def _wait_for_messages(request: Request, receiver: MessageReceiver, wait_s
     return not gone.is_set()
 
 
+# a formula start after a separator a spreadsheet may split on (';' in many locales, tab, '|'), maybe quoted
+_FORMULA_AFTER_SEPARATOR = re.compile(r"""([;|\t][\s"']*)([=+\-@])""")
+
+
 def _spreadsheet_safe(value: Any) -> Any:
     """A CSV cell a spreadsheet will not run as a formula: text starting with ``= + - @``, tab or CR gets a
-    leading ``'`` (OWASP, CSV injection). Text comes from any producer of the Faces topic (the ``model`` field)."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
+    leading ``'`` (OWASP, CSV injection), and so does a formula start after a ``;``, tab or ``|`` inside it (a
+    spreadsheet splitting on those would start a cell there). Text comes from any producer of the Faces topic (the
+    ``model`` field: refused with those characters since session 23, but stored before)."""
+    if not isinstance(value, str):
+        return value
+    if value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        value = "'" + value
+    return _FORMULA_AFTER_SEPARATOR.sub(r"\1'\2", value) if ("\t" in value or ";" in value or "|" in value) else value
 
 
 def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -> None:
@@ -1187,7 +1199,7 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
         conn: Db,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
         offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
-        status_filter: Annotated[str | None, Query(alias="status", max_length=32)] = None,
+        status_filter: Annotated[VideoStatus | None, Query(alias="status")] = None,
         after: Annotated[str | None, Query(max_length=400, description="the `next` of the previous page")] = None,
     ) -> VideoList:
         params = {"video_id": None, "status": status_filter, "limit": limit + 1, "offset": offset}

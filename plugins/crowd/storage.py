@@ -496,17 +496,20 @@ def connect(postgres_conn_id: str, *, statement_timeout_s: float | None = None, 
 
     The connection's extra decides; :data:`CONNECTION_SAFETY` fills in what it leaves out, and ``overrides``
     (libpq settings, e.g. ``connect_timeout=3``) win over both. ``statement_timeout_s``: the session's
-    ``statement_timeout``, unless the extra's ``options`` set one (they come after it, so they win). The caller
-    closes it (use it as a context manager).
+    ``statement_timeout``, unless the extra's ``options`` set one (they come after it, so they win). The session's
+    ``TimeZone`` is UTC (the same way: the extra's ``options`` may set another): times read from it, in the API's
+    answers and the alert messages, are UTC whatever time zone the server took from its host at ``initdb``. The
+    caller closes it (use it as a context manager).
     """
     from airflow.providers.postgres.hooks.postgres import PostgresHook
 
     class _Hook(PostgresHook):
         def _create_connection(self, conn_args: dict) -> psycopg.Connection:
             args = {**CONNECTION_SAFETY, **conn_args, **overrides}
+            ours = "-c TimeZone=UTC"
             if statement_timeout_s:
-                ms = max(1, round(statement_timeout_s * 1000))
-                args["options"] = f"-c statement_timeout={ms} {args.get('options') or ''}".strip()
+                ours += f" -c statement_timeout={max(1, round(statement_timeout_s * 1000))}"
+            args["options"] = f"{ours} {args.get('options') or ''}".strip()
             return super()._create_connection(args)
 
     conn = _Hook(postgres_conn_id=postgres_conn_id).get_conn()

@@ -163,8 +163,9 @@ def test_send_then_receive_round_trip(client: Any, messages_topic: str) -> None:
     forged = client.post("/crowd/send", json={"content": "x", "sender": "alice", "sent_by": "admin"}, headers=headers)
     assert forged.status_code == 422, forged.text
 
-    again = client.get("/crowd/receive", params={"wait_s": 1}, headers=headers).json()
-    assert again["messages"] == [] and again["remaining"] == 0, "delivered messages came back"
+    again = client.get("/crowd/receive", params={"wait_s": 1}, headers=headers)
+    assert again.json()["messages"] == [] and again.json()["remaining"] == 0, "delivered messages came back"
+    assert again.headers["cache-control"] == "no-store"  # it takes what it returns: no cache may answer it
 
 
 def test_a_session_cookie_alone_cannot_take_messages(client: Any, messages_topic: str) -> None:
@@ -602,7 +603,8 @@ def test_health_reports_a_kafka_setting_the_client_rejects(
         pytest.param(f"/crowd/videos/{V}/images/notes.txt", 422, id="not-a-picture"),
         pytest.param(f"/crowd/videos/{V}/images/missing.png", 404, id="missing-picture"),
         pytest.param("/crowd/videos/%27%3B%20DROP%20TABLE%20frames%3B--", 422, id="sql-in-id"),
-        pytest.param("/crowd/videos?status=%00", 400, id="nul-in-query"),
+        pytest.param("/crowd/videos?status=%00", 422, id="nul-in-query"),  # not a status (was PostgreSQL's 400)
+        pytest.param("/crowd/videos?after=%00", 400, id="nul-in-cursor"),
     ],
 )
 def test_input_limits(client: Any, path: str, expected: int) -> None:
@@ -736,6 +738,9 @@ def test_results_routes_return_what_the_ingest_stored(client: Any, faces_topic: 
     assert video["mean_faces"] == pytest.approx(mean)
     assert video["peak_frame_id"] == 4 * FRAME_STEP and video["peak_ts_ms"] == pytest.approx(4000.0)
     assert client.get("/crowd/videos?status=failed", headers=headers).json()["total"] == 0
+    for wrong in ("DONE", "finished"):  # was 200 with no video: a typo looked like "none of them"
+        answer = client.get(f"/crowd/videos?status={wrong}", headers=headers)
+        assert answer.status_code == 422 and "'pending', 'processing', 'done' or 'failed'" in answer.text, answer.text
     assert client.get(f"/crowd/videos/{V}", headers=headers).json() == video
 
     page = client.get(f"/crowd/videos/{V}/frames", params={"limit": 4, "offset": 4}, headers=headers).json()
@@ -851,6 +856,15 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_quoted(client: Any, faces_to
     rows = list(csv.DictReader(io.StringIO(response.text)))
     assert rows and {r["model"] for r in rows} == {"'" + model}
     assert rows[0]["frame_id"] == "0"  # numbers untouched
+    # a formula after a separator a spreadsheet may split on (';' in many locales, tab): passed the first-character
+    # guard, and "=1+1" became a cell of its own
+    for hidden in ("x;=1+1", 'x; "=1+1"', "y\t@SUM(A1)", "z|+1"):
+        with storage.connect("crowd_postgres") as conn:
+            conn.execute("UPDATE frames SET model = %s WHERE video_id = 'csvformula01'", (hidden,))
+        text = client.get("/crowd/videos/csvformula01/frames.csv", headers=auth(client, "viewer")).text
+        for delimiter in (";", "\t", "|"):
+            cells = [c.strip().strip('"') for row in csv.reader(io.StringIO(text), delimiter=delimiter) for c in row]
+            assert not [c for c in cells if c[:1] in "=+-@" and c], (hidden, delimiter, text[:300])
 
 
 def test_csv_exports_come_in_batches_and_one_the_database_cannot_answer_is_a_503_not_a_cut_off_file(
@@ -1271,7 +1285,7 @@ def test_openapi_lists_the_answers_the_routes_give(client: Any) -> None:
         assert client.get(url, headers=headers).status_code == 404, path
     for path in ("/videos", "/alerts"):
         assert {"400", "503"} <= set(spec["paths"][path]["get"]["responses"]), path
-    assert client.get("/crowd/videos?status=%00", headers=headers).status_code == 400
+    assert client.get("/crowd/videos?after=%00", headers=headers).status_code == 400
 
 
 def test_schemathesis_finds_no_server_errors(client: Any, faces_topic: str, results_dir: Path) -> None:
@@ -1309,3 +1323,12 @@ def test_schemathesis_finds_no_server_errors(client: Any, faces_topic: str, resu
         check()
     assert calls >= 200, calls
     assert not failures, "\n".join(failures[:10])
+
+
+def test_the_status_filter_takes_the_statuses_the_registry_has() -> None:
+    from typing import get_args
+
+    from crowd.api import VideoStatus
+    from crowd.storage import VIDEO_STATUSES
+
+    assert get_args(VideoStatus) == VIDEO_STATUSES

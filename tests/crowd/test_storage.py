@@ -238,6 +238,23 @@ def test_a_connection_extra_keeps_its_own_libpq_settings(pg_schema: str, monkeyp
     assert settings["connect_timeout"] == str(storage.CONNECTION_SAFETY["connect_timeout"])
 
 
+def test_times_are_read_in_utc_whatever_the_server_s_time_zone(pg_schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server whose time zone came from its host (initdb) answered the API's times as ``+01:00``, and the alert
+    messages' likewise, where a UTC server gave ``Z``: one row, two strings. Sessions are UTC now, unless the
+    connection's own ``options`` say otherwise."""
+    import json
+
+    with storage.connect("crowd_postgres") as conn:  # this server's own: Etc/UTC (Debian's initdb, from the host)
+        assert conn.execute("SELECT current_setting('TimeZone')").fetchone()[0] == "UTC"
+        assert conn.execute("SELECT now()").fetchone()[0].utcoffset().total_seconds() == 0
+    conn_json = json.loads(os.environ["AIRFLOW_CONN_CROWD_POSTGRES"])
+    conn_json["extra"]["options"] += " -c TimeZone=Europe/Berlin"
+    monkeypatch.setenv("AIRFLOW_CONN_CROWD_POSTGRES", json.dumps(conn_json))
+    with storage.connect("crowd_postgres", statement_timeout_s=5) as conn:
+        assert conn.execute("SELECT current_setting('TimeZone')").fetchone()[0] == "Europe/Berlin"
+        assert conn.execute("SELECT current_setting('statement_timeout')").fetchone()[0] == "5s"
+
+
 # The statistics the old video_summary view computed from frames on every read: the truth video_stats must equal.
 _FRESH_STATS = """
 SELECT a.video_id, a.frames, a.total_faces, a.max_faces, p.frame_id, p.frame_ts_ms, a.first_ts_ms, a.last_ts_ms,
