@@ -474,3 +474,42 @@ def test_stop_script_stops_every_dev_service_with_a_stop_command() -> None:
     missing = [name for name in with_stop if not re.search(rf"dev/{re.escape(name)}\"?\s+stop\b", stop)]
     assert not missing, missing
     assert subprocess.run(["bash", "-n", str(ROOT / "dev" / "stop.sh")]).returncode == 0
+
+
+def test_every_crowd_setting_is_passed_from_env_with_the_code_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every CROWD_* variable plugins/crowd/config.py reads reaches the Airflow services ("only .env changes"):
+    ``${VAR:-default}`` with config.py's own default, or a fixed container path of a mount; each is in .env.example."""
+    from crowd import config
+
+    names = set(re.findall(r'"(CROWD_[A-Z0-9_]+)"', (ROOT / "plugins" / "crowd" / "config.py").read_text()))
+    assert len(names) > 20
+    env = _env_of(_raw()["x-airflow-common"])
+    assert sorted(names - set(env)) == [], "not passed in x-airflow-common"
+    example = ENV_EXAMPLE.read_text()
+    assert sorted(n for n in names if not re.search(rf"\b{n}\b", example)) == [], "not in .env.example"
+    fixed = {"CROWD_VIDEO_ROOTS", "CROWD_RESULTS_DIR", "CROWD_MODEL_DIR", "CROWD_MODEL_CACHE"}
+    for name in sorted(names - fixed):
+        assert env[name].startswith(f"${{{name}:-"), f"{name}: {env[name]} does not come from .env"
+        assert re.search(rf"^#? ?{name}=", example, re.M), f"{name}: no {name}= line in .env.example"
+    # The compose defaults are the code's: the settings read with them equal the settings read without them.
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    expected = config.load_settings()
+    for name in sorted(names - fixed):
+        monkeypatch.setenv(name, _default_of(env[name]))
+        assert config.load_settings() == expected, f"{name}: compose default {_default_of(env[name])!r}"
+        monkeypatch.delenv(name)
+    # The connection ids name the connections the file defines.
+    for name in ("CROWD_KAFKA_CONN_ID", "CROWD_KAFKA_WATCH_CONN_ID", "CROWD_POSTGRES_CONN_ID"):
+        assert f"AIRFLOW_CONN_{_default_of(env[name]).upper()}" in env, name
+
+
+def test_kafka_advertises_its_external_listener_at_a_configurable_host() -> None:
+    """The EXTERNAL listener is published on CROWD_PUBLISH_ADDRESS; advertised as localhost, a client on another
+    machine is told to reconnect to itself."""
+    kafka = _env_of(_raw()["services"]["kafka"])
+    external = [x for x in kafka["KAFKA_ADVERTISED_LISTENERS"].split(",") if x.startswith("EXTERNAL://")]
+    assert external == ["EXTERNAL://${KAFKA_ADVERTISED_HOST:-localhost}:${KAFKA_HOST_PORT:-9094}"]
+    assert "KAFKA_ADVERTISED_HOST" in _readme_docker_section()
+    ui = _env_of(_raw()["services"]["kafka-ui"])
+    assert ui["KAFKA_CLUSTERS_0_PROPERTIES_SECURITY_PROTOCOL"] == "${KAFKA_SECURITY_PROTOCOL:-PLAINTEXT}"
