@@ -228,7 +228,7 @@ def build_message(
                 "starting with a letter or digit",
             ),
             (
-                len(model) > 256 or not re.fullmatch(MODEL_PATTERN, model) or model.endswith("\n"),
+                len(model) > 256 or not re.fullmatch(MODEL_PATTERN, model),  # fullmatch: no trailing line break
                 f"model {model[:80]!r} must be 1-256 characters, no ';', '|' or control character, not starting "
                 "with '=', '+', '-' or '@'",
             ),

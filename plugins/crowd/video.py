@@ -845,21 +845,20 @@ class _FrameClock:
     frame's own time, which is the whole read's too.
     """
 
-    __slots__ = ("source", "fps", "frame_ms", "offset", "last", "timed", "jumps")
+    __slots__ = ("source", "frame_ms", "offset", "last", "timed", "warned")
 
     def __init__(self, source: str | os.PathLike[str] | int, fps: float) -> None:
         self.source = source
-        self.fps = fps
         self.frame_ms = 1000.0 / fps
         self.offset = 0.0  # added to the container's times: the sum of the jumps back so far
         self.last: float | None = None  # the previous frame's time
         self.timed = False  # a frame had a time (> 0): a time <= 0 after it is a time, not "none"
-        self.jumps = 0
+        self.warned = False  # of a jump back: once per reader
 
     def ts_ms(self, frame_id: int, time_ms: float | None) -> float:
         """The time of frame ``frame_id``, from the container's ``time_ms`` (``None``: a live source)."""
         if time_ms is None or (time_ms <= 0 and not self.timed):
-            ts = frame_id * 1000.0 / self.fps
+            ts = frame_id * self.frame_ms
         elif time_ms == 0 and self.last is not None:  # no time (FFmpeg's "none" reads 0): one frame on, no jump
             ts = self.last + self.frame_ms  # a joined recording's first frame; a lone frame without one is not a jump
         else:
@@ -868,7 +867,8 @@ class _FrameClock:
         last = self.last
         if last is not None and ts <= last:
             moved = last + self.frame_ms - ts
-            if not self.jumps:
+            if not self.warned:
+                self.warned = True
                 logger.warning(
                     "%s: frame %d is at %.3f s in the file, not after frame %d at %.3f s: its times go back "
                     "(recordings joined end to end, or a clock set back). It is put one frame later, at %.3f s, and "
@@ -877,7 +877,6 @@ class _FrameClock:
                     self.source, frame_id, (time_ms or 0.0) / 1000.0, frame_id - 1, last / 1000.0,
                     (last + self.frame_ms) / 1000.0, moved / 1000.0,
                 )  # fmt: skip
-            self.jumps += 1
             self.offset += moved
             ts = last + self.frame_ms
         self.last = ts

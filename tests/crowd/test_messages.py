@@ -193,3 +193,10 @@ def test_the_largest_values_built_are_taken_by_the_ingest() -> None:
 
     message = build_message("v", "v.mp4", 2**53 - 1, MAX_FRAME_TS_MS, (2**31 - 1, 2**31 - 1), [], "m")
     assert validate(message.to_json()).frame_id == 2**53 - 1
+
+
+def test_a_field_given_twice_counts_once_with_its_last_value() -> None:
+    """What README's message section says (msgspec, as most JSON parsers): the last of duplicate keys wins."""
+    raw = json.dumps(_msg(frame_id=3))[:-1] + ', "frame_id": 7}'
+    assert raw.count('"frame_id"') == 2
+    assert FaceMessage.from_json(raw).frame_id == 7
