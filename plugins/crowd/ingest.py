@@ -97,9 +97,11 @@ ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET
 """
 
 
+# Each video's lock key is its id's hash, taken in the order of the keys, not of the ids: two ids whose hashes
+# collide share a lock, and in id order two drains could take the same two keys in opposite orders (a deadlock).
 _LOCK_VIDEOS_SQL = """
-SELECT pg_advisory_xact_lock(hashtext('crowd.video:' || current_schema()), hashtext(v))
-FROM unnest(%s::text[]) WITH ORDINALITY AS t (v, i) ORDER BY i
+SELECT pg_advisory_xact_lock(hashtext('crowd.video:' || current_schema()), k)
+FROM (SELECT DISTINCT hashtext(v) AS k FROM unnest(%s::text[]) AS t (v)) keys ORDER BY k
 """
 
 # One drain per (schema, group, topic); a topic name cannot contain ":", so "group:topic" names one pair only.
@@ -298,7 +300,7 @@ def write_batch(
         if batch.frames:
             # drains of other groups or topics may write the same videos: each takes its videos' locks first, in
             # one order (the statistics triggers would lock them in two runs on a replay: a deadlock)
-            cur.execute(_LOCK_VIDEOS_SQL, (sorted({vid for vid, _ in batch.frames}),))
+            cur.execute(_LOCK_VIDEOS_SQL, (list({vid for vid, _ in batch.frames}),))
             frame_rows = [f for f, _ in batch.frames.values()]
             face_rows = [row for _, faces in batch.frames.values() for row in faces]
             n_faces = len(face_rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from datetime import UTC, datetime
 
 import psycopg
@@ -506,3 +507,60 @@ def test_two_drains_writing_the_same_videos_in_turns_do_not_deadlock(pg_schema: 
             ("v1", 300),
             ("v2", 151),
         ]
+
+
+def test_drains_take_video_locks_in_one_order_even_when_two_ids_share_a_lock(pg_schema: str) -> None:
+    """A video's lock is keyed by its id's 32-bit hash, so two ids can share one (video ids are content hashes or
+    free names: with enough of them, two collide). Taken in id order, two drains could then take the same two
+    locks in opposite orders: with ids a < b < c and hash(a) = hash(c), a drain writing a and b takes a's lock then
+    b's, another writing b and c takes b's then c's = a's: a deadlock (one batch failed, its task retried). Taken
+    in the order of the hashes, every drain takes any two locks in the same order."""
+    from crowd.ingest import _LOCK_VIDEOS_SQL
+
+    dsn = os.environ["CROWD_PG_DSN_FOR_TESTS"]
+    with psycopg.connect(dsn, autocommit=True) as c:
+        a, c_ = c.execute(
+            """
+            SELECT min(s), max(s) FROM (SELECT 'video-' || g AS s FROM generate_series(1, 300000) g) t
+            GROUP BY hashtext(s) HAVING count(*) = 2 ORDER BY min(s) LIMIT 1
+            """
+        ).fetchone()
+        b = a + "~"  # between the two
+        assert a < b < c_, (a, b, c_)
+        key = "SELECT hashtext(%s) = hashtext(%s)"
+        assert c.execute(key, (a, c_)).fetchone()[0] and not c.execute(key, (a, b)).fetchone()[0]
+
+    def waiting(pid: int) -> bool:  # blocked on an advisory lock
+        with psycopg.connect(dsn, autocommit=True) as c:
+            row = c.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+        return row is not None and row[0] == "advisory"
+
+    def wait_until_waiting(pid: int) -> None:
+        deadline = time.monotonic() + 30
+        while not waiting(pid):
+            assert time.monotonic() < deadline, f"backend {pid} never waited for a lock"
+            time.sleep(0.02)
+
+    errors: list[BaseException] = []
+
+    def drain(conn: psycopg.Connection, videos: list[str]) -> None:  # the drain's first statement, as write_batch
+        try:
+            with conn.transaction():
+                conn.execute(_LOCK_VIDEOS_SQL, (videos,))
+                time.sleep(0.5)  # the batch's writes
+        except psycopg.Error as exc:
+            errors.append(exc)
+
+    with psycopg.connect(dsn) as holder, psycopg.connect(dsn) as first, psycopg.connect(dsn) as second:
+        holder.execute(_LOCK_VIDEOS_SQL, ([a],))  # a's (and c's) lock held: the drains queue behind it
+        threads = [threading.Thread(target=drain, args=(first, [a, b]))]
+        threads[0].start()
+        wait_until_waiting(first.info.backend_pid)
+        threads.append(threading.Thread(target=drain, args=(second, [b, c_])))
+        threads[1].start()
+        wait_until_waiting(second.info.backend_pid)
+        holder.commit()  # the first drain gets a's lock and asks for b's: in id order the second holds it
+        for t in threads:
+            t.join(timeout=60)
+    assert not [t for t in threads if t.is_alive()], "a drain never finished"
+    assert not errors, f"a drain failed: {errors[0]!r}"
