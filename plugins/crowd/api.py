@@ -170,14 +170,18 @@ class VideoSummary(BaseModel):
     """One video with its per-frame statistics."""
 
     video_id: str
-    path: str | None = None
-    status: VideoStatus | None = None
+    path: str | None = Field(
+        None,
+        description="the video file the registry has; for a video known from its stored frames only (the CLI or "
+        "another producer of the Faces topic), the `source` its last stored frame names",
+    )
+    status: VideoStatus | None = Field(None, description="null: the registry does not know the video")
     error: str | None = None
-    model: str | None = None
+    model: str | None = Field(None, description="the detector (the registry's, else the last stored frame's)")
     fps: float | None = None
     frame_count: int | None = None
-    width: int | None = None
-    height: int | None = None
+    width: int | None = Field(None, description="frame width in pixels (the registry's, else the last stored frame's)")
+    height: int | None = Field(None, description="frame height in pixels (as width)")
     frames: int = Field(0, description="frames stored")
     total_faces: int = Field(0, description="sum of faces over the stored frames")
     max_faces: int | None = None
@@ -731,14 +735,19 @@ def _page(rows: list[dict[str, Any]], limit: int, at_column: str, key_column: st
 # the video, which would move it to the top and out of a walk by cursor).
 _VIDEO_QUERY = """
 WITH ids AS (SELECT id AS video_id FROM videos UNION SELECT video_id FROM video_summary)
-SELECT i.video_id, v.path, v.status, v.error, COALESCE(v.model, s.model) AS model, v.fps, v.frame_count,
-       v.width, v.height, COALESCE(v.created_at, s.first_ingested_at) AS created_at, v.updated_at, v.finished_at,
+SELECT i.video_id, COALESCE(v.path, f.source) AS path, v.status, v.error, COALESCE(v.model, f.model) AS model,
+       v.fps, v.frame_count, COALESCE(v.width, f.frame_width) AS width, COALESCE(v.height, f.frame_height) AS height,
+       COALESCE(v.created_at, s.first_ingested_at) AS created_at, v.updated_at, v.finished_at,
        v.run_id,
        COALESCE(s.frames, 0) AS frames, COALESCE(s.total_faces, 0) AS total_faces, s.max_faces, s.mean_faces,
        s.peak_frame_id, s.peak_ts_ms, LEAST(v.created_at, s.first_ingested_at) AS listed_at
 FROM ids i
 LEFT JOIN videos v ON v.id = i.video_id
 LEFT JOIN video_summary s ON s.video_id = i.video_id
+LEFT JOIN LATERAL (  -- what the registry does not say (a video known from its frames only): its last frame's
+    SELECT f.source, f.model, f.frame_width, f.frame_height FROM frames f
+    WHERE (v.id IS NULL OR v.model IS NULL OR v.width IS NULL) AND f.video_id = i.video_id
+    ORDER BY f.frame_id DESC LIMIT 1) f ON true
 WHERE (%(video_id)s::text IS NULL OR i.video_id = %(video_id)s)
   AND (%(status)s::text IS NULL OR v.status = %(status)s)
   AND (%(after_id)s::text IS NULL OR CASE

@@ -1142,6 +1142,19 @@ def test_videos_the_registry_lacks_keep_their_place_while_their_frames_arrive(cl
     assert [page[0]["video_id"] for page in pages] == ["loose-newer", "loose-older"]
 
 
+def test_a_video_known_from_its_frames_only_shows_what_they_say(client: Any, faces_topic: str) -> None:
+    """Frames from the CLI or another producer, no registry row: the video's model, source and frame size come
+    from its last stored frame (the list showed null for each, the model's fallback read the registry again)."""
+    _store_frames_without_registry(faces_topic, "loose", range(0, 3))
+    headers = auth(client, "viewer")
+    (listed,) = client.get("/crowd/videos", headers=headers).json()["items"]
+    one = client.get("/crowd/videos/loose", headers=headers).json()
+    for video in (listed, one):
+        seen = {k: video[k] for k in ("path", "model", "width", "height", "status", "frames")}
+        assert seen == {"path": "/elsewhere/loose.mp4", "model": "m", "width": 320, "height": 240, "status": None,
+                        "frames": 3}, video  # fmt: skip
+
+
 def test_a_video_registered_after_its_frames_keeps_its_place_in_a_walk_by_cursor(client: Any, faces_topic: str) -> None:
     """A later part of a split video can be stored before the part that registers the video: the registration
     moved the video to the top of the list, out of a walk by cursor already past that place (it was never shown)."""
