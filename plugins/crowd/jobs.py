@@ -255,15 +255,17 @@ class _ClaimKeeper:
             log.warning("video %s: could not renew this run's claim on it (%s); going on", self.video_id, exc)
 
 
-def note_failure_reason(settings: Settings, video_id: str, run: storage.RunStamp | None) -> None:
-    """Record that this try failed for a reason the video is not to blame for (Kafka, the results folder, a model
-    missing on this worker), so the run does not count among those that ended silently (best effort: the error is
-    raised anyway, and a database that cannot be reached only makes the run count as one that ended silently)."""
+def note_failure_reason(settings: Settings, item: WorkItem, run: storage.RunStamp | None) -> None:
+    """Record that this try of ``item`` failed for a reason the video is not to blame for (Kafka, the results folder,
+    a model missing on this worker), so the run does not count among those that ended silently (best effort: the
+    error is raised anyway, and a database that cannot be reached only makes the run count as one that ended
+    silently). The claim is released for a video in one part only (see :func:`crowd.storage.note_video_reason`)."""
     import psycopg
 
+    video_id = item.video_id
     try:
         with storage.connect(settings.postgres_conn_id) as conn:
-            storage.note_video_reason(conn, video_id, run)
+            storage.note_video_reason(conn, video_id, run, release=item.parts == 1)
     except psycopg.Error as exc:
         log.warning("video %s: could not record why this try failed (%s)", video_id, exc)
 
@@ -664,7 +666,7 @@ def detect_and_publish(
                 video = closing.enter_context(settings.open_video(path))
                 now = storage.FileSignature.of(os.fstat(video.fd))
                 if item.file_signature is not None and not _same_content(item, now, video):
-                    storage.note_video_reason(conn, item.video_id, run)
+                    storage.note_video_reason(conn, item.video_id, run, release=item.parts == 1)
                     raise VideoChangedError(
                         f"video {path.name} ({item.video_id}) is not the file identified when this run was planned: "
                         f"{_changes(item.file_signature, now)} (rewritten, replaced or still being written); its "
@@ -674,7 +676,8 @@ def detect_and_publish(
                 check_file(video)
                 info = probe_video(video)
             except (ConfigError, VideoNotFoundError, VideoPermissionError) as exc:  # where it is, not what it holds
-                storage.note_video_reason(conn, item.video_id, run)  # a part after the first: the run has the claim
+                # a part after the first: the run has the claim
+                storage.note_video_reason(conn, item.video_id, run, release=item.parts == 1)
                 raise VideoUnreachableError(
                     f"video {path.name} ({item.video_id}) cannot be reached: {exc}; retried (it may come back). Not "
                     "recorded as failed by this task: if it is still not there when the run ends, the run records "
@@ -689,7 +692,7 @@ def detect_and_publish(
                     options.model, settings, conf_threshold=options.confidence, tiles=options.tiles
                 )
             except ModelError:  # this worker's model files, not the video
-                storage.note_video_reason(conn, item.video_id, run)
+                storage.note_video_reason(conn, item.video_id, run, release=item.parts == 1)
                 raise
             if item.part == 0 and not storage.mark_video_processing(
                 conn, item.video_id, str(path), fps=info.fps, frame_count=info.frame_count, width=info.width,
@@ -709,7 +712,7 @@ def detect_and_publish(
         try:
             return _detect_and_publish(item, options, settings, run, video, info, detector, now)
         except (PublishError, ResultsFolderError, KafkaException):  # Kafka, the results folder: not the video
-            note_failure_reason(settings, item.video_id, run)
+            note_failure_reason(settings, item, run)
             raise
 
 
@@ -802,7 +805,7 @@ def _detect_and_publish(
                 log.info("picture %s: %s", kind, picture)
         if (changes := _changed_while_read(item, opened, video)) is not None:
             with storage.connect(settings.postgres_conn_id) as conn:
-                storage.note_video_reason(conn, item.video_id, run)
+                storage.note_video_reason(conn, item.video_id, run, release=item.parts == 1)
             raise VideoChangedError(
                 f"video {path.name} ({item.video_id}) changed while it was read ({changes}: rewritten in place, or "
                 f"still being written): {delivered} frames were published under this content's id, maybe from the "

@@ -684,17 +684,22 @@ def keep_video_claim(conn: psycopg.Connection, video_id: str, run: RunStamp | No
     return cur.rowcount == 1
 
 
-def note_video_reason(conn: psycopg.Connection, video_id: str, run: RunStamp | None = None) -> bool:
+def note_video_reason(
+    conn: psycopg.Connection, video_id: str, run: RunStamp | None = None, *, release: bool = True
+) -> bool:
     """Record that ``run``'s try on ``video_id`` ended with a reason the video is not to blame for (and logged
-    it): the run does not count among the runs that ended silently, and its claim is released (a retry of the try
-    claims it again). False if ``run`` does not own the status."""
+    it): the run does not count among the runs that ended silently, and with ``release`` its claim is released (a
+    retry of the try claims it again). A part of a split video does not release it: the other parts may still be
+    working (their claim lapses if none is, and the run's end releases it). False if ``run`` does not own the
+    status."""
     with conn.transaction():
         cur = conn.execute(
             """
-            UPDATE videos SET reason_given = true, alive_at = NULL, updated_at = now()
+            UPDATE videos SET reason_given = true, updated_at = now(),
+                              alive_at = CASE WHEN %s THEN NULL ELSE alive_at END
             WHERE id = %s AND status = 'processing' AND run_id IS NOT DISTINCT FROM %s
             """,
-            (video_id, _run_columns(run)[0]),
+            (release, video_id, _run_columns(run)[0]),
         )
     return cur.rowcount == 1
 

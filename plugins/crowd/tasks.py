@@ -138,7 +138,7 @@ def detect_and_publish(item: dict[str, Any]) -> dict[str, Any]:
         options = _options(work.model)
     except AirflowFailException as exc:
         if isinstance(exc.__cause__, ModelError):  # this worker lacks the run's model: a reason, not a silent death
-            jobs.note_failure_reason(load_settings(), work.video_id, _run_stamp())
+            jobs.note_failure_reason(load_settings(), work, _run_stamp())
         raise
     try:
         return jobs.detect_and_publish(work, options, load_settings(), _run_stamp())

@@ -256,6 +256,11 @@ def test_a_part_on_a_worker_without_the_runs_model_is_not_counted_as_silent(
             tasks.detect_and_publish.function(part.to_dict())
         state = _state(item.video_id)
         assert (state.status, state.reason_given, state.runs_ended_silently()) == ("processing", True, 0), state
+        # part 0 may still be working: the failed part leaves the run's claim (it released it, and a scan
+        # planned the video again under the live part)
+        assert state.alive_s_ago is not None and _planned() == [], state
+    monkeypatch.setenv("CROWD_VIDEO_CLAIM_TIMEOUT_S", "1")
+    _wait_lapsed(item.video_id, 1)  # part 0 is gone too
     assert _planned() == [item.video_id], "planned again, not failed"
 
 
