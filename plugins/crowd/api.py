@@ -43,6 +43,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, closing
 from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, Literal
 
@@ -55,6 +56,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.staticfiles import NotModifiedResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crowd.config import Settings, load_settings
@@ -597,6 +599,29 @@ class ClosingStreamingResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await run_in_threadpool(self.on_close)
+
+
+def _not_modified(request: Request, response: FileResponse) -> bool:
+    """Whether the client already holds ``response``'s version of the file: ``If-None-Match`` names its ETag (weak
+    comparison, as for a GET), or, without one, ``If-Modified-Since`` is not before its ``Last-Modified``
+    (RFC 9110 13.1.2-3; Starlette's StaticFiles answers so, its FileResponse does not)."""
+    if if_none_match := request.headers.get("if-none-match"):
+        tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+        return "*" in tags or response.headers["etag"].removeprefix("W/") in tags
+    since, modified = request.headers.get("if-modified-since"), response.headers.get("last-modified")
+    if not since or not modified:
+        return False
+    since_at, modified_at = _http_date(since), _http_date(modified)
+    return since_at is not None and modified_at is not None and since_at >= modified_at
+
+
+def _http_date(value: str) -> datetime | None:
+    """An HTTP date as an aware datetime, or None if it is not one (a client's header is not to be trusted)."""
+    try:
+        at = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)
 
 
 class OpenedFileResponse(FileResponse):
@@ -1428,10 +1453,16 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
     @app.get(
         "/videos/{video_id}/images/{name}",
         response_class=FileResponse,
-        responses={200: {"content": {"image/png": {}, "image/jpeg": {}}, "description": "the picture"}, 404: {}},
+        responses={
+            200: {"content": {"image/png": {}, "image/jpeg": {}}, "description": "the picture"},
+            304: {"description": "the version the request's If-None-Match or If-Modified-Since names is current"},
+            404: {},
+        },
         summary="One picture, PNG or JPEG (heatmap, annotated peak frame, faces over time)",
     )
-    def get_image(video_id: VideoId, name: Annotated[str, PathParam(pattern=IMAGE_NAME_PATTERN)]) -> FileResponse:
+    def get_image(
+        request: Request, video_id: VideoId, name: Annotated[str, PathParam(pattern=IMAGE_NAME_PATTERN)]
+    ) -> Response:
         # served from the file opened here, never by name again: a symlink swapped in meanwhile leads nowhere
         media_type = IMAGE_TYPES.get(Path(name).suffix.lower())
         opened = open_picture(settings_factory().results_dir, video_id, name) if media_type else None
@@ -1439,12 +1470,16 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no picture {name!r} for video {video_id!r}")
         file, stat_result = opened
         try:
-            return OpenedFileResponse(
+            response = OpenedFileResponse(
                 file, stat_result, media_type=media_type, headers={"Cache-Control": "private, max-age=60"}
             )
+            if not _not_modified(request, response):
+                return response
         except BaseException:
             file.close()
             raise
+        file.close()  # the client has this version (its ETag or date): headers only
+        return NotModifiedResponse(response.headers)
 
 
 def _add_ops_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -> None:

@@ -685,6 +685,34 @@ def test_a_picture_name_that_is_no_regular_file_is_a_404(client: Any, results_di
     assert client.get(f"/crowd/videos/{V}/images", headers=headers).json()["images"] == []
 
 
+def test_a_picture_the_client_holds_already_is_answered_304(client: Any, results_dir: Path) -> None:
+    """The dashboard's browser asks again after max-age with the picture's ETag (or date): the same version gets a
+    304 without its bytes (the whole picture was sent again), a changed one the new bytes, and the picture is
+    closed either way."""
+    (results_dir / V).mkdir()
+    picture = results_dir / V / "heatmap.png"
+    picture.write_bytes(b"\x89PNG first")
+    headers = auth(client, "viewer")
+    url = f"/crowd/videos/{V}/images/heatmap.png"
+    first = client.get(url, headers=headers)
+    etag, modified = first.headers["etag"], first.headers["last-modified"]
+    for condition in ({"If-None-Match": etag}, {"If-None-Match": f'"other", W/{etag}'}, {"If-None-Match": "*"},
+                      {"If-Modified-Since": modified}):  # fmt: skip
+        again = client.get(url, headers={**headers, **condition})
+        assert (again.status_code, again.content) == (304, b""), condition
+        assert again.headers["etag"] == etag and again.headers["cache-control"] == "private, max-age=60", condition
+        assert "content-length" not in again.headers or again.headers["content-length"] == "0", condition
+    for condition in ({"If-None-Match": '"other"'}, {"If-Modified-Since": "Thu, 01 Jan 1970 00:00:00 GMT"},
+                      {"If-Modified-Since": "not a date"}):  # fmt: skip
+        again = client.get(url, headers={**headers, **condition})
+        assert (again.status_code, again.content) == (200, b"\x89PNG first"), condition
+    picture.write_bytes(b"\x89PNG second, longer")
+    os.utime(picture, (time.time() + 5, time.time() + 5))
+    changed = client.get(url, headers={**headers, "If-None-Match": etag})
+    assert (changed.status_code, changed.content) == (200, b"\x89PNG second, longer")
+    assert _descriptors_open_on(picture) == 0
+
+
 def _descriptors_open_on(path: Path) -> int:
     """How many descriptors of this process are open on ``path`` (Linux's /proc/self/fd)."""
     count = 0
