@@ -72,8 +72,8 @@ def test_a_value_at_the_depth_limit_serialises_in_a_response() -> None:
         value: Any
 
     deep = decode_value(b"[" * MAX_VALUE_DEPTH + b"]" * MAX_VALUE_DEPTH)
-    assert isinstance(deep, list)
-    Item(value=deep).model_dump_json()  # raises past pydantic's serialisation depth
+    # pydantic's serialisation raises past its depth limit; within it the value comes back whole
+    assert json.loads(Item(value=deep).model_dump_json())["value"] == deep
 
 
 def test_connection_security_settings_reach_the_kafka_python_consumer() -> None:
