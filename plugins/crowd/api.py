@@ -80,12 +80,38 @@ KAFKA_PROBE_TTL_S = 5.0
 DASHBOARD_HTML = Path(__file__).with_name("dashboard.html")
 
 IMAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.(png|jpg|jpeg)$"
+
+
+class ErrorBody(BaseModel):
+    """The body of every error the API answers (FastAPI's shape)."""
+
+    detail: str | list[dict[str, Any]] = Field(
+        description="what went wrong and what to do; for a 422, one entry per invalid field (`loc`, `msg`, `type`)"
+    )
+
+
+# answered by any route: the login and the DAG-run permissions every route checks first, always in JSON (as a
+# "model", FastAPI would document them in the route's own media type: text/plain for /metrics)
+_JSON_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"content": _JSON_ERROR, "description": "no valid Airflow login (a bearer token, or the UI's session)"},
+    403: {
+        "content": _JSON_ERROR,
+        "description": "the account may not read DAG runs (every route), or trigger them (/send, /receive, "
+        "/receive/confirm)",
+    },
+}
+
+
 # The answers a results route gives besides 200 and 422, for the OpenAPI document (Swagger listed only those two)
 _READ_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "a parameter PostgreSQL cannot take (e.g. a NUL character)"},
-    503: {"description": "the results database cannot be reached, or the query ran out of time"},
+    400: {"model": ErrorBody, "description": "a parameter PostgreSQL cannot take (e.g. a NUL character)"},
+    503: {"model": ErrorBody, "description": "the results database cannot be reached, or the query ran out of time"},
 }
-_VIDEO_ERRORS: dict[int | str, dict[str, Any]] = {**_READ_ERRORS, 404: {"description": "no video with this id"}}
+_VIDEO_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_READ_ERRORS,
+    404: {"model": ErrorBody, "description": "no video with this id"},
+}
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 _CONSUMER_ONLY = frozenset({"group.id", "enable.auto.commit", "auto.offset.reset", "enable.auto.offset.store"})
 
@@ -898,6 +924,7 @@ def create_app(
         redoc_url=None,
         openapi_url=None,
         dependencies=[Depends(requires_authenticated()), Depends(requires_dag_run_read())],
+        responses=_AUTH_ERRORS,
     )
     app.state.settings_factory = settings_factory
     app.add_exception_handler(psycopg.Error, _database_error)
@@ -1041,7 +1068,10 @@ def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: C
         "/send",
         response_model=SendResponse,
         dependencies=[Depends(requires_dag_run_trigger())],
-        responses={503: {"description": "Kafka did not acknowledge the message in time"}, 413: {}},
+        responses={
+            503: {"model": ErrorBody, "description": "Kafka did not acknowledge the message in time"},
+            413: {"model": ErrorBody, "description": "the body is larger than the API takes"},
+        },
         summary="Publish a message to Kafka and wait for the broker's acknowledgement",
     )
     async def send(body: SendRequest, request: Request, user: Any = Depends(get_user)) -> SendResponse:  # noqa: B008
@@ -1102,7 +1132,7 @@ def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: C
             Depends(requires_dag_run_trigger("taking messages")),
             Depends(requires_token_header("taking messages")),
         ],
-        responses={503: {"description": "the background consumer is not running"}},
+        responses={503: {"model": ErrorBody, "description": "the background consumer is not running"}},
         summary="Take messages read by the background consumer (delivered ones are removed)",
     )
     async def receive(
@@ -1147,9 +1177,9 @@ def _add_message_routes(app: FastAPI, send_timeout_s: float, settings_factory: C
         response_model=ConfirmResponse,
         dependencies=[Depends(requires_dag_run_trigger("confirming messages"))],
         responses={
-            404: {"description": "no such lease in this API-server process"},
-            409: {"description": "the lease ran out: its messages were queued again"},
-            503: {"description": "the background consumer is not running"},
+            404: {"model": ErrorBody, "description": "no such lease in this API-server process"},
+            409: {"model": ErrorBody, "description": "the lease ran out: its messages were queued again"},
+            503: {"model": ErrorBody, "description": "the background consumer is not running"},
         },
         summary="Confirm a /receive lease: its messages are removed for good",
     )
@@ -1308,7 +1338,10 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
     @app.get(
         "/videos/{video_id}/frames/{frame_id}/faces",
         response_model=FrameFaces,
-        responses={**_READ_ERRORS, 404: {"description": "no video with this id, or no such frame of it"}},
+        responses={
+            **_READ_ERRORS,
+            404: {"model": ErrorBody, "description": "no video with this id, or no such frame of it"},
+        },
         summary="One frame's faces",
     )
     def frame_faces(video_id: VideoId, frame_id: Annotated[int, PathParam(ge=0, le=2**63 - 1)], conn: Db) -> FrameFaces:
@@ -1388,7 +1421,11 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
 
     csv_doc: dict[int | str, dict[str, Any]] = {
         200: {"content": {"text/csv": {}}, "description": "CSV with a header row"},
-        503: {"description": "PostgreSQL unavailable, or every CSV export slot of this process taken (Retry-After)"},
+        404: {"model": ErrorBody, "description": "no video with this id"},
+        503: {
+            "model": ErrorBody,
+            "description": "PostgreSQL unavailable, or every CSV export slot of this process taken (Retry-After)",
+        },
     }
 
     @app.get("/videos/{video_id}/frames.csv", response_class=StreamingResponse, responses=csv_doc)
@@ -1426,7 +1463,10 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
     @app.get(
         "/videos/{video_id}/images",
         response_model=ImageList,
-        responses={503: _READ_ERRORS[503], 404: {"description": "no pictures, and no video with this id"}},
+        responses={
+            503: _READ_ERRORS[503],
+            404: {"model": ErrorBody, "description": "no pictures, and no video with this id"},
+        },
         summary="The pictures of a video (PNG, JPEG)",
     )
     def list_images(video_id: VideoId) -> ImageList:
@@ -1456,7 +1496,7 @@ def _add_result_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -
         responses={
             200: {"content": {"image/png": {}, "image/jpeg": {}}, "description": "the picture"},
             304: {"description": "the version the request's If-None-Match or If-Modified-Since names is current"},
-            404: {},
+            404: {"model": ErrorBody, "description": "no such picture of this video"},
         },
         summary="One picture, PNG or JPEG (heatmap, annotated peak frame, faces over time)",
     )

@@ -1333,6 +1333,19 @@ def test_openapi_lists_the_answers_the_routes_give(client: Any) -> None:
     for path in ("/videos", "/alerts"):
         assert {"400", "503"} <= set(spec["paths"][path]["get"]["responses"]), path
     assert client.get("/crowd/videos?after=%00", headers=headers).status_code == 400
+    # every operation documents the login's 401 and the permissions' 403, and each error's body
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            answers = operation["responses"]
+            assert {"401", "403"} <= set(answers), (method, path)
+            for code, answer in answers.items():
+                if code.startswith(("4", "5")) and code != "422":
+                    schema = answer["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, code)
+    error_body = spec["components"]["schemas"]["ErrorBody"]
+    assert error_body["required"] == ["detail"]
+    unauthenticated = client.get("/crowd/videos")
+    assert unauthenticated.status_code == 401 and isinstance(unauthenticated.json()["detail"], str)
 
 
 def test_schemathesis_finds_no_server_errors(client: Any, faces_topic: str, results_dir: Path) -> None:
