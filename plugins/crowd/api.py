@@ -150,6 +150,11 @@ class ReceivedItem(BaseModel):
     timestamp_ms: int | None = None
     key: str | None = None
     value: Any = None
+    value_format: Literal["json", "text"] | None = Field(
+        None,
+        description="json: the message's bytes were this JSON value; text: they were not JSON (a response can carry), "
+        'value is their UTF-8 text (invalid bytes replaced); null: no value. Tells the bytes hello from "hello"',
+    )
 
     @classmethod
     def of(cls, message: ReceivedMessage) -> ReceivedItem:
@@ -161,6 +166,7 @@ class ReceivedItem(BaseModel):
             timestamp_ms=message.timestamp_ms,
             key=message.key,
             value=message.value,
+            value_format=message.value_format,
         )
 
 

@@ -54,7 +54,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class ReceivedMessage:
     timestamp_ms: int | None
     key: str | None
     value: Any
+    value_format: ValueFormat | None = None  # how ``value`` was read from the record's bytes (decode_value_as)
     size: int = field(default=0, repr=False, compare=False)  # bytes of key and value, for the queue's byte bound
 
 
@@ -101,14 +102,16 @@ class RawRecord:
         return len(self.key or b"") + len(self.value or b"")
 
     def decode(self) -> ReceivedMessage:
-        """The message handed to ``/receive``: key as text, value as :func:`decode_value` makes it."""
+        """The message handed to ``/receive``: key as text, value as :func:`decode_value_as` makes it."""
+        value, value_format = decode_value_as(self.value)
         return ReceivedMessage(
             topic=self.topic,
             partition=self.partition,
             offset=self.offset,
             timestamp_ms=self.timestamp_ms,
             key=self.key.decode("utf-8", "replace") if self.key is not None else None,
-            value=decode_value(self.value),
+            value=value,
+            value_format=value_format,
             size=self.size,
         )
 
@@ -137,26 +140,35 @@ class ReceiverStats:
     assigned_partitions: list[int] = field(default_factory=list)
 
 
+ValueFormat = Literal["json", "text"]
+
+
 def decode_value(raw: bytes | None) -> Any:
-    """JSON if the bytes are JSON nested at most :data:`MAX_VALUE_DEPTH` deep that a response can carry as it is,
-    else the text (invalid UTF-8 replaced), else ``None``.
+    """The value of :func:`decode_value_as`, without saying which it is."""
+    return decode_value_as(raw)[0]
+
+
+def decode_value_as(raw: bytes | None) -> tuple[Any, ValueFormat | None]:
+    """``(value, "json")`` if the bytes are JSON nested at most :data:`MAX_VALUE_DEPTH` deep that a response can
+    carry as it is, else ``(their text, "text")`` (invalid UTF-8 replaced), else ``(None, None)``: the format tells a
+    reader the bytes ``hello`` (text) from ``"hello"`` (JSON), both the string hello once decoded.
 
     JSON a response cannot carry stays text: a lone surrogate escape (``"\\ud800"``, not UTF-8 once decoded: it failed
     the whole response, and the messages taken for it were lost) and non-finite numbers, ``NaN``/``Infinity`` or one
     too large for a float such as ``1e400`` (not JSON: sent as null).
     """
     if raw is None:
-        return None
+        return None, None
     text = raw.decode("utf-8", "replace")
     try:
         value = json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
         if "\\u" in text:  # only an escape can make a lone surrogate
             json.dumps(value, ensure_ascii=False).encode()
     except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
-        return text
+        return text, "text"
     if text.count("[") + text.count("{") > MAX_VALUE_DEPTH and _deeper_than(value, MAX_VALUE_DEPTH):
-        return text
-    return value
+        return text, "text"
+    return value, "json"
 
 
 def _not_json(constant: str) -> Any:

@@ -347,7 +347,7 @@ def test_a_value_json_cannot_carry_comes_back_as_text_and_loses_nothing(client: 
 
     headers = auth(client, "user")
     wait_receiver_ready(client, headers)
-    values = [b'{"n": 0}', b'{"x": "\\ud800"}', b'{"n": NaN}', b'{"n": 1e400}', b'{"n": 3}']
+    values = [b'{"n": 0}', b'{"x": "\\ud800"}', b'{"n": NaN}', b'{"n": 1e400}', b'{"n": 3}', b"hello", b'"hello"']
     producer, tracker = reliable_producer("kafka_default", timeout_s=20), DeliveryTracker()
     for value in values:
         producer.produce(messages_topic, value=value, on_delivery=tracker.callback)
@@ -357,8 +357,10 @@ def test_a_value_json_cannot_carry_comes_back_as_text_and_loses_nothing(client: 
     while len(received) < len(values) and time.monotonic() < deadline:
         response = client.get("/crowd/receive", params={"limit": 10, "wait_s": 2}, headers=headers)
         assert response.status_code == 200, response.text
-        received += [m["value"] for m in response.json()["messages"]]
-    assert received == [{"n": 0}, '{"x": "\\ud800"}', '{"n": NaN}', '{"n": 1e400}', {"n": 3}]
+        received += [(m["value"], m["value_format"]) for m in response.json()["messages"]]
+    # the format tells what the bytes were: hello and "hello" are both the string hello once read
+    assert received == [({"n": 0}, "json"), ('{"x": "\\ud800"}', "text"), ('{"n": NaN}', "text"),
+                        ('{"n": 1e400}', "text"), ({"n": 3}, "json"), ("hello", "text"), ("hello", "json")]  # fmt: skip
 
 
 def test_receive_is_non_blocking_by_default(client: Any) -> None:

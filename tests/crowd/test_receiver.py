@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 
-from crowd.receiver import MAX_VALUE_DEPTH, LeaseError, MessageReceiver, decode_value, kafka_python_security
+from crowd.receiver import (
+    MAX_VALUE_DEPTH,
+    LeaseError,
+    MessageReceiver,
+    decode_value,
+    decode_value_as,
+    kafka_python_security,
+)
 from tests.conftest import create_topic
 
 # --- pure parts ------------------------------------------------------------------------------------------------
@@ -44,6 +51,21 @@ from tests.conftest import create_topic
 )
 def test_decode_value(raw: bytes | None, expected: Any) -> None:
     assert decode_value(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        pytest.param(b"hello", ("hello", "text"), id="text"),
+        pytest.param(b'"hello"', ("hello", "json"), id="json-string"),
+        pytest.param(b"42", (42, "json"), id="json-number"),
+        pytest.param(b'{"x": NaN}', ('{"x": NaN}', "text"), id="not-json"),
+        pytest.param(None, (None, None), id="tombstone"),
+    ],
+)
+def test_decode_value_says_which_format_it_read(raw: bytes | None, expected: tuple[Any, str | None]) -> None:
+    """/receive gave the string hello for both the bytes hello and "hello": the format tells them apart."""
+    assert decode_value_as(raw) == expected
 
 
 @pytest.mark.parametrize(
