@@ -141,6 +141,13 @@ def test_a_part_slower_than_its_timeout_allows_warns_once_early(
     progress = [r for r in caplog.records if r.getMessage().startswith("frame ") and "frames/s" in r.getMessage()]
     assert progress, "the progress lines are still logged"
     caplog.clear()
+    # a video longer than a task's share, in one part: read whole (not split), so splitting finer does not help
+    whole = dataclasses.replace(settings, frames_per_task=10)
+    detect_and_publish(item, DetectOptions(frame_interval=1, model="mtcnn"), whole)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "timeout" in r.getMessage()]
+    assert len(warnings) == 1 and "It is read whole" in warnings[0], warnings
+    assert "Lower CROWD_FRAMES_PER_TASK" not in warnings[0], warnings[0]
+    caplog.clear()
     fast = dataclasses.replace(settings, detect_task_timeout_s=3600)
     detect_and_publish(item, DetectOptions(frame_interval=1, model="mtcnn"), fast)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "timeout" in r.getMessage()]
