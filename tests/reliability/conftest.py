@@ -328,6 +328,16 @@ def pg_counts(dsn: str | None = None) -> dict[str, int]:
     return {"frames": frames, "consistent_frames": consistent, "faces": faces, "rejected": rejected, "offsets": offsets}
 
 
+def loss_figures(counts: dict[str, int], frames_expected: int, faces_expected: int) -> dict[str, int]:
+    """A report's ``lost`` and ``duplicated``, measured from ``counts`` (:func:`pg_counts`): the valid messages
+    without a stored frame, and the stored frames and face rows beyond those the messages hold (a frame stored
+    twice cannot be: the primary key; its faces twice, under other ids, can)."""
+    return {
+        "lost": frames_expected - counts["frames"],
+        "duplicated": max(0, counts["frames"] - frames_expected) + max(0, counts["faces"] - faces_expected),
+    }
+
+
 def report(case: str, figures: dict) -> None:
     """Print a case's measured figures and append them to test-artifacts/reliability.jsonl (for RELIABILITY.md)."""
     line = json.dumps({"case": case, "at": time.strftime("%Y-%m-%dT%H:%M:%S"), **figures}, default=str)

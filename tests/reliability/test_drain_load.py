@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tests.crowd.test_ingest import BAD_MESSAGES, GROUP, WORKER, backlog_with_garbage, encode, frame_dict, publish
-from tests.reliability.conftest import pg_counts, report, stored_offsets_sum
+from tests.reliability.conftest import loss_figures, pg_counts, report, stored_offsets_sum
 
 pytestmark = [pytest.mark.services, pytest.mark.reliability, pytest.mark.slow]
 
@@ -89,7 +89,8 @@ def test_drain_killed_at_random_points_stores_exactly_once(faces_topic: str, pg_
     report("fault-4 drain kill -9 at random points", {
         "seed": seed, "kills": kills, "kill_targets": [round(t, 3) for t in targets],
         "committed_offsets_after_each_kill": points, "messages": total, "bad": n_bad,
-        "frames_stored": counts["frames"], "rejected": counts["rejected"], "lost": 0, "duplicated": 0,
+        "frames_stored": counts["frames"], "rejected": counts["rejected"],
+        **loss_figures(counts, len(messages), sum(m["total_faces"] for m in messages)),
     })  # fmt: skip
 
 
@@ -167,7 +168,7 @@ def test_backlog_drains_with_flat_memory_and_exact_counts(faces_topic: str, pg_s
         base = _PEAK_RSS_KIB[min(smaller)]
         assert peak_kib < 1.25 * base, f"peak RSS {peak_kib} KiB for {n} messages, {base} KiB for {min(smaller)}"
     report(f"load: {n} message backlog drain", {
-        "messages": n, "frames_stored": counts["frames"], "faces_stored": counts["faces"], "lost": 0,
-        "duplicated": 0, "drain_process_peak_rss_mib": round(peak_kib / 1024, 1), "wall_s": round(seconds, 1),
+        "messages": n, "frames_stored": counts["frames"], "faces_stored": counts["faces"],
+        **loss_figures(counts, n, faces), "drain_process_peak_rss_mib": round(peak_kib / 1024, 1), "wall_s": round(seconds, 1),
         "messages_per_s": round(n / seconds), "first_run": {k: summary[k] for k in ("messages", "stopped_because")},
     })  # fmt: skip

@@ -14,7 +14,7 @@ from crowd import storage
 from crowd.ingest import drain
 from tests.crowd._helpers import CARPHONE
 from tests.crowd.test_ingest import backlog_with_garbage
-from tests.reliability.conftest import PrivateKafka, pg_counts, report, stored_offsets_sum
+from tests.reliability.conftest import PrivateKafka, loss_figures, pg_counts, report, stored_offsets_sum
 
 pytestmark = [pytest.mark.services, pytest.mark.reliability, pytest.mark.slow]
 
@@ -256,7 +256,8 @@ def test_broker_restart_mid_drain_loses_nothing_and_doubles_nothing(
         "messages": total, "bad": n_bad, "stored_offsets_at_kill": at_kill, "stored_offsets_while_down": at_restart,
         "broker_restart_s": round(restart_s, 1),
         "first_drain": f"{first.stopped_because}, {first.messages} msgs, lag {first.lag_left}", "drain_runs": 1,
-        "frames_stored": counts["frames"], "rejected": counts["rejected"], "lost": 0, "duplicated": 0,
+        "frames_stored": counts["frames"], "rejected": counts["rejected"],
+        **loss_figures(counts, len(messages), sum(m["total_faces"] for m in messages)),
     }  # fmt: skip
     report("fault-2 broker restart mid-drain", figures)
 

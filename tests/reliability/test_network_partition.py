@@ -15,7 +15,7 @@ import pytest
 
 from crowd import storage
 from crowd.ingest import drain
-from tests.reliability.conftest import PrivateKafka, pg_counts, report
+from tests.reliability.conftest import PrivateKafka, loss_figures, pg_counts, report
 from tests.reliability.partition_proxy import PartitionProxy
 from tests.reliability.test_kafka_faults import (
     GROUP,
@@ -193,5 +193,5 @@ def test_a_partition_mid_drain_loses_nothing_and_doubles_nothing(
     report("partition-3 20 s partition mid-drain, healed", {
         "messages": total, "bad": n_bad, "stored_offsets_at_heal": at_heal, "drain": summary.stopped_because,
         "drain_messages": summary.messages, "lag_left": summary.lag_left, "frames_stored": counts["frames"],
-        "rejected": counts["rejected"], "lost": 0, "duplicated": 0,
+        "rejected": counts["rejected"], **loss_figures(counts, len(messages), sum(m["total_faces"] for m in messages)),
     })  # fmt: skip

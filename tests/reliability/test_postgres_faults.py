@@ -16,7 +16,7 @@ import pytest
 from crowd import storage
 from crowd.ingest import drain
 from tests.crowd.test_ingest import encode, frame_dict, publish
-from tests.reliability.conftest import PrivatePostgres, pg_counts, port_open, report, stored_offsets_sum
+from tests.reliability.conftest import PrivatePostgres, loss_figures, pg_counts, port_open, report, stored_offsets_sum
 
 pytestmark = [pytest.mark.services, pytest.mark.reliability, pytest.mark.slow]
 
@@ -81,7 +81,8 @@ def test_postgres_crash_mid_drain_then_rerun_is_exact(
     report("fault-3a postgres kill -9 mid-drain", {
         "messages": total, "bad": n_bad, "drain_error": f"{type(error).__name__}: {str(error)[:160]}",
         "committed_at_crash": after_crash, "pg_restart_s": round(restart_s, 1), "rerun_messages": again.messages,
-        "frames_stored": final["frames"], "rejected": final["rejected"], "lost": 0, "duplicated": 0,
+        "frames_stored": final["frames"], "rejected": final["rejected"],
+        **loss_figures(final, len(messages), sum(m["total_faces"] for m in messages)),
     })  # fmt: skip
 
 
@@ -108,7 +109,8 @@ def test_batch_failing_on_a_constraint_stores_nothing_of_it_and_is_retried(faces
     again = pytest.raises(psycopg.errors.CheckViolation)  # a retry hits the same batch: nothing moves
     with again:
         drain("kafka_default", "crowd_postgres", faces_topic, GROUP, batch_size=200, batch_wait_s=0.2, idle_timeout_s=5)
-    assert consistent() == stuck
+    after_retry = consistent()
+    assert after_retry == stuck
 
     with psycopg.connect(os.environ["CROWD_PG_DSN_FOR_TESTS"], autocommit=True) as conn:
         conn.execute("ALTER TABLE frames DROP CONSTRAINT rel_no_1234")
@@ -116,8 +118,9 @@ def test_batch_failing_on_a_constraint_stores_nothing_of_it_and_is_retried(faces
     final = consistent()
     assert final["frames"] == len(messages) and final["rejected"] == n_bad and final["offsets"] == total
     report("fault-3b constraint violation in a batch", {
-        "messages": total, "bad": n_bad, "committed_when_stuck": stuck, "retry_moved": 0,
-        "frames_stored": final["frames"], "rejected": final["rejected"], "lost": 0, "duplicated": 0,
+        "messages": total, "bad": n_bad, "committed_when_stuck": stuck,
+        "retry_moved": after_retry["offsets"] - stuck["offsets"], "frames_stored": final["frames"],
+        "rejected": final["rejected"], **loss_figures(final, len(messages), sum(m["total_faces"] for m in messages)),
     })  # fmt: skip
 
 
