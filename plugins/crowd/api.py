@@ -31,6 +31,7 @@ import base64
 import contextlib
 import csv
 import errno
+import hashlib
 import io
 import json
 import logging
@@ -385,6 +386,49 @@ class Health(BaseModel):
 
 
 # ---- helpers: body limit, Kafka, PostgreSQL -----------------------------------------------------------------
+
+
+class SecurityHeadersMiddleware:
+    """Add ``X-Content-Type-Options: nosniff`` and ``Referrer-Policy: same-origin`` to every answer that lacks them
+    (Airflow's api-server adds neither): a browser neither guesses a type from a picture's or a CSV's bytes, nor
+    sends the crowd URLs (video ids) to other sites."""
+
+    HEADERS = ((b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"same-origin"))
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                present = {name.lower() for name, _ in headers}
+                headers += [(name, value) for name, value in self.HEADERS if name not in present]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def dashboard_policy(html: str) -> str:
+    """The Content-Security-Policy of the dashboard page ``html``: its own inline script and style only (by their
+    SHA-256), data from this origin, no other source, framed by the Airflow UI's origin only."""
+    hashes = {
+        kind: " ".join(
+            f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+            for body in re.findall(rf"<{kind}>(.*?)</{kind}>", html, re.S)
+        )
+        or "'none'"
+        for kind in ("script", "style")
+    }
+    return (
+        f"default-src 'none'; script-src {hashes['script']}; style-src {hashes['style']}; connect-src 'self'; "
+        "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'self'"
+    )
 
 
 class BodyLimitMiddleware:
@@ -936,6 +980,7 @@ def create_app(
     app.add_exception_handler(psycopg.Error, _database_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(SecurityHeadersMiddleware)  # outermost: on every answer, the body limit's 413 too
     _add_message_routes(app, send_timeout_s, settings_factory)
     _add_result_routes(app, settings_factory)
     _add_ops_routes(app, settings_factory)
@@ -1035,7 +1080,11 @@ def requires_token_header(action: str) -> Callable[..., None]:
     """Dependency: the request carries its token in the ``Authorization`` header, not only the browser's session
     cookie. For a GET that changes state (``/receive`` removes what it returns): browsers send the SameSite=Lax
     cookie on a cross-site link or redirect, so a page elsewhere could make a logged-in user's browser take the
-    messages; no such navigation can set a header. (POSTs are safe: Lax cookies do not go with cross-site POSTs.)"""
+    messages; no such navigation can set a header. (The POST routes take JSON bodies only, ``application/json``,
+    which a page elsewhere can send only after a CORS preflight that Airflow refuses unless its
+    ``access_control_allow_origins`` names that page: a form's or ``text/plain`` body answers 422. Not the cookie:
+    the simple auth manager's has no SameSite attribute, and some browsers send such cookies with cross-site
+    POSTs.)"""
 
     def inner(request: Request) -> None:
         if not request.headers.get("authorization", "").lower().startswith("bearer "):
@@ -1606,7 +1655,10 @@ def _add_ops_routes(app: FastAPI, settings_factory: Callable[[], Settings]) -> N
 
     @app.get("/dashboard", response_class=HTMLResponse, summary="The dashboard page shown in the Airflow UI")
     def dashboard() -> HTMLResponse:
-        return HTMLResponse(DASHBOARD_HTML.read_text(encoding="utf-8"), headers={"Cache-Control": "no-cache"})
+        html = DASHBOARD_HTML.read_text(encoding="utf-8")
+        return HTMLResponse(
+            html, headers={"Cache-Control": "no-cache", "Content-Security-Policy": dashboard_policy(html)}
+        )
 
 
 def render_metrics(health: Health, counts: dict[str, Any]) -> str:

@@ -142,6 +142,31 @@ def test_dashboard_pages_neither_repeat_nor_skip_videos_while_new_ones_arrive(li
     assert first + second == [f"pagevideo{i:03d}" for i in range(250)]
 
 
+def test_the_dashboard_runs_its_own_code_only(client: Any) -> None:
+    """Its Content-Security-Policy names the page's inline script and style by hash and nothing else: a value that
+    slipped past the escaping (an <img onerror>, an injected <script>) would not run, and the page is framed by the
+    Airflow UI's origin only. Every crowd answer says nosniff and same-origin referrers."""
+    import base64
+    import hashlib
+    import re
+
+    from tests.crowd.api_fixtures import auth
+
+    headers = auth(client, "viewer")
+    page = client.get("/crowd/dashboard", headers=headers)
+    assert page.status_code == 200
+    policy = dict(d.strip().split(" ", 1) for d in page.headers["content-security-policy"].split(";"))
+    (script,) = re.findall(r"<script>(.*?)</script>", page.text, re.S)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert policy["script-src"] == f"'sha256-{digest}'", policy
+    assert policy["default-src"] == "'none'" and policy["frame-ancestors"] == "'self'", policy
+    assert "unsafe" not in page.headers["content-security-policy"]
+    for response in (page, client.get("/crowd/videos", headers=headers), client.get("/crowd/videos"),
+                     client.get("/crowd/videos/x/images/a.png", headers=headers)):  # fmt: skip
+        assert response.headers["x-content-type-options"] == "nosniff", response.url
+        assert response.headers["referrer-policy"] == "same-origin", response.url
+
+
 def test_dashboard_without_login_shows_no_data(live_server: str) -> None:
     import urllib.error
     import urllib.request
@@ -164,8 +189,14 @@ def _dashboard(sync_playwright: Any, live_server: str, user: str = "viewer") -> 
             page = context.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
+            # what the page's Content-Security-Policy blocks (a script or style it no longer names, say)
+            page.add_init_script(
+                "window.__blocked = []; document.addEventListener('securitypolicyviolation', "
+                "(e) => window.__blocked.push(`${e.violatedDirective} ${e.blockedURI}`));"
+            )
             page.goto(f"{live_server}/crowd/dashboard", wait_until="domcontentloaded")
             yield page, errors
+            assert page.evaluate("window.__blocked") == [], "the dashboard's own policy blocked part of it"
         finally:
             browser.close()
 
