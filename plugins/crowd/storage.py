@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import astuple, dataclass
 from datetime import datetime
@@ -41,13 +42,20 @@ class VideoNotFoundError(LookupError):
     """A video id has no row in ``videos``; the message names the id."""
 
 
+class SchemaTooNewError(RuntimeError):
+    """The results schema has migrations this code does not know: it was upgraded by a newer crowd (a rolling
+    upgrade, a worker left behind); the message says which versions."""
+
+
 @dataclass(frozen=True)
 class Migration:
-    """One schema step. ``version`` only grows; a step never changes once released."""
+    """One schema step. ``version`` only grows; a step never changes once released. ``reads``: a table the step
+    reads whole (its time grows with that table: a warning with the table's size comes first)."""
 
     version: int
     name: str
     sql: str
+    reads: str | None = None
 
 
 # Per-video statistics, kept by statement-level triggers on frames so that any writer (the drain's COPY, its upsert
@@ -449,6 +457,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         11,
         "video_stats: each video's statistics kept by triggers on frames (video_summary no longer aggregates frames)",
         _VIDEO_STATS_SQL,
+        reads="frames",
     ),
     Migration(
         12,
@@ -522,29 +531,61 @@ def connect(postgres_conn_id: str, *, statement_timeout_s: float | None = None, 
 
 
 def migrate(conn: psycopg.Connection, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[int]:
-    """Apply every migration not yet recorded in ``schema_migrations``, in version order, in one transaction.
+    """Apply every migration not yet recorded in ``schema_migrations``, in version order, each in a transaction of
+    its own (inside the caller's, if one is open: then the caller commits them all).
 
-    Safe to call from many tasks at once: a transaction-scoped advisory lock (keyed on the current schema)
-    serialises them, and the second caller finds nothing to do.
+    One step per transaction: the locks of a step are held for that step only (all in one, the tables the first
+    steps altered stayed locked, readers and the drain waiting, while a later step read every frame). Safe to call
+    from many tasks at once: a transaction-scoped advisory lock (keyed on the current schema) serialises them, and
+    the second caller finds nothing to do.
 
     Returns:
         the versions applied by this call (empty when the schema was already current).
+
+    Raises:
+        SchemaTooNewError: the schema has migrations ``migrations`` lacks (a newer crowd migrated it): this code
+            would write what the newer one no longer reads.
     """
     applied_now: list[int] = []
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('crowd.migrate:' || current_schema()))")
-        conn.execute(_BOOTSTRAP_SQL)
-        done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations").fetchall()}
-        for step in sorted(migrations, key=lambda m: m.version):
-            if step.version in done:
-                continue
-            log.info("applying schema migration %d: %s", step.version, step.name)
-            conn.execute(step.sql)
-            conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (step.version, step.name))
-            applied_now.append(step.version)
+    known = max(m.version for m in migrations)
+    while True:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('crowd.migrate:' || current_schema()))")
+            conn.execute(_BOOTSTRAP_SQL)
+            done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations").fetchall()}
+            if unknown := sorted(v for v in done if v > known):
+                raise SchemaTooNewError(
+                    f"the results schema has migration(s) {unknown}, newer than this code knows (up to {known}): "
+                    "a newer crowd migrated it. Upgrade crowd on this machine (every worker and API server runs "
+                    "the same version); older code would write what the newer one no longer reads"
+                )
+            pending = sorted((m for m in migrations if m.version not in done), key=lambda m: m.version)
+            if not pending:
+                break
+            step = pending[0]
+            _apply(conn, step)
+        applied_now.append(step.version)
     if applied_now:
         log.info("schema migrated to version %d (applied %s)", applied_now[-1], applied_now)
     return applied_now
+
+
+def _apply(conn: psycopg.Connection, step: Migration) -> None:
+    """Run one migration step and record it, logging its time (and warning first if it reads a table whole)."""
+    if step.reads:
+        rows = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%s)", (step.reads,))
+        estimate = (rows.fetchone() or (None,))[0]
+        if estimate and estimate > 1_000_000:
+            log.warning(
+                "schema migration %d reads every row of %s (about %d rows; 50 million took 15 s on a warm cache "
+                "here, longer from disk): the drain and the API wait on it meanwhile",
+                step.version, step.reads, estimate,
+            )  # fmt: skip
+    log.info("applying schema migration %d: %s", step.version, step.name)
+    started = time.monotonic()
+    conn.execute(step.sql)
+    conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (step.version, step.name))
+    log.info("schema migration %d applied in %.1f s", step.version, time.monotonic() - started)
 
 
 def schema_version(conn: psycopg.Connection) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import threading
 import time
 from datetime import UTC, datetime
@@ -54,7 +56,8 @@ def test_concurrent_migrations_do_not_race(pg_schema: str) -> None:
     for t in threads:
         t.join(timeout=60)
     assert not errors, errors
-    assert sorted(len(a) for a in applied) == [0, 0, 0, len(storage.MIGRATIONS)]
+    # each step applied once, by whichever caller took the lock first (a step per transaction: callers share them)
+    assert sorted(v for a in applied for v in a) == [m.version for m in storage.MIGRATIONS], applied
 
 
 def test_migrate_joins_the_callers_transaction(pg_schema: str) -> None:
@@ -63,6 +66,64 @@ def test_migrate_joins_the_callers_transaction(pg_schema: str) -> None:
         storage.migrate(c)
         c.rollback()
         assert storage.schema_version(c) == 0, "migrate inside an open transaction must leave the commit to the caller"
+
+
+def test_a_schema_migrated_by_a_newer_crowd_is_refused(conn: psycopg.Connection) -> None:
+    """A worker left on an older crowd after another migrated the schema further: it went on silently, writing what
+    the newer code no longer reads (lost ranges without their consumer group, counted by no run)."""
+    storage.migrate(conn)
+    conn.execute("INSERT INTO schema_migrations (version, name) VALUES (99, 'from a newer crowd')")
+    conn.commit()
+    known = storage.MIGRATIONS[-1].version
+    with pytest.raises(
+        storage.SchemaTooNewError, match=rf"migration\(s\) \[99\], newer than this code knows \(up to {known}\)"
+    ):
+        storage.migrate(conn)
+
+
+def test_each_migration_step_holds_its_locks_for_itself_only(pg_schema: str, caplog: pytest.LogCaptureFixture) -> None:
+    """All steps in one transaction kept the tables the first steps altered locked while a later one read every
+    frame (15 s at 50 million): the API's reads and the drain waited, or timed out. Now each step commits: a step
+    already applied is readable while the next runs, and a failed step leaves the ones before it applied."""
+    from crowd.storage import Migration
+
+    dsn = os.environ["CROWD_PG_DSN_FOR_TESTS"]
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE t (x int)")
+        c.execute("INSERT INTO t SELECT generate_series(1, 1100000)")
+        c.execute("ANALYZE t")
+    steps = (
+        Migration(1, "alter t", "ALTER TABLE t ADD COLUMN y int"),
+        Migration(2, "read t whole, slowly", "SELECT pg_sleep(3), count(*) FROM t", reads="t"),
+        Migration(3, "fails", "SELECT 1 / 0"),
+    )
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with psycopg.connect(dsn) as c:
+                storage.migrate(c, steps)
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            errors.append(exc)
+
+    with caplog.at_level(logging.INFO, logger="crowd.storage"):
+        migrating = threading.Thread(target=run)
+        migrating.start()
+        with psycopg.connect(dsn, autocommit=True) as c:
+            deadline = time.monotonic() + 30
+            while not c.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(3)%%'"
+            ).fetchone()[0]:
+                assert time.monotonic() < deadline, "step 2 never ran"
+                time.sleep(0.05)
+            c.execute("SET lock_timeout = '500ms'")
+            assert c.execute("SELECT count(y) FROM t").fetchone() == (0,), "step 1's column is not there"
+        migrating.join(timeout=60)
+    assert len(errors) == 1 and isinstance(errors[0], psycopg.errors.DivisionByZero), errors
+    with psycopg.connect(dsn, autocommit=True) as c:
+        assert storage.schema_version(c) == 2, "the steps before the failed one were undone"
+    assert re.search(r"schema migration 2 reads every row of t \(about 1100000 rows", caplog.text), caplog.text
+    assert re.search(r"schema migration 1 applied in [\d.]+ s", caplog.text)
 
 
 def test_video_registry_lifecycle(conn: psycopg.Connection) -> None:
