@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import astuple, dataclass
@@ -969,7 +970,11 @@ def _main(argv: list[str] | None = None) -> int:
     settings = load_settings()
     with connect(settings.postgres_conn_id) as conn:
         if args.command == "migrate":
-            applied = migrate(conn)
+            try:
+                applied = migrate(conn)
+            except SchemaTooNewError as exc:
+                print(f"python -m crowd.storage migrate: {exc}", file=sys.stderr)
+                return 1
             print(f"schema at version {schema_version(conn)}; applied now: {applied or 'none'}")
         else:
             print(schema_version(conn))

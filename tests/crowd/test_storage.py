@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -79,6 +82,10 @@ def test_a_schema_migrated_by_a_newer_crowd_is_refused(conn: psycopg.Connection)
         storage.SchemaTooNewError, match=rf"migration\(s\) \[99\], newer than this code knows \(up to {known}\)"
     ):
         storage.migrate(conn)
+    cli = subprocess.run([sys.executable, "-m", "crowd.storage", "migrate"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(Path(storage.__file__).parents[1])})  # fmt: skip
+    assert cli.returncode == 1 and "newer than this code knows" in cli.stderr, cli.stderr[-2000:]
+    assert "Traceback" not in cli.stderr, cli.stderr[-2000:]
 
 
 def test_each_migration_step_holds_its_locks_for_itself_only(pg_schema: str, caplog: pytest.LogCaptureFixture) -> None:
