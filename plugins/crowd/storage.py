@@ -537,8 +537,9 @@ def migrate(conn: psycopg.Connection, migrations: tuple[Migration, ...] = MIGRAT
 
     One step per transaction: the locks of a step are held for that step only (all in one, the tables the first
     steps altered stayed locked, readers and the drain waiting, while a later step read every frame). Safe to call
-    from many tasks at once: a transaction-scoped advisory lock (keyed on the current schema) serialises them, and
-    the second caller finds nothing to do.
+    from many tasks at once: a transaction-scoped advisory lock (keyed on the current schema) serialises the steps,
+    each applied once by whichever caller holds the lock, and a caller finds nothing to do once the schema is
+    current.
 
     Returns:
         the versions applied by this call (empty when the schema was already current).
