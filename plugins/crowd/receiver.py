@@ -143,11 +143,6 @@ class ReceiverStats:
 ValueFormat = Literal["json", "text"]
 
 
-def decode_value(raw: bytes | None) -> Any:
-    """The value of :func:`decode_value_as`, without saying which it is."""
-    return decode_value_as(raw)[0]
-
-
 def decode_value_as(raw: bytes | None) -> tuple[Any, ValueFormat | None]:
     """``(value, "json")`` if the bytes are JSON nested at most :data:`MAX_VALUE_DEPTH` deep that a response can
     carry as it is, else ``(their text, "text")`` (invalid UTF-8 replaced), else ``(None, None)``: the format tells a

@@ -16,7 +16,6 @@ from crowd.receiver import (
     MAX_VALUE_DEPTH,
     LeaseError,
     MessageReceiver,
-    decode_value,
     decode_value_as,
     kafka_python_security,
 )
@@ -50,7 +49,7 @@ from tests.conftest import create_topic
     ],
 )
 def test_decode_value(raw: bytes | None, expected: Any) -> None:
-    assert decode_value(raw) == expected
+    assert decode_value_as(raw)[0] == expected
 
 
 @pytest.mark.parametrize(
@@ -84,7 +83,7 @@ def test_a_value_json_cannot_carry_serialises_in_a_response(raw: bytes) -> None:
     class Item(BaseModel):
         value: Any
 
-    assert json.loads(Item(value=decode_value(raw)).model_dump_json()) == {"value": raw.decode()}
+    assert json.loads(Item(value=decode_value_as(raw)[0]).model_dump_json()) == {"value": raw.decode()}
 
 
 def test_a_value_at_the_depth_limit_serialises_in_a_response() -> None:
@@ -93,7 +92,7 @@ def test_a_value_at_the_depth_limit_serialises_in_a_response() -> None:
     class Item(BaseModel):
         value: Any
 
-    deep = decode_value(b"[" * MAX_VALUE_DEPTH + b"]" * MAX_VALUE_DEPTH)
+    deep, _ = decode_value_as(b"[" * MAX_VALUE_DEPTH + b"]" * MAX_VALUE_DEPTH)
     # pydantic's serialisation raises past its depth limit; within it the value comes back whole
     assert json.loads(Item(value=deep).model_dump_json())["value"] == deep
 
