@@ -79,6 +79,7 @@ MAX_WAIT_S = 5.0
 SEND_TIMEOUT_S = 5.0
 KAFKA_PROBE_TTL_S = 5.0
 DASHBOARD_HTML = Path(__file__).with_name("dashboard.html")
+DOCS_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon.png": "image/png"}
 
 IMAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.(png|jpg|jpeg)$"
 
@@ -417,18 +418,33 @@ class SecurityHeadersMiddleware:
 def dashboard_policy(html: str) -> str:
     """The Content-Security-Policy of the dashboard page ``html``: its own inline script and style only (by their
     SHA-256), data from this origin, no other source, framed by the Airflow UI's origin only."""
-    hashes = {
-        kind: " ".join(
-            f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
-            for body in re.findall(rf"<{kind}>(.*?)</{kind}>", html, re.S)
-        )
-        or "'none'"
-        for kind in ("script", "style")
-    }
     return (
-        f"default-src 'none'; script-src {hashes['script']}; style-src {hashes['style']}; connect-src 'self'; "
-        "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'self'"
+        f"default-src 'none'; script-src {_inline_hashes(html, 'script')}; style-src {_inline_hashes(html, 'style')}; "
+        "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'self'"
     )
+
+
+def docs_policy(html: str) -> str:
+    """The Content-Security-Policy of the Swagger UI page ``html``: its script and style files from this origin, its
+    inline script by SHA-256, pictures from this origin and ``data:`` URLs (Swagger UI's icons), nothing else."""
+    return (
+        f"default-src 'none'; script-src 'self' {_inline_hashes(html, 'script')}; style-src 'self'; "
+        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'self'"
+    )
+
+
+def docs_files_dir() -> Path:
+    """The folder of Swagger UI's files (``DOCS_FILES``), shipped by the pinned ``fastapi-offline`` package."""
+    import fastapi_offline
+
+    return Path(fastapi_offline.__file__).parent / "static"
+
+
+def _inline_hashes(html: str, kind: str) -> str:
+    """The CSP sources naming each inline ``<kind>`` element of ``html`` (no attributes) by its SHA-256."""
+    bodies = re.findall(rf"<{kind}>(.*?)</{kind}>", html, re.S)
+    hashes = [f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'" for body in bodies]
+    return " ".join(hashes) or "'none'"
 
 
 class BodyLimitMiddleware:
@@ -989,7 +1005,8 @@ def create_app(
 
 
 def _add_docs_routes(app: FastAPI) -> None:
-    """The OpenAPI document and Swagger UI, as ordinary routes so that they need the login like every other."""
+    """The OpenAPI document and Swagger UI, as ordinary routes so that they need the login like every other. Swagger
+    UI's script and style come from the ``fastapi-offline`` package, served here: nothing is loaded from a CDN."""
     from fastapi.openapi.docs import get_swagger_ui_html
 
     @app.get("/openapi.json", include_in_schema=False)
@@ -1000,8 +1017,27 @@ def _add_docs_routes(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
-        prefix = request.scope.get("root_path", "").rstrip("/")
-        return get_swagger_ui_html(openapi_url=f"{prefix}/openapi.json", title=f"{app.title} - docs")
+        files = request.scope.get("root_path", "").rstrip("/") + "/docs/files"
+        page = get_swagger_ui_html(
+            openapi_url=f"{files.removesuffix('/docs/files')}/openapi.json",
+            title=f"{app.title} - docs",
+            swagger_js_url=f"{files}/swagger-ui-bundle.js",
+            swagger_css_url=f"{files}/swagger-ui.css",
+            swagger_favicon_url=f"{files}/favicon.png",
+        )
+        html = bytes(page.body).decode()
+        return HTMLResponse(html, headers={"Cache-Control": "no-cache", "Content-Security-Policy": docs_policy(html)})
+
+    @app.get("/docs/files/{name}", include_in_schema=False)
+    def swagger_ui_file(request: Request, name: str) -> Response:
+        media_type = DOCS_FILES.get(name)
+        if media_type is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no docs file {name!r}")
+        path = docs_files_dir() / name
+        response = FileResponse(  # stat given: its ETag and Last-Modified are set now, for the conditional GET
+            path, stat_result=path.stat(), media_type=media_type, headers={"Cache-Control": "private, max-age=86400"}
+        )
+        return NotModifiedResponse(response.headers) if _not_modified(request, response) else response
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:

@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -55,6 +56,7 @@ ROUTES = [
     pytest.param("GET", "/crowd/dashboard", None, id="dashboard"),
     pytest.param("GET", "/crowd/openapi.json", None, id="openapi"),
     pytest.param("GET", "/crowd/docs", None, id="docs"),
+    pytest.param("GET", "/crowd/docs/files/swagger-ui.css", None, id="docs-file"),
 ]
 
 
@@ -78,7 +80,7 @@ def test_every_route_is_listed(airflow_app: Any) -> None:
     mount = next(r for r in airflow_app.routes if isinstance(r, Mount) and r.path == "/crowd")
     served = {(m, "/crowd" + r.path) for r in mount.app.routes if isinstance(r, APIRoute) for m in r.methods}
     listed = {(p.values[0], p.values[1].replace(V, "{video_id}").replace("/0/", "/{frame_id}/")) for p in ROUTES}
-    listed = {(m, p.replace("/images/heatmap.png", "/images/{name}")) for m, p in listed}
+    listed = {(m, re.sub(r"/(images|files)/[^/]+$", r"/\1/{name}", p)) for m, p in listed}
     assert served == listed
 
 
@@ -1320,6 +1322,28 @@ def test_openapi_is_served_under_the_prefix(client: Any) -> None:
     assert spec["servers"] == [{"url": "/crowd"}]  # Swagger's "Try it out" sent /videos to the Airflow UI
     docs = client.get("/crowd/docs", headers=headers)
     assert docs.status_code == 200 and "/crowd/openapi.json" in docs.text
+
+
+def test_swagger_ui_is_served_from_the_package_not_a_cdn(client: Any) -> None:
+    """The docs page loaded Swagger UI from cdn.jsdelivr.net (unpinned, no integrity check, and unreachable from
+    machines without the internet: a blank page). Its files now come from the pinned fastapi-offline package."""
+    from crowd.api import DOCS_FILES, docs_files_dir
+
+    headers = auth(client, "viewer")
+    docs = client.get("/crowd/docs", headers=headers)
+    sources = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
+    assert sorted(sources) == sorted(f"/crowd/docs/files/{name}" for name in DOCS_FILES)
+    assert "script-src 'self' 'sha256-" in docs.headers["content-security-policy"]
+    for name, media_type in DOCS_FILES.items():
+        served = client.get(f"/crowd/docs/files/{name}", headers=headers)
+        assert served.status_code == 200 and served.headers["content-type"].startswith(media_type), name
+        assert served.content == (docs_files_dir() / name).read_bytes(), name
+        again = client.get(f"/crowd/docs/files/{name}", headers={**headers, "If-None-Match": served.headers["etag"]})
+        assert again.status_code == 304 and again.content == b"", name
+    bundle = client.get("/crowd/docs/files/swagger-ui-bundle.js", headers=headers).text
+    assert re.search(r'"5\.\d+\.\d+"', bundle), "Swagger UI 5 (OpenAPI 3.1 documents) expected"
+    for name in ("core.py", "..%2Fcore.py", "redoc.standalone.js", "%2E%2E", "%2Fetc%2Fpasswd"):
+        assert client.get(f"/crowd/docs/files/{name}", headers=headers).status_code == 404, name
 
 
 def test_openapi_lists_the_answers_the_routes_give(client: Any) -> None:

@@ -1,4 +1,5 @@
-"""The dashboard page in headless Chromium, served by the Airflow app (plugins loaded) over real HTTP.
+"""The dashboard and the API docs page in headless Chromium, served by the Airflow app (plugins loaded) over real
+HTTP.
 
 Needs the Debian package ``chromium`` (``/usr/bin/chromium``) and the pip package ``playwright`` (only its
 driver: ``playwright install`` is never run). Skips with the reason when either is missing. The screenshot
@@ -176,9 +177,40 @@ def test_dashboard_without_login_shows_no_data(live_server: str) -> None:
     assert excinfo.value.code == 401
 
 
+def test_api_docs_page_shows_every_route_without_the_internet(live_server: str) -> None:
+    """Swagger UI came from cdn.jsdelivr.net: without the internet the page stayed blank. It now loads its files from
+    the crowd app (the fastapi-offline package) and renders the crowd OpenAPI 3.1 document."""
+    from crowd import storage
+
+    sync_playwright = _browser_or_skip()
+    with storage.connect("crowd_postgres") as conn:
+        storage.migrate(conn)
+    with _dashboard(sync_playwright, live_server, path="/crowd/docs") as (page, errors):
+        requested: list[str] = []
+        page.on("request", lambda request: requested.append(request.url))
+        page.reload(wait_until="domcontentloaded")
+        page.wait_for_selector(".opblock-summary-path", timeout=20_000)
+        paths = page.locator(".opblock-summary-path").evaluate_all("(els) => els.map((e) => e.dataset.path)")
+        title = page.locator(".info .title").inner_text()
+        videos = page.locator('.opblock-get:has(.opblock-summary-path[data-path="/videos"])')  # tried out from the page
+        videos.locator(".opblock-summary").click()
+        videos.locator("button.try-out__btn").click()
+        videos.locator("button.execute").click()
+        videos.locator(".live-responses-table tbody .response-col_status").first.wait_for(timeout=20_000)
+        status = videos.locator(".live-responses-table tbody .response-col_status").first.inner_text()
+        assert errors == []
+    assert status.strip() == "200"
+    assert {"/send", "/receive", "/videos", "/videos/{video_id}/frames", "/dashboard"} <= set(paths), paths
+    assert title.startswith("crowd API")
+    assert requested and all(url.startswith(live_server) for url in requested), requested
+
+
 @contextlib.contextmanager
-def _dashboard(sync_playwright: Any, live_server: str, user: str = "viewer") -> Iterator[tuple[Any, list[str]]]:
-    """The dashboard open in headless Chromium for ``user``, and the page's script errors as they come."""
+def _dashboard(
+    sync_playwright: Any, live_server: str, user: str = "viewer", path: str = "/crowd/dashboard"
+) -> Iterator[tuple[Any, list[str]]]:
+    """The dashboard (or the crowd page at ``path``) open in headless Chromium for ``user``, and the page's script
+    errors as they come."""
     # A token as the Airflow UI holds it: the "_token" cookie, sent by the iframe and its fetch() calls.
     jwt = _login(live_server, user)
     with sync_playwright() as pw:
@@ -194,9 +226,9 @@ def _dashboard(sync_playwright: Any, live_server: str, user: str = "viewer") -> 
                 "window.__blocked = []; document.addEventListener('securitypolicyviolation', "
                 "(e) => window.__blocked.push(`${e.violatedDirective} ${e.blockedURI}`));"
             )
-            page.goto(f"{live_server}/crowd/dashboard", wait_until="domcontentloaded")
+            page.goto(f"{live_server}{path}", wait_until="domcontentloaded")
             yield page, errors
-            assert page.evaluate("window.__blocked") == [], "the dashboard's own policy blocked part of it"
+            assert page.evaluate("window.__blocked") == [], "the page's own policy blocked part of it"
         finally:
             browser.close()
 
